@@ -1,0 +1,28 @@
+# The two commands of the README. Both create .venv on a fresh machine and run with the Hub switched off.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: demo test lint sync-notebooks clean
+
+$(PY): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(PY)
+
+demo: $(PY)
+	$(PY) scripts/demo.py
+
+test: $(PY)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: $(PY)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf outputs .pytest_cache
