@@ -208,3 +208,29 @@ def test_real_model_offline_error_says_what_to_do(monkeypatch):
 def test_missing_local_folder_is_named():
     with pytest.raises(FileNotFoundError, match="./no/such/folder"):
         kh.load_pipeline("./no/such/folder")
+
+
+def _fingerprint_code():
+    return ("import hashlib, json, kontext_helpers as kh\n"
+            "p = kh.load_pipeline('tiny', seed=0)\n"
+            "v = [sorted(t.get_vocab().items()) for t in (p.tokenizer, p.tokenizer_2)]\n"
+            "w = sorted((k, float(x.double().sum())) for k, x in p.transformer.state_dict().items())\n"
+            "print(hashlib.sha256(json.dumps([v, w]).encode()).hexdigest())\n")
+
+
+def test_tiny_pipeline_is_identical_across_processes():
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, HF_HUB_OFFLINE="1")
+    prints = {subprocess.run([sys.executable, "-c", _fingerprint_code()], capture_output=True, text=True, env=env,
+                             cwd=repo, timeout=300).stdout.strip() for _ in range(2)}
+    assert len(prints) == 1 and "" not in prints, f"tokenizers/weights differ between two processes: {prints}"
+
+
+def test_tiny_tokenizers_know_the_prompt_words(tiny_pipe):
+    for word in ("sphere", "cylinder", "remove", "glossy", "please"):
+        assert len(tiny_pipe.tokenizer(word).input_ids) == 3, f"CLIP-style tokenizer must keep '{word}' whole"
+        assert len(tiny_pipe.tokenizer_2(word).input_ids) == 2, f"T5-style tokenizer must keep '{word}' whole"

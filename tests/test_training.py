@@ -1,0 +1,214 @@
+"""The training engine: learning, frozen base, caching, checkpoints and resume, accelerate, bad configs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kontext_helpers as kh
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_samples")
+REPO = os.path.dirname(ROOT)
+
+
+class OnePair(torch.utils.data.Dataset):
+    """The first pair of the sample dataset, at a small resolution."""
+
+    def __init__(self, resolution=64, count=1):
+        full = kh.KontextPairs(ROOT, resolution=resolution)
+        self.resolution = resolution
+        self.items = [full[i] for i in range(count)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _config(tmp_path, **kw):
+    base = dict(resolution=64, steps=4, rank=4, learning_rate=3e-3, region_learning_rate=1e-2,
+                max_sequence_length=32, checkpoint_every=0, output_dir=str(tmp_path / "run"))
+    base.update(kw)
+    return kh.TrainConfig(**base)
+
+
+def test_training_lowers_the_fixed_evaluation_loss(tmp_path):
+    pipe = kh.load_pipeline("tiny", seed=0)
+    data = OnePair()
+    cfg = _config(tmp_path, steps=300, rank=16, lora_targets="attn_ff")
+    cache = kh.build_train_cache(pipe, data, max_sequence_length=32, progress=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        untrained_region = kh.MaskRegionToken(cache.h_tok, cache.w_tok, 64)  # what train() starts from
+    before = kh.evaluation_loss(pipe, untrained_region, cache)
+    result = kh.train(pipe, data, cfg, cache=cache, progress=False)
+    after = kh.evaluation_loss(pipe, result.region, cache)
+    assert after["loss"] <= 0.6 * before["loss"], f"evaluation loss must fall by >= 40%: {before} -> {after}"
+    assert after["err_in"] < before["err_in"], f"in-mask error to the target must fall: {before} -> {after}"
+    assert after["err_out"] <= before["err_out"] * 1.05, f"out-of-mask error must not grow: {before} -> {after}"
+    assert len(result.history) == 300 and {"step", "loss", "loss_in", "loss_out", "lr", "seconds"} <= set(
+        result.history[-1]), "history must have one record per step with the documented keys"
+
+
+def test_only_lora_and_region_are_trained_base_is_bit_identical(tmp_path):
+    pipe = kh.load_pipeline("tiny", seed=0)
+    reference = kh.load_pipeline("tiny", seed=0).transformer.state_dict()
+    result = kh.train(pipe, OnePair(), _config(tmp_path, steps=3), progress=False)
+    for name, p in pipe.transformer.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad, f"LoRA parameter {name} must be trainable"
+            continue
+        assert not p.requires_grad, f"base parameter {name} must stay frozen"
+        key = name.replace(".base_layer", "")
+        assert torch.equal(p.detach(), reference[key]), f"base parameter {name} changed during training"
+    lora_b = [p for n, p in kh.collect_lora_named_params(pipe.transformer) if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b), "LoRA B matrices must move away from their zero init"
+    fresh = kh.MaskRegionToken(result.region.h_tok, result.region.w_tok, 64)
+    assert result.region.proj.weight.shape == fresh.proj.weight.shape, "region module on the training grid"
+
+
+def test_cached_step_equals_uncached_step(tmp_path):
+    pipe = kh.load_pipeline("tiny", seed=0)
+    data = OnePair()
+    cfg = _config(tmp_path)
+    cache = kh.build_train_cache(pipe, data, max_sequence_length=32, progress=False)
+    region = kh.MaskRegionToken(cache.h_tok, cache.w_tok, 64)
+    g = torch.Generator().manual_seed(0)
+    noise, sigma = torch.randn(1, cache.h_tok * cache.w_tok, 64, generator=g), torch.tensor([0.37])
+    cached, _ = kh.training_loss(pipe.transformer, region, cache.batch([0]), cache.txt_ids, cache.h_tok, cache.w_tok,
+                                 noise, sigma, cfg)
+    item = data[0]  # everything encoded again, inline, as the seed did at every step
+    pe, pooled, txt_ids = kh.encode_prompts(pipe, item["prompt"], max_sequence_length=32)
+    ctx_tok, (h, w) = kh.pack_like_pipeline(kh.to_latents(kh.normalize_01_to_m11(item["context"][None]), pipe.vae))
+    tgt_tok, _ = kh.pack_like_pipeline(kh.to_latents(kh.normalize_01_to_m11(item["target"][None]), pipe.vae))
+    m = kh.mask_to_token_grid(item["mask"][None], h, w)
+    ip = kh.encode_depth_for_ip_adapter(pipe, kh.depth_to_pil(item["depth"]))
+    s = sigma[:, None, None]
+    pred = kh.kontext_forward(pipe.transformer, (1 - s) * tgt_tok + s * noise, ctx_tok, region(m), sigma=sigma,
+                              prompt_embeds=pe, pooled_prompt_embeds=pooled, txt_ids=txt_ids, h_tok=h, w_tok=w,
+                              guidance=cfg.guidance, ip_adapter_image_embeds=ip)
+    uncached = kh.fm_masked_dual_loss_with_l2(pred, tgt_tok, ctx_tok, noise, m, h, w, region_token_module=region)
+    torch.testing.assert_close(cached, uncached, msg="a cached step must equal the uncached step")
+
+
+def test_batch_and_accumulation_and_prior_preservation_run(tmp_path):
+    pipe = kh.load_pipeline("tiny", seed=0)
+    cfg = _config(tmp_path, steps=2, batch_size=2, gradient_accumulation_steps=2, preservation="prior",
+                  timestep_sampling="logit_normal")
+    result = kh.train(pipe, OnePair(count=3), cfg, progress=False)
+    assert [r["step"] for r in result.history] == [1, 2], "one history record per optimizer update"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history), "losses must be finite"
+
+
+def test_prior_preservation_outside_term_is_zero_for_an_untrained_lora(tmp_path):
+    pipe = kh.load_pipeline("tiny", seed=0)
+    data = OnePair()
+    cache = kh.build_train_cache(pipe, data, max_sequence_length=32, progress=False)
+    kh.add_lora(pipe.transformer, rank=4)  # lora_B starts at zero: LoRA on == LoRA off
+    noise = torch.randn(1, cache.h_tok * cache.w_tok, 64)
+    _, parts = kh.training_loss(pipe.transformer, None, cache.batch([0]), cache.txt_ids, cache.h_tok, cache.w_tok,
+                                noise, torch.tensor([0.5]), _config(tmp_path, preservation="prior"))
+    assert parts["loss_out"] < 1e-10, f"prior target equals the prediction of an untrained LoRA: {parts}"
+
+
+def test_sigmas_never_hit_zero_and_stay_in_range():
+    for sampling in ("uniform", "logit_normal"):
+        s = kh.sample_sigmas(10000, kh.TrainConfig(timestep_sampling=sampling), torch.Generator().manual_seed(0))
+        assert s.min() > 0 and s.max() <= 1, f"{sampling}: sigmas must lie in (0, 1], got [{s.min()}, {s.max()}]"
+    u = kh.logit_normal_u(4000, kh.TrainConfig())
+    assert 0.45 < float(u.mean()) < 0.55, "diffusers' logit-normal density is centred on 0.5"
+
+
+def test_bad_configs_fail_before_model_work(tmp_path):
+    data = OnePair()
+    cases = {"resolution": dict(resolution=100), "rank": dict(rank=0), "steps": dict(steps=-1),
+             "resolution 128": dict(resolution=128)}
+    for expected, kw in cases.items():
+        with pytest.raises(ValueError, match=expected.split()[0]):
+            kh.train(None, data, _config(tmp_path, **kw), progress=False)  # pipe=None: no model work may happen
+    with pytest.raises(ValueError, match="unknown GPU preset"):
+        kh.TrainConfig.for_gpu("v100-max")
+
+
+def test_gpu_presets():
+    cpu = kh.TrainConfig.for_gpu("auto") if not torch.cuda.is_available() else kh.TrainConfig.for_gpu("cpu")
+    assert cpu.mixed_precision == "no" and cpu.quantize_base is None, "CPU preset: fp32, no quantisation"
+    t4 = kh.TrainConfig.for_gpu("t4", steps=10)
+    assert t4.mixed_precision == "fp16" and t4.quantize_base == "nf4" and t4.steps == 10, "T4: fp16, NF4, override"
+    for name, preset in kh.GPU_PRESETS.items():
+        assert preset["peak_memory_source"], f"preset {name} must say whether its memory figure is measured"
+
+
+def _lora_and_region(ckpt_dir):
+    return load_file(os.path.join(ckpt_dir, "lora.safetensors")), load_file(os.path.join(ckpt_dir, "region.safetensors"))
+
+
+def _run_worker(out, steps, kill_at=None):
+    cmd = [sys.executable, os.path.join(REPO, "tests", "train_worker.py"), str(out), str(steps)]
+    cmd += [str(kill_at)] if kill_at else []
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    straight = _run_worker(tmp_path / "straight", 6)
+    assert straight.returncode == 0, f"uninterrupted run failed: {straight.stderr[-2000:]}"
+    killed = _run_worker(tmp_path / "killed", 6, kill_at=5)
+    assert killed.returncode == -9, f"the run must die by SIGKILL at step 5, got {killed.returncode}"
+    steps = [s for s, _ in kh.list_checkpoints(str(tmp_path / "killed"))]
+    assert steps == [2, 4], f"checkpoints 2 and 4 must exist after the kill, found {steps}"
+    resumed = _run_worker(tmp_path / "killed", 6)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, f"resume failed: {resumed.stderr[-2000:]}"
+    (s1, p1), (s2, p2) = kh.list_checkpoints(str(tmp_path / "straight"))[-1], kh.list_checkpoints(
+        str(tmp_path / "killed"))[-1]
+    assert s1 == s2 == 6, "both runs must end at step 6"
+    for a, b, what in zip(_lora_and_region(p1), _lora_and_region(p2), ("LoRA", "region")):
+        assert a.keys() == b.keys(), f"{what} checkpoints hold different tensors"
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{what} tensor {k} differs between resumed and uninterrupted run"
+    assert len(kh.list_checkpoints(str(tmp_path / "straight"))) == 2, "keep_checkpoints=2 keeps the newest two"
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    pipe = kh.load_pipeline("tiny", seed=0)
+    cfg = _config(tmp_path, steps=2, checkpoint_every=2)
+    kh.train(pipe, OnePair(), cfg, progress=False)
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step-000009").mkdir()  # a folder without state.json: killed while writing
+    (root / "step-000009" / "lora.safetensors").write_bytes(b"truncated")
+    (root / ".tmp-step-000010-123").mkdir()
+    assert [s for s, _ in kh.list_checkpoints(str(tmp_path / "run"))] == [2], "only complete checkpoints count"
+    result = kh.train(kh.load_pipeline("tiny", seed=0), OnePair(), _config(tmp_path, steps=3, checkpoint_every=2,
+                                                                           resume=True), progress=False)
+    assert result.resumed_from == 2, "resume must pick the newest complete checkpoint"
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    pipe = kh.load_pipeline("tiny", seed=0)
+    real = kh.fm_masked_dual_loss_with_l2
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss, parts = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 3 else loss), parts
+
+    monkeypatch.setattr(kh, "fm_masked_dual_loss_with_l2", flaky)
+    with pytest.raises(FloatingPointError, match=r"step 3.*step-000002"):
+        kh.train(pipe, OnePair(), _config(tmp_path, steps=5, checkpoint_every=2), progress=False)
+    assert [s for s, _ in kh.list_checkpoints(str(tmp_path / "run"))] == [2], "the last good checkpoint stays"
+
+
+def test_cli_under_accelerate_launch_two_cpu_processes(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m",
+           "kontext_helpers", "train", "--data", ROOT, "--out", str(out), "--resolution", "64", "--steps", "3",
+           "--rank", "4", "--max-sequence-length", "32", "--checkpoint-every", "3"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert "done: 3 steps" in proc.stdout, f"the CLI must report its steps: {proc.stdout[-1000:]}"
+    assert [s for s, _ in kh.list_checkpoints(str(out))] == [3], "the main process writes the final checkpoint"

@@ -1,0 +1,40 @@
+"""A training run in its own process, for the resume tests: `python tests/train_worker.py OUT STEPS [KILL_AT]`.
+
+With KILL_AT, the process sends itself SIGKILL at the start of that step's callback, i.e. after the
+checkpoint of the previous step was written, as a Colab disconnect would.
+"""
+
+import os
+import signal
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kontext_helpers as kh  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_samples")
+
+
+def config(out: str, steps: int, resume: bool) -> kh.TrainConfig:
+    return kh.TrainConfig(resolution=64, steps=steps, batch_size=2, gradient_accumulation_steps=2, rank=4,
+                          learning_rate=3e-3, region_learning_rate=1e-2, lr_scheduler="cosine", lr_warmup_steps=2,
+                          max_sequence_length=32, checkpoint_every=2, keep_checkpoints=2, output_dir=out,
+                          resume=resume, seed=7)
+
+
+def main() -> None:
+    out, steps = sys.argv[1], int(sys.argv[2])
+    kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
+
+    def callback(record):
+        if kill_at is not None and record.get("step") == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    pipe = kh.load_pipeline("tiny", seed=0)
+    dataset = kh.KontextPairs(ROOT, resolution=64)
+    kh.train(pipe, dataset, config(out, steps, resume=True), callback=callback, progress=False)
+
+
+if __name__ == "__main__":
+    main()
