@@ -451,7 +451,8 @@ def _tiny_ip_adapter_state_dict(transformer, image_embed_dim: int, num_tokens: i
     text_dim = transformer.config.joint_attention_dim
     inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     sd = {
-        "ip_adapter_proj_model.proj.weight": torch.randn(num_tokens * text_dim, image_embed_dim) * image_embed_dim**-0.5,
+        "ip_adapter_proj_model.proj.weight": torch.randn(num_tokens * text_dim, image_embed_dim)
+        * image_embed_dim**-0.5,
         "ip_adapter_proj_model.proj.bias": torch.zeros(num_tokens * text_dim),
         "ip_adapter_proj_model.norm.weight": torch.ones(text_dim),
         "ip_adapter_proj_model.norm.bias": torch.zeros(text_dim),
@@ -477,7 +478,9 @@ def _attach_ip_adapter_from_state_dict(pipe, state_dict: dict[str, torch.Tensor]
     pipe.load_ip_adapter(folder, weight_name="ip_adapter.safetensors", image_encoder_pretrained_model_name_or_path=None)
 
 
-def build_tiny_pipeline(seed: int = 0, *, with_ip_adapter: bool = True, device=None, dtype: torch.dtype = torch.float32):
+def build_tiny_pipeline(
+    seed: int = 0, *, with_ip_adapter: bool = True, device=None, dtype: torch.dtype = torch.float32
+):
     """A complete, randomly initialised ``FluxKontextPipeline`` built offline (about a second on a CPU).
 
     Same seed, same weights, on every call; the global torch RNG is left untouched. Every component is
@@ -529,15 +532,18 @@ def build_tiny_pipeline(seed: int = 0, *, with_ip_adapter: bool = True, device=N
             vcfg = cfg["clip_vision"]
             image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vcfg))
             feature_extractor = CLIPImageProcessor(
-                size={"shortest_edge": vcfg["image_size"]}, crop_size={"height": vcfg["image_size"], "width": vcfg["image_size"]}
+                size={"shortest_edge": vcfg["image_size"]},
+                crop_size={"height": vcfg["image_size"], "width": vcfg["image_size"]},
             )
             ip_sd = _tiny_ip_adapter_state_dict(transformer, vcfg["projection_dim"])
     scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
     )
     pipe = FluxKontextPipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2, transformer=transformer, image_encoder=image_encoder, feature_extractor=feature_extractor,
+        tokenizer_2=tokenizer_2, transformer=transformer, image_encoder=image_encoder,
+        feature_extractor=feature_extractor,
     )
     if with_ip_adapter:
         with tempfile.TemporaryDirectory(prefix="tiny_ip_adapter_") as folder:
@@ -574,10 +580,11 @@ def _default_device() -> torch.device:
 
 def _hub_help(what: str, repo: str, err: Exception) -> RuntimeError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    lines = [f"Could not load {what} from '{repo}': {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"]
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    lines = [f"Could not load {what} from '{repo}': {type(err).__name__}: {first_line}"]
     if offline:
-        lines.append("HF_HUB_OFFLINE is set, so only the local cache is used. Unset it (os.environ.pop('HF_HUB_OFFLINE'))"
-                     " to download, or use load_pipeline('tiny') to work offline.")
+        lines.append("HF_HUB_OFFLINE is set, so only the local cache is used. Unset it "
+                     "(os.environ.pop('HF_HUB_OFFLINE')) to download, or use load_pipeline('tiny') to work offline.")
     lines += [
         f"If the model is gated: open https://huggingface.co/{repo}, accept the licence with your account,",
         "then log in: in Colab `from huggingface_hub import notebook_login; notebook_login()`, in a terminal "
@@ -1584,7 +1591,7 @@ class TrainConfig:
     """
 
     # --- data and schedule
-    resolution: int = 512  # training side in pixels, a multiple of 16 (VAE 8x and 2x2 packing); must equal the dataset's
+    resolution: int = 512  # side in pixels, a multiple of 16 (VAE 8x, 2x2 packing); must equal the dataset's
     steps: int = 1000  # optimizer updates (each of batch_size * gradient_accumulation_steps samples per process)
     batch_size: int = 1  # samples per forward pass per process; 1 fits every Colab GPU at 512 px
     gradient_accumulation_steps: int = 1  # micro-batches summed per update: a larger effective batch at no memory cost
@@ -2140,7 +2147,8 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
     n, b, accum, procs = len(cache.samples), config.batch_size, config.gradient_accumulation_steps, \
         accelerator.num_processes
     trainable = [p for _, p in lora] + list(region.parameters())
-    bar = tqdm(total=config.steps, initial=start, desc="training", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(total=config.steps, initial=start, desc="training", mininterval=0.5,
+               disable=not (progress and accelerator.is_main_process))
     last_good = list_checkpoints(config.output_dir)[-1][1] if list_checkpoints(config.output_dir) else None
     t_start = time.perf_counter()
     for step in range(start, config.steps):
@@ -2158,7 +2166,8 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
                 if not torch.isfinite(loss):
                     bar.close()
                     raise FloatingPointError(
-                        f"loss became {float(loss.detach())} at step {step + 1} (batch {[cache.samples[i].name for i in idx]})."
+                        f"loss became {float(loss.detach())} at step {step + 1} "
+                        f"(batch {[cache.samples[i].name for i in idx]})."
                         f" Training stopped; the last good checkpoint is {last_good or 'none (no checkpoint yet)'}."
                         " Lower learning_rate, use bf16 instead of fp16, or check the data.")
                 accelerator.backward(loss)
@@ -2180,7 +2189,7 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
         history.append(record)
         bar.update(1)
         if done % config.log_every == 0 or done == config.steps:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}", refresh=False)
             if callback is not None and accelerator.is_main_process:
                 callback(record)
         if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
@@ -2623,6 +2632,9 @@ def save_adapter(pipe, region: nn.Module | None, path: str, config=None, *, adap
         raise ValueError(f"no adapter named {adapter_name!r}; the transformer has {sorted(peft_config)}")
     if region is not None and not all(hasattr(region, a) for a in ("h_tok", "w_tok", "c_in")):
         raise TypeError(f"region must be a MaskRegionToken (h_tok, w_tok, c_in), got {type(region).__name__}")
+    if region is not None and region.c_in != transformer.config.in_channels:
+        raise ValueError(f"the region module was built for c_in={region.c_in} but this transformer takes "
+                         f"{transformer.config.in_channels}-channel tokens: it does not belong to this LoRA's model")
     lora_config = peft_config[adapter_name]
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)  # "<module>.lora_A.weight", ...
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

@@ -74,7 +74,8 @@ def test_l2_terms_are_sums_of_squares_times_lambda():
         pred, tgt, ctx, noise, mask, H_TOK, W_TOK, l2_region_lambda=0.1, l2_lora_lambda=0.01,
         region_token_module=region, lora_named_params=[("lora_A", lora_a)], return_parts=True)
     region_sq = region.weight.pow(2).sum() + region.bias.pow(2).sum()
-    torch.testing.assert_close(torch.tensor(parts["l2_region"]), region_sq.detach(), msg="region L2 is a sum of squares")
+    torch.testing.assert_close(torch.tensor(parts["l2_region"]), region_sq.detach(),
+                               msg="region L2 is a sum of squares")
     torch.testing.assert_close(torch.tensor(parts["l2_lora"]), torch.tensor(1.0), msg="4 * 0.5^2 = 1")
     torch.testing.assert_close(loss, base + 0.1 * region_sq + 0.01 * 1.0, msg="lambdas scale the L2 terms")
     loss.backward()
@@ -90,4 +91,5 @@ def test_mask_order_follows_packing_order():
     zeros = torch.zeros_like(tok)
     _, parts = kh.fm_masked_dual_loss_with_l2(zeros, -tok, zeros, zeros, mask, H_TOK, W_TOK, return_parts=True)
     cell = lat[0, 0, 2:4, 4:6]
-    torch.testing.assert_close(torch.tensor(parts["loss_in"]), (cell**2).mean(), msg="in-mask term must read cell (1,2)")
+    torch.testing.assert_close(torch.tensor(parts["loss_in"]), (cell**2).mean(),
+                               msg="in-mask term must read cell (1,2)")

@@ -144,7 +144,7 @@ def test_gpu_presets():
 
 
 def _lora_and_region(ckpt_dir):
-    return load_file(os.path.join(ckpt_dir, "lora.safetensors")), load_file(os.path.join(ckpt_dir, "region.safetensors"))
+    return tuple(load_file(os.path.join(ckpt_dir, f"{part}.safetensors")) for part in ("lora", "region"))
 
 
 def _run_worker(out, steps, kill_at=None):
