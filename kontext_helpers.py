@@ -29,9 +29,17 @@ position ids ``[2N+1, 3]`` whose first column says which part a token belongs to
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import math
 import os
+import re
+import shutil
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +64,16 @@ __all__ = [
     "to_latents",
     "unpack_like_pipeline",
     "write_pair_folder",
+    # 5. Inference
+    "Comparison",
+    "compare_variants",
+    "edit_metrics",
+    "export_comfyui",
+    "load_adapter",
+    "metrics_table",
+    "preview_grid",
+    "sample_edit",
+    "save_adapter",
 ]
 
 TARGET_ID, CONTEXT_ID, REGION_ID = 0.0, 1.0, 2.0
@@ -1574,12 +1592,6 @@ def add_lora(
 # 4.1 Configuration and GPU presets
 # --------------------------------------------------------------------------------------------------
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 
 
 @dataclass
@@ -2201,7 +2213,7 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
                                             keep=config.keep_checkpoints)
         if config.preview_every and done % config.preview_every == 0 and accelerator.is_main_process:
             path = _training_preview(pipe, accelerator.unwrap_model(region_p), dataset, config, done)
-            if path and callback is not None:
+            if callback is not None:
                 callback({"step": done, "preview": path})
     bar.close()
     accelerator.wait_for_everyone()
@@ -2215,18 +2227,15 @@ def _is_quantized(module) -> bool:
     return bool(getattr(module, "is_quantized", False) or getattr(module, "quantization_config", None))
 
 
-def _training_preview(pipe, region, dataset, config: TrainConfig, step: int) -> str | None:
+def _training_preview(pipe, region, dataset, config: TrainConfig, step: int) -> str:
     """Sample the first pair with the current LoRA + region and save ``previews/step-NNNNNN.png``."""
-    sampler = globals().get("sample_edit")
-    if sampler is None:
-        return None
     item = dataset[0]
     from torchvision.transforms.functional import to_pil_image
 
     was_training = pipe.transformer.training
     pipe.transformer.eval()
     try:
-        image = sampler(pipe, to_pil_image(item["context"]), item["prompt"], mask=item["mask"],
+        image = sample_edit(pipe, to_pil_image(item["context"]), item["prompt"], mask=item["mask"],
                         depth=depth_to_pil(item["depth"]) if config.use_depth else None, region=region,
                         height=config.resolution, width=config.resolution, num_inference_steps=config.preview_steps,
                         guidance_scale=2.5, generator=torch.Generator().manual_seed(config.seed),
@@ -2293,8 +2302,6 @@ class LiveLossPlot:
 # 5. Inference
 # ==================================================================================================
 
-import contextlib  # noqa: E402
-from typing import NamedTuple  # noqa: E402
 
 # Files of a saved adapter folder (save_adapter / load_adapter).
 # diffusers' default LoRA file name: pipe.load_lora_weights(folder) finds it.
@@ -2663,7 +2670,8 @@ def save_adapter(pipe, region: nn.Module | None, path: str, config=None, *, adap
             "rank": int(lora_config.r),
             "alpha": float(lora_config.lora_alpha),
             "use_rslora": bool(getattr(lora_config, "use_rslora", False)),
-            "target_modules": sorted(lora_config.target_modules) if lora_config.target_modules else [],
+            "target_modules": ([lora_config.target_modules] if isinstance(lora_config.target_modules, str)
+                               else sorted(lora_config.target_modules or [])),
             "num_tensors": len(state),
         },
         "region": region_info,
@@ -3153,9 +3161,11 @@ def _lora_layers(transformer) -> list:
 
 @contextlib.contextmanager
 def _lora_off(transformer):
-    """Run the base model: LoRA layers disabled inside the block, restored after."""
+    """Run the base model: LoRA layers disabled inside the block; their state and ``requires_grad`` restored after
+    (PEFT's ``enable_adapters`` also switches gradients, which must not leak into a training run)."""
     layers = _lora_layers(transformer)
     was_disabled = [layer.disable_adapters for layer in layers]
+    grads = [(p, p.requires_grad) for n, p in transformer.named_parameters() if "lora_" in n]
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -3163,6 +3173,8 @@ def _lora_off(transformer):
     finally:
         for layer, disabled in zip(layers, was_disabled):
             layer.enable_adapters(not disabled)
+        for param, flag in grads:
+            param.requires_grad_(flag)
 
 
 def compare_variants(
@@ -3336,11 +3348,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        saver = globals().get("save_adapter")
-        if saver is not None:
-            path = os.path.join(args.out, "adapter")
-            saver(pipe, result.region, path, config=config)
-            print(f"adapter saved to {path}")
+        path = save_adapter(pipe, result.region, os.path.join(args.out, "adapter"), config=config)
+        print(f"adapter saved to {path}")
         last = result.history[-1] if result.history else {}
         print(f"done: {len(result.history)} steps, final loss {last.get('loss', float('nan')):.4f}")
     return result

@@ -224,7 +224,7 @@ def test_tiny_pipeline_is_identical_across_processes():
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=repo, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=repo, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     prints = {subprocess.run([sys.executable, "-c", _fingerprint_code()], capture_output=True, text=True, env=env,
                              cwd=repo, timeout=300).stdout.strip() for _ in range(2)}
     assert len(prints) == 1 and "" not in prints, f"tokenizers/weights differ between two processes: {prints}"

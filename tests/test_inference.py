@@ -19,16 +19,6 @@ PROMPT = "make the cube red"
 FAST = dict(num_inference_steps=3, guidance_scale=2.5, max_sequence_length=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """The tiny model's matrices are so small that thread start-up dominates; one thread is many times faster
-    on a shared 2-core machine. Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _image(h, w, seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
@@ -46,8 +36,8 @@ def _mask(h, w):
 
 
 def _pipe_latents(pipe, image, h, w, seed, **extra):
-    out = pipe(image=image, prompt=PROMPT, height=h, width=w, max_area=h * w, generator=torch.Generator().manual_seed(seed),
-               _auto_resize=False, output_type="latent", **FAST, **extra)
+    out = pipe(image=image, prompt=PROMPT, height=h, width=w, max_area=h * w, _auto_resize=False,
+               generator=torch.Generator().manual_seed(seed), output_type="latent", **FAST, **extra)
     return out.images
 
 
@@ -91,6 +81,15 @@ def test_sample_edit_pil_equals_pipeline_pil(plain_pipe):
     assert diff <= 1, f"decoded image differs from the pipeline's by {diff} grey levels"
 
 
+def test_sample_edit_takes_a_tensor_image_and_defaults_to_its_size(plain_pipe):
+    image = torch.rand(3, 32, 48, generator=torch.Generator().manual_seed(0))  # [3, H, W] in [0, 1]
+    ref = _pipe_latents(plain_pipe, image[None], 32, 48, 0)
+    ours = kh.sample_edit(plain_pipe, image, PROMPT, generator=torch.Generator().manual_seed(0), output_type="latent",
+                          **FAST)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0,
+                               msg=lambda m: f"a tensor image must give the pipeline's result at its own size: {m}")
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sample_edit_with_depth_equals_pipeline_ip_adapter_image(tiny_pipe, seed):
     h, w = 64, 48
@@ -104,7 +103,8 @@ def test_sample_edit_with_depth_equals_pipeline_ip_adapter_image(tiny_pipe, seed
 
 
 def test_depth_none_with_ip_adapter_equals_a_pipeline_without_adapter(tiny_pipe, plain_pipe):
-    same = all(torch.equal(v, tiny_pipe.transformer.state_dict()[k]) for k, v in plain_pipe.transformer.state_dict().items())
+    with_ip = tiny_pipe.transformer.state_dict()
+    same = all(torch.equal(v, with_ip[k]) for k, v in plain_pipe.transformer.state_dict().items())
     assert same, "premise: the tiny transformer of one seed has the same weights with or without the IP-Adapter"
     h, w = 64, 64
     image = _image(h, w, 5)
@@ -149,11 +149,13 @@ def test_region_token_is_appended_after_context_with_its_own_id():
         handle.remove()
     hidden, ids = seen[0]
     assert hidden.shape == (1, 2 * n + 1, 64), f"sequence must be [target N | context N | region 1], got {hidden.shape}"
-    torch.testing.assert_close(ids[-1], torch.tensor([2.0, 0.0, 0.0]), msg="the region token's id row must be (2, 0, 0)")
+    torch.testing.assert_close(ids[-1], torch.tensor([2.0, 0.0, 0.0]),
+                               msg="the region token's id row must be (2, 0, 0)")
     torch.testing.assert_close(ids[:-1], kh.kontext_img_ids(h_tok, w_tok, with_region=False),
                                msg="target and context ids must be the pipeline's")
     expected = region(kh.mask_to_token_grid(mask[None], h_tok, w_tok))[0, 0]
-    torch.testing.assert_close(hidden[0, -1], expected.detach(), msg="the last token must be region(mask on the token grid)")
+    torch.testing.assert_close(hidden[0, -1], expected.detach(),
+                               msg="the last token must be region(mask on the token grid)")
     assert steps == [0, 1, 2], f"callback must run once per step, got {steps}"
     without = _ours(pipe, _image(h, w, 0), h, w, 0)
     assert (with_region - without).abs().max() > 1e-4, "the region token must change the result"
@@ -250,7 +252,8 @@ def test_save_adapter_writes_diffusers_lora_region_and_config(trained):
     assert keys and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys), (
         f"LoRA keys must be diffusers' transformer.*lora_A/B*, got e.g. {keys[:3]}")
     lora_meta = json.loads(meta["lora_adapter_metadata"])
-    assert lora_meta["transformer.lora_alpha"] == 8 and lora_meta["transformer.r"] == 4, "alpha and rank must be recorded"
+    assert lora_meta["transformer.lora_alpha"] == 8 and lora_meta["transformer.r"] == 4, (
+        "alpha and rank must be recorded in the file's metadata")
     cfg = json.load(open(os.path.join(path, kh.ADAPTER_CONFIG_FILE)))
     assert cfg["region"]["h_tok"] == 4 and cfg["region"]["c_in"] == 64, f"region grid / c_in missing: {cfg['region']}"
     assert cfg["train_config"]["steps"] == 3, "the training config must be stored"
@@ -273,7 +276,8 @@ def test_diffusers_load_lora_weights_alone_loads_the_lora(trained, monkeypatch):
     pipe, _, path = trained
     fresh = kh.load_pipeline("tiny")
     fresh.load_lora_weights(path, weight_name=kh.LORA_WEIGHT_FILE)
-    torch.testing.assert_close(_edit(fresh), _edit(pipe), msg=lambda m: f"pipe.load_lora_weights must load the LoRA: {m}")
+    torch.testing.assert_close(_edit(fresh), _edit(pipe),
+                               msg=lambda m: f"pipe.load_lora_weights must load the LoRA: {m}")
     # with the Hub reachable diffusers also finds the file in the folder by itself (the lookup stays local)
     monkeypatch.setattr("diffusers.loaders.lora_base.HF_HUB_OFFLINE", False)
     other = kh.load_pipeline("tiny")
@@ -330,7 +334,7 @@ EXPECTED_ATTN = [
     "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_1_linear1",
     "lora_unet_single_blocks_2_linear1", "lora_unet_single_blocks_3_linear1",
 ]
-EXPECTED_FF = [
+EXPECTED_BEYOND_ATTN = [
     "lora_unet_double_blocks_0_img_mlp_0", "lora_unet_double_blocks_0_img_mlp_2",
     "lora_unet_double_blocks_0_txt_mlp_0", "lora_unet_double_blocks_0_txt_mlp_2",
     "lora_unet_double_blocks_1_img_mlp_0", "lora_unet_double_blocks_1_img_mlp_2",
@@ -342,7 +346,8 @@ EXPECTED_FF = [
 # diffusers module -> (ComfyUI layer, first row, rows) as flux_to_diffusers states it, D = 128
 _D = 128
 _COMFY_ROWS = {
-    "attn.to_q": ("img_attn_qkv", 0, _D), "attn.to_k": ("img_attn_qkv", _D, _D), "attn.to_v": ("img_attn_qkv", 2 * _D, _D),
+    "attn.to_q": ("img_attn_qkv", 0, _D), "attn.to_k": ("img_attn_qkv", _D, _D),
+    "attn.to_v": ("img_attn_qkv", 2 * _D, _D),
     "attn.add_q_proj": ("txt_attn_qkv", 0, _D), "attn.add_k_proj": ("txt_attn_qkv", _D, _D),
     "attn.add_v_proj": ("txt_attn_qkv", 2 * _D, _D), "attn.to_out.0": ("img_attn_proj", 0, None),
     "attn.to_add_out": ("txt_attn_proj", 0, None), "ff.net.0.proj": ("img_mlp_0", 0, None),
@@ -397,7 +402,8 @@ def test_comfyui_export_keys_and_updates_match_comfyui_mapping(trained, tmp_path
     sd, deltas = _comfy_deltas(out)
     expected_keys = sorted(f"{layer}.{part}" for layer in EXPECTED_ATTN
                            for part in ("lora_down.weight", "lora_up.weight", "alpha"))
-    assert sorted(sd) == expected_keys, f"keys differ from ComfyUI's Flux mapping: {sorted(set(sd) ^ set(expected_keys))}"
+    assert sorted(sd) == expected_keys, (
+        f"keys differ from ComfyUI's Flux mapping: {sorted(set(sd) ^ set(expected_keys))}")
     expected = _expected_comfy_deltas(pipe.transformer)
     assert sorted(expected) == sorted(deltas), "every trained layer must be exported"
     for layer, delta in deltas.items():
@@ -418,17 +424,27 @@ def test_comfyui_export_with_feed_forward_and_ip_adapter_layers(tmp_path):
     path = kh.save_adapter(pipe, None, str(tmp_path / "ff"))
     assert not os.path.exists(os.path.join(path, kh.REGION_WEIGHT_FILE)), "no region file for a LoRA alone"
     with pytest.warns(UserWarning, match="to_k_ip"):
-        out = kh.export_comfyui(path, str(tmp_path / "ff.safetensors"), dtype=torch.bfloat16)
+        out = kh.export_comfyui(path, str(tmp_path / "ff.safetensors"))
     sd, deltas = _comfy_deltas(out)
-    assert sorted(deltas) == sorted(EXPECTED_ATTN + EXPECTED_FF), (
-        f"attention + feed-forward layers, no IP-Adapter ones: {sorted(set(deltas) ^ set(EXPECTED_ATTN + EXPECTED_FF))}")
+    expected_layers = EXPECTED_ATTN + EXPECTED_BEYOND_ATTN
+    assert sorted(deltas) == sorted(expected_layers), (
+        f"attention + feed-forward layers, no IP-Adapter ones: {sorted(set(deltas) ^ set(expected_layers))}")
     assert sd["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (7 * _D, 12), (
         "single-block q, k, v and proj_mlp must share linear1 with their ranks summed")
-    assert sd["lora_unet_double_blocks_0_img_mlp_0.lora_up.weight"].dtype == torch.bfloat16, "dtype= must apply"
     expected = _expected_comfy_deltas(pipe.transformer)
     for layer, delta in deltas.items():
-        torch.testing.assert_close(delta, expected[layer], atol=2e-3, rtol=2e-2,
-                                   msg=lambda m, layer=layer: f"{layer}: update differs (bf16): {m}")
+        torch.testing.assert_close(delta, expected[layer], atol=1e-6, rtol=1e-5,
+                                   msg=lambda m, layer=layer: f"{layer}: ComfyUI's update differs from PEFT's: {m}")
+    with pytest.warns(UserWarning, match="to_k_ip"):
+        half = kh.export_comfyui(path, str(tmp_path / "ff_bf16.safetensors"), dtype=torch.bfloat16)
+    with safe_open(half, framework="pt") as fh:
+        for key in fh.keys():
+            t = fh.get_tensor(key)
+            if key.endswith(".alpha"):
+                assert t.dtype == torch.float32 and t.item() == sd[key].item(), f"{key}: alpha must stay exact"
+            else:
+                assert t.dtype == torch.bfloat16, f"{key}: dtype= must apply"
+                torch.testing.assert_close(t, sd[key].to(torch.bfloat16), msg=f"{key}: bf16 export must round only")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -498,6 +514,7 @@ def test_compare_variants_runs_every_variant_into_one_figure_and_table(trained):
     image, mask, depth = _image(64, 64, 11), _mask(64, 64), _depth(64, 64)
     target = _image(64, 64, 12)
     before = _edit(pipe, region)
+    grads = [p.requires_grad for n, p in pipe.transformer.named_parameters() if "lora_" in n]
     result = kh.compare_variants(pipe, image, PROMPT, mask, region=region, depth=depth, target=target, seed=4, **FAST)
     names = ["base", "LoRA", "LoRA + region", "LoRA + region + depth", "inpaint (base)"]
     assert list(result.metrics) == names and list(result.images) == names, f"variants: {list(result.metrics)}"
@@ -508,6 +525,8 @@ def test_compare_variants_runs_every_variant_into_one_figure_and_table(trained):
     assert np.array_equal(np.asarray(result.images["base"]), np.asarray(base)), "'base' must be the model without LoRA"
     assert not np.array_equal(np.asarray(result.images["LoRA"]), np.asarray(base)), "'LoRA' must use the LoRA"
     torch.testing.assert_close(_edit(pipe, region), before, msg="the LoRA must be active again afterwards")
+    assert grads == [p.requires_grad for n, p in pipe.transformer.named_parameters() if "lora_" in n], (
+        "switching the LoRA off and on must leave requires_grad as it was")
     table = kh.metrics_table(result.metrics)
     assert table.count("\n") == len(names) + 1 and "psnr_in_vs_target" in table, f"markdown table:\n{table}"
     result.figure.savefig(io.BytesIO(), format="png")

@@ -150,7 +150,8 @@ def _lora_and_region(ckpt_dir):
 def _run_worker(out, steps, kill_at=None):
     cmd = [sys.executable, os.path.join(REPO, "tests", "train_worker.py"), str(out), str(steps)]
     cmd += [str(kill_at)] if kill_at else []
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
