@@ -1739,11 +1739,15 @@ def detect_gpu_preset() -> str:
     return "a100-40" if mem_gb < 60 else "a100-80"
 
 
-def nf4_quantization_config(compute_dtype: torch.dtype = torch.bfloat16):
-    """diffusers' ``BitsAndBytesConfig`` for an NF4 base transformer (pass to ``load_pipeline``)."""
+def nf4_quantization_config(compute_dtype: torch.dtype | None = None):
+    """diffusers' ``BitsAndBytesConfig`` for an NF4 base transformer (pass to ``load_pipeline``).
+
+    ``compute_dtype`` defaults to :func:`default_dtype` (bf16 on recent GPUs, fp16 on a T4).
+    """
     from diffusers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=compute_dtype or default_dtype())
 
 
 # --------------------------------------------------------------------------------------------------

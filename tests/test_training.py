@@ -213,3 +213,22 @@ def test_cli_under_accelerate_launch_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert "done: 3 steps" in proc.stdout, f"the CLI must report its steps: {proc.stdout[-1000:]}"
     assert [s for s, _ in kh.list_checkpoints(str(out))] == [3], "the main process writes the final checkpoint"
+
+
+def test_previews_are_written_and_reported(tmp_path):
+    records = []
+    cfg = _config(tmp_path, steps=2, preview_every=2, preview_steps=2)
+    kh.train(kh.load_pipeline("tiny", seed=0), OnePair(), cfg, callback=records.append, progress=False)
+    previews = [r["preview"] for r in records if "preview" in r]
+    assert previews == [str(tmp_path / "run" / "previews" / "step-000002.png")], f"one preview at step 2: {records}"
+    assert os.path.getsize(previews[0]) > 0, "the preview image must be written"
+
+
+def test_live_loss_plot_collects_and_draws():
+    plot = kh.LiveLossPlot(every=1000)
+    for step in range(1, 6):
+        plot({"step": step, "loss": 1.0 / step, "loss_in": 0.5 / step, "loss_out": 0.5 / step})
+    plot({"step": 5, "preview": "x.png"})  # preview records are not loss records
+    fig = plot.figure()
+    assert len(plot.records) == 5, "only loss records are collected"
+    assert len(fig.axes[0].lines) == 3, "total, in-mask and out-of-mask curves"
