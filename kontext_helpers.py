@@ -1638,7 +1638,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no", "fp16" (T4) or "bf16" (L4, A100, H100)
     gradient_checkpointing: bool = False  # trade compute for activation memory on big models
     quantize_base: str | None = None  # "nf4": load the transformer 4-bit (bitsandbytes) via load_pipeline
-    offload_encoders: bool = True  # after caching, move text/image encoders and the VAE encoder off the GPU
+    offload_encoders: bool = True  # on a GPU, each encoder visits the GPU only while it caches, then goes to the CPU
     # --- bookkeeping
     seed: int = 0  # every random draw of a step derives from (seed, step): runs are reproducible and resumable
     output_dir: str = "outputs/kontext-lora"  # checkpoints/, previews/ and the final adapter go here (Drive works)
@@ -1790,45 +1790,58 @@ class TrainCache:
 
 
 def build_train_cache(pipe, dataset, *, max_sequence_length: int = 512, use_depth: bool = True, device=None,
-                      progress: bool = True) -> TrainCache:
+                      offload: bool = False, progress: bool = True) -> TrainCache:
     """Encode every sample once: prompts (T5 + CLIP), context/target latents, token-grid masks, depth embeddings.
 
-    The text encoders, the VAE encoder and the image encoder are used here only; afterwards
-    :func:`offload_encoders` can move them off the GPU.
+    Three stages, each with only its own encoders on ``device``: text encoders, then the VAE, then the
+    image encoder. With ``offload=True`` each stage's encoders go back to the CPU when it ends, so the GPU
+    never holds more than the transformer plus one encoder (the way to fit T5-XXL beside an NF4 transformer).
+    The transformer itself is not used. All cached tensors are detached and live on ``device``.
     """
     from tqdm.auto import tqdm
 
-    device = device if device is not None else pipe._execution_device
+    device = torch.device(device) if device is not None else pipe._execution_device
     with_ip = use_depth and getattr(pipe, "image_encoder", None) is not None and \
         getattr(pipe.transformer, "encoder_hid_proj", None) is not None
-    samples, txt_ids, grid = [], None, None
-    for i in tqdm(range(len(dataset)), desc="caching samples", disable=not progress):
-        item = dataset[i]
-        with torch.no_grad():
-            pe, pooled, ids = encode_prompts(pipe, item["prompt"], device=device,
-                                             max_sequence_length=max_sequence_length)
-            pair = torch.stack([item["context"], item["target"]])  # [2, 3, H, W]
-            lat = to_latents(normalize_01_to_m11(pair.to(device)), pipe.vae)  # [2, C, H_l, W_l]
-            tok, grid = pack_like_pipeline(lat)  # [2, N, 4C]
-            mask_small = mask_to_token_grid(item["mask"][None].to(device), *grid)  # [1, 1, H', W']
-            ip = None
-            if with_ip:
-                ip = encode_depth_for_ip_adapter(pipe, depth_to_pil(item["depth"]), device=device)[0]  # [1, 1, E]
-        txt_ids = ids
-        samples.append(CachedSample(name=item.get("name", str(i)), prompt_embeds=pe, pooled_prompt_embeds=pooled,
-                                    ctx_tok=tok[:1], tgt_tok=tok[1:], mask_small=mask_small, ip_embeds=ip))
-    return TrainCache(samples=samples, txt_ids=txt_ids, h_tok=grid[0], w_tok=grid[1])
+    items = [dataset[i] for i in range(len(dataset))]
+    show = dict(disable=not progress, leave=False)
+    with _modules_on(device, [pipe.text_encoder, pipe.text_encoder_2], offload=offload):
+        texts = [encode_prompts(pipe, it["prompt"], device=device, max_sequence_length=max_sequence_length)
+                 for it in tqdm(items, desc="caching prompts", **show)]  # [(1, T, D_t5), (1, D_clip), (T, 3)]
+    latents, masks, grid = [], [], None
+    with _modules_on(device, [pipe.vae], offload=offload), torch.no_grad():
+        for it in tqdm(items, desc="caching latents", **show):
+            pair = torch.stack([it["context"], it["target"]])  # [2, 3, H, W]
+            tok, grid = pack_like_pipeline(to_latents(normalize_01_to_m11(pair.to(device)), pipe.vae))  # [2, N, 4C]
+            latents.append(tok)
+            masks.append(mask_to_token_grid(it["mask"][None].to(device), *grid))  # [1, 1, H', W']
+    ips = [None] * len(items)
+    if with_ip:
+        with _modules_on(device, [pipe.image_encoder], offload=offload):
+            ips = [encode_depth_for_ip_adapter(pipe, depth_to_pil(it["depth"]), device=device)[0]  # [1, 1, E]
+                   for it in tqdm(items, desc="caching depth", **show)]
+    samples = [
+        CachedSample(name=it.get("name", str(i)), prompt_embeds=text[0], pooled_prompt_embeds=text[1],
+                     ctx_tok=tok[:1], tgt_tok=tok[1:], mask_small=m, ip_embeds=ip)
+        for i, (it, text, tok, m, ip) in enumerate(zip(items, texts, latents, masks, ips))
+    ]
+    return TrainCache(samples=samples, txt_ids=texts[0][2], h_tok=grid[0], w_tok=grid[1])
 
 
-def offload_encoders(pipe, device="cpu") -> None:
-    """Move the text encoders, the image encoder and the VAE encoder to ``device`` (frees GPU memory)."""
-    for name in ("text_encoder", "text_encoder_2", "image_encoder"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, nn.Module):
-            module.to(device)
-    pipe.vae.encoder.to(device)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+@contextlib.contextmanager
+def _modules_on(device, modules, *, offload: bool):
+    """Move ``modules`` to ``device`` for a block; with ``offload`` move them to the CPU afterwards."""
+    modules = [m for m in modules if isinstance(m, nn.Module) and not _is_quantized(m)]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        if offload:
+            for m in modules:
+                m.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2102,18 +2115,27 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
 
     config.validate(dataset)
     if accelerator is None:
+        from accelerate.state import AcceleratorState, PartialState
+
+        state = AcceleratorState._shared_state
+        if state.get("_mixed_precision", config.mixed_precision) != config.mixed_precision and \
+                PartialState().num_processes == 1:
+            # a second train() in the same notebook with another precision: accelerate's state is a
+            # process-wide singleton that refuses the change; in a single process it is safe to reset.
+            AcceleratorState._reset_state()
         accelerator = Accelerator(mixed_precision=config.mixed_precision,
                                   gradient_accumulation_steps=config.gradient_accumulation_steps,
                                   cpu=not torch.cuda.is_available())
     device = accelerator.device
     transformer = pipe.transformer
     if cache is None:
-        pipe.to(device) if not _is_quantized(transformer) else None
         cache = build_train_cache(pipe, dataset, max_sequence_length=config.max_sequence_length,
                                   use_depth=config.use_depth, device=device,
+                                  offload=config.offload_encoders and device.type == "cuda",
                                   progress=progress and accelerator.is_main_process)
-        if config.offload_encoders and device.type == "cuda":
-            offload_encoders(pipe)
+    if not _is_quantized(transformer):  # a bitsandbytes model is placed when it is loaded
+        transformer.to(device)
+    pipe.vae.to(device)  # previews decode latents
 
     # LoRA: reuse an adapter that is already there (a notebook re-running the cell) instead of stacking one.
     if getattr(transformer, "peft_config", None):

@@ -234,3 +234,31 @@ def test_tiny_tokenizers_know_the_prompt_words(tiny_pipe):
     for word in ("sphere", "cylinder", "remove", "glossy", "please"):
         assert len(tiny_pipe.tokenizer(word).input_ids) == 3, f"CLIP-style tokenizer must keep '{word}' whole"
         assert len(tiny_pipe.tokenizer_2(word).input_ids) == 2, f"T5-style tokenizer must keep '{word}' whole"
+
+
+def test_real_loading_path_from_local_folders(tmp_path):
+    """The Hub path of load_pipeline, run offline on folders: from_pretrained + CLIP image encoder + XLabs file."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    saved = kh.build_tiny_pipeline(0, with_ip_adapter=False)
+    saved.save_pretrained(tmp_path / "kontext")
+    donor = kh.build_tiny_pipeline(0)
+    donor.image_encoder.save_pretrained(tmp_path / "clip")
+    (tmp_path / "ip").mkdir()
+    save_file(kh._tiny_ip_adapter_state_dict(donor.transformer, 32), tmp_path / "ip" / "ip_adapter.safetensors")
+
+    pipe = kh.load_pipeline(str(tmp_path / "kontext"), device="cpu", dtype=torch.float32,
+                            ip_adapter=str(tmp_path / "ip"), image_encoder=str(tmp_path / "clip"))
+    assert isinstance(pipe, FluxKontextPipeline), "a local folder must load as a FluxKontextPipeline"
+    assert pipe.transformer.encoder_hid_proj.num_ip_adapters == 1, "the XLabs IP-Adapter file must be attached"
+    for name in ("text_encoder", "text_encoder_2", "vae", "transformer", "image_encoder"):
+        module = getattr(pipe, name)
+        assert not module.training and not any(p.requires_grad for p in module.parameters()), f"{name} frozen, eval"
+    ref = saved.transformer.state_dict()
+    for key, value in pipe.transformer.state_dict().items():
+        if key in ref:
+            assert torch.equal(value, ref[key]), f"transformer weight {key} changed on the way through the folder"
+    img = Image.new("RGB", (64, 64), (10, 200, 10))
+    out = _call(pipe, img, ip_adapter_image=img)
+    assert out.shape == (1, 16, 64) and torch.isfinite(out).all(), "the loaded pipeline must sample with depth"

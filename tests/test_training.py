@@ -232,3 +232,21 @@ def test_live_loss_plot_collects_and_draws():
     fig = plot.figure()
     assert len(plot.records) == 5, "only loss records are collected"
     assert len(fig.axes[0].lines) == 3, "total, in-mask and out-of-mask curves"
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    runs = {}
+    for flag in (False, True):
+        cfg = _config(tmp_path / str(flag), steps=2, gradient_checkpointing=flag)
+        runs[flag] = kh.train(kh.load_pipeline("tiny", seed=0), OnePair(), cfg, progress=False).history
+    for a, b in zip(runs[False], runs[True]):
+        torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-6,
+                                   msg="gradient checkpointing must not change the maths")
+
+
+def test_bf16_mixed_precision_runs_with_fp32_lora(tmp_path):
+    pipe = kh.load_pipeline("tiny", seed=0)
+    result = kh.train(pipe, OnePair(), _config(tmp_path, steps=2, mixed_precision="bf16"), progress=False)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history), "bf16 losses must be finite"
+    dtypes = {p.dtype for _, p in kh.collect_lora_named_params(pipe.transformer)}
+    assert dtypes == {torch.float32}, f"trainable LoRA weights must stay float32 under autocast, got {dtypes}"
