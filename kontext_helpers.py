@@ -453,7 +453,7 @@ TINY_CONFIG = {
            "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu"},
     "vae": {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8,
             "latent_channels": 16, "shift_factor": 0.1159, "scaling_factor": 0.3611},
-    "transformer": {"num_layers": 2, "num_single_layers": 4, "attention_head_dim": 32, "num_attention_heads": 4,
+    "transformer": {"num_layers": 3, "num_single_layers": 4, "attention_head_dim": 32, "num_attention_heads": 4,
                     "axes_dims_rope": (8, 12, 12)},
     "clip_vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                     "image_size": 64, "patch_size": 16, "projection_dim": 32},

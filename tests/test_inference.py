@@ -325,12 +325,14 @@ def test_load_adapter_rejects_missing_files_and_foreign_region(trained, tmp_path
 # txt_attn.proj, ff.net.0.proj / ff.net.2 -> img_mlp.0 / img_mlp.2, ff_context.* -> txt_mlp.*; in
 # single_transformer_blocks.i to_q/to_k/to_v/proj_mlp onto rows [0, D), [D, 2D), [2D, 3D), [3D, 7D) of
 # single_blocks.i.linear1 and proj_out -> single_blocks.i.linear2; the final proj_out -> final_layer.linear.
-# The tiny model has 2 double and 4 single blocks, D = 128.
+# The tiny model has 3 double and 4 single blocks, D = 128.
 EXPECTED_ATTN = [
     "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
     "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_txt_attn_proj",
     "lora_unet_double_blocks_1_img_attn_qkv", "lora_unet_double_blocks_1_txt_attn_qkv",
     "lora_unet_double_blocks_1_img_attn_proj", "lora_unet_double_blocks_1_txt_attn_proj",
+    "lora_unet_double_blocks_2_img_attn_qkv", "lora_unet_double_blocks_2_txt_attn_qkv",
+    "lora_unet_double_blocks_2_img_attn_proj", "lora_unet_double_blocks_2_txt_attn_proj",
     "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_1_linear1",
     "lora_unet_single_blocks_2_linear1", "lora_unet_single_blocks_3_linear1",
 ]
@@ -339,6 +341,8 @@ EXPECTED_BEYOND_ATTN = [
     "lora_unet_double_blocks_0_txt_mlp_0", "lora_unet_double_blocks_0_txt_mlp_2",
     "lora_unet_double_blocks_1_img_mlp_0", "lora_unet_double_blocks_1_img_mlp_2",
     "lora_unet_double_blocks_1_txt_mlp_0", "lora_unet_double_blocks_1_txt_mlp_2",
+    "lora_unet_double_blocks_2_img_mlp_0", "lora_unet_double_blocks_2_img_mlp_2",
+    "lora_unet_double_blocks_2_txt_mlp_0", "lora_unet_double_blocks_2_txt_mlp_2",
     "lora_unet_single_blocks_0_linear2", "lora_unet_single_blocks_1_linear2",
     "lora_unet_single_blocks_2_linear2", "lora_unet_single_blocks_3_linear2",
     "lora_unet_final_layer_linear",
