@@ -15,7 +15,10 @@ $(PY): requirements.txt
 	touch $(PY)
 
 demo: $(PY)
-	$(PY) scripts/demo.py
+	$(PY) scripts/run_notebooks.py
+
+sync-notebooks: $(PY)
+	$(PY) -m jupytext --to ipynb notebooks/[0-9][0-9]_*.py
 
 test: $(PY)
 	$(PY) -m ruff check .

@@ -577,6 +577,38 @@ def _pipeline_modules(pipe) -> list[nn.Module]:
     return [m for m in (getattr(pipe, n, None) for n in names) if isinstance(m, nn.Module)]
 
 
+def describe_environment(model: str | None = None) -> dict[str, str]:
+    """Print (and return) the versions and the device a notebook runs on: the first cell's sanity check."""
+    import importlib.metadata as md
+    import platform
+    import sys
+
+    info = {"python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            info[pkg] = "not installed"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["device"] = f"cuda: {props.name}, {props.total_memory / 2**30:.1f} GiB, bf16 {torch.cuda.is_bf16_supported()}"
+    else:
+        info["device"] = f"cpu ({os.cpu_count()} cores): use the tiny model here"
+    info["colab"] = str("google.colab" in sys.modules)
+    info["hub"] = "offline (HF_HUB_OFFLINE)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") else "online"
+    if model is not None:
+        info["model"] = model
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:>{width}}: {value}")
+    return info
+
+
+def default_model() -> str:
+    """The model a notebook uses by default: ``$KONTEXT_MODEL`` if set, else the real model on a GPU, else tiny."""
+    return os.environ.get("KONTEXT_MODEL") or (KONTEXT_DEV if torch.cuda.is_available() else "tiny")
+
+
 # Defaults of the real world.
 KONTEXT_DEV = "black-forest-labs/FLUX.1-Kontext-dev"
 IP_ADAPTER_REPO = "XLabs-AI/flux-ip-adapter-v2"

@@ -1,0 +1,63 @@
+"""The notebook series: .py and .ipynb in sync, committed without outputs, and every notebook runs headless."""
+
+import glob
+import importlib.util
+import json
+import os
+
+import jupytext
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = sorted(glob.glob(os.path.join(REPO, "notebooks", "[0-9][0-9]_*.py")))
+EXPECTED = ["01_data_prep", "02_latents_packing_and_ids", "03_region_token_and_depth_ip_adapter", "04_training",
+            "05_inference_previews"]
+
+
+def _runner():
+    spec = importlib.util.spec_from_file_location("run_notebooks", os.path.join(REPO, "scripts", "run_notebooks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_series_is_complete():
+    names = [os.path.splitext(os.path.basename(p))[0] for p in SOURCES]
+    assert names == EXPECTED, f"notebooks/ must hold the five notebooks in order, found {names}"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
+def test_py_and_ipynb_are_paired_and_clean(source):
+    ipynb = source[:-3] + ".ipynb"
+    assert os.path.isfile(ipynb), f"{source} has no paired {ipynb}: run `make sync-notebooks`"
+    cells = lambda nb: [(c.cell_type, c.source.strip()) for c in nb.cells]  # noqa: E731
+    assert cells(jupytext.read(source)) == cells(jupytext.read(ipynb)), (
+        f"{source} and {ipynb} differ: run `make sync-notebooks`")
+    with open(ipynb) as f:
+        raw = json.load(f)
+    with_outputs = [i for i, c in enumerate(raw["cells"]) if c.get("outputs") or c.get("execution_count")]
+    assert not with_outputs, f"{ipynb} carries outputs in cells {with_outputs}: commit it without outputs"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
+def test_notebook_follows_the_house_style(source):
+    nb = jupytext.read(source)
+    first = nb.cells[0].source
+    assert nb.cells[0].cell_type == "markdown" and first.startswith("# "), f"{source}: start with a title"
+    assert "colab.research.google.com" in first, f"{source}: the first cell needs the Colab badge"
+    assert "What you will learn" in first, f"{source}: the first cell says what you will learn"
+    text = "\n".join(c.source for c in nb.cells)
+    for needle in ("kh.describe_environment(", "CONFIG", "## Recap", "## Next"):
+        assert needle in text, f"{source}: missing {needle!r}"
+
+
+def test_notebooks_run_headless_in_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("KONTEXT_MODEL", "tiny")
+    monkeypatch.setenv("KONTEXT_OUTPUT_DIR", str(tmp_path / "outputs"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    runner = _runner()
+    for source in SOURCES:  # in order: 05 uses the adapter 04 trains
+        result = runner.run_notebook(source, str(tmp_path / "executed"))
+        assert result["figures"] >= 2, f"{result['name']} must teach with pictures, got {result['figures']} figures"
