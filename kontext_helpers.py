@@ -591,7 +591,8 @@ def describe_environment(model: str | None = None) -> dict[str, str]:
             info[pkg] = "not installed"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info["device"] = f"cuda: {props.name}, {props.total_memory / 2**30:.1f} GiB, bf16 {torch.cuda.is_bf16_supported()}"
+        bf16 = torch.cuda.is_bf16_supported()
+        info["device"] = f"cuda: {props.name}, {props.total_memory / 2**30:.1f} GiB, bf16 {bf16}"
     else:
         info["device"] = f"cpu ({os.cpu_count()} cores): use the tiny model here"
     info["colab"] = str("google.colab" in sys.modules)
@@ -701,6 +702,10 @@ def load_pipeline(
         module.eval().requires_grad_(False)
     if quantization_config is None:
         pipe.to(device)
+    else:
+        # a 4-bit transformer is placed on the GPU when loaded; the encoders (T5-XXL alone is 9.5 GB in
+        # 16 bit) visit the GPU only while they run, diffusers' documented route for small GPUs
+        pipe.enable_model_cpu_offload(device=device)
     return pipe
 
 
@@ -1555,6 +1560,8 @@ def kontext_forward(
     kwargs = dict(joint_attention_kwargs or {})  # the transformer pops keys out of this dict: copy it
     if ip_adapter_image_embeds is not None:
         kwargs["ip_adapter_image_embeds"] = [e.to(device=hidden.device, dtype=dtype) for e in ip_adapter_image_embeds]
+    elif _has_ip_adapter(base):
+        kwargs.setdefault("ip_hidden_states", [])  # an IP-Adapter without image tokens adds exactly zero
     out = transformer(
         hidden_states=hidden,
         timestep=sigma,

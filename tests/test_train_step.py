@@ -91,3 +91,19 @@ def test_add_lora_rejects_bad_settings(lora_pipe):
         kh.add_lora(lora_pipe.transformer, rank=0)
     with pytest.raises(ValueError, match="preset"):
         kh.add_lora(lora_pipe.transformer, targets="everything")
+
+
+def test_forward_without_depth_equals_zero_ip_scale(lora_pipe):
+    pipe = lora_pipe
+    ctx, _, _, depth = _batch(pipe, b=1)
+    with torch.no_grad():
+        ctx_tok, (h_tok, w_tok) = kh.pack_like_pipeline(kh.to_latents(kh.normalize_01_to_m11(ctx), pipe.vae))
+        pe, pooled, txt_ids = kh.encode_prompts(pipe, "make it red", max_sequence_length=32)
+        kw = dict(sigma=torch.tensor([0.5]), prompt_embeds=pe, pooled_prompt_embeds=pooled, txt_ids=txt_ids,
+                  h_tok=h_tok, w_tok=w_tok)
+        none = kh.kontext_forward(pipe.transformer, ctx_tok, ctx_tok, None, **kw)
+        pipe.set_ip_adapter_scale(0.0)
+        zero = kh.kontext_forward(pipe.transformer, ctx_tok, ctx_tok, None,
+                                  ip_adapter_image_embeds=kh.encode_depth_for_ip_adapter(pipe, depth), **kw)
+        pipe.set_ip_adapter_scale(1.0)
+    torch.testing.assert_close(none, zero, msg="no depth must equal an IP-Adapter at scale 0")

@@ -250,3 +250,10 @@ def test_bf16_mixed_precision_runs_with_fp32_lora(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history), "bf16 losses must be finite"
     dtypes = {p.dtype for _, p in kh.collect_lora_named_params(pipe.transformer)}
     assert dtypes == {torch.float32}, f"trainable LoRA weights must stay float32 under autocast, got {dtypes}"
+
+
+def test_training_without_depth_on_a_pipeline_with_an_ip_adapter(tmp_path):
+    pipe = kh.load_pipeline("tiny", seed=0)
+    assert pipe.transformer.encoder_hid_proj is not None, "the tiny pipeline carries an IP-Adapter"
+    result = kh.train(pipe, OnePair(), _config(tmp_path, steps=2, use_depth=False), progress=False)
+    assert len(result.history) == 2, "use_depth=False must train with the adapter contributing nothing"
