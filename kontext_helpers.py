@@ -577,8 +577,8 @@ def _pipeline_modules(pipe) -> list[nn.Module]:
     return [m for m in (getattr(pipe, n, None) for n in names) if isinstance(m, nn.Module)]
 
 
-def describe_environment(model: str | None = None) -> dict[str, str]:
-    """Print (and return) the versions and the device a notebook runs on: the first cell's sanity check."""
+def describe_environment(model: str | None = None) -> None:
+    """Print the versions and the device a notebook runs on: the first cell's sanity check."""
     import importlib.metadata as md
     import platform
     import sys
@@ -602,7 +602,6 @@ def describe_environment(model: str | None = None) -> dict[str, str]:
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:>{width}}: {value}")
-    return info
 
 
 def default_model() -> str:
@@ -1205,7 +1204,9 @@ def mask_from_difference(context, target, threshold: float = 0.04, dilate: int =
 
     A pixel is editable when its largest channel difference exceeds ``threshold`` (0.04 ~ 10/255, above
     JPEG noise); max-pooling then grows the region by ``dilate`` pixels in every direction (a square
-    neighbourhood), so the mask covers every changed pixel with a margin for soft edges and shadows.
+    neighbourhood), so the mask covers every pixel that changed by more than ``threshold``, with a margin.
+    Fainter changes (soft shadow edges) can fall outside it: for lossless pairs use ``threshold=0``, which
+    covers every changed pixel; keep the default for JPEGs, whose noise would otherwise fill the mask.
 
     Args:
         context, target: PIL images (any mode; EXIF orientation applied) or ``[3, H, W]`` tensors in

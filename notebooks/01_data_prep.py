@@ -1,0 +1,578 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Data preparation: pairs, masks and exact depth
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/kontext-region-lora/blob/main/notebooks/01_data_prep.ipynb)
+#
+# **What you will learn**
+# - the folder layout a training set needs (`context/ target/ masks/ depth/ prompts.txt`) and why pairs are
+#   matched by file **stem**, never by position;
+# - what one item of `kh.KontextPairs` holds: shapes, dtypes and value ranges;
+# - why depth maps stay **16-bit** until the very last step, and what "near = bright" means;
+# - how masks are binarised, how to derive one from a before / after pair, and how to check that it covers
+#   every changed pixel;
+# - the two resize policies (`"square"` and `"crop"`) and how to write your own pairs to disk.
+#
+# Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
+# This notebook does not need the model at all, except for the optional depth estimator at the end.
+
+# %%
+# Setup: in Colab this clones the project and installs it; locally it finds the project folder.
+import os
+import subprocess
+import sys
+
+REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
+if "google.colab" in sys.modules and not os.path.exists("kontext_helpers.py"):
+    if not os.path.isdir("kontext-region-lora"):
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "kontext-region-lora"], check=True)
+    os.chdir("kontext-region-lora")
+    # Colab keeps its own CUDA torch: requirements.txt asks for a range it already satisfies
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
+ROOT = os.getcwd() if os.path.exists("kontext_helpers.py") else os.path.dirname(os.getcwd())
+sys.path.insert(0, ROOT)
+
+import matplotlib.pyplot as plt
+import torch
+
+import kontext_helpers as kh
+
+MODEL = kh.default_model()  # $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
+kh.describe_environment(MODEL)
+
+# %%
+# CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
+TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder
+RESOLUTION = 128 if TINY else 512  # training side in pixels, a multiple of 16
+OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))  # results (Colab: a Drive folder)
+SEED = 0  # every random draw of this notebook (none in this one: everything here is deterministic)
+PAIR = 3  # the pair used as the running example (3 = "turn the red box into a sphere")
+DEPTH_PAIR = 0  # the pair whose depth map section 4 zooms into (0 has a large sphere)
+MASK_THRESHOLD = 0.5  # a mask pixel is editable when its grey value >= this fraction of white (KontextPairs' default)
+DIFF_THRESHOLD = 0.04  # mask_from_difference: a pixel counts as changed above this difference (0.04 ~ 10/255)
+DIFF_DILATE = 4  # mask_from_difference: margin grown around the changed pixels, in pixels
+DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"  # monocular depth model for your own images (GPU + Hub)
+MY_PAIRS = os.path.join(OUTPUT_DIR, "my_pairs")  # where section 7 writes a dataset folder of "your own" pairs
+
+torch.manual_seed(SEED)
+os.makedirs(OUTPUT_DIR, exist_ok=True)
+
+# %% [markdown]
+# ## 1. The folder layout: pairs matched by file stem
+#
+# A training set is one folder with four image folders and a prompt file:
+#
+# ```
+# DATA_ROOT/
+#   context/  source images        (png, jpg, webp, tif)
+#   target/   edited images
+#   masks/    white = editable, black = preserve
+#   depth/    depth maps, any bit depth (8-bit, 16-bit, float TIFF); near = bright
+#   prompts.txt   one line per pair, in the order of the sorted stems
+# ```
+#
+# The four images of one pair share a **file stem** (the name without its extension): `context/cat.png`,
+# `target/cat.png`, `masks/cat.png`, `depth/cat.tif` form the pair `cat`. Extensions may differ between folders.
+# Line *i* of `prompts.txt` is the prompt of the *i*-th stem in sorted order.
+#
+# The sample folder has 10 rendered pairs at 512 px (see `data_samples/README.md`). Let us list it.
+
+# %%
+from pathlib import Path
+
+root = Path(DATA_ROOT)
+for folder in ("context", "target", "masks", "depth"):
+    names = sorted(p.name for p in (root / folder).iterdir() if not p.name.startswith("."))
+    print(f"{folder + '/':9} {len(names):2d} files: {names[0]}, {names[1]}, ..., {names[-1]}")
+prompt_lines = (root / "prompts.txt").read_text(encoding="utf-8").splitlines()
+print(f"prompts.txt {len(prompt_lines)} lines: {prompt_lines[0]!r}, {prompt_lines[1]!r}, ...")
+
+# %% [markdown]
+# ### A broken copy, and the one error that lists every problem
+#
+# Real folders go wrong in boring ways: a mask that was never exported, a notes file dropped next to the
+# images, a prompt line deleted but its newline kept. We copy five sample pairs to a temporary folder and make
+# exactly those three mistakes.
+
+# %%
+import shutil
+import tempfile
+
+WORK = Path(tempfile.mkdtemp(prefix="kontext_01_"))  # scratch folders of this notebook, removed at the end
+stems = sorted(p.stem for p in (root / "context").glob("*.png"))[:5]
+broken = WORK / "broken"
+for folder in ("context", "target", "masks", "depth"):
+    (broken / folder).mkdir(parents=True)
+    for stem in stems:
+        shutil.copy(root / folder / f"{stem}.png", broken / folder / f"{stem}.png")
+(broken / "masks" / f"{stems[1]}.png").unlink()  # 1. a mask was never exported
+(broken / "context" / "notes.txt").write_text("shot on tuesday\n")  # 2. a stray file among the images
+lines = prompt_lines[:5]
+lines[1] = ""  # 3. a prompt deleted, its line kept
+(broken / "prompts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+try:
+    kh.KontextPairs(broken, resolution=RESOLUTION)
+except ValueError as err:
+    print(err)
+
+# %% [markdown]
+# One `ValueError`, raised when the folder is **opened** (not at training step 500), numbering every problem
+# with the file it concerns, and one fix hint per kind of problem. Nothing is loaded until the folder is clean.
+#
+# > **Why we differ from the original design** (DESIGN §5.8). The seed's dataset listed each folder, sorted
+# > the four lists and paired them **by position**: item *i* was `context[i]`, `target[i]`, `masks[i]`,
+# > `depth[i]`, `prompts[i]`. With one mask missing, `masks[1]` is the mask of the *next* pair, and so is every
+# > later one: no error, just a dataset in which most edits are taught with the wrong region. Matching by stem
+# > makes the missing file an error instead. Below is what position matching does with the broken folder.
+
+# %%
+import numpy as np
+from PIL import Image
+
+
+def seed_style_pairs(folder):
+    """The seed's pairing: sorted file lists zipped by position (shown here only to see it fail)."""
+    lists = [sorted((Path(folder) / sub).iterdir()) for sub in ("context", "masks")]
+    return list(zip(*lists))  # zip silently stops at the shortest list
+
+
+by_position = seed_style_pairs(broken)
+fig, axes = plt.subplots(1, len(by_position), figsize=(3.2 * len(by_position), 3.6))
+for ax, (ctx_path, mask_path) in zip(axes, by_position):
+    ctx = np.asarray(Image.open(ctx_path).convert("RGB"), dtype=np.float32) / 255  # [H, W, 3]
+    msk = np.asarray(Image.open(mask_path), dtype=np.float32)[..., None] / 255  # [H, W, 1]
+    ax.imshow(ctx * (1 - 0.55 * msk) + 0.55 * msk * np.array([1.0, 0.0, 0.0]))
+    ok = ctx_path.stem == mask_path.stem
+    ax.set_title(f"context {ctx_path.stem[:4]} + mask {mask_path.stem[:4]}\n{'right' if ok else 'WRONG'} mask",
+                 color="black" if ok else "red")
+    ax.set_axis_off()
+fig.suptitle(f"Pairing by sorted position: after one missing mask, every later context gets its neighbour's mask "
+             f"({sum(c.stem != m.stem for c, m in by_position)} of {len(by_position)} pairs wrong, no error)")
+plt.show()
+
+# %% [markdown]
+# ## 2. Open the dataset: `kh.KontextPairs`
+#
+# `kh.KontextPairs(root, resolution=...)` validates the folder, then reads one pair per `dataset[i]`. Every
+# image comes out square at `resolution` (a multiple of 16: one Flux token covers 16x16 pixels, see notebook
+# 02). Here `RESOLUTION` is 128 on the tiny model and 512 on a GPU.
+
+# %%
+data = kh.KontextPairs(DATA_ROOT, resolution=RESOLUTION)
+print(data)
+item = data[PAIR]
+for key, value in item.items():
+    if torch.is_tensor(value):
+        print(f"{key:8} {str(tuple(value.shape)):16} {str(value.dtype):14} "
+              f"min {value.min().item():.3f}  max {value.max().item():.3f}")
+    else:
+        print(f"{key:8} {type(value).__name__:16} {value!r}")
+# context, target: [3, H, W] float32 in [0, 1]   mask: [1, H, W] float32, only the values 0 and 1
+# depth: [1, H, W] float32 in [0, 1], 1 = nearest point of the scene   prompt, name: str (name = the file stem)
+print("mask values:", item["mask"].unique().tolist())
+
+# %% [markdown]
+# `kh.show_pairs` draws one row per pair. The title of the target panel measures how much the target differs
+# from the context *outside* the mask: the loss of notebook 04 asks the model to keep that part unchanged, so
+# for a clean pair it is 0.
+
+# %%
+from IPython.display import display
+
+fig = kh.show_pairs(data, indices=[0, 1, PAIR, 8])
+fig.suptitle("Four sample pairs: outside the red mask the target equals the context (difference 0.000); "
+             "depth is bright where the scene is near", fontsize="x-large")
+display(fig)  # show_pairs returns a Figure object (works headless too)
+
+# %% [markdown]
+# ## 3. Browse the pairs
+#
+# Move the sliders: `index` walks through the pairs, `alpha` sets how strongly the mask tints the context.
+# (Headless, for example in CI, the cell draws its default view once.)
+
+# %%
+from ipywidgets import FloatSlider, IntSlider, interact
+
+
+def browse(index=PAIR, alpha=0.5):
+    pair = data[index]
+    context = pair["context"].permute(1, 2, 0).numpy()  # [3, H, W] -> [H, W, 3]
+    mask = pair["mask"][0].numpy()  # [H, W]
+    tint = alpha * mask[..., None]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    panels = [
+        (context, "context", None),
+        (pair["target"].permute(1, 2, 0).numpy(), "target", None),
+        ((context * (1 - tint) + tint * np.array([1.0, 0.0, 0.0])).clip(0, 1),
+         f"mask overlay: {100 * mask.mean():.1f}% editable", None),
+        (pair["depth"][0].numpy(), "depth (bright = near)", "magma"),
+    ]
+    for ax, (image, title, cmap) in zip(axes, panels):
+        ax.imshow(image, cmap=cmap, vmin=0, vmax=1)
+        ax.set_title(title)
+        ax.set_axis_off()
+    if 0 < mask.sum() < mask.size:
+        axes[2].contour(mask, levels=[0.5], colors="yellow", linewidths=1)  # the edge of the editable region
+    fig.suptitle(f"{pair['name']}: \"{pair['prompt']}\"")
+    plt.show()
+
+
+_ = interact(browse, index=IntSlider(value=PAIR, min=0, max=len(data) - 1),
+             alpha=FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05))
+
+# %% [markdown]
+# ## 4. Depth: exact 16-bit values, near = bright
+#
+# The sample depth maps are 16-bit PNGs (PIL mode `I;16`, 65 536 possible levels). Each stores the inverse
+# of the camera distance `z`, scaled so that **larger = nearer** (bright = near), the convention of MiDaS and
+# Depth Anything: `v = 65535 * (1/z - 1/FAR) / (1/NEAR - 1/FAR)` with `NEAR = 4`, `FAR = 30` scene units, and
+# `v = 0` for the sky. Let us count the distinct levels in one committed file, and in the same map saved as
+# 8 bits.
+
+# %%
+depth_path = data.files(DEPTH_PAIR)["depth"]
+depth_file = Image.open(depth_path)
+v16 = np.asarray(depth_file).astype(np.int64)  # [H, W] values 0..65535
+v8 = np.round(v16 / 257).astype(np.int64)  # the same map quantised to 8 bits: 0..255
+print(f"{depth_path.name}: PIL mode {depth_file.mode}, size {depth_file.size}, values {v16.min()}..{v16.max()}")
+print(f"distinct levels: 16-bit {len(np.unique(v16))}, the same map in 8 bits {len(np.unique(v8))}")
+
+NEAR, FAR = 4.0, 30.0  # the renderer's depth range (data_samples/README.md)
+z = 1 / (v16 / 65535 * (1 / NEAR - 1 / FAR) + 1 / FAR)  # decode: camera distance in scene units
+scene = v16 > 0  # the sky is 0
+print(f"brightest pixel: z = {z[scene].min():.2f} units (the nearest floor);  "
+      f"darkest non-sky pixel: z = {z[scene].max():.2f} units (far away).  Bright = near.")
+
+# %% [markdown]
+# Why does it matter? Flat or gently curved surfaces span only a few hundred 16-bit levels, so 8 bits cut
+# them into terraces. Zoom into the sphere, stretch the contrast to the zoomed window, and the 8-bit version
+# shows bands that are not in the scene.
+
+# %%
+from matplotlib.patches import Rectangle
+
+size = v16.shape[0]
+y0, x0, side = int(0.41 * size), int(0.17 * size), int(0.17 * size)  # a window inside the sphere of pair 0
+win16 = v16[y0 : y0 + side, x0 : x0 + side].astype(np.float64)
+win8 = v8[y0 : y0 + side, x0 : x0 + side] * 257.0  # back on the 16-bit scale for a fair comparison
+lo, hi = win16.min(), win16.max()  # contrast stretched to the window
+slope16, slope8 = (np.hypot(*np.gradient(w)) for w in (win16, win8))  # how steeply depth changes: the shape
+top = np.percentile(slope16, 95)
+
+fig, axes = plt.subplots(2, 3, figsize=(14, 9.5))
+shown = axes[0, 0].imshow(v16 / 65535, cmap="magma", vmin=0, vmax=1)
+fig.colorbar(shown, ax=axes[0, 0], fraction=0.046, label="depth value (1 = near)")
+axes[0, 0].add_patch(Rectangle((x0, y0), side, side, fill=False, color="cyan", lw=2))
+axes[0, 0].set_title("full map: bright = near, sky = 0")
+axes[0, 1].imshow(win16, cmap="gray", vmin=lo, vmax=hi)
+axes[0, 1].set_title(f"16-bit zoom: {len(np.unique(win16))} levels")
+axes[0, 2].imshow(win8, cmap="gray", vmin=lo, vmax=hi)
+axes[0, 2].set_title(f"8-bit zoom: {len(np.unique(win8))} levels")
+row = side // 2
+axes[1, 0].plot(win16[row], label="16-bit", lw=2)
+axes[1, 0].step(np.arange(side), win8[row], where="mid", label="8-bit", lw=1.2)
+axes[1, 0].set_xlabel("pixel along the middle row of the zoom")
+axes[1, 0].set_ylabel("depth value (16-bit scale)")
+axes[1, 0].set_title("one row: a curve vs a staircase")
+axes[1, 0].legend()
+axes[1, 1].imshow(slope16, cmap="gray", vmin=0, vmax=top)
+axes[1, 1].set_title("16-bit slope |gradient|: smooth")
+axes[1, 2].imshow(slope8, cmap="gray", vmin=0, vmax=top)
+axes[1, 2].set_title("8-bit slope: 0 on terraces, lines at steps")
+for ax in (axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 1], axes[1, 2]):
+    ax.set_axis_off()
+fig.suptitle("Depth precision: 8 bits turn the sphere's smooth surface into terraces (the slope shows the rings)",
+             fontsize="x-large")
+plt.show()
+
+# %% [markdown]
+# ### From the file to what the IP-Adapter sees
+#
+# `KontextPairs` reads depth at full precision as float, then **min-max normalises** each map to `[0, 1]`
+# (`depth_normalize="minmax"`, the default; `"none"` divides by the type's maximum instead). The IP-Adapter's
+# CLIP image processor, however, takes an ordinary 8-bit RGB picture, so the very last step is
+# `kh.depth_to_pil(depth)`: grey 8-bit RGB, R = G = B. Quantising *last* means the 256 levels span the
+# scene's actual range.
+#
+# > **Why we differ from the original design** (DESIGN §5.8, "depth keeps its bit depth"). The seed opened
+# > depth files and converted them straight to RGB PIL images. For a 16-bit PNG, Pillow's `convert("RGB")`
+# > **clips** every value above 255 to white: the map below keeps only a handful of levels.
+
+# %%
+full_depth = kh.KontextPairs(DATA_ROOT, resolution=size)[DEPTH_PAIR]["depth"]  # [1, H, W] float32 at the file's size
+print("dataset depth:", tuple(full_depth.shape), full_depth.dtype,
+      f"min {full_depth.min().item():.3f} max {full_depth.max().item():.3f},",
+      f"{len(full_depth.unique())} distinct float values")
+ours = kh.depth_to_pil(full_depth)  # 16-bit -> float min-max -> 8-bit RGB, the last step
+print("kh.depth_to_pil:", ours.mode, ours.size)
+
+seed_rgb = np.asarray(Image.open(depth_path).convert("RGB"))[..., 0]  # the seed: 16-bit file -> RGB directly
+eight_first = (v8 - v8.min()) / (v8.max() - v8.min())  # a map saved as 8 bits, then normalised
+eight_first = np.asarray(kh.depth_to_pil(torch.from_numpy(eight_first)))[..., 0]
+routes = [
+    (seed_rgb, f"seed: convert('RGB') on the 16-bit file\n{len(np.unique(seed_rgb))} levels, "
+               f"{100 * (seed_rgb == 255).mean():.0f}% pure white"),
+    (eight_first, f"8-bit file, then min-max, then 8-bit\n{len(np.unique(eight_first))} levels"),
+    (np.asarray(ours)[..., 0], f"ours: 16-bit, min-max, then kh.depth_to_pil\n"
+                               f"{len(np.unique(np.asarray(ours)[..., 0]))} levels"),
+]
+fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
+for ax, (image, title) in zip(axes, routes):
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+    ax.set_title(title)
+    ax.set_xticks([])  # keep the frame: the seed's image is mostly white
+    ax.set_yticks([])
+fig.suptitle("The 8-bit image the CLIP processor receives: the seed's direct conversion clips the depth away; "
+             "quantising last keeps all 256 levels")
+plt.show()
+
+# %% [markdown]
+# Your own depth maps may be 8-bit, 16-bit or float TIFF: all are read without rounding. If yours store
+# distance (metres, far = bright) rather than inverse depth, open the dataset with `depth_invert=True`.
+#
+# ## 5. Masks: binarisation, derived masks and full coverage
+#
+# A mask is white (editable) where the edit happens and black (preserve) elsewhere. Masks painted in an editor
+# or saved as JPEG have soft, noisy edges, so `KontextPairs` binarises them: a pixel is editable when its grey
+# value is at least `mask_threshold` (default 0.5, i.e. 128 of 255). Below, the committed mask of the example
+# pair is blurred and saved as a JPEG, like a brushed mask; the slider sets the threshold.
+
+# %%
+from PIL import ImageFilter
+
+mask_path = data.files(PAIR)["masks"]
+soft_path = WORK / "soft_mask.jpg"
+Image.open(mask_path).filter(ImageFilter.GaussianBlur(8)).save(soft_path, quality=70)
+soft = np.asarray(Image.open(soft_path).convert("L"), dtype=np.float32) / 255  # [H, W] in [0, 1]
+hard = np.asarray(Image.open(mask_path), dtype=np.float32) / 255  # the committed mask, {0, 1}
+print(f"soft mask: {len(np.unique(soft))} distinct grey values; committed mask: {np.unique(hard).tolist()}")
+
+
+def binarise(threshold=MASK_THRESHOLD):
+    binary = soft >= threshold  # what KontextPairs(..., mask_threshold=threshold) does
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    axes[0].imshow(soft, cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title(f"soft mask (blurred JPEG)\n{len(np.unique(soft))} grey values")
+    axes[1].imshow(binary, cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title(f"binary at threshold {threshold:.2f}\n{100 * binary.mean():.1f}% editable")
+    compare = np.zeros((*hard.shape, 3))  # RGB
+    compare[(hard > 0.5) & binary] = 0.45  # grey: in both
+    compare[binary & (hard < 0.5)] = [1.0, 0.2, 0.2]  # red: added by this threshold
+    compare[(hard > 0.5) & ~binary] = [0.3, 0.6, 1.0]  # blue: lost
+    axes[2].imshow(compare)
+    axes[2].set_title(f"vs the committed mask ({100 * hard.mean():.1f}%)\nred = added, blue = lost")
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle("Binarisation: a low threshold grows the editable region, a high one shrinks it")
+    plt.show()
+
+
+_ = interact(binarise, threshold=FloatSlider(value=MASK_THRESHOLD, min=0.05, max=0.95, step=0.05))
+
+# %% [markdown]
+# The dataset applies the same rule: a soft mask on disk still comes out of `KontextPairs` as exactly 0 and 1.
+
+# %%
+soft_folder = WORK / "soft"
+for folder in ("context", "target", "masks", "depth"):
+    (soft_folder / folder).mkdir(parents=True)
+name = data.names[PAIR]
+for folder in ("context", "target", "depth"):
+    shutil.copy(data.files(PAIR)[folder], soft_folder / folder)
+shutil.copy(soft_path, soft_folder / "masks" / f"{name}.jpg")  # another extension is fine: matched by stem
+(soft_folder / "prompts.txt").write_text(data.prompts[PAIR] + "\n", encoding="utf-8")
+soft_mask = kh.KontextPairs(soft_folder, resolution=RESOLUTION, mask_threshold=MASK_THRESHOLD)[0]["mask"]
+print("mask from the soft JPEG:", tuple(soft_mask.shape), "values", soft_mask.unique().tolist())
+
+# %% [markdown]
+# ### No masks? Derive them from the pairs
+#
+# When context and target are pixel-aligned, the edit is wherever they differ.
+# `kh.mask_from_difference(context, target, threshold, dilate)` marks pixels whose largest channel difference
+# exceeds `threshold`, then grows the region by `dilate` pixels so soft edges are included. The rule that
+# matters: **the mask must cover every changed pixel**. Outside the mask the loss pulls the model towards the
+# context, so a changed pixel there (often part of a shadow or a reflection) is a piece of the edit the model is
+# trained *not* to make. We check it at the files' own resolution, where nothing has been resampled.
+
+# %%
+full = kh.KontextPairs(DATA_ROOT, resolution=size)  # native size: the exact file pixels
+print(f"{'pair':26} {'changed px':>10} {'outside committed':>18} {'outside derived':>16} {'derived, thr 0':>15}")
+totals = np.zeros(3, dtype=np.int64)
+for i in range(len(full)):
+    pair = full[i]
+    changed = (pair["target"] - pair["context"]).abs().amax(dim=0) > 0  # [H, W] bool: any change at all
+    derived = kh.mask_from_difference(pair["context"], pair["target"], DIFF_THRESHOLD, DIFF_DILATE)  # [1, H, W]
+    exact = kh.mask_from_difference(pair["context"], pair["target"], 0.0, DIFF_DILATE)
+    missed = [int((changed & (m[0] < 0.5)).sum()) for m in (pair["mask"], derived, exact)]
+    totals += missed
+    print(f"{pair['name']:26} {int(changed.sum()):10d} {missed[0]:18d} {missed[1]:16d} {missed[2]:15d}")
+print(f"{'total':26} {'':10} {totals[0]:18d} {totals[1]:16d} {totals[2]:15d}")
+
+# %% [markdown]
+# The committed masks cover every changed pixel (0 outside). The derived mask with the default threshold 0.04
+# misses some: faint changes, such as the edge of a moved shadow, stay below 10/255. That threshold exists
+# for JPEG pairs, whose compression noise would otherwise mark the whole image; for lossless PNG pairs like
+# these, `threshold=0` is exact. The figure shows the example pair.
+
+# %%
+pair = full[PAIR]
+changed = (pair["target"] - pair["context"]).abs().amax(dim=0) > 0  # [H, W]
+committed = pair["mask"][0].bool()  # [H, W]
+derived = kh.mask_from_difference(pair["context"], pair["target"], DIFF_THRESHOLD, DIFF_DILATE)[0].bool()
+disagree = np.zeros((*committed.shape, 3))  # RGB: where the two masks differ, and the changes left uncovered
+disagree[(committed & ~derived).numpy()] = [1.0, 0.6, 0.0]  # orange: only in the committed mask
+disagree[(derived & ~committed).numpy()] = [0.2, 0.5, 1.0]  # blue: only in the derived mask
+disagree[(changed & ~derived).numpy()] = [1.0, 0.0, 0.0]  # red: changed, but outside the derived mask
+
+fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
+axes[0].imshow((pair["target"] - pair["context"]).abs().amax(dim=0).numpy() ** 0.5, cmap="inferno")
+axes[0].set_title("|target - context|\n(square root: faint changes show)")
+axes[1].imshow(committed.numpy(), cmap="gray")
+axes[1].set_title(f"committed mask\n{100 * committed.float().mean():.1f}% editable")
+axes[2].imshow(derived.numpy(), cmap="gray")
+axes[2].set_title(f"derived: threshold {DIFF_THRESHOLD}, dilate {DIFF_DILATE}\n"
+                  f"{100 * derived.float().mean():.1f}% editable")
+axes[3].imshow(disagree)
+axes[3].set_title(f"red: {int((changed & ~derived).sum())} changed pixels outside the derived mask\n"
+                  "orange: committed only, blue: derived only", fontsize="medium")
+for ax in axes:
+    ax.set_axis_off()
+fig.suptitle(f"{pair['name']}: the derived mask is close to the committed one, but faint shadow changes fall "
+             "below its threshold (red)", fontsize="x-large")
+plt.show()
+
+# %% [markdown]
+# ## 6. Resize policies: `"square"` or `"crop"`
+#
+# Training images are square. Your photos may not be. `KontextPairs(..., resize=...)` offers two policies,
+# applied identically to all four images of a pair (the same box, so masks and depth stay aligned):
+#
+# - `"square"` (the seed's behaviour, the default): resize the whole image to `resolution x resolution`. Nothing
+#   is cut off, but a non-square picture is **stretched**.
+# - `"crop"`: scale the short side to `resolution`, then take the **centre** square. Shapes stay true, the
+#   borders of the long side are lost (check that your edits are not there).
+#
+# We make a 512x384 (landscape) pair by cutting the top and bottom off a sample, in a temporary folder.
+
+# %%
+wide = WORK / "wide"
+box = (0, size // 8, size, size - size // 8)  # (left, top, right, bottom): 512x384 from 512x512
+for folder in ("context", "target", "masks", "depth"):
+    (wide / folder).mkdir(parents=True)
+    Image.open(data.files(PAIR)[folder]).crop(box).save(wide / folder / f"{name}.png")
+(wide / "prompts.txt").write_text(data.prompts[PAIR] + "\n", encoding="utf-8")
+print("on disk:", Image.open(wide / "context" / f"{name}.png").size, "(W, H)")
+variants = {policy: kh.KontextPairs(wide, resolution=RESOLUTION, resize=policy)[0] for policy in ("square", "crop")}
+for policy, one in variants.items():
+    print(f"resize={policy!r}: context {tuple(one['context'].shape)}, mask {tuple(one['mask'].shape)}")
+
+# %%
+original = np.asarray(Image.open(wide / "context" / f"{name}.png").convert("RGB"))
+original_mask = np.asarray(Image.open(wide / "masks" / f"{name}.png")) > 127
+fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), gridspec_kw={"width_ratios": [4 / 3, 1, 1]})
+axes[0].imshow(original)
+axes[0].contour(original_mask, levels=[0.5], colors="red", linewidths=1)
+side_crop = original.shape[0]  # 'crop' keeps the centre square: short side x short side
+left = (original.shape[1] - side_crop) // 2
+axes[0].add_patch(Rectangle((left, 0), side_crop, side_crop - 1, fill=False, color="cyan", lw=2, ls="--"))
+axes[0].set_title(f"the file: {original.shape[1]}x{original.shape[0]} (W x H)\ncyan: what 'crop' keeps")
+for ax, (policy, one) in zip(axes[1:], variants.items()):
+    ax.imshow(one["context"].permute(1, 2, 0).numpy())
+    ax.contour(one["mask"][0].numpy(), levels=[0.5], colors="red", linewidths=1)
+    verdict = "whole frame, stretched taller" if policy == "square" else "true shapes, left and right cut off"
+    ax.set_title(f"resize={policy!r}: {RESOLUTION}x{RESOLUTION}\n{verdict}")
+for ax in axes:
+    ax.set_axis_off()
+fig.suptitle("Resize policies for a non-square pair: 'square' stretches, 'crop' keeps the centre; "
+             "the mask (red outline) stays aligned in both")
+plt.show()
+
+# %% [markdown]
+# ## 7. Your own data
+#
+# You will usually start from lists of images in memory: before / after photos, maybe no masks, maybe no
+# depth. `kh.write_pair_folder(root, contexts, targets, masks, depths, prompts, names=...)` writes them in the
+# layout above (masks as 0/255, depth as **16-bit** PNG) and returns the opened, validated dataset.
+#
+# **No depth maps?** `kh.estimate_depth(images)` runs Depth Anything V2 (a monocular depth model from the
+# Hugging Face Hub, about 100 MB, downloaded once) and returns one `[1, H, W]` map in `[0, 1]` per image,
+# near = 1, already our convention. It wants a GPU and the Hub, so the next cell runs only on the real-model
+# path (`not TINY`); on the tiny path we reuse the rendered depth maps.
+
+# %%
+from PIL import ImageOps
+
+picks = [0, PAIR]  # two sample pairs stand in for "your" photos
+contexts = [ImageOps.exif_transpose(Image.open(data.files(i)["context"])).convert("RGB") for i in picks]
+targets = [ImageOps.exif_transpose(Image.open(data.files(i)["target"])).convert("RGB") for i in picks]
+my_prompts = [data.prompts[i] for i in picks]
+masks = [kh.mask_from_difference(c, t, threshold=0.0, dilate=DIFF_DILATE)  # lossless PNGs: threshold 0 is exact
+         for c, t in zip(contexts, targets)]
+print("derived masks:", [tuple(m.shape) for m in masks])  # [1, H, W] each, float in {0, 1}
+
+depths = [Image.open(data.files(i)["depth"]) for i in picks]  # the rendered 16-bit maps
+if not TINY:  # GPU + Hub: estimate depth as you would for your own photos
+    try:
+        depths = kh.estimate_depth(contexts, model=DEPTH_MODEL)  # one [1, H, W] float in [0, 1] per image
+        print("estimated depth:", [tuple(d.shape) for d in depths])
+        fig, axes = plt.subplots(1, 2 * len(picks), figsize=(6 * len(picks), 3.4))
+        for k, i in enumerate(picks):
+            axes[2 * k].imshow(data[i]["depth"][0].numpy(), cmap="magma")
+            axes[2 * k].set_title(f"{data.names[i]}: rendered (exact)")
+            axes[2 * k + 1].imshow(depths[k][0].numpy(), cmap="magma")
+            axes[2 * k + 1].set_title("Depth Anything V2 (estimated)")
+        for ax in axes:
+            ax.set_axis_off()
+        fig.suptitle("Estimated vs exact depth: same convention (bright = near), softer edges")
+        plt.show()
+    except RuntimeError as err:  # no network or no access: keep the rendered maps
+        print(err)
+
+my_data = kh.write_pair_folder(MY_PAIRS, contexts, targets, masks, depths, my_prompts,
+                               names=[data.names[i] for i in picks], overwrite=True, resolution=RESOLUTION)
+print(my_data)
+for folder in ("context", "target", "masks", "depth"):
+    files = sorted(p.name for p in (Path(MY_PAIRS) / folder).iterdir())
+    print(f"  {folder + '/':9} {files}  (PIL mode {Image.open(Path(MY_PAIRS) / folder / files[0]).mode})")
+
+# %% [markdown]
+# Depth maps written by `write_pair_folder` are 16-bit (`I;16`), so nothing is lost on the way to disk. Point
+# `DATA_ROOT` at `MY_PAIRS` (or at your own folder) and rerun the notebook to inspect it.
+
+# %%
+shutil.rmtree(WORK)  # the temporary folders of sections 1, 5 and 6
+
+# %% [markdown]
+# ## Recap
+#
+# - A dataset is `context/ target/ masks/ depth/ prompts.txt`; pairs are matched by **file stem**, and every
+#   problem in the folder comes back as one `ValueError` that names its file. Matching by position (the seed)
+#   silently gives most pairs the wrong mask after one missing file.
+# - `kh.KontextPairs` items: `context`, `target` `[3, H, W]` in `[0, 1]`, `mask` `[1, H, W]` in `{0, 1}`,
+#   `depth` `[1, H, W]` in `[0, 1]` with near = 1, plus `prompt` and `name`.
+# - Depth stays 16-bit and float until `kh.depth_to_pil` makes the 8-bit RGB image the CLIP processor wants;
+#   converting a 16-bit file straight to RGB clips it to a few levels.
+# - Masks are binarised at `mask_threshold`; a derived mask (`kh.mask_from_difference`) must cover every
+#   changed pixel: check it with a count, and use `threshold=0` for lossless pairs.
+# - `resize="square"` stretches non-square images, `resize="crop"` keeps the centre; `kh.write_pair_folder`
+#   writes your own pairs (and `kh.estimate_depth` supplies depth when you have none).
+#
+# ## Next
+#
+# [02_latents_packing_and_ids.ipynb](02_latents_packing_and_ids.ipynb): the images of one pair become Flux
+# latents (the VAE, with its shift), are packed into 2x2-patch tokens, and get the position ids that tell the
+# transformer which token is target, context or region.

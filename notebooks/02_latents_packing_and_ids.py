@@ -1,0 +1,456 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Latents, 2x2 packing and position ids
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/kontext-region-lora/blob/main/notebooks/02_latents_packing_and_ids.ipynb)
+#
+# **What you will learn**
+# - how an image becomes Flux latents: `[B, 3, H, W] -> [B, C, H/8, W/8]`, and why the VAE's **shift** matters;
+# - how 2x2 latent patches become tokens `[B, N, 4C]`, in exactly the order the pipeline uses, and back;
+# - why image sides must be multiples of 16 pixels;
+# - the position ids `(type, row, col)` of the sequence `[noisy target | context | region]`, and how they sit
+#   next to the text tokens;
+# - how latents decode back to an image.
+#
+# Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
+
+# %%
+# Setup: in Colab this clones the project and installs it; locally it finds the project folder.
+import os
+import subprocess
+import sys
+
+REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
+if "google.colab" in sys.modules and not os.path.exists("kontext_helpers.py"):
+    if not os.path.isdir("kontext-region-lora"):
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "kontext-region-lora"], check=True)
+    os.chdir("kontext-region-lora")
+    # Colab keeps its own CUDA torch: requirements.txt asks for a range it already satisfies
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
+ROOT = os.getcwd() if os.path.exists("kontext_helpers.py") else os.path.dirname(os.getcwd())
+sys.path.insert(0, ROOT)
+
+import matplotlib.pyplot as plt
+import torch
+
+import kontext_helpers as kh
+
+MODEL = kh.default_model()  # $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
+kh.describe_environment(MODEL)
+
+# %%
+# CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
+TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder
+RESOLUTION = 128 if TINY else 512  # image side in pixels, a multiple of 16: 128 px -> 16x16 latents -> 8x8 tokens
+OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))  # results (Colab: a Drive folder)
+SEED = 0  # every random draw of this notebook
+PAIR = 3  # the sample pair used throughout (3 = "turn the red box into a sphere")
+MAX_SEQUENCE_LENGTH = 64 if TINY else 512  # text tokens T per prompt (512 is Kontext's default)
+NF4 = (not TINY) and kh.detect_gpu_preset() in ("t4", "l4")  # 4-bit transformer on 16-24 GB GPUs (bitsandbytes)
+SHOW_CHANNELS = 4  # how many of the C latent channels section 1 draws
+
+torch.manual_seed(SEED)
+os.makedirs(OUTPUT_DIR, exist_ok=True)
+
+# %% [markdown]
+# We load the pipeline once. On the tiny path this builds a complete, randomly initialised
+# `FluxKontextPipeline` offline in about a second; on a GPU it is FLUX.1 Kontext [dev] from the Hub. This
+# notebook only needs its VAE and a few of its (static) helper functions, but they are the pipeline's own, so
+# everything we compute can be checked against it. On a 16-24 GB GPU (T4, L4) the 12B transformer is loaded in
+# 4 bits (`NF4` in the CONFIG cell), which needs `pip install bitsandbytes`.
+
+# %%
+pipe = kh.load_pipeline(MODEL, quantization_config=kh.nf4_quantization_config() if NF4 else None)
+if torch.cuda.is_available():
+    pipe.vae.to("cuda")  # the VAE is small; with NF4 the pipeline itself stays on the CPU
+vae = pipe.vae
+print(type(pipe).__name__, "| VAE on", vae.device, vae.dtype)
+print("latent channels C:", vae.config.latent_channels, "| VAE downsampling:", pipe.vae_scale_factor,
+      "| transformer in_channels (4C):", pipe.transformer.config.in_channels)
+print("scaling_factor:", vae.config.scaling_factor, "| shift_factor:", vae.config.shift_factor)
+
+# %% [markdown]
+# ## 1. From pixels to latents
+#
+# The dataset gives images in `[0, 1]`; the VAE wants `[-1, 1]` (`kh.normalize_01_to_m11`). Its encoder shrinks
+# each side 8 times and turns 3 colour channels into `C = 16` latent channels. `kh.to_latents` then applies
+# Flux's normalisation, `z = (vae_output - shift_factor) * scaling_factor`, exactly as
+# `FluxKontextPipeline._encode_vae_image` does.
+
+# %%
+data = kh.KontextPairs(DATA_ROOT, resolution=RESOLUTION)
+item = data[PAIR]
+x01 = item["context"][None]  # [3, H, W] -> [B, 3, H, W] with B = 1, values in [0, 1]
+x = kh.normalize_01_to_m11(x01)  # [B, 3, H, W] in [-1, 1]
+print("image  ", tuple(x.shape), f"range [{x.min().item():.2f}, {x.max().item():.2f}]")  # [B, 3, H, W]
+
+with torch.no_grad():
+    lat = kh.to_latents(x, vae)  # [B, 3, H, W] -> [B, C, H_l, W_l], H_l = H / 8
+print("latents", tuple(lat.shape), lat.dtype)  # [B, C, H_l, W_l]
+
+# %% [markdown]
+# > **Why we differ from the original design** (DESIGN §5.1). The seed's `to_latents` only scaled:
+# > `vae.encode(x).latent_dist.mode() * scaling_factor`. Flux's VAE also has a `shift_factor` (0.1159) that must be
+# > subtracted first. Without it every latent value is off by the same constant, `shift x scale`, so the
+# > context tokens the LoRA is trained on are not the ones the pipeline feeds it when you edit, and decoding
+# > a prediction adds the shift back on top. Below: the seed's latents, ours, and the pipeline's own encoder.
+
+# %%
+with torch.no_grad():
+    seed_lat = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor  # the seed
+    pipe_lat = pipe._encode_vae_image(x.to(vae.device, vae.dtype), generator=None)  # the pipeline's own encoder
+offset = (lat - seed_lat).float()
+expected = -vae.config.shift_factor * vae.config.scaling_factor
+print("ours == pipe._encode_vae_image (bit for bit):", torch.equal(lat, pipe_lat))
+print("seed == pipe._encode_vae_image:              ", torch.equal(seed_lat, pipe_lat))
+print(f"ours - seed: mean {offset.mean().item():+.5f}, spread {(offset.max() - offset.min()).item():.1e} "
+      f"(-shift x scale = {expected:+.5f}: the same constant on every value)")
+
+# %%
+import numpy as np
+
+lat_np, seed_np = lat[0].float().cpu().numpy(), seed_lat[0].float().cpu().numpy()  # [C, H_l, W_l]
+fig, axes = plt.subplots(1, SHOW_CHANNELS + 2, figsize=(3.1 * (SHOW_CHANNELS + 2), 3.8), layout="constrained")
+axes[0].imshow(x01[0].permute(1, 2, 0).numpy())
+axes[0].set_title(f"image {RESOLUTION}x{RESOLUTION}")
+vmax = float(np.abs(lat_np[:SHOW_CHANNELS]).max())  # one symmetric colour scale: red > 0 > blue
+for c in range(SHOW_CHANNELS):
+    axes[c + 1].imshow(lat_np[c], cmap="coolwarm", vmin=-vmax, vmax=vmax)
+    axes[c + 1].set_title(f"latent channel {c} ({lat_np.shape[1]}x{lat_np.shape[2]})")
+for ax in axes[: SHOW_CHANNELS + 1]:
+    ax.set_axis_off()
+bins = torch.linspace(float(min(lat_np.min(), seed_np.min())), float(max(lat_np.max(), seed_np.max())), 60).numpy()
+axes[-1].hist(seed_np.ravel(), bins=bins, alpha=0.6, label="seed (scale only)")
+axes[-1].hist(lat_np.ravel(), bins=bins, alpha=0.6, label="ours = pipeline")
+axes[-1].set_title(f"all latent values: offset {offset.mean().item():+.3f}")
+axes[-1].legend(fontsize="small")
+fig.suptitle(f"Latents: {lat_np.shape[0]} channels at 1/8 of the image side; the seed's values all sit "
+             f"{-offset.mean().item():.3f} higher than the pipeline's" + (" (tiny model: random VAE)" if TINY else ""))
+plt.show()
+
+# %% [markdown]
+# On the tiny model the VAE is random, so the channels show scrambled structure; on the real model they look
+# like blurred, recoloured versions of the image. Either way the lesson is the shape `[B, C, H/8, W/8]` and
+# that our latents are the pipeline's, bit for bit.
+#
+# ## 2. Packing: 2x2 latent patches become tokens
+#
+# The Flux transformer does not see a latent image; it sees a **sequence of tokens**. Each token is one 2x2
+# patch of the latent grid, all `C` channels of its 4 cells: `4C = 64` features. So one token covers 2x2 latent
+# cells = 16x16 image pixels, and a `H x W` image gives `N = (H/16) x (W/16)` tokens.
+
+# %%
+tokens, (h_tok, w_tok) = kh.pack_like_pipeline(lat)  # [B, C, H_l, W_l] -> [B, N, 4C]
+print("latents", tuple(lat.shape), "-> tokens", tuple(tokens.shape), f"on a {h_tok}x{w_tok} token grid")
+b, c, h_l, w_l = lat.shape
+print("== pipe._pack_latents (bit for bit):", torch.equal(tokens, pipe._pack_latents(lat, b, c, h_l, w_l)))
+
+# %%
+step = RESOLUTION // h_tok  # pixels per token side: 16
+fig, ax = plt.subplots(figsize=(6.5, 6.5))
+ax.imshow(x01[0].permute(1, 2, 0).numpy())
+for k in range(h_tok + 1):
+    ax.axhline(k * step - 0.5, color="white", lw=0.6)
+    ax.axvline(k * step - 0.5, color="white", lw=0.6)
+label_every = max(1, h_tok // 8)  # on a big grid, number only some tokens
+for r in range(0, h_tok, label_every):
+    for col in range(0, w_tok, label_every):
+        ax.text(col * step + step / 2, r * step + step / 2, str(r * w_tok + col), ha="center", va="center",
+                fontsize=8, color="black", bbox=dict(boxstyle="round,pad=0.1", fc="white", alpha=0.6, lw=0))
+ax.set_axis_off()
+ax.set_title(f"One token = one {step}x{step}-pixel square: {h_tok}x{w_tok} = {h_tok * w_tok} tokens,\n"
+             "numbered in row-major order (the sequence order)")
+plt.show()
+
+# %% [markdown]
+# Which number goes where inside a token? We pack two small labelled latents (`C = 3`, a 6x8 grid) with the
+# same function and look at the result:
+#
+# - one whose every cell holds the **number of its 2x2 patch**: after packing, row *n* of the token matrix
+#   is all *n*. Token *n* is the *n*-th patch in row-major order: left-to-right neighbours are consecutive in
+#   the sequence, the token below is `w_tok` positions later;
+# - one whose cell holds `4c + 2*dy + dx` (channel `c`, position `(dy, dx)` inside the patch): after packing,
+#   every row reads `0, 1, ..., 4C-1`. The features of a token are **channel-major**: channel 0's four
+#   cells (top-left, top-right, bottom-left, bottom-right), then channel 1's, and so on.
+
+# %%
+toy_c, toy_h, toy_w = 3, 6, 8  # a small labelled latent: C = 3, H_l x W_l = 6 x 8 -> 3 x 4 tokens
+rows, cols = torch.meshgrid(torch.arange(toy_h), torch.arange(toy_w), indexing="ij")  # [H_l, W_l] each
+patch_id = ((rows // 2) * (toy_w // 2) + cols // 2).float()  # [H_l, W_l]: the number of each cell's 2x2 patch
+toy_patch = patch_id.expand(1, toy_c, toy_h, toy_w)  # [B, C, H_l, W_l]: same label in every channel
+toy_feature = (torch.arange(toy_c)[:, None, None] * 4 + (rows % 2) * 2 + cols % 2).float()[None]  # [B, C, H_l, W_l]
+packed_patch, (th, tw) = kh.pack_like_pipeline(toy_patch)  # [B, N, 4C] = [1, 12, 12]
+packed_feature, _ = kh.pack_like_pipeline(toy_feature)
+print("toy latents", tuple(toy_patch.shape), "-> tokens", tuple(packed_patch.shape))
+print("row n of the patch-labelled tokens is all n:",
+      torch.equal(packed_patch[0], torch.arange(th * tw).float()[:, None].expand(-1, 4 * toy_c)))
+print("every token's features read 0..4C-1:",
+      torch.equal(packed_feature[0], torch.arange(4 * toy_c).float().expand(th * tw, -1)))
+print("== pipe._pack_latents:", torch.equal(packed_feature, pipe._pack_latents(toy_feature, 1, toy_c, toy_h, toy_w)))
+
+# %%
+cmap = plt.get_cmap("tab20", th * tw)
+fig, axes = plt.subplots(1, 3, figsize=(18, 6.2), gridspec_kw={"width_ratios": [1.25, 1, 1]}, layout="constrained")
+ax = axes[0]
+ax.imshow(patch_id.numpy(), cmap=cmap, vmin=-0.5, vmax=th * tw - 0.5)
+for yy in range(toy_h):
+    for xx in range(toy_w):
+        ax.text(xx, yy + 0.3, f"({yy % 2},{xx % 2})", ha="center", va="center", fontsize=7)
+for t in range(th * tw):
+    ax.text((t % tw) * 2 + 0.5, (t // tw) * 2 + 0.5, str(t), ha="center", va="center", fontsize=15,
+            weight="bold", bbox=dict(boxstyle="circle,pad=0.2", fc="white", alpha=0.85, lw=0))
+for k in range(0, toy_w + 1, 2):
+    ax.axvline(k - 0.5, color="black", lw=2)
+for k in range(0, toy_h + 1, 2):
+    ax.axhline(k - 0.5, color="black", lw=2)
+ax.set_xticks(range(toy_w))
+ax.set_yticks(range(toy_h))
+ax.set_xlabel("latent column")
+ax.set_ylabel("latent row")
+ax.set_title(f"latent grid {toy_h}x{toy_w} (x C = {toy_c} channels):\n"
+             "bold = token number, (dy,dx) = place in the patch")
+
+ax = axes[1]
+ax.imshow(packed_patch[0].numpy(), cmap=cmap, vmin=-0.5, vmax=th * tw - 0.5, aspect="auto")
+for t in range(th * tw):
+    ax.text(4 * toy_c / 2 - 0.5, t, f"token {t}: patch {t}", ha="center", va="center", fontsize=8)
+ax.set_xlabel(f"feature (4C = {4 * toy_c})")
+ax.set_ylabel("token (sequence position)")
+ax.set_title("packed [N, 4C], labelled by patch:\nrow n comes from patch n")
+
+ax = axes[2]
+ax.imshow(packed_feature[0].numpy(), cmap="viridis", aspect="auto")
+for t in range(th * tw):
+    for f in range(4 * toy_c):
+        ax.text(f, t, str(int(packed_feature[0, t, f])), ha="center", va="center", fontsize=7,
+                color="white" if f < 2 * toy_c else "black")
+names = [f"c{ch}({dy},{dx})" for ch in range(toy_c) for dy in range(2) for dx in range(2)]
+ax.set_xticks(range(4 * toy_c))
+ax.set_xticklabels(names, rotation=90, fontsize=8)
+for k in range(4, 4 * toy_c, 4):
+    ax.axvline(k - 0.5, color="white", lw=2)
+ax.set_ylabel("token (sequence position)")
+ax.set_title("packed [N, 4C], labelled 4c + 2dy + dx:\nevery token: channel 0's 4 cells, then channel 1's, ...")
+fig.suptitle("Packing: each token is one 2x2 latent patch (x C channels), numbered row by row; neighbours in the "
+             "grid are neighbours in the sequence", fontsize="x-large")
+plt.show()
+
+# %% [markdown]
+# `kh.unpack_like_pipeline(tokens, h_tok, w_tok)` is the exact inverse, the same maths as the pipeline's
+# `_unpack_latents` (which the pipeline runs on its prediction before decoding).
+
+# %%
+back = kh.unpack_like_pipeline(tokens, h_tok, w_tok)  # [B, N, 4C] -> [B, C, H_l, W_l]
+print("unpack", tuple(tokens.shape), "->", tuple(back.shape))
+print("unpack(pack(lat)) == lat:", torch.equal(back, lat))
+print("== pipe._unpack_latents:", torch.equal(back, pipe._unpack_latents(tokens, RESOLUTION, RESOLUTION,
+                                                                         pipe.vae_scale_factor)))
+
+# %% [markdown]
+# ### Why sides must be multiples of 16
+#
+# 8 (the VAE's downsampling) x 2 (the packing) = 16 pixels per token side. A 520 px image encodes to a
+# 65x65 latent grid, and 65 cells cannot be cut into 2x2 patches:
+
+# %%
+import torch.nn.functional as F
+
+x520 = F.interpolate(x, size=(520, 520), mode="bilinear", align_corners=False)  # [B, 3, 520, 520]
+with torch.no_grad():
+    lat520 = kh.to_latents(x520, vae)  # [B, C, 65, 65]: odd
+print("520 px ->", tuple(lat520.shape))
+try:
+    kh.pack_like_pipeline(lat520)
+except ValueError as err:
+    print("ValueError:", err)
+try:
+    kh.KontextPairs(DATA_ROOT, resolution=520)
+except ValueError as err:
+    print("\nValueError:", str(err).splitlines()[1])
+
+# %% [markdown]
+# The pipeline itself, at inference, silently rounds width and height *down* to a multiple of 16. For training
+# we rather refuse a wrong size when the dataset opens (notebook 01) than crop pixels you did not expect.
+#
+# ## 3. Position ids: `(type, row, col)` for every token
+#
+# Attention itself has no notion of place. Flux adds it with rotary position embeddings (RoPE) computed from
+# an id per token: three numbers, `(type, row, col)`. `row` and `col` are the token's place on the grid.
+# `type` is Kontext's trick for having two images in one sequence: the noisy target has type 0, the clean
+# context image type 1. Both share the same `(row, col)`, so a context token and the target token at the same
+# place are "aligned", while the type keeps them apart. Our **region token** (notebook 03) gets `(2, 0, 0)`:
+# a third type, with no pixel position of its own.
+#
+# `kh.img_ids_grid(h_tok, w_tok, mark)` builds the ids of one grid `[N, 3]`; `kh.kontext_img_ids(h_tok, w_tok)`
+# the whole image sequence `[2N+1, 3]`.
+
+# %%
+ids_target = kh.img_ids_grid(h_tok, w_tok, 0)  # [N, 3]
+ids = kh.kontext_img_ids(h_tok, w_tok)  # [2N+1, 3]: target (N) | context (N) | region (1)
+n = h_tok * w_tok
+print("one grid", tuple(ids_target.shape), "| whole sequence", tuple(ids.shape), f"(N = {n})")
+print(f"{'target tokens 0..2:':28}", ids[:3].tolist())
+print(f"{f'context tokens {n}..{n + 2}:':28}", ids[n : n + 3].tolist())
+print(f"{f'region token {2 * n}:':28}", ids[-1].tolist())
+
+ref_target = pipe._prepare_latent_image_ids(1, h_tok, w_tok, "cpu", torch.float32)  # the pipeline's target ids
+ref_context = pipe._prepare_latent_image_ids(1, h_tok, w_tok, "cpu", torch.float32)
+ref_context[:, 0] = 1  # what FluxKontextPipeline does for its context image
+print("img_ids_grid(mark=0) == pipe ids:", torch.equal(ids_target, ref_target))
+print("img_ids_grid(mark=1) == pipe ids with column 0 set to 1:", torch.equal(kh.img_ids_grid(h_tok, w_tok, 1),
+                                                                            ref_context))
+print("kontext_img_ids(with_region=False) == the pipeline's [target | context] ids:",
+      torch.equal(kh.kontext_img_ids(h_tok, w_tok, with_region=False), torch.cat([ref_target, ref_context])))
+
+# %%
+parts = {"target": ids[:n].reshape(h_tok, w_tok, 3), "context": ids[n : 2 * n].reshape(h_tok, w_tok, 3),
+         "region": ids[2 * n :].reshape(1, 1, 3)}  # [N, 3] -> [H', W', 3] (region: one token)
+columns = [("type", 0, 2), ("row", 1, h_tok - 1), ("col", 2, w_tok - 1)]
+fig, axes = plt.subplots(3, 3, figsize=(12, 11.5), gridspec_kw={"width_ratios": [1, 1, 0.3]}, layout="constrained")
+for i, (label, k, top) in enumerate(columns):
+    for j, (part, grid) in enumerate(parts.items()):
+        ax = axes[i, j]
+        shown = ax.imshow(grid[..., k].numpy(), cmap="viridis", vmin=0, vmax=max(top, 1))
+        if grid.shape[0] <= 8:
+            for r in range(grid.shape[0]):
+                for q in range(grid.shape[1]):
+                    value = int(grid[r, q, k])
+                    ax.text(q, r, str(value), ha="center", va="center", fontsize=9,
+                            color="white" if value < max(top, 1) / 2 else "black")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{part}: {label}" + (f" ({grid.shape[0]}x{grid.shape[1]} grid)" if part != "region" else ""))
+    fig.colorbar(shown, ax=axes[i, :], shrink=0.8, label=f"id column {k}: {label}")
+fig.suptitle("Position ids as images: target and context share row and col; only the type (0, 1, 2) tells "
+             "them apart; the region token is (2, 0, 0)", fontsize="x-large")
+plt.show()
+
+# %% [markdown]
+# ### The whole sequence, text included
+#
+# The transformer attends over text and image tokens together. Its id sequence is
+# `cat(txt_ids, img_ids)`: first the `T` text tokens, whose ids are all `(0, 0, 0)` (text has no position on
+# the image; the pipeline's `encode_prompt` returns `txt_ids = zeros(T, 3)`), then the `2N+1` image tokens.
+
+# %%
+txt_ids = torch.zeros(MAX_SEQUENCE_LENGTH, 3)  # [T, 3], what pipe.encode_prompt returns as text_ids
+if TINY:  # cheap on the tiny model: check it against the pipeline's own text encoding
+    _, _, pipe_txt_ids = kh.encode_prompts(pipe, item["prompt"], max_sequence_length=MAX_SEQUENCE_LENGTH)
+    print("txt_ids == pipe.encode_prompt's text_ids:", torch.equal(txt_ids, pipe_txt_ids.cpu().float()))
+all_ids = torch.cat([txt_ids, ids])  # [T + 2N + 1, 3]
+t_len = txt_ids.shape[0]
+print("text", tuple(txt_ids.shape), "+ image", tuple(ids.shape), "->", tuple(all_ids.shape), " # [T + 2N + 1, 3]")
+
+# %%
+spans = [("text (T)", 0, t_len, "0.85"), ("noisy target (N)", t_len, t_len + n, "tab:blue"),
+         ("context (N)", t_len + n, t_len + 2 * n, "tab:orange"),
+         ("region (1)", t_len + 2 * n, t_len + 2 * n + 1, "tab:red")]
+positions = np.arange(all_ids.shape[0])
+fig, axes = plt.subplots(3, 1, figsize=(15, 7.5), sharex=True, layout="constrained")
+for ax, (label, k, _) in zip(axes, columns):
+    for _, start, stop, colour in spans:
+        ax.axvspan(start - 0.5, stop - 0.5, color=colour, alpha=0.25, lw=0)
+    ax.step(positions, all_ids[:, k].numpy(), where="mid", color="black", lw=1)
+    ax.set_ylabel(f"id: {label}")
+for name, start, stop, colour in spans:
+    axes[0].text((start + stop) / 2, 2.35, name, ha="center", va="bottom", color=colour if colour != "0.85" else "0.3",
+                 fontsize=11, weight="bold")
+region_pos = t_len + 2 * n
+axes[0].annotate("region token (2, 0, 0)", xy=(region_pos, 2), xytext=(region_pos - 0.22 * len(positions), 1.5),
+                 arrowprops=dict(arrowstyle="->", color="tab:red"), color="tab:red")
+axes[0].set_ylim(-0.2, 2.9)
+axes[-1].set_xlabel(f"position in the sequence (T = {t_len}, N = {n}, total {len(positions)})")
+fig.suptitle("The sequence the transformer attends over: [text | noisy target | context | region]; row and col "
+             "repeat for target and context, the type column separates them", fontsize="large")
+plt.show()
+
+# %% [markdown]
+# > **Why we differ from the original design** (DESIGN §5.6). The seed built ids with a batch dimension,
+# > `[B, N, 3]`. diffusers deprecates that: given 3D `img_ids` or `txt_ids` the transformer logs
+# > *"Passing `img_ids` 3d torch.Tensor is deprecated. Please remove the batch dimension and pass it as a 2d
+# > torch Tensor"* and then uses only the first batch entry anyway, so per-sample ids were never possible.
+# > Positions are the same for every sample of a batch, so we build them once, 2D: `[2N+1, 3]` and `[T, 3]`.
+
+# %%
+batch = 4
+seed_style = ids[None].expand(batch, -1, -1)  # the seed's [B, 2N+1, 3]
+print("seed:", tuple(seed_style.shape), " ours:", tuple(ids.shape),
+      " (the transformer would take seed_style[0] == ours:", torch.equal(seed_style[0], ids), ")")
+
+# %% [markdown]
+# ## 4. Back to pixels: the decode round trip
+#
+# To see a result, the pipeline runs the steps of section 1 and 2 backwards: unpack the tokens, undo the
+# normalisation (`z / scaling_factor + shift_factor`), decode with the VAE, map `[-1, 1]` back to `[0, 1]`.
+# We decode our latents, and the seed's latents as the pipeline would (it adds the shift back, which the seed
+# never took out).
+
+# %%
+def decode(tok):
+    """Tokens [B, N, 4C] -> image [B, 3, H, W] in [0, 1], the pipeline's own steps."""
+    z = kh.unpack_like_pipeline(tok, h_tok, w_tok)  # [B, N, 4C] -> [B, C, H_l, W_l]
+    z = z / vae.config.scaling_factor + vae.config.shift_factor  # undo the normalisation
+    with torch.no_grad():
+        img = vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0]  # -> [B, 3, H, W] in about [-1, 1]
+    return ((img.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+ours_img = decode(tokens)
+seed_img = decode(kh.pack_like_pipeline(seed_lat)[0])
+print("decoded", tuple(ours_img.shape), " # [B, 3, H, W]")
+
+
+def psnr(a, b):
+    return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
+
+
+psnr_ours, psnr_seed = psnr(ours_img, x01), psnr(seed_img, x01)
+print(f"PSNR to the original: ours {psnr_ours:.1f} dB, seed's latents {psnr_seed:.1f} dB")
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(13, 5), layout="constrained")
+for ax, (image, title) in zip(axes, [(x01, "original"), (ours_img, f"decode(our latents): {psnr_ours:.1f} dB"),
+                                     (seed_img, f"decode(seed's latents): {psnr_seed:.1f} dB")]):
+    ax.imshow(image[0].permute(1, 2, 0).numpy())
+    ax.set_title(title)
+    ax.set_axis_off()
+if TINY:
+    fig.suptitle("Round trip on the tiny model: its VAE is random, so the decoded pictures are noise; the lesson is "
+                 f"the shapes [1, 3, {RESOLUTION}, {RESOLUTION}] -> tokens {tuple(tokens.shape)} -> back")
+else:
+    fig.suptitle("Round trip: our latents decode back to the image; the seed's, decoded as the pipeline does, "
+                 "are off by the forgotten shift (compare the PSNR)")
+plt.show()
+
+# %% [markdown]
+# ## Recap
+#
+# - `kh.normalize_01_to_m11` then `kh.to_latents(x, pipe.vae)`: `[B, 3, H, W] -> [B, C, H/8, W/8]`, with
+#   `(z - shift_factor) * scaling_factor`, bit for bit `pipe._encode_vae_image`. The seed forgot the shift, so
+#   its latents are all off by `shift x scale`.
+# - `kh.pack_like_pipeline`: each 2x2 latent patch becomes one token of `4C` features (channel-major),
+#   tokens in row-major order, `[B, N, 4C]`, bit for bit `pipe._pack_latents`; `kh.unpack_like_pipeline`
+#   inverts it.
+# - One token = 16x16 pixels, so image sides must be multiples of 16; a wrong size is a clear error.
+# - Ids `(type, row, col)`: target 0, context 1, region `(2, 0, 0)`; `kh.kontext_img_ids` gives `[2N+1, 3]`,
+#   2D as diffusers wants, and the text's ids are zeros in front of them.
+# - Decoding runs the same steps backwards.
+#
+# ## Next
+#
+# [03_region_token_and_depth_ip_adapter.ipynb](03_region_token_and_depth_ip_adapter.ipynb): the edit mask
+# goes down to the token grid and becomes the learned **region token**, and the depth map goes through the
+# CLIP image encoder and the **IP-Adapter** into the transformer.

@@ -1,0 +1,654 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · The region token and depth through the IP-Adapter
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/kontext-region-lora/blob/main/notebooks/03_region_token_and_depth_ip_adapter.ipynb)
+#
+# **What you will learn**
+# - how a pixel mask becomes a mask on the token grid, and why the loss uses max pooling;
+# - how `MaskRegionToken` turns that mask into one extra token `[B, 1, 4C]`, and how one module serves
+#   every resolution;
+# - where the region token sits in the sequence `[noisy target | context | region]` and that it changes
+#   the prediction;
+# - how a depth map reaches the transformer through the IP-Adapter: CLIP image encoder, image projection,
+#   `to_k_ip` / `to_v_ip` in each double block, and the adapter's scale;
+# - what the loss measures inside and outside the mask, and which timesteps we train on.
+#
+# Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
+
+# %%
+# Setup: in Colab this clones the project and installs it; locally it finds the project folder.
+import os
+import subprocess
+import sys
+
+REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
+if "google.colab" in sys.modules and not os.path.exists("kontext_helpers.py"):
+    if not os.path.isdir("kontext-region-lora"):
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "kontext-region-lora"], check=True)
+    os.chdir("kontext-region-lora")
+    # Colab keeps its own CUDA torch: requirements.txt asks for a range it already satisfies
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
+ROOT = os.getcwd() if os.path.exists("kontext_helpers.py") else os.path.dirname(os.getcwd())
+sys.path.insert(0, ROOT)
+
+import matplotlib.pyplot as plt
+import torch
+
+import kontext_helpers as kh
+
+MODEL = kh.default_model()  # $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
+kh.describe_environment(MODEL)
+
+# %%
+# CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
+TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder
+RESOLUTION = 128 if TINY else 512  # training side in pixels, a multiple of 16 (tiny: an 8x8 token grid)
+PAIR_INDEX = 0  # which pair of the dataset to look at (0: "make the red sphere blue")
+MAX_SEQUENCE_LENGTH = 64 if TINY else 512  # T5 tokens of the prompt; 512 is Kontext's default
+SIGMA = 0.5  # the flow-matching time of the single forward passes in sections 3 and 6, in (0, 1]
+SQUARE_TOKENS = 3 if TINY else 8  # side, in tokens, of the square mask the slider in section 2 moves
+NUM_INFERENCE_STEPS = 4 if TINY else 28  # denoising steps of the IP-Adapter scale comparison (section 5)
+IP_SCALES = (0.0, 0.5, 1.0)  # IP-Adapter strengths compared in section 5
+TIMING_REPEATS = 5  # timed runs per measurement in section 4 (the median is reported)
+SIGMA_DRAWS = 20_000  # training sigmas drawn for the histograms of section 6
+OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))  # the series' results folder;
+#   this notebook only reads: notebook 04 writes the trained adapter there
+SEED = 0  # every random draw of this notebook
+
+# %% [markdown]
+# We load the pipeline and one training pair. On the real model this notebook loads the full bf16 pipeline:
+# the 12B transformer and T5-XXL alone are about 33 GB of weights, so it needs a large GPU (A100 class). On
+# the tiny model every weight is random: the pictures mean nothing, the mechanics are the lesson.
+
+# %%
+import numpy as np
+
+torch.manual_seed(SEED)
+pipe = kh.load_pipeline(MODEL)
+DEVICE = pipe._execution_device  # where the pipeline's modules live (cuda on a GPU, cpu for tiny)
+C_IN = pipe.transformer.config.in_channels  # 4C: channels of one packed token (64 for Flux)
+
+dataset = kh.KontextPairs(DATA_ROOT, resolution=RESOLUTION)
+item = dataset[PAIR_INDEX]
+print(dataset)
+print(f"pair '{item['name']}': prompt {item['prompt']!r}")
+print("context", tuple(item["context"].shape))  # [3, H, W] in [0, 1]
+print("mask   ", tuple(item["mask"].shape))  # [1, H, W] in {0, 1}, 1 = editable
+print("depth  ", tuple(item["depth"].shape))  # [1, H, W] in [0, 1], near = 1
+
+# %% [markdown]
+# ## 1. The mask on the token grid
+#
+# The transformer does not see pixels. The VAE shrinks the image 8x, then 2x2 packing makes one token of
+# every 16x16 pixel patch (notebook 02). So a `RESOLUTION` x `RESOLUTION` image is an `H' x W'` grid of
+# tokens, and the edit mask has to be brought onto that grid too.
+#
+# `kh.mask_to_token_grid(mask, h_tok, w_tok, mode=...)` does it in one of two ways:
+#
+# - `mode="max"`: a token is editable (1) as soon as **any** of its pixels is editable;
+# - `mode="area"`: the token gets the editable **fraction** of its 16x16 pixels, a value in `[0, 1]`.
+
+# %%
+h_tok, w_tok = RESOLUTION // 16, RESOLUTION // 16  # H', W': VAE 8x, then 2x2 packing
+mask = item["mask"][None]  # [1, H, W] -> [B, 1, H, W]
+m_max = kh.mask_to_token_grid(mask, h_tok, w_tok, mode="max")  # [B, 1, H', W'] in {0, 1}
+m_area = kh.mask_to_token_grid(mask, h_tok, w_tok, mode="area")  # [B, 1, H', W'] in [0, 1]
+print("pixel mask ", tuple(mask.shape))  # [B, 1, H, W]
+print("max grid   ", tuple(m_max.shape))  # [B, 1, H', W']
+print("area grid  ", tuple(m_area.shape))  # [B, 1, H', W']
+print(f"editable share: pixels {mask.mean():.1%}, max grid {m_max.mean():.1%}, area grid {m_area.mean():.1%}")
+boundary = ((m_area > 0) & (m_area < 1)).sum().item()
+print(f"{boundary} of {h_tok * w_tok} tokens are partly editable (0 < area < 1): the boundary tokens")
+
+
+# %%
+def token_grid_lines(ax, size=RESOLUTION, cell=16, color="white"):
+    """Draw the token grid (one cell = 16x16 pixels) over an image shown in pixel coordinates."""
+    for p in range(0, size + 1, cell):
+        ax.axhline(p - 0.5, color=color, lw=0.5, alpha=0.6)
+        ax.axvline(p - 0.5, color=color, lw=0.5, alpha=0.6)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def show_grid(ax, grid, title, cmap="gray", vmin=0.0, vmax=1.0, **kw):
+    """Show an [H', W'] token-grid map stretched over the pixel frame, with the token grid on top."""
+    im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, extent=(-0.5, RESOLUTION - 0.5, RESOLUTION - 0.5, -0.5),
+                   interpolation="nearest", **kw)
+    token_grid_lines(ax)
+    ax.set_title(title, fontsize=9)
+    return im
+
+
+fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), layout="constrained")
+axes[0].imshow(item["context"].permute(1, 2, 0))  # [3, H, W] -> [H, W, 3]
+axes[0].contour(mask[0, 0], levels=[0.5], colors="red", linewidths=1)
+token_grid_lines(axes[0])
+axes[0].set_title("context, mask outline in red", fontsize=9)
+axes[1].imshow(mask[0, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+token_grid_lines(axes[1], color="tab:orange")
+axes[1].set_title(f"pixel mask {RESOLUTION}x{RESOLUTION}: {mask.mean():.1%} editable", fontsize=9)
+show_grid(axes[2], m_max[0, 0], f'mode="max" on {h_tok}x{w_tok} tokens: {m_max.mean():.1%}\n'
+          "any editable pixel makes the token editable")
+im = show_grid(axes[3], m_area[0, 0], f'mode="area": {m_area.mean():.1%}\nthe editable fraction of each token')
+fig.colorbar(im, ax=axes[3], shrink=0.8)
+fig.suptitle("The mask on the token grid: max pooling grows the edit to whole tokens, area pooling keeps "
+             "the share but blurs the boundary")
+plt.show()
+
+# %% [markdown]
+# **Why "max" for the loss.** The loss asks every token with mask 0 to stay exactly like the context
+# (section 6). With area pooling a boundary token that is 30% edit would get weight 0.7 on "stay like the
+# context": the loss would partly ask edited pixels not to change, and the model would learn a ragged,
+# half-done edge. Max pooling is conservative: a token touching the edit is editable, so the loss never asks
+# an edited pixel to stay unchanged. The price is a slightly larger editable area (a margin of at most one
+# token, 16 px), which shrinks in relative terms as the resolution grows. The region token in section 2 is
+# fed the same max-pooled grid.
+
+# %% [markdown]
+# ## 2. `MaskRegionToken`: the mask as one learned token
+#
+# `kh.MaskRegionToken(h_tok, w_tok, c_in)` is one linear layer from the flattened token-grid mask to one
+# token with the width of an image token: `[B, 1, H', W'] -> [B, H'*W'] -> [B, 1, 4C]`. Its weights are
+# trained together with the LoRA (notebook 04); here it is freshly initialised.
+
+# %%
+region = kh.MaskRegionToken(h_tok, w_tok, C_IN).to(DEVICE)
+print(region)
+m_small = m_max.to(DEVICE)  # [B, 1, H', W'], the max-pooled mask
+region_tok = region(m_small)  # [B, 1, H', W'] -> [B, 1, 4C]
+print("mask on the grid", tuple(m_small.shape))  # [B, 1, H', W']
+print("region token    ", tuple(region_tok.shape))  # [B, 1, 4C]
+n_params = sum(p.numel() for p in region.parameters())
+print(f"parameters: {h_tok * w_tok} x {C_IN} weights + {C_IN} biases = {n_params:,}")
+
+# channel k of the token is (mask * weight map k).sum() + bias k: check it by hand
+W, b = region.proj.weight, region.proj.bias  # [4C, H'*W'], [4C]
+by_hand = m_small.flatten(1) @ W.T + b  # [B, H'*W'] @ [H'*W', 4C] -> [B, 4C]
+print(f"max |region(m) - (m @ W.T + b)| = {(region_tok[:, 0] - by_hand).abs().max().item():.1e}")
+
+# %% [markdown]
+# > **Why we differ from the original design: a region token at one resolution only (DESIGN §5.3).**
+# > The seed builds `nn.Linear(H'*W' -> C)` for one grid. Its input size is fixed, so a mask from any other
+# > resolution (training at 512 px, sampling at 1024 px) cannot go in. We keep the seed's constructor, and
+# > `MaskRegionToken` area-pools a mask on any other grid to its own `(h_tok, w_tok)` first, so one module
+# > serves every resolution.
+
+# %%
+from torch import nn
+
+seed_region = nn.Linear(h_tok * w_tok, C_IN)  # the seed's module, built for the H' x W' grid
+m_2x = kh.mask_to_token_grid(mask, 2 * h_tok, 2 * w_tok).to(DEVICE)  # the same mask at 2x the resolution
+print("mask on the 2x grid", tuple(m_2x.shape))  # [B, 1, 2H', 2W']
+try:
+    seed_region.to(DEVICE)(m_2x.flatten(1))  # [B, 4*H'*W'] into Linear(H'*W' -> 4C)
+except RuntimeError as err:
+    print("the seed's Linear on the 2x grid fails:", str(err).splitlines()[0])
+
+# ours: a mask aligned to the token grid (a square of whole tokens) gives the same token at 1x and 2x
+square = torch.zeros(1, 1, RESOLUTION, RESOLUTION)  # [B, 1, H, W]
+square[..., 16 * 1 : 16 * (1 + SQUARE_TOKENS), 16 * 2 : 16 * (2 + SQUARE_TOKENS)] = 1.0
+tok_1x = region(kh.mask_to_token_grid(square, h_tok, w_tok).to(DEVICE))  # [B, 1, 4C]
+tok_2x = region(kh.mask_to_token_grid(square, 2 * h_tok, 2 * w_tok).to(DEVICE))  # pooled inside -> [B, 1, 4C]
+print(f"aligned square: max |token(1x) - token(2x)| = {(tok_1x - tok_2x).abs().max().item():.1e}")
+full_1x = region(torch.ones(1, 1, h_tok, w_tok, device=DEVICE))
+full_2x = region(torch.ones(1, 1, 2 * h_tok, 2 * w_tok, device=DEVICE))
+print(f"uniform mask:   max |token(1x) - token(2x)| = {(full_1x - full_2x).abs().max().item():.1e}")
+# the sample's round mask: the finer grid knows the boundary better, so the token is close, not equal
+diff_sample = (region(m_small) - region(m_2x)).abs().max().item()
+print(f"the sample's mask: max |token(1x) - token(2x)| = {diff_sample:.3f} (boundary tokens become fractions)")
+
+# %% [markdown]
+# What does the module look at? Row `k` of the weight matrix, reshaped to the grid, is a map: channel `k` of
+# the region token is the sum of this map over the editable tokens, plus a bias. **This module is untrained,
+# so the maps are random noise** (PyTorch's uniform initialisation). After training (notebook 04) they show
+# which parts of the grid each channel has learned to report.
+
+# %%
+channels = list(range(6))  # a few output channels of the region token
+weights = region.proj.weight.detach().float().cpu().reshape(C_IN, h_tok, w_tok)  # [4C, H'*W'] -> [4C, H', W']
+lim = weights[channels].abs().max().item()
+fig, axes = plt.subplots(1, len(channels), figsize=(2.2 * len(channels) + 1, 2.8), layout="constrained")
+for ax, k in zip(axes, channels):
+    im = show_grid(ax, weights[k], f"channel {k}", cmap="RdBu_r", vmin=-lim, vmax=lim)
+fig.colorbar(im, ax=axes, shrink=0.8, label="weight")
+fig.suptitle("Projection weights on the token grid (untrained: random). Channel k of the region token = "
+             "sum of its map over the editable tokens + bias")
+plt.show()
+
+# %% [markdown]
+# Move a square mask around and watch the region token change. Every position gives another 64-number
+# token (with random weights the pattern is arbitrary; what matters is that position and shape are encoded).
+# In Colab drag the sliders; a headless run draws the default position once.
+
+# %%
+from ipywidgets import IntSlider, interact
+
+
+def square_mask(top, left, size=SQUARE_TOKENS):
+    """A square of size x size whole tokens, as a pixel mask [B, 1, H, W]."""
+    m = torch.zeros(1, 1, RESOLUTION, RESOLUTION)
+    m[..., 16 * top : 16 * (top + size), 16 * left : 16 * (left + size)] = 1.0
+    return m
+
+
+positions = range(h_tok - SQUARE_TOKENS + 1)
+with torch.no_grad():  # a fixed y-range for all positions, so the bars can be compared while sliding
+    all_tokens = torch.cat([region(kh.mask_to_token_grid(square_mask(t, c), h_tok, w_tok).to(DEVICE))
+                            for t in positions for c in positions])  # [P, 1, 4C]
+y_lim = 1.05 * all_tokens.abs().max().item()
+
+
+def plot_region_token(top=1, left=2):
+    m_px = square_mask(top, left)
+    with torch.no_grad():
+        token = region(kh.mask_to_token_grid(m_px, h_tok, w_tok).to(DEVICE))[0, 0].float().cpu()  # [4C]
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(12, 3.2), width_ratios=[1, 3.5], layout="constrained")
+    show_grid(ax_m, kh.mask_to_token_grid(m_px, h_tok, w_tok)[0, 0], f"mask at row {top}, column {left}")
+    ax_t.bar(range(C_IN), token.numpy(), color=np.where(token.numpy() >= 0, "tab:red", "tab:blue"))
+    ax_t.set_ylim(-y_lim, y_lim)
+    ax_t.set_xlabel("channel of the region token")
+    ax_t.set_title(f"the region token [1, 1, {C_IN}]: every mask position gives another vector", fontsize=9)
+    plt.show()
+
+
+_ = interact(plot_region_token, top=IntSlider(1, 0, h_tok - SQUARE_TOKENS, description="row"),
+             left=IntSlider(2, 0, w_tok - SQUARE_TOKENS, description="column"))
+
+# %% [markdown]
+# ## 3. Where the token goes: `[noisy target | context | region]`
+#
+# Kontext already puts two images in one sequence: the noisy target tokens (what is being denoised) and
+# the clean context tokens (the image to edit). We append the region token as a third part, so the
+# transformer sees `[B, 2N+1, 4C]`. Each token also has a position id `(type, row, col)`:
+# type 0 target, 1 context (as the pipeline marks it), 2 region; the region token has no pixel position,
+# so its row is `(2, 0, 0)`. `kh.kontext_img_ids` builds all `2N+1` rows.
+#
+# First the pieces of one training sample, exactly as in the training step (tests/test_train_step.py):
+# latents of context and target, packed into tokens, the prompt embeddings, and a noisy target at time
+# `SIGMA`: `x_t = (1 - sigma) x_0 + sigma * noise`.
+
+# %%
+with torch.no_grad():
+    pair = torch.stack([item["context"], item["target"]])  # [2, 3, H, W] in [0, 1]
+    lat = kh.to_latents(kh.normalize_01_to_m11(pair), pipe.vae)  # [2, C, H_l, W_l]
+    tok, grid = kh.pack_like_pipeline(lat)  # [2, N, 4C]
+assert grid == (h_tok, w_tok), "the token grid of the latents must match section 1"
+ctx_tok, tgt_tok = tok[:1], tok[1:]  # [B, N, 4C] each
+prompt_embeds, pooled, txt_ids = kh.encode_prompts(pipe, item["prompt"], max_sequence_length=MAX_SEQUENCE_LENGTH)
+g = torch.Generator().manual_seed(SEED)
+noise = torch.randn(tgt_tok.shape, generator=g).to(tgt_tok)  # [B, N, 4C]
+sigma = torch.tensor([SIGMA])  # [B], the flow-matching time in (0, 1]
+noisy = (1 - SIGMA) * tgt_tok + SIGMA * noise  # [B, N, 4C]
+print("context tokens ", tuple(ctx_tok.shape))  # [B, N, 4C]
+print("noisy target   ", tuple(noisy.shape))  # [B, N, 4C]
+print("region token   ", tuple(region_tok.shape))  # [B, 1, 4C]
+print(f"mean |value|: context tokens {ctx_tok.abs().mean():.3f}, region token {region_tok.abs().mean():.3f}")
+print("prompt_embeds  ", tuple(prompt_embeds.shape), " pooled", tuple(pooled.shape),
+      " txt_ids", tuple(txt_ids.shape))  # [B, T, D_t5], [B, D_clip], [T, 3]
+sequence = torch.cat([noisy, ctx_tok, region_tok.to(noisy)], dim=1)  # what kontext_forward builds
+print("sequence       ", tuple(sequence.shape))  # [B, 2N+1, 4C]
+
+ids = kh.kontext_img_ids(h_tok, w_tok)  # [2N+1, 3], 2D (DESIGN §5.6)
+N = h_tok * w_tok
+print("img_ids        ", tuple(ids.shape))  # [2N+1, 3]
+print("first target id ", ids[0].tolist(), "  last target id ", ids[N - 1].tolist())
+print("first context id", ids[N].tolist(), "  last context id", ids[2 * N - 1].tolist())
+print("region id       ", ids[-1].tolist())
+
+# %% [markdown]
+# Now one transformer call with and without the region token (`kh.kontext_forward` builds the sequence
+# and the ids, calls the transformer and returns the velocity on the target tokens only, `[B, N, 4C]`).
+# Depth comes in section 4, so here the IP-Adapter gets no image tokens: `{"ip_hidden_states": []}` makes
+# it add exactly zero, as `kh.sample_edit` does without depth. (Without that, a transformer with an
+# IP-Adapter loaded fails when no depth is given.) A third call with the region token of an **empty** mask
+# separates "a token is there" from "what the mask says".
+
+# %%
+no_depth = {"ip_hidden_states": []}  # the IP-Adapter's attention adds exactly zero
+fwd = dict(sigma=sigma, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, txt_ids=txt_ids,
+           h_tok=h_tok, w_tok=w_tok, guidance=1.0)
+with torch.no_grad():
+    pred_region = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, region(m_small), **fwd,
+                                     joint_attention_kwargs=no_depth)  # [B, N, 4C]
+    pred_plain = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, None, **fwd,
+                                    joint_attention_kwargs=no_depth)  # [B, N, 4C]
+    empty = torch.zeros_like(m_small)  # [B, 1, H', W']: nothing editable
+    pred_empty = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, region(empty), **fwd,
+                                    joint_attention_kwargs=no_depth)  # [B, N, 4C]
+print("prediction with region   ", tuple(pred_region.shape))  # [B, N, 4C]: only the target part comes back
+print("prediction without region", tuple(pred_plain.shape))  # [B, N, 4C]
+d_token = (pred_region - pred_plain).abs().float().mean(-1).reshape(h_tok, w_tok).cpu()  # [N] -> [H', W']
+d_mask = (pred_region - pred_empty).abs().float().mean(-1).reshape(h_tok, w_tok).cpu()
+print(f"mean |prediction| {pred_plain.abs().mean():.3f}; mean |difference|: with vs without the token "
+      f"{d_token.mean():.4f}, this mask vs an empty mask {d_mask.mean():.4f}")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9, 4), layout="constrained")
+for ax, d, what in ((axes[0], d_token, "with vs without the region token"),
+                    (axes[1], d_mask, "the sample's mask vs an empty mask")):
+    im = show_grid(ax, d, f"|prediction difference| per token:\n{what}", cmap="magma", vmin=0, vmax=d.max().item())
+    ax.contour(np.arange(RESOLUTION), np.arange(RESOLUTION), mask[0, 0], levels=[0.5], colors="cyan",
+               linewidths=1)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+fig.suptitle("One extra token changes the velocity of every target token (attention is global); "
+             "untrained, it is not yet focused on the mask (cyan)")
+plt.show()
+
+# %% [markdown]
+# The region token reaches every target token, because every token attends to every other one. Untrained,
+# the change is small (one token among `2N` image tokens and the text) and spread over the whole grid;
+# training teaches the LoRA and the region module to make the token count, so that the edit happens inside
+# the mask and the rest flows to the context (section 6).
+
+# %% [markdown]
+# ## 4. Depth through the IP-Adapter
+#
+# The depth map reaches the transformer by a different road than the mask: through an **IP-Adapter**, an
+# image prompt. The path, step by step:
+#
+# 1. `kh.depth_to_pil(item["depth"])`: the float depth `[1, H, W]` as an 8-bit grey RGB image;
+# 2. `pipe.feature_extractor` (CLIP's image processor): resize, centre crop and normalise to the CLIP
+#    input `[B, 3, 224, 224]` (64x64 on the tiny model); a non-square map loses its sides to the crop;
+# 3. `pipe.image_encoder` (CLIP ViT-L/14 on the real model): one image embedding `[B, E]`;
+# 4. `kh.encode_depth_for_ip_adapter(pipe, depth_pil)` does steps 2-3 and returns `[[B, 1, E]]`, the layout
+#    `joint_attention_kwargs={"ip_adapter_image_embeds": ...}` expects (one list entry per IP-Adapter);
+# 5. inside the transformer `encoder_hid_proj` maps `[B, 1, E]` to a few tokens of the **text** width;
+# 6. every double block has `to_k_ip` / `to_v_ip`: the image tokens' queries attend to these depth tokens,
+#    and the result, times the IP-Adapter scale, is added to the image stream's attention output.
+
+# %%
+depth_pil = kh.depth_to_pil(item["depth"])  # PIL RGB, the grey depth map
+print("depth as PIL:", depth_pil.mode, depth_pil.size)  # (W, H)
+processed = pipe.feature_extractor(images=depth_pil, return_tensors="pt").pixel_values  # [B, 3, S, S]
+print("CLIP input  ", tuple(processed.shape))  # [B, 3, S, S], S = 224 (64 tiny)
+with torch.no_grad():
+    image_embeds = pipe.image_encoder(processed.to(DEVICE, pipe.image_encoder.dtype)).image_embeds  # [B, E]
+print("image embeds", tuple(image_embeds.shape))  # [B, E]
+ip_embeds = kh.encode_depth_for_ip_adapter(pipe, depth_pil)  # [[B, 1, E]]
+print("for the transformer:", [tuple(e.shape) for e in ip_embeds])  # [[B, 1, E]]
+print(f"same embedding as by hand: max |diff| = {(ip_embeds[0][:, 0] - image_embeds).abs().max().item():.1e}")
+
+# %%
+mean = torch.tensor(pipe.feature_extractor.image_mean)[:, None, None]
+std = torch.tensor(pipe.feature_extractor.image_std)[:, None, None]
+clip_view = (processed[0] * std + mean).clamp(0, 1).permute(1, 2, 0)  # undo the normalisation, [S, S, 3]
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), width_ratios=[1, 1, 2], layout="constrained")
+axes[0].imshow(item["depth"][0], cmap="gray", vmin=0, vmax=1)
+axes[0].set_title(f"depth map {RESOLUTION}x{RESOLUTION} (bright = near)", fontsize=9)
+axes[1].imshow(clip_view, interpolation="nearest")
+axes[1].set_title(f"what CLIP sees: {processed.shape[-1]}x{processed.shape[-1]}", fontsize=9)
+for ax in axes[:2]:
+    ax.set_axis_off()
+axes[2].plot(image_embeds[0].float().cpu().numpy(), lw=1)
+axes[2].set_xlabel("dimension")
+axes[2].set_title(f"the image embedding [1, {image_embeds.shape[-1]}]: all the depth information the "
+                  "IP-Adapter gets", fontsize=9)
+fig.suptitle("Depth -> CLIP image processor -> CLIP image encoder: a whole depth map becomes one vector")
+plt.show()
+
+# %% [markdown]
+# Inside the transformer: the image projection turns the embedding into a few tokens of the text width
+# (`joint_attention_dim`, T5's width), and each double block has its own `to_k_ip` / `to_v_ip`. The single
+# blocks have no IP-Adapter.
+
+# %%
+proj = pipe.transformer.encoder_hid_proj  # diffusers' MultiIPAdapterImageProjection
+with torch.no_grad():
+    ip_tokens = proj(ip_embeds)  # [[B, 1, E]] -> [[B, 1, K, D_t5]]
+layer = proj.image_projection_layers[0]
+n_ip_tokens = layer.num_image_text_embeds
+print("image projection:", layer.image_embeds, "->", n_ip_tokens, "tokens of width", layer.norm.normalized_shape[0])
+print("IP tokens", [tuple(t.shape) for t in ip_tokens])  # [[B, 1, K, D_t5]], K IP tokens per image
+print(f"text width D_t5 = {pipe.transformer.config.joint_attention_dim}, "
+      f"transformer width D = {pipe.transformer.inner_dim}")
+for name, proc in pipe.transformer.attn_processors.items():
+    if hasattr(proc, "to_k_ip"):
+        k, v = proc.to_k_ip[0].weight, proc.to_v_ip[0].weight
+        print(f"  {name}: to_k_ip.0 {tuple(k.shape)}, to_v_ip.0 {tuple(v.shape)}, scale {proc.scale}")  # [D, D_t5]
+
+# %% [markdown]
+# > **Why we differ from the original design: frozen encoders (DESIGN §5.7).**
+# > The seed computes the IP-Adapter embeddings (`prepare_ip_adapter_image_embeds`) inside every training
+# > step. From an image encoder that takes part in autograd (parameters requiring gradients, no
+# > `torch.no_grad()`) they carry a graph through the whole CLIP model: computing them every step then pays
+# > the encoder's activations and gradients, and caching them (the next box) breaks the second backward
+# > pass, because the first one freed that graph. `load_pipeline` freezes every encoder and
+# > `encode_depth_for_ip_adapter` runs under `torch.no_grad()`: the embeddings are plain tensors.
+
+# %%
+trainable = sum(p.requires_grad for p in pipe.image_encoder.parameters())
+print(f"image encoder parameters that require grad: {trainable}")
+print(f"ip_embeds: requires_grad={ip_embeds[0].requires_grad}, grad_fn={ip_embeds[0].grad_fn}")
+
+# the seed's situation, reproduced for a moment: an encoder that takes part in autograd
+pipe.image_encoder.requires_grad_(True)
+try:
+    with torch.enable_grad():
+        embeds_with_graph = pipe.image_encoder(processed.to(DEVICE, pipe.image_encoder.dtype)).image_embeds
+    print(f"trainable encoder: requires_grad={embeds_with_graph.requires_grad}, grad_fn={embeds_with_graph.grad_fn}")
+    embeds_with_graph.square().sum().backward()  # step 1 with the cached embedding: fine
+    try:
+        embeds_with_graph.square().sum().backward()  # step 2 reuses it: the graph behind it is gone
+    except RuntimeError as err:
+        print("second backward through the cached embedding:", str(err).split(".")[0])
+finally:
+    pipe.image_encoder.requires_grad_(False)  # back to frozen
+    pipe.image_encoder.zero_grad(set_to_none=True)
+
+# %% [markdown]
+# > **Why we differ from the original design: constant work every step (DESIGN §5.2).**
+# > The seed encoded the prompt (T5-XXL + CLIP) and the depth image (CLIP) at every training step. Both are
+# > constant per sample: training encodes them **once per sample** and caches them (`kh.build_train_cache`,
+# > used by `kh.train` in notebook 04), then the encoders can leave the GPU. How much that saves per step, on
+# > this machine:
+
+# %%
+import time
+
+
+def median_seconds(fn, repeats=TIMING_REPEATS):
+    """Median wall time of fn() (one warm-up call first; CUDA is synchronised around each call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def transformer_forward():
+    with torch.no_grad():
+        kh.kontext_forward(pipe.transformer, noisy, ctx_tok, region(m_small), **fwd, ip_adapter_image_embeds=ip_embeds)
+
+
+t_depth = median_seconds(lambda: kh.encode_depth_for_ip_adapter(pipe, depth_pil))
+t_prompt = median_seconds(lambda: kh.encode_prompts(pipe, item["prompt"], max_sequence_length=MAX_SEQUENCE_LENGTH))
+t_step = median_seconds(transformer_forward)
+print(f"{'one depth encode (CLIP image)':<34}{'one prompt encode (CLIP + T5)':<34}{'one transformer forward':<26}")
+print(f"{1e3 * t_depth:<34.1f}{1e3 * t_prompt:<34.1f}{1e3 * t_step:<26.1f} ms")
+print(f"encoding every step adds {(t_depth + t_prompt) / t_step:.0%} of a forward pass to each step, "
+      f"for results that never change; the cache holds {ip_embeds[0].numel()} numbers of depth per sample")
+
+# %% [markdown]
+# A training step also pays a backward pass, so the relative saving per step is smaller than the ratio
+# above; on the real model the larger win is memory: T5-XXL (about 9.5 GB in bf16) and the CLIP encoder need
+# not sit on the GPU while the transformer trains.
+
+# %% [markdown]
+# ## 5. The IP-Adapter scale
+#
+# The IP-Adapter's contribution is multiplied by a scale (`proc.scale` above; `pipe.set_ip_adapter_scale`).
+# `kh.sample_edit(..., ip_adapter_scale=s)` sets it for one call. We sample the same edit with the same noise
+# at several scales and measure how far the final latents move from the `s = 0` result. We compare
+# latents rather than pictures: on the tiny model the random VAE decodes anything to noise.
+
+# %%
+sample_kw = dict(height=RESOLUTION, width=RESOLUTION, num_inference_steps=NUM_INFERENCE_STEPS,
+                 max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="latent")
+latents = {}
+for s in IP_SCALES:
+    latents[s] = kh.sample_edit(pipe, item["context"], item["prompt"], depth=depth_pil, ip_adapter_scale=s,
+                                generator=torch.Generator().manual_seed(SEED), **sample_kw)  # [B, N, 4C]
+no_depth_latents = kh.sample_edit(pipe, item["context"], item["prompt"],
+                                  generator=torch.Generator().manual_seed(SEED), **sample_kw)  # [B, N, 4C]
+print("sampled latents", tuple(latents[IP_SCALES[0]].shape))  # [B, N, 4C]
+ref = latents[0.0]
+moves = {s: (latents[s] - ref).abs().float().mean().item() for s in IP_SCALES}
+for s in IP_SCALES:
+    print(f"scale {s:.1f}: mean |latents - latents(scale 0)| = {moves[s]:.4f}")
+print(f"scale 0 vs no depth at all: max |diff| = {(ref - no_depth_latents).abs().max().item():.1e}")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), width_ratios=[1.3, 1], layout="constrained")
+axes[0].bar([f"s = {s:g}" for s in IP_SCALES], [moves[s] for s in IP_SCALES], color="tab:purple")
+axes[0].set_ylabel("mean |latents - latents(s = 0)|")
+axes[0].set_title("distance from the s = 0 result", fontsize=9)
+top_scale = IP_SCALES[-1]
+move_map = (latents[top_scale] - ref).abs().float().mean(-1).reshape(h_tok, w_tok).cpu()  # [N] -> [H', W']
+im = show_grid(axes[1], move_map, f"per token, s = {top_scale:g} vs s = 0", cmap="magma", vmin=0,
+               vmax=move_map.max().item())
+fig.colorbar(im, ax=axes[1], shrink=0.8)
+fig.suptitle("The scale sets how much depth steers the result; s = 0 is exactly 'no depth'")
+plt.show()
+
+# %% [markdown]
+# `s = 0` gives bit for bit the result without depth: the adapter's output is multiplied by zero. With the
+# random tiny adapter the size of the move means nothing; on the real model, pick the scale by looking at
+# the pictures (notebook 05 samples and compares edits).
+
+# %% [markdown]
+# ## 6. The loss in pictures
+#
+# With `x_t = (1 - sigma) x_0 + sigma * noise`, flow matching predicts the velocity `v = noise - x_0`.
+# `kh.fm_masked_dual_loss_with_l2` splits the tokens by the max-pooled mask:
+#
+# - **inside** (mask 1): `(pred - (noise - target))^2`, the velocity that leads to the **target**: learn the
+#   edit;
+# - **outside** (mask 0): `((noise - pred) - context)^2`, the reconstruction `noise - pred` against the
+#   **context**: keep the rest of the image;
+# - plus small L2 terms on the region module and the LoRA weights.
+#
+# Here is one full training forward (region token and depth) and its loss, token by token.
+
+# %%
+with torch.no_grad():
+    pred = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, region(m_small), **fwd,
+                              ip_adapter_image_embeds=ip_embeds)  # [B, N, 4C]
+    loss, parts = kh.fm_masked_dual_loss_with_l2(pred, tgt_tok, ctx_tok, noise, m_small, h_tok, w_tok,
+                                                 region_token_module=region, return_parts=True)
+print("prediction", tuple(pred.shape))  # [B, N, 4C]
+print(f"loss {loss.item():.4f} = in {parts['loss_in']:.4f} + out {parts['loss_out']:.4f} "
+      f"+ 1e-4 x L2(region) {parts['l2_region']:.1f}")
+
+# by hand, in float32 like the helper (the real model predicts in bf16)
+p32, e32, tgt32, ctx32 = pred.float(), noise.float(), tgt_tok.float(), ctx_tok.float()  # [B, N, 4C] each
+inside = m_small.reshape(N).bool().cpu()  # [B, 1, H', W'] -> [N], same order as the packed tokens
+se_in = (p32 - (e32 - tgt32)).pow(2).mean(-1)[0].cpu()  # [N]: error to the target velocity
+se_out = ((e32 - p32) - ctx32).pow(2).mean(-1)[0].cpu()  # [N]: error to the context
+print(f"by hand: in {se_in[inside].mean():.4f}, out {se_out[~inside].mean():.4f} (the same means as the loss)")
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+show_grid(axes[0], m_small[0, 0].cpu(), "mask on the token grid (max)\nwhite: in-mask term, black: out-of-mask")
+vmax = max(se_in[inside].max().item(), se_out[~inside].max().item())
+im = show_grid(axes[1], np.where(inside, se_in, np.nan).reshape(h_tok, w_tok),
+               "inside: (pred - (noise - target))^2\nvelocity towards the target", cmap="viridis", vmin=0, vmax=vmax)
+show_grid(axes[2], np.where(~inside, se_out, np.nan).reshape(h_tok, w_tok),
+          "outside: ((noise - pred) - context)^2\nflow towards the context", cmap="viridis", vmin=0, vmax=vmax)
+fig.colorbar(im, ax=axes[1:], shrink=0.8, label="squared error per token (mean over 4C)")
+fig.suptitle("Every token is scored once: against the target inside the mask, against the context outside "
+             "(untrained: large everywhere)")
+plt.show()
+
+# %% [markdown]
+# > **Why we differ from the original design: what the outside term really is (DESIGN §5.4).**
+# > The seed calls the outside term an "identity penalty on the reconstructed latent `x_pred = noise - pred`".
+# > Since `(noise - pred) - context = (noise - context) - pred`, it is **exactly the velocity MSE against
+# > `noise - context`**: outside the mask the model is trained to flow to the context, the same kind of target
+# > as inside. We keep the seed's term and say what it is:
+
+# %%
+out = (~inside).to(pred.device)  # [N] True outside the mask
+identity_term = ((e32 - p32) - ctx32).pow(2)[0, out].mean().item()  # the seed's form
+velocity_mse = (p32 - (e32 - ctx32)).pow(2)[0, out].mean().item()  # velocity towards the context
+print(f"{'identity term (noise - pred) vs context':<44}{identity_term:.8f}")
+print(f"{'velocity MSE against noise - context':<44}{velocity_mse:.8f}")
+print(f"{'difference':<44}{identity_term - velocity_mse:.1e}  (floating-point rounding)")
+print(f"{'loss_out from the helper':<44}{parts['loss_out']:.8f}")
+
+# %% [markdown]
+# > **Why we differ from the original design: the timestep (DESIGN §5.5).**
+# > The transformer takes `timestep = sigma` in `[0, 1]` with shape `[B]` (the pipeline passes `t / 1000`),
+# > not `t` in `[0, 1000]`. The seed samples its timestep from `scheduler.sigmas`; once `set_timesteps` has
+# > run (any sampling runs it), that table ends with the terminal `sigma = 0`. There `x_t` is the clean
+# > target and holds no trace of the noise, so the velocity `noise - x_0` cannot be predicted: such steps
+# > only add noise to the gradients. `kh.sample_sigmas` draws from the 1000 training sigmas `k / 1000`,
+# > `k = 1..1000`: never 0.
+
+# %%
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # a copy: the pipeline's stays
+# 4 steps with the pipeline's sigmas; mu is Flux's resolution-dependent shift (any value shows the point)
+scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=1.0)
+print("the scheduler's sampling sigmas end with the terminal 0:", [round(s, 3) for s in scheduler.sigmas.tolist()])
+
+draws = {}
+for mode in ("uniform", "logit_normal"):
+    config = kh.TrainConfig(timestep_sampling=mode)
+    draws[mode] = kh.sample_sigmas(SIGMA_DRAWS, config, torch.Generator().manual_seed(SEED))  # [B]
+    print(f"{mode:>12}: shape {tuple(draws[mode].shape)}, min {draws[mode].min():.3f}, "
+          f"max {draws[mode].max():.3f}, draws of 0: {(draws[mode] == 0).sum().item()}")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True, layout="constrained")
+for ax, (mode, values) in zip(axes, draws.items()):
+    ax.hist(values.numpy(), bins=50, range=(0, 1), color="tab:green")
+    ax.axvline(0, color="red", lw=2)
+    ax.set_xlabel("sigma (= the transformer's timestep)")
+    ax.set_title(f'TrainConfig(timestep_sampling="{mode}")', fontsize=9)
+axes[0].set_ylabel(f"count of {SIGMA_DRAWS:,} draws")
+fig.suptitle("Training sigmas: uniform covers (0, 1] evenly, logit-normal favours the middle; "
+             "neither ever draws the terminal 0 (red)")
+plt.show()
+
+# %% [markdown]
+# ## Recap
+#
+# - The pixel mask goes onto the `H' x W'` token grid with **max pooling**: a token touching the edit is
+#   editable, so the loss never asks an edited pixel to stay like the context.
+# - `MaskRegionToken` is one linear layer, `[B, 1, H', W'] -> [B, 1, 4C]`; unlike the seed's fixed
+#   `Linear(H'*W' -> C)` it pools a mask from any resolution to its own grid.
+# - The region token is appended to `[noisy target | context]` with id `(2, 0, 0)`: the sequence is
+#   `[B, 2N+1, 4C]`, and the token changes the prediction of every target token.
+# - Depth travels depth map -> CLIP image processor -> CLIP image encoder `[B, E]` -> `[[B, 1, E]]` ->
+#   image projection (a few text-width tokens) -> `to_k_ip` / `to_v_ip` in each double block, times a scale
+#   (`0` = no depth). Encoders stay frozen, and the embeddings are computed once per sample and cached.
+# - The loss scores inside-mask tokens against the target velocity and outside-mask tokens against the
+#   context; the outside term is a velocity MSE against `noise - context`, and training sigmas lie in `(0, 1]`.
+#
+# ## Next
+#
+# [04_training.ipynb](04_training.ipynb) puts all of this in a loop: `kh.train` caches prompts, latents, masks
+# and depth embeddings once, attaches the LoRA, trains it together with the region module while a live
+# plot shows the in-mask and out-of-mask losses, and saves the adapter to `OUTPUT_DIR/adapter`.
