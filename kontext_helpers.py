@@ -604,6 +604,39 @@ def describe_environment(model: str | None = None) -> None:
         print(f"{key:>{width}}: {value}")
 
 
+def interactive_figure(draw, **sliders):
+    """Show ``draw(**slider values)`` (a matplotlib Figure) under ipywidgets sliders; redraw it when one moves.
+
+    ``kh.interactive_figure(show_pair, index=IntSlider(0, 0, 9), alpha=FloatSlider(0.5, 0, 1))``. The figure is
+    an ordinary display output updated in place (not ``interact``'s output widget), so a headless run (CI,
+    ``make demo``) records the picture and never waits on a widget. Returns the display handle.
+    """
+    import io
+
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+    from ipywidgets import HBox
+
+    def render():
+        fig = draw(**{name: slider.value for name, slider in sliders.items()})
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=fig.dpi, bbox_inches="tight")
+        plt.close(fig)  # shown once, as the PNG below
+        return Image(buffer.getvalue())
+
+    display(HBox(list(sliders.values())))
+    view = display(render(), display_id=True)  # None outside IPython
+
+    def redraw(_change) -> None:
+        image = render()
+        if view is not None:
+            view.update(image)
+
+    for slider in sliders.values():
+        slider.observe(redraw, names="value")
+    return view
+
+
 def default_model() -> str:
     """The model a notebook uses by default: ``$KONTEXT_MODEL`` if set, else the real model on a GPU, else tiny."""
     return os.environ.get("KONTEXT_MODEL") or (KONTEXT_DEV if torch.cuda.is_available() else "tiny")
@@ -669,7 +702,8 @@ def load_pipeline(
         quantization_config: optional diffusers ``BitsAndBytesConfig`` for the transformer (NF4 on small GPUs).
     """
     if model == "tiny":
-        return build_tiny_pipeline(seed, device=device, dtype=dtype or torch.float32)
+        return build_tiny_pipeline(seed, with_ip_adapter=ip_adapter is not None, device=device,
+                                   dtype=dtype or torch.float32)
     from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 
     device = torch.device(device) if device is not None else _default_device()
@@ -1970,13 +2004,14 @@ def evaluation_loss(pipe, region_module, cache: TrainCache, *, index: int = 0,
     ``err_in`` is the in-mask velocity error to the target, ``err_out`` the out-of-mask error to the context.
     """
     cfg = TrainConfig(guidance=guidance, l2_region_lambda=0.0, l2_lora_lambda=0.0)
-    batch = cache.batch([index])
+    device = pipe.transformer.device
+    batch = cache.batch([index], device=device)
     g = torch.Generator().manual_seed(seed)
     totals = {"loss": 0.0, "err_in": 0.0, "err_out": 0.0}
     for s in sigmas:
         noise = torch.randn(batch["tgt_tok"].shape, generator=g).to(batch["tgt_tok"])
-        loss, parts = training_loss(pipe.transformer, region_module, batch, cache.txt_ids, cache.h_tok, cache.w_tok,
-                                    noise, torch.tensor([s]), cfg)
+        loss, parts = training_loss(pipe.transformer, region_module, batch, cache.txt_ids.to(device), cache.h_tok,
+                                    cache.w_tok, noise, torch.tensor([s], device=device), cfg)
         totals["loss"] += float(loss) / len(sigmas)
         totals["err_in"] += parts["loss_in"] / len(sigmas)
         totals["err_out"] += parts["loss_out"] / len(sigmas)
@@ -2300,12 +2335,18 @@ def _training_preview(pipe, region, dataset, config: TrainConfig, step: int) -> 
 
     was_training = pipe.transformer.training
     pipe.transformer.eval()
+    device = pipe.transformer.device
+    encoders = [pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "image_encoder", None)]
+    offload = config.offload_encoders and device.type == "cuda"
     try:
-        image = sample_edit(pipe, to_pil_image(item["context"]), item["prompt"], mask=item["mask"],
-                        depth=depth_to_pil(item["depth"]) if config.use_depth else None, region=region,
-                        height=config.resolution, width=config.resolution, num_inference_steps=config.preview_steps,
-                        guidance_scale=2.5, generator=torch.Generator().manual_seed(config.seed),
-                        max_sequence_length=config.max_sequence_length)
+        with _modules_on(device, encoders, offload=offload):  # the cache may have sent them to the CPU
+            use_depth = config.use_depth and _has_ip_adapter(pipe.transformer)
+            image = sample_edit(
+                pipe, to_pil_image(item["context"]), item["prompt"], mask=item["mask"],
+                depth=depth_to_pil(item["depth"]) if use_depth else None, region=region,
+                height=config.resolution, width=config.resolution, num_inference_steps=config.preview_steps,
+                guidance_scale=2.5, generator=torch.Generator().manual_seed(config.seed),
+                max_sequence_length=config.max_sequence_length)
     finally:
         pipe.transformer.train(was_training)
     folder = os.path.join(config.output_dir, "previews")
@@ -2358,7 +2399,7 @@ class LiveLossPlot:
         ax.set_xlabel("step")
         ax.set_ylabel(f"loss (moving mean of {self.smooth})")
         ax.set_yscale("log")
-        ax.set_title("Training loss: in-mask should fall; out-of-mask should stay low")
+        ax.set_title("Training loss: in-mask = learning the edit, out-of-mask = keeping the rest")
         ax.legend()
         fig.tight_layout()
         return fig

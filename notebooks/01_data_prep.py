@@ -205,7 +205,7 @@ display(fig)  # show_pairs returns a Figure object (works headless too)
 # (Headless, for example in CI, the cell draws its default view once.)
 
 # %%
-from ipywidgets import FloatSlider, IntSlider, interact
+from ipywidgets import FloatSlider, IntSlider
 
 
 def browse(index=PAIR, alpha=0.5):
@@ -228,11 +228,11 @@ def browse(index=PAIR, alpha=0.5):
     if 0 < mask.sum() < mask.size:
         axes[2].contour(mask, levels=[0.5], colors="yellow", linewidths=1)  # the edge of the editable region
     fig.suptitle(f"{pair['name']}: \"{pair['prompt']}\"")
-    plt.show()
+    return fig
 
 
-_ = interact(browse, index=IntSlider(value=PAIR, min=0, max=len(data) - 1),
-             alpha=FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05))
+_ = kh.interactive_figure(browse, index=IntSlider(value=PAIR, min=0, max=len(data) - 1, description="index"),
+                          alpha=FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="alpha"))
 
 # %% [markdown]
 # ## 4. Depth: exact 16-bit values, near = bright
@@ -378,10 +378,11 @@ def binarise(threshold=MASK_THRESHOLD):
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle("Binarisation: a low threshold grows the editable region, a high one shrinks it")
-    plt.show()
+    return fig
 
 
-_ = interact(binarise, threshold=FloatSlider(value=MASK_THRESHOLD, min=0.05, max=0.95, step=0.05))
+_ = kh.interactive_figure(binarise, threshold=FloatSlider(value=MASK_THRESHOLD, min=0.05, max=0.95, step=0.05,
+                                                          description="threshold"))
 
 # %% [markdown]
 # The dataset applies the same rule: a soft mask on disk still comes out of `KontextPairs` as exactly 0 and 1.

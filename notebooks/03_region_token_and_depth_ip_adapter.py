@@ -236,7 +236,7 @@ plt.show()
 # In Colab drag the sliders; a headless run draws the default position once.
 
 # %%
-from ipywidgets import IntSlider, interact
+from ipywidgets import IntSlider
 
 
 def square_mask(top, left, size=SQUARE_TOKENS):
@@ -263,11 +263,11 @@ def plot_region_token(top=1, left=2):
     ax_t.set_ylim(-y_lim, y_lim)
     ax_t.set_xlabel("channel of the region token")
     ax_t.set_title(f"the region token [1, 1, {C_IN}]: every mask position gives another vector", fontsize=9)
-    plt.show()
+    return fig
 
 
-_ = interact(plot_region_token, top=IntSlider(1, 0, h_tok - SQUARE_TOKENS, description="row"),
-             left=IntSlider(2, 0, w_tok - SQUARE_TOKENS, description="column"))
+_ = kh.interactive_figure(plot_region_token, top=IntSlider(1, 0, h_tok - SQUARE_TOKENS, description="row"),
+                          left=IntSlider(2, 0, w_tok - SQUARE_TOKENS, description="column"))
 
 # %% [markdown]
 # ## 3. Where the token goes: `[noisy target | context | region]`

@@ -262,3 +262,23 @@ def test_real_loading_path_from_local_folders(tmp_path):
     img = Image.new("RGB", (64, 64), (10, 200, 10))
     out = _call(pipe, img, ip_adapter_image=img)
     assert out.shape == (1, 16, 64) and torch.isfinite(out).all(), "the loaded pipeline must sample with depth"
+
+
+def test_interactive_figure_draws_once_and_redraws_on_slider_change():
+    import matplotlib.pyplot as plt
+    from ipywidgets import IntSlider
+
+    calls = []
+
+    def draw(index):
+        calls.append(index)
+        fig, ax = plt.subplots()
+        ax.plot([0, index])
+        return fig
+
+    slider = IntSlider(value=2, min=0, max=5)
+    kh.interactive_figure(draw, index=slider)
+    assert calls == [2], f"the figure must be drawn once with the slider's value, got {calls}"
+    slider.value = 4
+    assert calls == [2, 4], f"moving the slider must redraw with the new value, got {calls}"
+    assert not plt.get_fignums(), "figures must be closed after rendering (shown once, as an image)"

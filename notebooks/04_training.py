@@ -1,0 +1,550 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Training the LoRA and the region token
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/kontext-region-lora/blob/main/notebooks/04_training.ipynb)
+#
+# **What you will learn**
+# - what every `TrainConfig` setting does, and which GPU preset fits your card
+# - why we encode every sample **once** before training, and why that cache is indexed by sample, never by step
+# - how training sigmas are drawn, and how a fixed evaluation loss tells you whether training helped
+# - how to run a real training, watch its loss, and see which weights actually moved
+# - how checkpoints survive a crash or a Colab disconnect, and how a run resumes
+# - how the trained LoRA and region token are saved for notebook 05 (and for diffusers or ComfyUI)
+#
+# Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
+#
+# On the tiny model every weight is random, so the run teaches the *mechanics* (tensors, losses, files),
+# not a useful edit. The same cells train a real editing LoRA on a GPU.
+
+# %%
+# Setup: in Colab this clones the project and installs it; locally it finds the project folder.
+import os
+import subprocess
+import sys
+
+REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
+if "google.colab" in sys.modules and not os.path.exists("kontext_helpers.py"):
+    if not os.path.isdir("kontext-region-lora"):
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "kontext-region-lora"], check=True)
+    os.chdir("kontext-region-lora")
+    # Colab keeps its own CUDA torch: requirements.txt asks for a range it already satisfies
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
+ROOT = os.getcwd() if os.path.exists("kontext_helpers.py") else os.path.dirname(os.getcwd())
+sys.path.insert(0, ROOT)
+
+import matplotlib.pyplot as plt
+import torch
+
+import kontext_helpers as kh
+
+MODEL = kh.default_model()  # $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
+kh.describe_environment(MODEL)
+
+# %%
+# CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
+TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder (notebook 01)
+SEED = 0  # every random draw of the run (LoRA init, sample order, noise, sigmas) derives from it
+USE_DRIVE = False  # Colab: True keeps every output in Google Drive, so checkpoints survive a disconnect
+DRIVE_DIR = "/content/drive/MyDrive/kontext-region-lora"  # the Drive folder used when USE_DRIVE is True
+OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR",  # results: checkpoints, the adapter for notebook 05
+                            DRIVE_DIR if USE_DRIVE else os.path.join(ROOT, "outputs"))
+RUN_DIR = os.path.join(OUTPUT_DIR, "run")  # this run's checkpoints/
+RESUME = False  # True after a disconnect: continue from the newest checkpoint in RUN_DIR instead of starting over
+RESUME_EXTRA_STEPS = 30  # section 5 resumes the finished run for this many more steps
+if TINY:
+    cfg = kh.TrainConfig(
+        resolution=128,  # training side in pixels (multiple of 16): an 8x8 token grid, seconds per run
+        steps=150,  # optimizer updates
+        rank=16,  # LoRA rank
+        lora_targets="attn_ff",  # attention + feed-forward layers (diffusers' Kontext script's list)
+        learning_rate=3e-3,  # LoRA; far above the real model's 1e-4 so that 150 steps show a clear effect
+        region_learning_rate=1e-2,  # the region module is a fresh linear layer: it may move faster
+        max_sequence_length=64,  # T5 tokens; the tiny prompts are short
+        checkpoint_every=50,  # a checkpoint every 50 updates (and at the end)
+        output_dir=RUN_DIR,  # where checkpoints go
+        resume=RESUME,  # continue from RUN_DIR's newest checkpoint
+        seed=SEED,  # reproducible and exactly resumable
+    )
+else:
+    cfg = kh.TrainConfig.for_gpu(
+        "auto",  # this GPU's preset (section 1): precision, quantisation, optimizer, resolution, rank
+        steps=1000,  # optimizer updates: about 1-3 hours on a Colab GPU at the preset's resolution
+        checkpoint_every=250,  # a checkpoint every 250 updates (and at the end)
+        output_dir=RUN_DIR,  # where checkpoints go (a Drive folder with USE_DRIVE)
+        resume=RESUME,  # continue from RUN_DIR's newest checkpoint
+        seed=SEED,  # reproducible and exactly resumable
+    )
+
+# %%
+# Colab only: mount Google Drive when USE_DRIVE is set (never runs on a laptop or headless).
+if USE_DRIVE and "google.colab" in sys.modules:
+    from google.colab import drive
+
+    drive.mount("/content/drive")
+os.makedirs(OUTPUT_DIR, exist_ok=True)
+print("outputs go to", OUTPUT_DIR)
+
+# %% [markdown]
+# ## 1. The configuration and the GPU presets
+#
+# `kh.TrainConfig` holds every setting of `kh.train`, each with a default and a comment saying why. The
+# comments are the documentation, so we print them, grouped as in the source. A `*` marks a value that differs
+# from the default.
+
+# %%
+import dataclasses
+import inspect
+import re
+
+groups, current = {}, None
+for line in inspect.getsource(kh.TrainConfig).splitlines():
+    line = line.strip()
+    if line.startswith("# ---"):  # "# --- data and schedule": a new group
+        current = line.removeprefix("# ---").strip()
+        continue
+    m = re.match(r"(\w+): [^=]+= .*?#\s*(.*)", line)  # "name: type = default  # comment"
+    if m and current:
+        groups.setdefault(current, []).append((m.group(1), m.group(2)))
+
+defaults = kh.TrainConfig()
+for group, fields in groups.items():
+    print(f"--- {group}")
+    for name, comment in fields:
+        value = getattr(cfg, name)
+        mark = "*" if value != getattr(defaults, name) else " "
+        print(f"  {mark} {name:<27} = {str(value):<18.18} # {comment}")
+
+# %% [markdown]
+# **GPU presets.** `kh.TrainConfig.for_gpu(name)` starts from a preset tuned for one kind of card, and any
+# keyword overrides a field. The smaller the card, the more memory tricks: fp16/bf16 autocast, an NF4
+# (4-bit) base transformer, 8-bit AdamW, gradient checkpointing, a lower resolution and rank. The peak-memory
+# column says whether its figure was measured or only estimated: trust it only as far as it says.
+
+# %%
+print(f"{'preset':<8} {'card':<18} {'precision':<9} {'base':<6} {'optimizer':<10} {'res':>5} {'rank':>4} "
+      f"{'ckpt':<5} {'peak GB':>7}  source")
+for key, p in kh.GPU_PRESETS.items():
+    peak = "-" if p["expected_peak_memory_gb"] is None else f"{p['expected_peak_memory_gb']:.0f}"
+    print(f"{key:<8} {p['label']:<18} {p['mixed_precision']:<9} {str(p['quantize_base'] or 'full'):<6} "
+          f"{p['optimizer']:<10} {p['resolution']:>5} {p['rank']:>4} {str(p['gradient_checkpointing']):<5} "
+          f"{peak:>7}  {p['peak_memory_source'][:40]}")
+print("\nthis machine's preset: kh.detect_gpu_preset() =", repr(kh.detect_gpu_preset()))
+
+# %%
+gpu = {k: p for k, p in kh.GPU_PRESETS.items() if p["expected_peak_memory_gb"] is not None}
+card_gb = [float(re.search(r"(\d+) GB", p["label"]).group(1)) for p in gpu.values()]
+fig, ax = plt.subplots(figsize=(7.5, 3.4))
+x = range(len(gpu))
+ax.bar([i - 0.2 for i in x], card_gb, width=0.4, color="lightgrey", label="memory of the card")
+bars = ax.bar([i + 0.2 for i in x], [p["expected_peak_memory_gb"] for p in gpu.values()], width=0.4,
+              color="tab:orange", hatch=["//" if p["peak_memory_source"] == "estimated" else "" for p in gpu.values()],
+              label="expected training peak (hatched: estimated)")
+ax.set_xticks(list(x), [f"{k}\n{p['mixed_precision']}, {p['quantize_base'] or 'full'}, {p['resolution']} px"
+                        for k, p in gpu.items()], fontsize=8)
+ax.set_ylabel("GB")
+ax.set_title("Each preset is sized to fit its card with some headroom\n(the peaks are estimates, not measurements)")
+ax.legend(fontsize=8, loc="upper left")
+plt.show()
+
+# %% [markdown]
+# Now the pipeline. On a card whose preset says `quantize_base == "nf4"` (T4, L4) the 12B transformer is
+# loaded in 4 bits (`kh.nf4_quantization_config()`); otherwise at the preset's precision. NF4 and 8-bit
+# AdamW need `bitsandbytes` (CUDA only), installed here in Colab when the preset asks for it.
+
+# %%
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_bnb = not TINY and (cfg.quantize_base == "nf4" or cfg.optimizer == "adamw8bit")
+if needs_bnb and "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "bitsandbytes"], check=True)
+
+
+def load_model():
+    """A fresh pipeline for this notebook's model: NF4 base transformer when the preset asks for it."""
+    if not TINY and cfg.quantize_base == "nf4":
+        return kh.load_pipeline(MODEL, quantization_config=kh.nf4_quantization_config())
+    return kh.load_pipeline(MODEL).to(DEVICE)
+
+
+pipe = load_model()
+dataset = kh.KontextPairs(DATA_ROOT, resolution=cfg.resolution)  # must match cfg.resolution (train checks it)
+print(dataset)
+n_params = sum(p.numel() for p in pipe.transformer.parameters())
+print(f"transformer: {n_params / 1e6:.2f} M parameters, dtype {pipe.transformer.dtype}, on {DEVICE}")
+
+# %% [markdown]
+# ## 2. Cache first: constant work once per sample
+#
+# In one training step the transformer is the only part that learns. The prompt encodings (T5 + CLIP), the
+# latents of context and target (VAE), the mask on the token grid and the depth embedding (CLIP vision, for the
+# IP-Adapter) are the same every time a sample comes round. So `kh.build_train_cache` computes them once per
+# sample, and on a GPU each encoder leaves the GPU as soon as its stage is done (T5-XXL alone is about 9 GB).
+#
+# > **Why we differ from the original design (DESIGN §5.2).** The seed encoded the prompt with T5-XXL and
+# > the depth image with CLIP *at every step*. Both are constant per sample: here they are encoded once. On
+# > the tiny model a cached step takes 40 ms against 64 ms uncached (`benchmarks/bench_train_step.py`); on
+# > the real model the saving is larger still, and T5-XXL's memory is free for the transformer.
+
+# %%
+cache = kh.build_train_cache(pipe, dataset, max_sequence_length=cfg.max_sequence_length, device=DEVICE,
+                             offload=cfg.offload_encoders and DEVICE.type == "cuda", progress=True)
+first = cache.samples[0]
+print(f"{len(cache.samples)} samples cached; token grid H' x W' = {cache.h_tok} x {cache.w_tok}; "
+      f"txt_ids {tuple(cache.txt_ids.shape)}  # [T, 3], shared by every sample")
+print(f"sample 0 = {first.name!r}:")
+for f in dataclasses.fields(first):
+    value = getattr(first, f.name)
+    if torch.is_tensor(value):
+        print(f"  {f.name:<22} {str(tuple(value.shape)):<16} {value.dtype}")
+# prompt_embeds [1, T, D_t5], pooled_prompt_embeds [1, D_clip], ctx_tok / tgt_tok [1, N, 4C],
+# mask_small [1, 1, H', W'], ip_embeds [1, 1, E] (the depth map through the CLIP image encoder)
+total = sum(v.numel() * v.element_size() for s in cache.samples for v in vars(s).values() if torch.is_tensor(v))
+print(f"the whole cache: {total / 2**20:.2f} MiB")
+
+# %% [markdown]
+# **Indexed by sample, never by step.** `kh.train` draws the samples of step `k` from an endless stream of
+# epochs, each a fresh permutation (`kh.sample_indices`), and looks them up in the cache *by sample index*.
+# A common shortcut keeps the cache as a list in the order of a first pass through a shuffled dataloader and
+# reads it back by step (`latents_cache[step]`): diffusers' DreamBooth LoRA scripts did this (diffusers issues
+# #14430, PR #13712). As soon as the loader reshuffles, a cached latent or caption meets another image: no
+# error, just silently wrong pairs. The figure counts how often that happens with our 10 pairs.
+
+# %%
+n = len(cache.samples)
+epochs = 4
+drawn = kh.sample_indices(n, cfg.seed, 0, epochs * n)  # the sample index of steps 0 .. 4n-1 (batch size 1)
+by_step = [drawn[k % n] for k in range(epochs * n)]  # a cache read by step holds the first epoch's order
+wrong = [k for k in range(epochs * n) if drawn[k] != by_step[k]]
+print("steps 0-9  :", drawn[:n])
+print("steps 10-19:", drawn[n:2 * n], " <- epoch 2 is a new permutation")
+print(f"a cache indexed by step would pair the wrong cached tensors in {len(wrong)} of {len(drawn)} steps")
+
+fig, ax = plt.subplots(figsize=(9, 3.2))
+ax.plot(range(len(drawn)), drawn, "o-", color="tab:blue", ms=4, lw=0.8, label="sample drawn (cache index we read)")
+ax.plot(wrong, [by_step[k] for k in wrong], "x", color="tab:red", ms=6, label="what a by-step cache would hand back")
+for e in range(1, epochs):
+    ax.axvline(e * n - 0.5, color="grey", lw=0.8, ls="--")
+ax.set_xlabel("training step")
+ax.set_ylabel("sample index")
+ax.set_ylim(-0.7, n + 2.2)
+ax.set_yticks(range(n))
+ax.set_title(f"Every epoch reshuffles: after epoch 1 a cache read by step is wrong in {len(wrong)} of "
+             f"{len(drawn)} steps (red x)")
+ax.legend(fontsize=8, loc="upper center", ncol=2, framealpha=0.95)
+plt.show()
+
+# %% [markdown]
+# ## 3. Sigmas and a fixed yardstick
+#
+# Each step picks a noise level `sigma`, mixes `x_t = (1 - sigma) x_0 + sigma * noise` and asks the transformer
+# for the velocity `noise - x_0`. `kh.sample_sigmas` draws `sigma` from the scheduler's 1000 training levels
+# `k / 1000`, `k = 1 .. 1000`: uniformly (the seed's choice, `timestep_sampling="uniform"`) or concentrated
+# in the middle (`"logit_normal"`, SD3's and diffusers' choice).
+#
+# > **Why we differ from the original design (DESIGN §5.5).** The seed sampled "from `scheduler.sigmas`".
+# > After `set_timesteps` that table ends with the terminal `sigma = 0`, where `x_t` *is* the clean image and
+# > there is nothing to learn. We never draw 0, and the transformer gets `timestep = sigma` in `[0, 1]`, shape
+# > `[B]` (the pipeline passes `t / 1000`), not a value in `[0, 1000]`.
+
+# %%
+scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)  # a copy: leave the pipeline's alone
+scheduler.set_timesteps(8, mu=0.5)  # mu: the resolution-dependent shift the pipeline computes; any value shows it
+print("scheduler.sigmas after set_timesteps(8):", [round(float(s), 3) for s in scheduler.sigmas], " <- ends at 0")
+g = torch.Generator().manual_seed(0)
+draws = {kind: kh.sample_sigmas(20000, dataclasses.replace(cfg, timestep_sampling=kind), g)
+         for kind in ("uniform", "logit_normal")}
+for kind, s in draws.items():
+    print(f"{kind:<13} min {s.min():.3f}  max {s.max():.3f}  mean {s.mean():.3f}  shape {tuple(s.shape)}  # [B]")
+
+fig, ax = plt.subplots(figsize=(7, 3))
+for kind, s in draws.items():
+    ax.hist(s.numpy(), bins=50, range=(0, 1), histtype="step", lw=1.5, label=kind)
+ax.axvline(0, color="tab:red", lw=2, label="sigma = 0: never drawn")
+ax.set_xlabel("sigma (0 = clean image, 1 = pure noise)")
+ax.set_ylabel("draws")
+ax.set_title("Training sigmas: uniform covers (0, 1]; logit-normal favours mid noise; neither hits 0")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# The training loss jumps around: every step has another sample, another sigma, another noise. To tell
+# whether training helped, `kh.evaluation_loss` measures one pair with **fixed** noise at **fixed** sigmas
+# (0.2, 0.4, 0.6, 0.8), split into `err_in` (velocity error inside the mask, against the target) and
+# `err_out` (outside, against the context). We measure it now, with the untrained region module built exactly
+# as `train()` builds it (same seed, so the same random start).
+
+# %%
+c_in = pipe.transformer.config.in_channels  # 4C = 64 channels of one packed token
+with torch.random.fork_rng(devices=[]):
+    torch.manual_seed(cfg.seed)
+    untrained_region = kh.MaskRegionToken(cache.h_tok, cache.w_tok, c_in).to(DEVICE)
+before = kh.evaluation_loss(pipe, untrained_region, cache)
+print(untrained_region, "  weight", tuple(untrained_region.proj.weight.shape), " # [4C, H'*W']")
+print("evaluation loss before training:", {k: round(v, 4) for k, v in before.items()})
+
+# %% [markdown]
+# ## 4. Train
+#
+# `kh.train` attaches the LoRA (its `B` matrices start at zero, so at step 0 the model is exactly the base
+# model), builds the region module, and runs `cfg.steps` updates of LoRA + region through `accelerate`,
+# writing a checkpoint every `cfg.checkpoint_every` updates. `kh.LiveLossPlot` redraws the three loss curves
+# every 25 steps while it runs. Old checkpoints of an earlier run of this notebook are removed first, unless
+# you are resuming (`RESUME = True`).
+
+# %%
+import shutil
+import time
+
+from IPython.display import clear_output
+
+if not cfg.resume and os.path.isdir(RUN_DIR):
+    shutil.rmtree(RUN_DIR)  # a fresh run: an earlier run's checkpoints must not mix into the resume demo
+plot = kh.LiveLossPlot(every=25)
+t0 = time.perf_counter()
+result = kh.train(pipe, dataset, cfg, callback=plot, cache=cache)
+seconds = time.perf_counter() - t0
+clear_output()  # the live plot ends here; the final figure follows below
+print(f"{len(result.history)} steps in {seconds:.1f} s; loss {result.history[0]['loss']:.3f} -> "
+      f"{result.history[-1]['loss']:.3f}")
+if DEVICE.type == "cuda":  # how close did the preset's estimate come?
+    print(f"measured peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; "
+          f"the preset expected {cfg.expected_peak_memory_gb or '-'} GB ({cfg.peak_memory_source or 'no preset'})")
+
+# %%
+fig = plot.figure()
+fig.axes[0].set_title("Training loss, moving mean of 10 steps: the in-mask part (learning the edit) and\n"
+                      "the out-of-mask part (keeping the context) both fall; the total is their sum")
+plt.show()
+
+# %% [markdown]
+# How to read it on a real run: the single-step loss is noisy (every step has another sample, sigma and noise),
+# so judge the moving mean. The in-mask curve should keep falling; the out-of-mask curve should fall early (the
+# model learns to copy the context) and then stay low. An out-of-mask curve that climbs while in-mask falls means
+# the LoRA is changing the whole image: lower the learning rate, raise `w_out`, or try `preservation="prior"`.
+# On the tiny random model both parts start equally bad and fall together.
+
+# %% [markdown]
+# The history has one record per update: the loss and its two parts, the learning rate and the seconds since
+# the start.
+
+# %%
+rows = result.history[:3] + result.history[-3:]
+print(f"{'step':>5} {'loss':>8} {'loss_in':>8} {'loss_out':>8} {'lr':>8} {'seconds':>8}")
+for i, r in enumerate(rows):
+    if i == 3:
+        print(f"{'...':>5}")
+    print(f"{r['step']:>5} {r['loss']:>8.4f} {r['loss_in']:>8.4f} {r['loss_out']:>8.4f} {r['lr']:>8.1e} "
+          f"{r['seconds']:>8.2f}")
+
+# %% [markdown]
+# Now the yardstick again: the same pair, the same noise and sigmas, this time with the trained LoRA and region
+# module.
+
+# %%
+after = kh.evaluation_loss(pipe, result.region, cache)
+for key in before:
+    print(f"{key:<8} before {before[key]:.4f}  after {after[key]:.4f}  ({after[key] / before[key] - 1:+.0%})")
+
+fig, ax = plt.subplots(figsize=(6, 3.2))
+keys = list(before)
+ax.bar([i - 0.2 for i in range(3)], [before[k] for k in keys], width=0.4, color="lightgrey", label="before training")
+ax.bar([i + 0.2 for i in range(3)], [after[k] for k in keys], width=0.4, color="tab:green", label="after training")
+ax.set_xticks(range(3), ["loss (in + out)", "err_in (edit vs target)", "err_out (rest vs context)"], fontsize=8)
+ax.set_ylabel("velocity MSE")
+ax.set_title(f"Fixed evaluation loss of pair 0: {before['loss']:.2f} -> {after['loss']:.2f} "
+             f"({after['loss'] / before['loss'] - 1:+.0%})")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# **What moved?** Only the LoRA and the region module were trained; the 12B (here: tiny) base stayed frozen.
+# Every LoRA layer adds `B @ A` to a frozen weight, and `B` starts at zero, so the norm of `B` says how far
+# each layer moved away from the base model. Notice the text-stream layers (`add_q_proj`, `to_add_out`,
+# `ff_context`) barely move: the loss is measured on image tokens only, so they get gradient only indirectly.
+
+# %%
+lora = kh.collect_lora_named_params(pipe.transformer)
+b_norms = {n.removesuffix(".lora_B.default.weight"): float(p.detach().norm()) for n, p in lora if ".lora_B." in n}
+print(f"{len(lora)} LoRA tensors (A and B) in {len(b_norms)} layers, "
+      f"{sum(p.numel() for _, p in lora) / 1e3:.0f} k trainable parameters")
+short = [n.replace("single_transformer_blocks.", "s").replace("transformer_blocks.", "d") for n in b_norms]
+colors = ["tab:blue" if n.startswith("d") else "tab:purple" if n.startswith("s") else "tab:grey" for n in short]
+
+fig, ax = plt.subplots(figsize=(14, 4.6))
+ax.bar(range(len(b_norms)), list(b_norms.values()), color=colors)
+ax.set_xticks(range(len(b_norms)), short, rotation=90, fontsize=7)
+ax.set_xlim(-0.7, len(b_norms) - 0.3)
+ax.set_ylabel("||lora_B||")
+ax.set_title("LoRA B norms per layer (blue: double blocks dN, purple: single blocks sN, grey: final projection).\n"
+             "B starts at zero, so every bar is movement away from the base model")
+plt.show()
+
+# %% [markdown]
+# The region module is one linear layer `Linear(H'*W' -> 4C)`: one weight column per token-grid cell, and the
+# region token is the sum of the columns of the cells inside the mask (plus a bias). A cell's column gets
+# gradient from the loss only when that cell is inside the sample's mask; everywhere else only the small L2
+# stabiliser acts, and Adam turns even that tiny, steady pull into full-size steps towards zero. Reshaping the
+# column norms back to the grid shows the result.
+
+# %%
+w0 = untrained_region.proj.weight.detach().cpu()  # [4C, H'*W']
+w1 = result.region.proj.weight.detach().cpu()  # [4C, H'*W']
+norm0 = w0.norm(dim=0).reshape(cache.h_tok, cache.w_tok)  # [H'*W'] -> [H', W']: one norm per grid cell
+norm1 = w1.norm(dim=0).reshape(cache.h_tok, cache.w_tok)  # [H', W']
+coverage = torch.cat([s.mask_small.cpu() for s in cache.samples]).mean(0)[0]  # [n, 1, H', W'] -> [H', W']
+print("region weight", tuple(w1.shape), "-> column norm per cell", tuple(norm1.shape), " # [H', W']")
+print(f"cells no mask covers: mean norm {norm0[coverage == 0].mean():.3f} -> {norm1[coverage == 0].mean():.5f}; "
+      f"covered cells: {norm0[coverage > 0].mean():.3f} -> {norm1[coverage > 0].mean():.3f}")
+
+fig, axes = plt.subplots(1, 3, figsize=(11, 4), layout="constrained")
+vmax = float(max(norm0.max(), norm1.max()))
+for ax, img, title, cmap, top in ((axes[0], norm0, "before: random init", "viridis", vmax),
+                                  (axes[1], norm1, "after training", "viridis", vmax),
+                                  (axes[2], coverage, "share of training masks\ncovering each cell", "gray", 1.0)):
+    im = ax.imshow(img, cmap=cmap, vmin=0, vmax=top)
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.colorbar(im, ax=ax, fraction=0.046)
+fig.suptitle(f"Region weight norm per cell of the {cache.h_tok}x{cache.w_tok} grid: after training only the cells "
+             "some mask covers keep weight;\nthe others (never inside a mask) decayed to zero under the L2 term")
+plt.show()
+
+# %% [markdown]
+# ## 5. Nothing lost: checkpoints and resume
+#
+# Every `checkpoint_every` updates `kh.train` writes `RUN_DIR/checkpoints/step-NNNNNN/` with the LoRA, the
+# region module, the optimizer and scheduler state, the random-number state and the loss history; the newest
+# `keep_checkpoints` (3) are kept.
+
+# %%
+found = kh.list_checkpoints(RUN_DIR)
+print("kh.list_checkpoints(RUN_DIR):")
+for step, path in found:
+    print(f"  step {step:>5}: {os.path.relpath(path, OUTPUT_DIR)}")
+newest = found[-1][1]
+print(f"\nfiles in {os.path.basename(newest)}:")
+for name in sorted(os.listdir(newest)):
+    print(f"  {name:<24} {os.path.getsize(os.path.join(newest, name)) / 1024:>9.1f} KiB")
+
+# %% [markdown]
+# **Atomic writes.** A checkpoint is first written into a hidden temporary folder
+# (`checkpoints/.tmp-step-NNNNNN-<pid>/`), flushed to disk, and only then renamed to `step-NNNNNN/`; a rename
+# is one atomic operation. `state.json` is written last, and `kh.list_checkpoints` ignores any folder without
+# it. So a run killed at any instant (a Colab disconnect, an out-of-memory kill, a full Drive) leaves either
+# the complete checkpoint or none, never a half-written one that would crash the resume.
+#
+# **Resume.** Everything random in step `k` derives from `(seed, k)`, and the checkpoint holds the optimizer,
+# the scheduler and the random state. A run killed and resumed therefore ends with *exactly* the weights of
+# an uninterrupted one (`tests/test_training.py` checks this bit for bit). Here we pretend Colab disconnected:
+# the trained pipeline is dropped, a fresh one is loaded, and `train` is asked for 30 more steps with
+# `resume=True`.
+
+# %%
+import gc
+
+pipe = lora = None  # a disconnect loses everything in memory; on a GPU this frees room for the fresh pipeline
+gc.collect()
+if DEVICE.type == "cuda":
+    torch.cuda.empty_cache()
+pipe = load_model()  # fresh base weights, no LoRA
+cfg_more = dataclasses.replace(cfg, steps=cfg.steps + RESUME_EXTRA_STEPS, resume=True)
+# the cache does not depend on the LoRA, so we reuse it; after a real disconnect leave cache= out: train rebuilds it
+resumed = kh.train(pipe, dataset, cfg_more, cache=cache, progress=False)
+print("resumed_from:", resumed.resumed_from)
+print(f"history: {len(resumed.history)} records = {resumed.resumed_from} from the checkpoint + "
+      f"{len(resumed.history) - resumed.resumed_from} new")
+same = all(a["loss"] == b["loss"] for a, b in zip(result.history, resumed.history))
+print("the first", cfg.steps, "records equal the original run's:", same)
+print("checkpoints now:", [s for s, _ in kh.list_checkpoints(RUN_DIR)])
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 3.2))
+steps = [r["step"] for r in resumed.history]
+ax.plot(steps[:cfg.steps], [r["loss"] for r in resumed.history[:cfg.steps]], color="tab:blue", lw=0.8,
+        label="first run (history from the checkpoint)")
+ax.plot(steps[cfg.steps - 1:], [r["loss"] for r in resumed.history[cfg.steps - 1:]], color="tab:red", lw=0.8,
+        label="resumed in a fresh pipeline")
+ax.axvline(resumed.resumed_from, color="grey", ls="--", lw=1)
+ax.set_xlabel("step")
+ax.set_ylabel("training loss")
+ax.set_title(f"Resumed at step {resumed.resumed_from} from the checkpoint: the curve carries on, "
+             "it does not restart")
+ax.legend(fontsize=8)
+plt.show()
+result = resumed  # from here on the run is the resumed one, and `pipe` holds its LoRA
+
+# %% [markdown]
+# > **Two ways to keep the rest of the image.** Outside the mask the default `preservation="identity"` asks
+# > the model to flow to the *context* (the seed's identity term). That is right when your targets really equal
+# > the context outside the mask. `preservation="prior"` (ai-toolkit's `inverted_mask_prior`) instead matches the
+# > base model's own prediction with the LoRA off: better when the targets' outside differs slightly from the
+# > context (re-rendered, re-compressed), or when the LoRA must not change the model's behaviour elsewhere. It
+# > costs a second, gradient-free forward pass per step. Set it with `dataclasses.replace(cfg,
+# > preservation="prior")` or in the CONFIG cell.
+
+# %% [markdown]
+# **The same training without a notebook, and on several GPUs.** `kontext_helpers` is also a command line;
+# every `TrainConfig` field is a flag (`--learning-rate`, `--rank`, `--checkpoint-every`, `--resume`, ...).
+# Under `accelerate launch` the same loop runs data-parallel on several GPUs; the adapter lands in
+# `--out/adapter`.
+#
+# ```bash
+# python -m kontext_helpers train --data my_pairs --out runs/edit \
+#     --model black-forest-labs/FLUX.1-Kontext-dev --preset l4 --steps 1000
+#
+# accelerate launch --num_processes 2 -m kontext_helpers train --data my_pairs --out runs/edit \
+#     --model black-forest-labs/FLUX.1-Kontext-dev --preset a100-80 --steps 2000
+# ```
+
+# %% [markdown]
+# ## 6. Save the adapter
+#
+# `kh.save_adapter` writes one folder that notebook 05 loads, and that plain diffusers can load too:
+# the LoRA in diffusers' own format, the region module, and a JSON record of how it was made.
+
+# %%
+import json
+
+ADAPTER_DIR = kh.save_adapter(pipe, result.region, os.path.join(OUTPUT_DIR, "adapter"), config=cfg_more)
+for name in sorted(os.listdir(ADAPTER_DIR)):
+    print(f"{name:<36} {os.path.getsize(os.path.join(ADAPTER_DIR, name)) / 1024:>8.1f} KiB")
+with open(os.path.join(ADAPTER_DIR, "adapter_config.json")) as f:
+    info = json.load(f)
+train_config = info.pop("train_config")
+print(json.dumps(info, indent=2))
+print("train_config (abridged):", {k: train_config[k] for k in ("resolution", "steps", "rank", "lora_targets",
+                                                                 "learning_rate", "preservation", "seed")})
+
+# %% [markdown]
+# ## Recap
+#
+# - `TrainConfig` holds every setting; `TrainConfig.for_gpu("auto")` picks precision, quantisation, optimizer,
+#   resolution and rank for your card (its memory figures are estimates).
+# - Prompts, latents, token-grid masks and depth embeddings are encoded **once per sample** and read back by
+#   sample index, so reshuffled epochs can never pair an image with another image's cache.
+# - Sigmas come from the scheduler's training levels and never hit 0; a fixed evaluation loss (fixed pair, noise,
+#   sigmas) is the honest before/after yardstick, split into in-mask and out-of-mask error.
+# - Only the LoRA `A`/`B` matrices and the region module move; region weights survive only where masks are.
+# - Checkpoints are written atomically and a resumed run continues exactly; in Colab, put `OUTPUT_DIR` on Drive.
+# - `save_adapter` writes `pytorch_lora_weights.safetensors`, `region_token.safetensors` and
+#   `adapter_config.json` to `OUTPUT_DIR/adapter`.
+#
+# ## Next
+#
+# [05_inference_previews.ipynb](05_inference_previews.ipynb) loads this adapter, samples edits with the region
+# token and the depth map, compares the variants (base, LoRA, LoRA + region, + depth, inpainting) with metrics,
+# and exports the LoRA for diffusers and ComfyUI.

@@ -1,0 +1,457 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Sampling with the region token, previews and metrics
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/kontext-region-lora/blob/main/notebooks/05_inference_previews.ipynb)
+#
+# **What you will learn**
+# - why this project has its own sampling loop, and how we know it equals `FluxKontextPipeline` to the bit
+# - how to edit an image with the LoRA, the region token (the mask) and the depth map together
+# - how to read a preview grid and the edit metrics: did it edit where asked, and only there?
+# - how to watch the denoising steps through a callback
+# - how to compare base, LoRA, LoRA + region, + depth and an inpainting baseline on the same noise
+# - how the adapter travels to plain diffusers and to ComfyUI, and what the region token cannot do there
+#
+# Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
+#
+# **On the tiny model every picture is noise.** Its VAE and transformer are random, so decoded images look
+# like coloured static and the metrics compare noise with noise. The lesson there is the mechanics and the
+# numbers (shapes, exact equalities, what each metric measures); on a GPU the same cells show real edits.
+
+# %%
+# Setup: in Colab this clones the project and installs it; locally it finds the project folder.
+import os
+import subprocess
+import sys
+
+REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
+if "google.colab" in sys.modules and not os.path.exists("kontext_helpers.py"):
+    if not os.path.isdir("kontext-region-lora"):
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "kontext-region-lora"], check=True)
+    os.chdir("kontext-region-lora")
+    # Colab keeps its own CUDA torch: requirements.txt asks for a range it already satisfies
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
+ROOT = os.getcwd() if os.path.exists("kontext_helpers.py") else os.path.dirname(os.getcwd())
+sys.path.insert(0, ROOT)
+
+import matplotlib.pyplot as plt
+import torch
+
+import kontext_helpers as kh
+
+MODEL = kh.default_model()  # $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
+kh.describe_environment(MODEL)
+
+# %%
+# CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
+TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder
+PAIR = 0  # which pair of DATA_ROOT to edit (0: "make the red sphere blue")
+SEED = 0  # the starting noise of every sample in this notebook
+USE_DRIVE = False  # Colab: True if notebook 04 wrote its outputs to Google Drive
+DRIVE_DIR = "/content/drive/MyDrive/kontext-region-lora"  # the Drive folder notebook 04 used with USE_DRIVE
+OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR",  # where notebook 04 saved the adapter; exports go here too
+                            DRIVE_DIR if USE_DRIVE else os.path.join(ROOT, "outputs"))
+ADAPTER_DIR = os.path.join(OUTPUT_DIR, "adapter")  # the adapter folder notebook 04 wrote
+PRESET = kh.TrainConfig.for_gpu("auto")  # this GPU's preset: notebook 04 trained at its resolution and precision
+RESOLUTION = 128 if TINY else PRESET.resolution  # sampling side in pixels (multiple of 16): the training size
+NUM_STEPS = 8 if TINY else 28  # denoising steps: 28 is Kontext's default
+GUIDANCE = 2.5  # Kontext's distilled guidance scale (the pipeline's default)
+MAX_SEQUENCE_LENGTH = 64 if TINY else 512  # T5 tokens of the prompt, as in training
+RECORD_EVERY = 1 if TINY else 4  # section 3 keeps the latents of every RECORD_EVERY-th denoising step
+QUICK_STEPS = 40  # training steps of the stand-in adapter when notebook 04 has not been run
+
+# %%
+# Colab only: mount Google Drive when USE_DRIVE is set (never runs on a laptop or headless).
+if USE_DRIVE and "google.colab" in sys.modules:
+    from google.colab import drive
+
+    drive.mount("/content/drive")
+os.makedirs(OUTPUT_DIR, exist_ok=True)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_bnb = not TINY and (PRESET.quantize_base == "nf4" or PRESET.optimizer == "adamw8bit")
+if needs_bnb and "google.colab" in sys.modules:  # NF4 (and 8-bit AdamW) need bitsandbytes, CUDA only
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "bitsandbytes"], check=True)
+
+
+def load_model(for_training=False):
+    """A fresh pipeline for this notebook's model: NF4 base transformer when the GPU preset asks for it."""
+    if TINY or PRESET.quantize_base != "nf4":
+        return kh.load_pipeline(MODEL).to(DEVICE)
+    pipe = kh.load_pipeline(MODEL, quantization_config=kh.nf4_quantization_config())
+    if not for_training:  # train() places the models itself; for sampling, each model visits the GPU while it runs
+        pipe.enable_model_cpu_offload()
+    return pipe
+
+
+dataset = kh.KontextPairs(DATA_ROOT, resolution=RESOLUTION)
+item = dataset[PAIR]
+print(dataset)
+print(f"pair {PAIR}: {item['name']!r}, prompt {item['prompt']!r}")
+print("context", tuple(item["context"].shape), " mask", tuple(item["mask"].shape), " depth",
+      tuple(item["depth"].shape), " # [3, H, W], [1, H, W], [1, H, W] in [0, 1]")
+
+# %% [markdown]
+# ## The adapter from notebook 04
+#
+# Notebook 04 saved its LoRA and region token to `OUTPUT_DIR/adapter`. Run it first (with the same
+# `OUTPUT_DIR`) to use that adapter here. If the folder is missing, the next cell trains a quick stand-in
+# (40 steps, like notebook 04 but shorter) and saves it there, so this notebook also runs on its own. On a GPU,
+# run notebook 04 instead: 40 steps teach a real model nothing.
+
+# %%
+import gc
+
+if os.path.isfile(os.path.join(ADAPTER_DIR, kh.LORA_WEIGHT_FILE)):
+    print(f"using the adapter notebook 04 saved in {ADAPTER_DIR}")
+else:
+    print(f"no adapter in {ADAPTER_DIR}: run 04_training first; training a {QUICK_STEPS}-step stand-in now")
+    if TINY:
+        quick = kh.TrainConfig(resolution=RESOLUTION, steps=QUICK_STEPS, rank=16, lora_targets="attn_ff",
+                               learning_rate=3e-3, region_learning_rate=1e-2, max_sequence_length=MAX_SEQUENCE_LENGTH,
+                               checkpoint_every=0, output_dir=os.path.join(OUTPUT_DIR, "quick_run"), seed=SEED)
+    else:
+        quick = kh.TrainConfig.for_gpu("auto", steps=QUICK_STEPS, checkpoint_every=0,
+                                       output_dir=os.path.join(OUTPUT_DIR, "quick_run"), seed=SEED)
+    trainer = load_model(for_training=True)
+    quick_result = kh.train(trainer, dataset, quick, progress=False)
+    kh.save_adapter(trainer, quick_result.region, ADAPTER_DIR, config=quick)
+    first, last = quick_result.history[0]["loss"], quick_result.history[-1]["loss"]
+    print(f"loss {first:.3f} -> {last:.3f}; saved to {ADAPTER_DIR}")
+    del trainer, quick_result
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+print(sorted(os.listdir(ADAPTER_DIR)))
+
+# %% [markdown]
+# ## 1. The oracle: our sampling loop equals the pipeline
+#
+# `kh.sample_edit` is `FluxKontextPipeline.__call__` step for step: the same prompt encoding, image
+# preprocessing, `prepare_latents`, timesteps and `mu` shift, guidance and Euler steps. It exists because the
+# pipeline cannot do two things we need:
+#
+# 1. **The region token.** The pipeline builds the sequence `[noisy target | context]` itself and has no input
+#    for an extra token. `sample_edit` appends `region(mask)` with its own position id `(2, 0, 0)`.
+# 2. **An IP-Adapter without a depth map.** With an IP-Adapter loaded, `pipe(...)` without `ip_adapter_image`
+#    crashes (shown below). `sample_edit(depth=None)` hands the adapter zero image tokens, so it adds exactly
+#    nothing, as if it were not loaded.
+#
+# Before trusting our loop we compare it with the pipeline on a fresh pipeline without LoRA: same noise, same
+# settings, `output_type="latent"` (the packed latents `[1, N, 4C]` before decoding), `_auto_resize=False` (the
+# pipeline would otherwise snap the size to one of Kontext's preferred resolutions).
+
+# %%
+from torchvision.transforms.functional import to_pil_image
+
+pipe = load_model()  # fresh: no LoRA yet; the adapter is loaded in section 2
+context = to_pil_image(item["context"])  # the pipeline takes PIL images
+depth_image = kh.depth_to_pil(item["depth"])  # 8-bit RGB, what the IP-Adapter's CLIP image encoder takes
+prompt = item["prompt"]
+h = w = RESOLUTION
+common = dict(height=h, width=w, num_inference_steps=NUM_STEPS, guidance_scale=GUIDANCE,
+              max_sequence_length=MAX_SEQUENCE_LENGTH)
+
+
+def noise():
+    return torch.Generator().manual_seed(SEED)  # the same starting noise for every call
+
+
+try:  # the plain call, as a diffusers user would write it, on a pipeline with an IP-Adapter and no depth map
+    pipe(image=context, prompt=prompt, max_area=h * w, generator=noise(), output_type="latent", _auto_resize=False,
+         **common)
+except TypeError as err:
+    print(f"pipe(...) without ip_adapter_image crashes: {type(err).__name__}: {err}")
+
+# %% [markdown]
+# The crash comes from the IP-Adapter's attention processor: it loops over the image embeddings it was
+# given, and without a depth map it was given `None`. For the comparison we give the pipeline what
+# `sample_edit` gives the adapter without depth: an empty list of image tokens (`ip_hidden_states=[]`). And a
+# second comparison with the depth map, where the pipeline's own IP-Adapter path runs.
+
+# %%
+ours = kh.sample_edit(pipe, context, prompt, generator=noise(), output_type="latent", **common)
+theirs = pipe(image=context, prompt=prompt, max_area=h * w, generator=noise(), output_type="latent",
+              _auto_resize=False, joint_attention_kwargs={"ip_hidden_states": []}, **common).images
+print("no depth  : sample_edit", tuple(ours.shape), "vs pipe", tuple(theirs.shape), " # [1, N, 4C]",
+      f" max |diff| = {(ours - theirs).abs().max().item():.3g}")
+
+ours_d = kh.sample_edit(pipe, context, prompt, depth=depth_image, generator=noise(), output_type="latent", **common)
+theirs_d = pipe(image=context, prompt=prompt, ip_adapter_image=depth_image, max_area=h * w, generator=noise(),
+                output_type="latent", _auto_resize=False, **common).images
+print(f"with depth: max |diff| = {(ours_d - theirs_d).abs().max().item():.3g}"
+      f"   (and the depth map matters: |with - without| = {(ours_d - ours).abs().max().item():.3g})")
+
+# %% [markdown]
+# Both differences are zero on the tiny model: the same operations in the same order give the same bits.
+# What `sample_edit` adds on top is one token. The picture shows the sequence the transformer sees in each case.
+
+# %%
+n_tok = (h // 16) * (w // 16)  # N: tokens of one image (2x2 patches of the latent)
+fig, ax = plt.subplots(figsize=(9.5, 2.4))
+parts = [("noisy target", n_tok, "tab:blue", "(0, row, col)"), ("context", n_tok, "tab:green", "(1, row, col)")]
+for y, with_region in enumerate((False, True)):
+    x = 0
+    for name, width, color, ids in parts:
+        ax.barh(y, width, left=x, color=color, edgecolor="white")
+        ax.text(x + width / 2, y, f"{name}\n{width} tokens, ids {ids}", ha="center", va="center", fontsize=8,
+                color="white")
+        x += width
+    if with_region:
+        ax.barh(y, 3, left=x, color="tab:red", edgecolor="white")  # 1 token, drawn 3 wide to be visible
+        ax.text(x + 5, y, "region: 1 token\nid (2, 0, 0)", ha="left", va="center", fontsize=8, color="tab:red")
+ax.set_xlim(0, 2 * n_tok + 30)
+ax.set_yticks([0, 1], ["pipe(...)", "sample_edit(region=...)"])
+ax.invert_yaxis()
+ax.set_xticks([])
+ax.set_frame_on(False)
+ax.set_title("The pipeline's sequence has no slot for a region token; ours appends one after the context", fontsize=10)
+plt.show()
+
+# %% [markdown]
+# ## 2. Sampling with everything: LoRA, region token and depth
+#
+# `kh.load_adapter` loads the LoRA with diffusers' own `load_lora_weights` and rebuilds the region module
+# (diffusers may note that the file has no text-encoder LoRA: right, only the transformer was trained). Then
+# one call edits the context with the mask (through the region token) and the depth map (through the
+# IP-Adapter).
+
+# %%
+region = kh.load_adapter(pipe, ADAPTER_DIR)
+print(region, " weight", tuple(region.proj.weight.shape), " # [4C, H'*W']")
+pred = kh.sample_edit(pipe, context, prompt, mask=item["mask"], depth=depth_image, region=region, generator=noise(),
+                      **common)
+print("prediction:", type(pred).__name__, pred.size, "(W, H)")
+
+# %% [markdown]
+# `kh.preview_grid` puts one sample on one row: the context, the mask (red may change), the depth map, the
+# target, the prediction and the error map `|prediction - context|`. A good edit looks like the target inside
+# the red region and leaves everything else as it was: its error map is bright only inside the cyan outline.
+
+# %%
+from IPython.display import display
+
+fig = kh.preview_grid(item["context"], item["mask"], item["depth"], item["target"], pred, prompt=prompt,
+                      figsize_per_panel=3.0)
+display(fig)
+
+# %% [markdown]
+# `kh.edit_metrics` puts numbers on the same two questions: **did it edit where asked, and only there?**
+#
+# - `psnr_in_vs_target`: inside the mask, how close the prediction is to the target (dB, higher is closer);
+# - `psnr_out_vs_context`: outside the mask, how close it is to the context (higher: the rest was kept; `inf`
+#   when untouched);
+# - `mse_*`: the mean squared errors behind them (images in `[0, 1]`);
+# - `change_in_mask`: mean absolute change inside the mask (an edit that did nothing scores near 0);
+# - `mask_fraction`: the share of editable pixels (a small mask makes the inside numbers noisier);
+# - `lpips_vs_target`: a perceptual distance, only when the `lpips` package and its weights are on disk.
+#
+# A PSNR of 30 dB and more is close to invisible; 20 dB is a clearly visible difference; around 10 dB is
+# unrelated images, which is what the tiny model produces.
+
+# %%
+metrics = kh.edit_metrics(pred, item["context"], item["target"], item["mask"])
+for key, value in metrics.items():
+    print(f"{key:<22} {value:8.3f}")
+
+# %% [markdown]
+# ## 3. Watching the denoising steps
+#
+# `sample_edit(..., callback=f)` calls `f(step, t, latents)` after every Euler step with the packed latents
+# `[1, N, 4C]` (return a tensor to replace them, as diffusers' `callback_on_step_end` allows). Here the
+# callback keeps a copy every `RECORD_EVERY` steps; we unpack and decode them afterwards.
+
+# %%
+recorded = []
+
+
+def keep(step, t, latents):
+    if step % RECORD_EVERY == 0 or step == NUM_STEPS - 1:
+        recorded.append((step, float(t) / 1000, latents.detach().clone()))  # sigma = t / 1000
+
+
+final = kh.sample_edit(pipe, context, prompt, mask=item["mask"], depth=depth_image, region=region, generator=noise(),
+                       output_type="latent", callback=keep, **common)
+print(f"{len(recorded)} snapshots, each", tuple(recorded[0][2].shape), " # [1, N, 4C]")
+
+
+@torch.no_grad()
+def decode(latents):
+    """Packed latents [1, N, 4C] -> image [H, W, 3] in [0, 1], as the pipeline decodes them."""
+    lat = kh.unpack_like_pipeline(latents, h // 16, w // 16)  # -> [1, C, H_l, W_l]
+    lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor  # undo the latent normalisation
+    image = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]  # [1, 3, H, W] in [-1, 1]
+    return ((image[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()  # -> [H, W, 3]
+
+
+distance = [float((lat - final).norm() / final.norm()) for _, _, lat in recorded]
+fig = plt.figure(figsize=(2.0 * len(recorded), 4.6), layout="constrained")
+top, bottom = fig.subfigures(2, 1, height_ratios=[1.2, 1])
+axes = top.subplots(1, len(recorded))
+schedule = pipe.scheduler.sigmas  # the run's sigmas, ending at 0
+for ax, (step, sigma, lat) in zip(axes, recorded):
+    ax.imshow(decode(lat))
+    ax.set_title(f"after step {step + 1}\nsigma {sigma:.2f} -> {float(schedule[step + 1]):.2f}", fontsize=8)
+    ax.set_axis_off()
+ax = bottom.subplots()
+ax.plot([s + 1 for s, _, _ in recorded], distance, "o-")
+ax.set_xlabel("denoising step")
+ax.set_ylabel("relative distance\nto the final latents")
+fig.suptitle("Denoising, step by step: each Euler step moves the latents towards the final image\n"
+             "(on the tiny model the decoded pictures are noise; the falling curve is the lesson)", fontsize=10)
+plt.show()
+
+# %% [markdown]
+# ## 4. Which part does what: the variants side by side
+#
+# `kh.compare_variants` runs the same inputs from the same noise through every variant it can build:
+#
+# | variant | what runs |
+# |---|---|
+# | `base` | the base model (LoRA switched off), no region, no depth: plain Kontext |
+# | `LoRA` | the trained LoRA alone: what diffusers or ComfyUI users get |
+# | `LoRA + region` | the LoRA plus the region token from the mask |
+# | `LoRA + region + depth` | everything: what the adapter was trained for |
+# | `inpaint (base)` | diffusers' `FluxKontextInpaintPipeline`, base model: the mask-aware baseline to beat |
+#
+# Read the table column by column. `psnr_in_vs_target` should rise from `base` to the full variant (the LoRA
+# learned the edit); `psnr_out_vs_context` should stay high for every variant that uses the mask (the rest of
+# the image is kept). The inpainting baseline keeps the outside by construction (it puts the noised context
+# latents back outside the mask at every step) but knows nothing of your edit; a trained region token should
+# match its outside and beat its inside. On the tiny model every number compares noise with noise.
+
+# %%
+comparison = kh.compare_variants(pipe, context, prompt, item["mask"], region=region, depth=depth_image,
+                                 target=item["target"], seed=SEED, **common)
+display(comparison.figure)
+print(kh.metrics_table(comparison.metrics))
+
+# %% [markdown]
+# ## 5. How strongly should depth steer? The IP-Adapter scale
+#
+# `ip_adapter_scale` scales the IP-Adapter's contribution for one call (0 = depth ignored, 1 = as trained);
+# the pipeline's own scale is restored afterwards. Move the slider to see how much the result changes against
+# scale 0. (Headless, the figure is drawn once, at the slider's default.)
+
+# %%
+from ipywidgets import FloatSlider
+
+no_depth = kh.sample_edit(pipe, context, prompt, mask=item["mask"], depth=depth_image, region=region,
+                          ip_adapter_scale=0.0, generator=noise(), output_type="pt", **common)[0]  # [3, H, W]
+
+
+def scale_figure(scale):
+    """Depth map, result at one IP-Adapter scale, and its change against scale 0."""
+    image = kh.sample_edit(pipe, context, prompt, mask=item["mask"], depth=depth_image, region=region,
+                           ip_adapter_scale=scale, generator=noise(), output_type="pt", **common)[0]  # [3, H, W]
+    change = (image - no_depth).abs().mean(0).cpu()  # [3, H, W] -> [H, W]
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4), layout="constrained")
+    axes[0].imshow(depth_image)
+    axes[0].set_title("depth map (light = near)", fontsize=9)
+    axes[1].imshow(image.permute(1, 2, 0).cpu().numpy())
+    axes[1].set_title(f"result at ip_adapter_scale={scale:.2f}", fontsize=9)
+    im = axes[2].imshow(change, cmap="magma", vmin=0, vmax=0.5)
+    axes[2].set_title(f"|result - result at scale 0|, mean {change.mean():.3f}", fontsize=9)
+    fig.colorbar(im, ax=axes[2], fraction=0.046)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(f"IP-Adapter scale {scale:.2f}: 0 ignores depth; the larger the scale, the more the depth map "
+                 "reshapes the result", fontsize=10)
+    return fig
+
+
+_ = kh.interactive_figure(scale_figure, scale=FloatSlider(value=1.0, min=0.0, max=1.5, step=0.25,
+                                                          continuous_update=False, description="scale"))
+
+# %% [markdown]
+# ## 6. Adapters that travel
+#
+# **Plain diffusers.** `pytorch_lora_weights.safetensors` is diffusers' own LoRA format, so a diffusers user
+# needs nothing from this project: `pipe.load_lora_weights(folder, weight_name=...)` and the usual `pipe(...)`.
+# We check it: our loop with the adapter's LoRA (no region) against diffusers' loader and diffusers' call.
+
+# %%
+ours_lora = kh.sample_edit(pipe, context, prompt, depth=depth_image, generator=noise(), output_type="latent",
+                           **common)
+pipe.unload_lora_weights()  # forget kh.load_adapter's LoRA ...
+pipe.load_lora_weights(ADAPTER_DIR, weight_name="pytorch_lora_weights.safetensors")  # ... and load it the diffusers way
+diffusers_lora = pipe(image=context, prompt=prompt, ip_adapter_image=depth_image, max_area=h * w, generator=noise(),
+                      output_type="latent", _auto_resize=False, **common).images
+print(f"diffusers' load_lora_weights + pipe(...) vs sample_edit with the LoRA: max |diff| = "
+      f"{(ours_lora - diffusers_lora).abs().max().item():.3g}")
+
+# %% [markdown]
+# **ComfyUI.** ComfyUI names Flux layers the way Black Forest Labs' original code does, where the attention's
+# `q`, `k` and `v` are one fused `qkv` weight (and the single blocks fuse `q`, `k`, `v` and the MLP into
+# `linear1`). `kh.export_comfyui` writes the LoRA with those names and fuses the separate diffusers LoRAs
+# exactly: their down matrices are stacked and their up matrices placed block-diagonally, so the fused LoRA has
+# rank `3r` and the same weight update. Load the file with ComfyUI's ordinary LoRA loader on FLUX.1 Kontext [dev].
+
+# %%
+from safetensors import safe_open
+
+comfy_file = kh.export_comfyui(ADAPTER_DIR, os.path.join(OUTPUT_DIR, "comfyui", "kontext_region_lora.safetensors"))
+with safe_open(comfy_file, framework="pt") as f:
+    keys = list(f.keys())
+    print(f"{comfy_file}: {len(keys)} tensors; the first few:")
+    for key in keys[:6]:
+        print(f"  {key:<58} {tuple(f.get_tensor(key).shape)}")
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    up, down = f.get_tensor(f"{qkv}.lora_up.weight"), f.get_tensor(f"{qkv}.lora_down.weight")
+print(f"{qkv}: lora_up {tuple(up.shape)} # [3D, 3r], lora_down {tuple(down.shape)} # [3r, D]")
+
+order = [name.split("_")[-1] for name in sorted(["attn.to_q", "attn.to_k", "attn.to_v"])]  # parts in name order
+fig, ax = plt.subplots(figsize=(4.6, 5))
+ax.imshow(up.abs().float(), aspect="auto", cmap="viridis", interpolation="nearest")
+r3, d3 = up.shape[1], up.shape[0]
+for k in (1, 2):
+    ax.axhline(k * d3 / 3 - 0.5, color="white", lw=0.8)
+    ax.axvline(k * r3 / 3 - 0.5, color="white", lw=0.8)
+ax.set_xticks([r3 / 6, r3 / 2, 5 * r3 / 6], [f"{p}'s r columns" for p in order], fontsize=8)
+ax.set_yticks([d3 / 6, d3 / 2, 5 * d3 / 6], ["q rows", "k rows", "v rows"])
+ax.set_title("|lora_up| of the fused qkv LoRA: each row block\n(q, k, v) uses only its own r columns, so the\n"
+             "three updates stay exactly separate", fontsize=10)
+plt.show()
+
+# %% [markdown]
+# **What the region token cannot do outside this loop.** The region token is an extra token appended to the
+# transformer's input sequence. `FluxKontextPipeline.__call__`, ComfyUI's samplers and other tools have no
+# input for it, so outside `sample_edit` the mask has no effect: the LoRA runs as a plain Kontext LoRA, the
+# edit is no longer steered to the masked area, and a LoRA trained *with* the region token may edit more of
+# the image than it does in `sample_edit` (compare the `LoRA` and `LoRA + region` columns of section 4). For
+# mask-guided results use `sample_edit`, or composite the result with the mask yourself. The region file and
+# any LoRA layers on the IP-Adapter (`to_k_ip` / `to_v_ip`) are not in the ComfyUI file.
+
+# %% [markdown]
+# ## Recap
+#
+# - `kh.sample_edit` is the Kontext sampling loop, equal to `pipe(...)` to the bit without region and with or
+#   without depth; it adds the region token, and handles an IP-Adapter without a depth map.
+# - `preview_grid` and `edit_metrics` answer one question: did it edit where asked (PSNR inside vs the target),
+#   and only there (PSNR outside vs the context)?
+# - A callback sees the latents after every step; unpack, un-normalise and decode them to watch the edit form.
+# - `compare_variants` isolates each part (LoRA, region token, depth) against the base model and an inpainting
+#   baseline, on the same noise, in one figure and one table.
+# - The LoRA travels: diffusers loads it as it is, `export_comfyui` writes ComfyUI's fused Flux layout; the
+#   region token only works inside `sample_edit`.
+#
+# ## Next
+#
+# Train on your own pairs: go back to [01_data_prep.ipynb](01_data_prep.ipynb) with `DATA_ROOT` pointing at your
+# folder (`context/`, `target/`, `masks/`, `depth/`, `prompts.txt`), then run
+# [04_training.ipynb](04_training.ipynb) on a GPU and this notebook again. For long runs and several GPUs, the
+# README's "Training" section shows the command line (`python -m kontext_helpers train ...` and
+# `accelerate launch`).
