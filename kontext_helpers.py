@@ -1945,19 +1945,13 @@ def sample_sigmas(batch: int, config: TrainConfig, generator: torch.Generator, n
     uniformly (the seed's choice). ``logit_normal``: diffusers' ``compute_density_for_timestep_sampling``
     mapped onto the same table, as diffusers' Kontext script does.
     """
-    if config.timestep_sampling == "logit_normal":
-        u = torch.normal(config.logit_mean, config.logit_std, size=(batch,), generator=generator).sigmoid()
-    else:
-        u = torch.rand(batch, generator=generator)
-    k = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)  # [B] in 0..999
-    return (num_train_timesteps - k).float() / num_train_timesteps  # [B] in {0.001, ..., 1.0}
-
-
-def logit_normal_u(batch: int, config: TrainConfig) -> torch.Tensor:
-    """diffusers' own logit-normal density (``compute_density_for_timestep_sampling``), global RNG."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    return compute_density_for_timestep_sampling("logit_normal", batch, config.logit_mean, config.logit_std)
+    scheme = "logit_normal" if config.timestep_sampling == "logit_normal" else "uniform"
+    u = compute_density_for_timestep_sampling(scheme, batch, config.logit_mean, config.logit_std,
+                                              generator=generator)  # [B] in (0, 1)
+    k = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)  # [B] in 0..999
+    return (num_train_timesteps - k).float() / num_train_timesteps  # [B] in {0.001, ..., 1.0}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -119,8 +119,13 @@ def test_sigmas_never_hit_zero_and_stay_in_range():
     for sampling in ("uniform", "logit_normal"):
         s = kh.sample_sigmas(10000, kh.TrainConfig(timestep_sampling=sampling), torch.Generator().manual_seed(0))
         assert s.min() > 0 and s.max() <= 1, f"{sampling}: sigmas must lie in (0, 1], got [{s.min()}, {s.max()}]"
-    u = kh.logit_normal_u(4000, kh.TrainConfig())
-    assert 0.45 < float(u.mean()) < 0.55, "diffusers' logit-normal density is centred on 0.5"
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    cfg = kh.TrainConfig(timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.8)
+    ours = kh.sample_sigmas(64, cfg, torch.Generator().manual_seed(3))
+    u = compute_density_for_timestep_sampling("logit_normal", 64, 0.5, 0.8, generator=torch.Generator().manual_seed(3))
+    expected = (1000 - (u * 1000).long().clamp(0, 999)).float() / 1000
+    torch.testing.assert_close(ours, expected, msg="logit-normal sigmas come from diffusers' own density")
 
 
 def test_bad_configs_fail_before_model_work(tmp_path):
