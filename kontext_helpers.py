@@ -7,8 +7,9 @@ Sections
     1. Core tensors: normalisation, VAE latents, 2x2 packing, position ids, region token, loss.
     2. Pipelines: ``load_pipeline("tiny")`` (offline, random, ~1 s on a CPU) or a real Hub id / local path.
     3. Data: ``KontextPairs`` and helpers for a user's own pairs.
-    4. Training.
-    5. Inference.
+    4. Training: ``TrainConfig``, the per-sample cache, ``train`` with atomic checkpoints and exact resume.
+    5. Inference: ``sample_edit`` (the pipeline's loop plus the region token), adapters, previews, metrics.
+    6. Command line: ``python -m kontext_helpers train --data DIR --out DIR`` (also under ``accelerate launch``).
 
 Dimension legend (used in every shape comment)
     B        batch size
@@ -46,24 +47,54 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    # 1. Core tensors
     "REGION_ID",
-    "KontextPairs",
     "MaskRegionToken",
     "collect_lora_named_params",
-    "depth_to_pil",
-    "estimate_depth",
     "fm_masked_dual_loss_with_l2",
     "img_ids_grid",
     "kontext_img_ids",
-    "load_pipeline",
-    "mask_from_difference",
     "mask_to_token_grid",
     "normalize_01_to_m11",
     "pack_like_pipeline",
-    "show_pairs",
+    "region_token_id",
     "to_latents",
     "unpack_like_pipeline",
+    # 2. Pipelines
+    "build_tiny_pipeline",
+    "default_dtype",
+    "default_model",
+    "describe_environment",
+    "interactive_figure",
+    "load_pipeline",
+    # 3. Data
+    "KontextPairs",
+    "depth_to_pil",
+    "estimate_depth",
+    "mask_from_difference",
+    "show_pairs",
     "write_pair_folder",
+    # 4. Training
+    "GPU_PRESETS",
+    "LORA_TARGET_PRESETS",
+    "LiveLossPlot",
+    "TrainCache",
+    "TrainConfig",
+    "TrainResult",
+    "add_lora",
+    "build_train_cache",
+    "detect_gpu_preset",
+    "encode_depth_for_ip_adapter",
+    "encode_prompts",
+    "evaluation_loss",
+    "kontext_forward",
+    "list_checkpoints",
+    "load_checkpoint",
+    "nf4_quantization_config",
+    "sample_sigmas",
+    "save_checkpoint",
+    "train",
+    "training_loss",
     # 5. Inference
     "Comparison",
     "compare_variants",
@@ -1180,7 +1211,7 @@ class KontextPairs(torch.utils.data.Dataset):
 
         def rgb_tensor(img):  # [H, W, 3] uint8 -> [3, H, W] float32 in [0, 1]
             pixels = torch.from_numpy(np.array(img, dtype=np.uint8))
-            return pixels.permute(2, 0, 1).contiguous().float() / 255.0
+            return pixels.permute(2, 0, 1).contiguous().float() / 255.0  # [H, W, 3] -> [3, H, W]
 
         depth_values = np.clip(np.array(depth, dtype=np.float32), 0.0, 1.0)  # [H, W]
         return {
@@ -1432,7 +1463,7 @@ def estimate_depth(
     pil_images = []
     for i, image in enumerate(batch):
         rgb = _as_rgb_tensor(image, f"images[{i}]").clamp(0, 1)
-        pixels = (rgb * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        pixels = (rgb * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()  # [3, H, W] -> [H, W, 3]
         pil_images.append(Image.fromarray(np.ascontiguousarray(pixels)))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1487,7 +1518,7 @@ def show_pairs(dataset, indices=None, *, max_pairs: int = 4, mask_alpha: float =
     for row, index in zip(rows, indices):
         item = dataset[index]
         context = item["context"].permute(1, 2, 0).numpy()  # [3, H, W] -> [H, W, 3]
-        target = item["target"].permute(1, 2, 0).numpy()
+        target = item["target"].permute(1, 2, 0).numpy()  # [3, H, W] -> [H, W, 3]
         mask = item["mask"][0].numpy()  # [H, W] in {0, 1}
         tint = mask_alpha * mask[..., None]
         overlay = context * (1.0 - tint) + tint * [1.0, 0.0, 0.0]
@@ -3196,7 +3227,7 @@ def preview_grid(context, mask, depth, target, prediction, *, prompt: str | None
 
     fig = Figure(figsize=(6 * figsize_per_panel, figsize_per_panel + 0.9), layout="constrained")
     axes = fig.subplots(1, 6)
-    axes[0].imshow(ctx.permute(1, 2, 0).numpy())
+    axes[0].imshow(ctx.permute(1, 2, 0).numpy())  # [3, H, W] -> [H, W, 3]
     axes[0].set_title("context (input)")
     axes[1].imshow(_overlay(ctx, inside))
     axes[1].set_title(f"mask: red may change\n({metrics['mask_fraction']:.0%} of the image)")
@@ -3206,11 +3237,11 @@ def preview_grid(context, mask, depth, target, prediction, *, prompt: str | None
     else:
         axes[2].set_title("no depth")
     if tgt is not None:
-        axes[3].imshow(tgt.permute(1, 2, 0).numpy())
+        axes[3].imshow(tgt.permute(1, 2, 0).numpy())  # [3, H, W] -> [H, W, 3]
         axes[3].set_title("target: the edit asked for")
     else:
         axes[3].set_title("no target")
-    axes[4].imshow(pred.permute(1, 2, 0).numpy())
+    axes[4].imshow(pred.permute(1, 2, 0).numpy())  # [3, H, W] -> [H, W, 3]
     axes[4].set_title(f"prediction: like the target\ninside red? ({_fmt_db(metrics['psnr_in_vs_target'])})")
     im = axes[5].imshow(err, cmap="magma", vmin=0.0, vmax=max(float(err.max()), 1e-6))
     if inside.any() and not inside.all():
@@ -3374,7 +3405,7 @@ def compare_variants(
         pred = _rgb01(img, name)
         err = (pred - ctx).abs().mean(0).numpy()  # [H, W]
         m = metrics[name]
-        axes[1, j].imshow(pred.permute(1, 2, 0).numpy())
+        axes[1, j].imshow(pred.permute(1, 2, 0).numpy())  # [3, H, W] -> [H, W, 3]
         axes[1, j].set_title(f"{name}\nin vs target {_fmt_db(m['psnr_in_vs_target'])}", fontsize=9)
         axes[2, j].imshow(err, cmap="magma", vmin=0.0, vmax=1.0)
         if inside.any() and not inside.all():

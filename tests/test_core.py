@@ -282,3 +282,19 @@ def test_interactive_figure_draws_once_and_redraws_on_slider_change():
     slider.value = 4
     assert calls == [2, 4], f"moving the slider must redraw with the new value, got {calls}"
     assert not plt.get_fignums(), "figures must be closed after rendering (shown once, as an image)"
+
+
+def test_public_names_exist_and_import_is_light():
+    import os
+    import subprocess
+    import sys
+
+    missing = [name for name in kh.__all__ if not hasattr(kh, name)]
+    assert not missing, f"__all__ lists names the module does not define: {missing}"
+    code = ("import sys, kontext_helpers\n"
+            "print(sorted(m for m in ('diffusers', 'transformers', 'peft', 'accelerate', 'matplotlib') "
+            "if m in sys.modules))")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=repo)).stdout.strip()
+    assert out == "[]", f"importing kontext_helpers must not import heavy libraries (no import-time work): {out}"
