@@ -1934,17 +1934,21 @@ def build_train_cache(pipe, dataset, *, max_sequence_length: int = 512, use_dept
 
 
 @contextlib.contextmanager
-def _modules_on(device, modules, *, offload: bool):
-    """Move ``modules`` to ``device`` for a block; with ``offload`` move them to the CPU afterwards."""
+def _modules_on(device, modules, *, offload: bool = False, restore: bool = False):
+    """Move ``modules`` to ``device`` for a block. Afterwards ``offload`` sends them to the CPU, ``restore``
+    back to where each one was (an encoder that training left on the CPU visits the GPU and returns)."""
     modules = [m for m in modules if isinstance(m, nn.Module) and not _is_quantized(m)]
+    before = [next(m.parameters()).device if any(True for _ in m.parameters()) else None for m in modules]
     for m in modules:
         m.to(device)
     try:
         yield
     finally:
-        if offload:
-            for m in modules:
-                m.to("cpu")
+        if offload or restore:
+            for m, where in zip(modules, before):
+                target = "cpu" if offload else where
+                if target is not None:
+                    m.to(target)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
@@ -2613,9 +2617,11 @@ def sample_edit(
     device = pipe._execution_device
 
     # --- 1. prompt (the pipeline's own encode_prompt)
-    prompt_embeds, pooled_prompt_embeds, text_ids = pipe.encode_prompt(
-        prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1, max_sequence_length=max_sequence_length
-    )  # [1, T, D_t5], [1, D_clip], [T, 3]
+    with _modules_on(device, [pipe.text_encoder, pipe.text_encoder_2], restore=True):  # e.g. offloaded by train
+        prompt_embeds, pooled_prompt_embeds, text_ids = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1,
+            max_sequence_length=max_sequence_length,
+        )  # [1, T, D_t5], [1, D_clip], [T, 3]
 
     # --- 2. context image: __call__ step 3 with _auto_resize=False
     image_t = pipe.image_processor.resize(image, ctx_h, ctx_w)
@@ -2653,7 +2659,8 @@ def sample_edit(
     # --- 5. depth through the IP-Adapter: the pipeline's own prepare_ip_adapter_image_embeds
     image_embeds = None
     if depth is not None:
-        image_embeds = pipe.prepare_ip_adapter_image_embeds(_depth_pil(depth), None, device, 1)  # [[1, 1, E]]
+        with _modules_on(device, [pipe.image_encoder], restore=True):
+            image_embeds = pipe.prepare_ip_adapter_image_embeds(_depth_pil(depth), None, device, 1)  # [[1, 1, E]]
 
     saved_scales = [(p, list(p.scale)) for p in _ip_attn_processors(transformer)] if has_ip else []
     if ip_adapter_scale is not None:

@@ -534,3 +534,22 @@ def test_compare_variants_runs_every_variant_into_one_figure_and_table(trained):
     table = kh.metrics_table(result.metrics)
     assert table.count("\n") == len(names) + 1 and "psnr_in_vs_target" in table, f"markdown table:\n{table}"
     result.figure.savefig(io.BytesIO(), format="png")
+
+
+def test_sample_edit_brings_offloaded_encoders_back_where_they_were():
+    pipe = kh.load_pipeline("tiny", seed=0)
+    moves = []
+    for name in ("text_encoder", "text_encoder_2", "image_encoder"):
+        module = getattr(pipe, name)
+        original = module.to
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            moves.append((_name, str(args[0]) if args else str(kwargs)))
+            return _original(*args, **kwargs)
+
+        module.to = spy
+    img = _image(32, 32, 0)
+    kh.sample_edit(pipe, img, PROMPT, depth=img, height=32, width=32, output_type="latent", **FAST)
+    names = {n for n, _ in moves}
+    assert names == {"text_encoder", "text_encoder_2", "image_encoder"}, f"encoders must visit the device: {moves}"
+    assert all(where == "cpu" for _, where in moves), f"on a CPU pipeline every move is to the CPU: {moves}"
