@@ -25,7 +25,7 @@ def notebook_sources() -> list[str]:
     return sorted(glob.glob(os.path.join(NOTEBOOKS, "[0-9][0-9]_*.py")))
 
 
-def run_notebook(path: str, out_dir: str, *, timeout: int = 900) -> dict:
+def run_notebook(path: str, out_dir: str, *, timeout: int = 300) -> dict:
     """Execute one jupytext .py notebook; save the executed .ipynb and its figures under ``out_dir``."""
     import jupytext
     import nbformat
