@@ -2010,12 +2010,8 @@ def training_loss(transformer, region_module, batch: dict, txt_ids: torch.Tensor
         # inverted_mask_prior: outside the mask, match the base model (LoRA off, no region token).
         # With ctx := e - v_prior the loss's outside term is exactly MSE(v_pred, v_prior).
         base = getattr(transformer, "module", transformer)
-        with torch.no_grad():
-            base.disable_adapters()
-            try:
-                prior_v = kontext_forward(transformer, noisy, ctx, None, **kw).float()
-            finally:
-                base.enable_adapters()
+        with torch.no_grad(), _lora_off(base):
+            prior_v = kontext_forward(transformer, noisy, ctx, None, **kw).float()
         outside_ref = noise.float() - prior_v
     return fm_masked_dual_loss_with_l2(
         pred, tgt, outside_ref, noise, batch["mask_small"], h_tok, w_tok, w_in=config.w_in, w_out=config.w_out,
@@ -2291,7 +2287,8 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
     trainable = [p for _, p in lora] + list(region.parameters())
     bar = tqdm(total=config.steps, initial=start, desc="training", mininterval=0.5,
                disable=not (progress and accelerator.is_main_process))
-    last_good = list_checkpoints(config.output_dir)[-1][1] if list_checkpoints(config.output_dir) else None
+    existing = list_checkpoints(config.output_dir)
+    last_good = existing[-1][1] if existing else None
     t_start = time.perf_counter()
     for step in range(start, config.steps):
         parts_sum = {"loss": 0.0, "loss_in": 0.0, "loss_out": 0.0}
@@ -3068,20 +3065,9 @@ def export_comfyui(path: str, out_file: str, *, dtype: torch.dtype | None = None
 
 def _rgb01(image, what: str) -> torch.Tensor:
     """PIL image or ``[3, H, W]`` / ``[1, 3, H, W]`` tensor in ``[0, 1]`` -> ``[3, H, W]`` float32 on the CPU."""
-    import numpy as np
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # -> [3, H, W]
-    if isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.ndim == 4 and t.shape[0] == 1:
-            t = t[0]  # [1, 3, H, W] -> [3, H, W]
-        if t.ndim != 3 or t.shape[0] != 3:
-            raise ValueError(f"{what}: expected one RGB image [3, H, W] in [0, 1], got shape {tuple(image.shape)}")
-        return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-    raise TypeError(f"{what}: expected a PIL image or a [3, H, W] tensor in [0, 1], got {type(image).__name__}")
+    if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[0] == 1:
+        image = image[0]  # [1, 3, H, W] -> [3, H, W]
+    return _as_rgb_tensor(image, what)
 
 
 def _mask_hw(mask, height: int, width: int) -> torch.Tensor:
