@@ -8,7 +8,7 @@ export MPLBACKEND := Agg
 
 .PHONY: demo test lint sync-notebooks clean
 
-$(PY): requirements.txt
+$(PY): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt

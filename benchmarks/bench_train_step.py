@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_train_step.py [--resolution 128] [--repeats 20] [--threads 1]
 
 The seed encoded the prompt (T5 + CLIP), both images (VAE) and the depth map (CLIP vision) at every step;
-we encode once and cache (DESIGN §5.2). Both variants run interleaved in the same process, so machine
-noise hits them alike; the ratio is the figure to read. Absolute times are for this machine only.
+we encode once and cache (docs/design.md, correction 2). Both variants run interleaved in the same
+process, so machine noise hits them alike; the ratio is the figure to read. Absolute times are for this
+machine only.
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-import kontext_helpers as kh  # noqa: E402
+import kontext_helpers as kh
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_samples")
 

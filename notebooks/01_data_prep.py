@@ -27,22 +27,25 @@
 #
 # Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
 # This notebook does not need the model at all, except for the optional depth estimator at the end.
+#
+# **The code behind it:** [`kontext_helpers/data.py`](../kontext_helpers/data.py) (the dataset folder and your own
+# pairs) and [`kontext_helpers/images.py`](../kontext_helpers/images.py) (every pixel, mask and depth conversion).
 
 # %%
-# Setup: in Colab this clones the project and installs it; locally it finds the project folder.
+# Setup: in Colab this clones the project and installs its package; locally `make demo` (or `pip install -e .`)
+# has installed it already, and the notebook only finds the project folder (for data_samples/ and outputs/).
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
-if "google.colab" in sys.modules and not os.path.exists("kontext_helpers.py"):
-    if not os.path.isdir("kontext-region-lora"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "kontext-region-lora"], check=True)
-    os.chdir("kontext-region-lora")
-    # Colab keeps its own CUDA torch: requirements.txt asks for a range it already satisfies
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
-ROOT = os.getcwd() if os.path.exists("kontext_helpers.py") else os.path.dirname(os.getcwd())
-sys.path.insert(0, ROOT)
+if "google.colab" in sys.modules:
+    if not os.path.isdir("/content/kontext-region-lora"):
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/kontext-region-lora"], check=True)
+    os.chdir("/content/kontext-region-lora")
+    # runtime dependencies only; Colab keeps its own CUDA torch (the package asks for a range it satisfies)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "."], check=True)
+ROOT = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "data_samples")))
 
 import matplotlib.pyplot as plt
 import torch
@@ -133,11 +136,12 @@ except ValueError as err:
 # One `ValueError`, raised when the folder is **opened** (not at training step 500), numbering every problem
 # with the file it concerns, and one fix hint per kind of problem. Nothing is loaded until the folder is clean.
 #
-# > **Why we differ from the original design** (DESIGN §5.8). The seed's dataset listed each folder, sorted
-# > the four lists and paired them **by position**: item *i* was `context[i]`, `target[i]`, `masks[i]`,
-# > `depth[i]`, `prompts[i]`. With one mask missing, `masks[1]` is the mask of the *next* pair, and so is every
-# > later one: no error, just a dataset in which most edits are taught with the wrong region. Matching by stem
-# > makes the missing file an error instead. Below is what position matching does with the broken folder.
+# > **Why we differ from the original design**
+# > ([design note 8](../docs/design.md#8-pairs-by-stem-depth-keeps-its-bit-depth)). The seed's dataset listed each
+# > folder, sorted the four lists and paired them **by position**: item *i* was `context[i]`, `target[i]`, `masks[i]`,
+# > `depth[i]`, `prompts[i]`. With one mask missing, `masks[1]` is the mask of the *next* pair, and so is every later
+# > one: no error, just a dataset in which most edits are taught with the wrong region. Matching by stem makes the
+# > missing file an error instead. Below is what position matching does with the broken folder.
 
 # %%
 import numpy as np
@@ -308,8 +312,9 @@ plt.show()
 # `kh.depth_to_pil(depth)`: grey 8-bit RGB, R = G = B. Quantising *last* means the 256 levels span the
 # scene's actual range.
 #
-# > **Why we differ from the original design** (DESIGN §5.8, "depth keeps its bit depth"). The seed opened
-# > depth files and converted them straight to RGB PIL images. For a 16-bit PNG, Pillow's `convert("RGB")`
+# > **Why we differ from the original design**
+# > ([design note 8](../docs/design.md#8-pairs-by-stem-depth-keeps-its-bit-depth), "depth keeps its bit depth"). The
+# > seed opened depth files and converted them straight to RGB PIL images. For a 16-bit PNG, Pillow's `convert("RGB")`
 # > **clips** every value above 255 to white: the map below keeps only a handful of levels.
 
 # %%

@@ -25,22 +25,25 @@
 # - how latents decode back to an image.
 #
 # Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
+#
+# **The code behind it:** [`kontext_helpers/latents.py`](../kontext_helpers/latents.py): latents, packing and ids, each
+# function beside the `FluxKontextPipeline` method it mirrors.
 
 # %%
-# Setup: in Colab this clones the project and installs it; locally it finds the project folder.
+# Setup: in Colab this clones the project and installs its package; locally `make demo` (or `pip install -e .`)
+# has installed it already, and the notebook only finds the project folder (for data_samples/ and outputs/).
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
-if "google.colab" in sys.modules and not os.path.exists("kontext_helpers.py"):
-    if not os.path.isdir("kontext-region-lora"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "kontext-region-lora"], check=True)
-    os.chdir("kontext-region-lora")
-    # Colab keeps its own CUDA torch: requirements.txt asks for a range it already satisfies
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
-ROOT = os.getcwd() if os.path.exists("kontext_helpers.py") else os.path.dirname(os.getcwd())
-sys.path.insert(0, ROOT)
+if "google.colab" in sys.modules:
+    if not os.path.isdir("/content/kontext-region-lora"):
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/kontext-region-lora"], check=True)
+    os.chdir("/content/kontext-region-lora")
+    # runtime dependencies only; Colab keeps its own CUDA torch (the package asks for a range it satisfies)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "."], check=True)
+ROOT = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "data_samples")))
 
 import matplotlib.pyplot as plt
 import torch
@@ -102,11 +105,11 @@ with torch.no_grad():
 print("latents", tuple(lat.shape), lat.dtype)  # [B, C, H_l, W_l]
 
 # %% [markdown]
-# > **Why we differ from the original design** (DESIGN §5.1). The seed's `to_latents` only scaled:
-# > `vae.encode(x).latent_dist.mode() * scaling_factor`. Flux's VAE also has a `shift_factor` (0.1159) that must be
-# > subtracted first. Without it every latent value is off by the same constant, `shift x scale`, so the
-# > context tokens the LoRA is trained on are not the ones the pipeline feeds it when you edit, and decoding
-# > a prediction adds the shift back on top. Below: the seed's latents, ours, and the pipeline's own encoder.
+# > **Why we differ from the original design** ([design note 1](../docs/design.md#1-latent-shift)). The seed's
+# > `to_latents` only scaled: `vae.encode(x).latent_dist.mode() * scaling_factor`. Flux's VAE also has a `shift_factor`
+# > (0.1159) that must be subtracted first. Without it every latent value is off by the same constant, `shift x scale`,
+# > so the context tokens the LoRA is trained on are not the ones the pipeline feeds it when you edit, and decoding a
+# > prediction adds the shift back on top. Below: the seed's latents, ours, and the pipeline's own encoder.
 
 # %%
 with torch.no_grad():
@@ -378,10 +381,10 @@ fig.suptitle("The sequence the transformer attends over: [text | noisy target | 
 plt.show()
 
 # %% [markdown]
-# > **Why we differ from the original design** (DESIGN §5.6). The seed built ids with a batch dimension,
-# > `[B, N, 3]`. diffusers deprecates that: given 3D `img_ids` or `txt_ids` the transformer logs
-# > *"Passing `img_ids` 3d torch.Tensor is deprecated. Please remove the batch dimension and pass it as a 2d
-# > torch Tensor"* and then uses only the first batch entry anyway, so per-sample ids were never possible.
+# > **Why we differ from the original design** ([design note 6](../docs/design.md#6-two-dimensional-ids)). The seed
+# > built ids with a batch dimension, `[B, N, 3]`. diffusers deprecates that: given 3D `img_ids` or `txt_ids` the
+# > transformer logs *"Passing `img_ids` 3d torch.Tensor is deprecated. Please remove the batch dimension and pass it as
+# > a 2d torch Tensor"* and then uses only the first batch entry anyway, so per-sample ids were never possible.
 # > Positions are the same for every sample of a batch, so we build them once, 2D: `[2N+1, 3]` and `[T, 3]`.
 
 # %%

@@ -27,22 +27,25 @@
 # - what the loss measures inside and outside the mask, and which timesteps we train on.
 #
 # Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
+#
+# **The code behind it:** [`kontext_helpers/conditioning.py`](../kontext_helpers/conditioning.py): the region token,
+# depth through the IP-Adapter, the transformer call and the loss.
 
 # %%
-# Setup: in Colab this clones the project and installs it; locally it finds the project folder.
+# Setup: in Colab this clones the project and installs its package; locally `make demo` (or `pip install -e .`)
+# has installed it already, and the notebook only finds the project folder (for data_samples/ and outputs/).
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
-if "google.colab" in sys.modules and not os.path.exists("kontext_helpers.py"):
-    if not os.path.isdir("kontext-region-lora"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "kontext-region-lora"], check=True)
-    os.chdir("kontext-region-lora")
-    # Colab keeps its own CUDA torch: requirements.txt asks for a range it already satisfies
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
-ROOT = os.getcwd() if os.path.exists("kontext_helpers.py") else os.path.dirname(os.getcwd())
-sys.path.insert(0, ROOT)
+if "google.colab" in sys.modules:
+    if not os.path.isdir("/content/kontext-region-lora"):
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/kontext-region-lora"], check=True)
+    os.chdir("/content/kontext-region-lora")
+    # runtime dependencies only; Colab keeps its own CUDA torch (the package asks for a range it satisfies)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "."], check=True)
+ROOT = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "data_samples")))
 
 import matplotlib.pyplot as plt
 import torch
@@ -182,7 +185,8 @@ by_hand = m_small.flatten(1) @ W.T + b  # [B, H'*W'] @ [H'*W', 4C] -> [B, 4C]
 print(f"max |region(m) - (m @ W.T + b)| = {(region_tok[:, 0] - by_hand).abs().max().item():.1e}")
 
 # %% [markdown]
-# > **Why we differ from the original design: a region token at one resolution only (DESIGN §5.3).**
+# > **Why we differ from the original design: a region token at one resolution only
+# > ([design note 3](../docs/design.md#3-region-token-at-any-resolution)).**
 # > The seed builds `nn.Linear(H'*W' -> C)` for one grid. Its input size is fixed, so a mask from any other
 # > resolution (training at 512 px, sampling at 1024 px) cannot go in. We keep the seed's constructor, and
 # > `MaskRegionToken` area-pools a mask on any other grid to its own `(h_tok, w_tok)` first, so one module
@@ -303,7 +307,7 @@ print("prompt_embeds  ", tuple(prompt_embeds.shape), " pooled", tuple(pooled.sha
 sequence = torch.cat([noisy, ctx_tok, region_tok.to(noisy)], dim=1)  # what kontext_forward builds
 print("sequence       ", tuple(sequence.shape))  # [B, 2N+1, 4C]
 
-ids = kh.kontext_img_ids(h_tok, w_tok)  # [2N+1, 3], 2D (DESIGN §5.6)
+ids = kh.kontext_img_ids(h_tok, w_tok)  # [2N+1, 3], 2D (docs/design.md, correction 6)
 N = h_tok * w_tok
 print("img_ids        ", tuple(ids.shape))  # [2N+1, 3]
 print("first target id ", ids[0].tolist(), "  last target id ", ids[N - 1].tolist())
@@ -422,7 +426,7 @@ for name, proc in pipe.transformer.attn_processors.items():
         print(f"  {name}: to_k_ip.0 {tuple(k.shape)}, to_v_ip.0 {tuple(v.shape)}, scale {proc.scale}")  # [D, D_t5]
 
 # %% [markdown]
-# > **Why we differ from the original design: frozen encoders (DESIGN §5.7).**
+# > **Why we differ from the original design: frozen encoders ([design note 7](../docs/design.md#7-frozen-encoders)).**
 # > The seed computes the IP-Adapter embeddings (`prepare_ip_adapter_image_embeds`) inside every training
 # > step. From an image encoder that takes part in autograd (parameters requiring gradients, no
 # > `torch.no_grad()`) they carry a graph through the whole CLIP model: computing them every step then pays
@@ -451,7 +455,8 @@ finally:
     pipe.image_encoder.zero_grad(set_to_none=True)
 
 # %% [markdown]
-# > **Why we differ from the original design: constant work every step (DESIGN §5.2).**
+# > **Why we differ from the original design: constant work every step
+# > ([design note 2](../docs/design.md#2-constant-work-every-step)).**
 # > The seed encoded the prompt (T5-XXL + CLIP) and the depth image (CLIP) at every training step. Both are
 # > constant per sample: training encodes them **once per sample** and caches them (`kh.build_train_cache`,
 # > used by `kh.train` in notebook 04), then the encoders can leave the GPU. How much that saves per step, on
@@ -581,7 +586,8 @@ fig.suptitle("Every token is scored once: against the target inside the mask, ag
 plt.show()
 
 # %% [markdown]
-# > **Why we differ from the original design: what the outside term really is (DESIGN §5.4).**
+# > **Why we differ from the original design: what the outside term really is
+# > ([design note 4](../docs/design.md#4-outside-mask-term)).**
 # > The seed calls the outside term an "identity penalty on the reconstructed latent `x_pred = noise - pred`".
 # > Since `(noise - pred) - context = (noise - context) - pred`, it is **exactly the velocity MSE against
 # > `noise - context`**: outside the mask the model is trained to flow to the context, the same kind of target
@@ -597,7 +603,7 @@ print(f"{'difference':<44}{identity_term - velocity_mse:.1e}  (floating-point ro
 print(f"{'loss_out from the helper':<44}{parts['loss_out']:.8f}")
 
 # %% [markdown]
-# > **Why we differ from the original design: the timestep (DESIGN §5.5).**
+# > **Why we differ from the original design: the timestep ([design note 5](../docs/design.md#5-timesteps)).**
 # > The transformer takes `timestep = sigma` in `[0, 1]` with shape `[B]` (the pipeline passes `t / 1000`),
 # > not `t` in `[0, 1000]`. The seed samples its timestep from `scheduler.sigmas`; once `set_timesteps` has
 # > run (any sampling runs it), that table ends with the terminal `sigma = 0`. There `x_t` is the clean

@@ -28,22 +28,26 @@
 #
 # On the tiny model every weight is random, so the run teaches the *mechanics* (tensors, losses, files),
 # not a useful edit. The same cells train a real editing LoRA on a GPU.
+#
+# **The code behind it:** [`kontext_helpers/training.py`](../kontext_helpers/training.py) (the loop, in named steps),
+# [`config.py`](../kontext_helpers/config.py) (settings and GPU presets) and
+# [`checkpoints.py`](../kontext_helpers/checkpoints.py) (atomic checkpoints, resume checks).
 
 # %%
-# Setup: in Colab this clones the project and installs it; locally it finds the project folder.
+# Setup: in Colab this clones the project and installs its package; locally `make demo` (or `pip install -e .`)
+# has installed it already, and the notebook only finds the project folder (for data_samples/ and outputs/).
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
-if "google.colab" in sys.modules and not os.path.exists("kontext_helpers.py"):
-    if not os.path.isdir("kontext-region-lora"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "kontext-region-lora"], check=True)
-    os.chdir("kontext-region-lora")
-    # Colab keeps its own CUDA torch: requirements.txt asks for a range it already satisfies
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
-ROOT = os.getcwd() if os.path.exists("kontext_helpers.py") else os.path.dirname(os.getcwd())
-sys.path.insert(0, ROOT)
+if "google.colab" in sys.modules:
+    if not os.path.isdir("/content/kontext-region-lora"):
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/kontext-region-lora"], check=True)
+    os.chdir("/content/kontext-region-lora")
+    # runtime dependencies only; Colab keeps its own CUDA torch (the package asks for a range it satisfies)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "."], check=True)
+ROOT = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "data_samples")))
 
 import matplotlib.pyplot as plt
 import torch
@@ -193,10 +197,11 @@ print(f"transformer: {n_params / 1e6:.2f} M parameters, dtype {pipe.transformer.
 # IP-Adapter) are the same every time a sample comes round. So `kh.build_train_cache` computes them once per
 # sample, and on a GPU each encoder leaves the GPU as soon as its stage is done (T5-XXL alone is about 9 GB).
 #
-# > **Why we differ from the original design (DESIGN §5.2).** The seed encoded the prompt with T5-XXL and
-# > the depth image with CLIP *at every step*. Both are constant per sample: here they are encoded once. On
-# > the tiny model a cached step takes 40 ms against 64 ms uncached (`benchmarks/bench_train_step.py`); on
-# > the real model the saving is larger still, and T5-XXL's memory is free for the transformer.
+# > **Why we differ from the original design ([design note 2](../docs/design.md#2-constant-work-every-step)).** The seed
+# > encoded the prompt with T5-XXL and the depth image with CLIP *at every step*. Both are constant per sample: here
+# > they are encoded once. On the tiny model a cached step takes 40 ms against 64 ms uncached
+# > (`benchmarks/bench_train_step.py`); on the real model the saving is larger still, and T5-XXL's memory is free for
+# > the transformer.
 
 # %%
 cache = kh.build_train_cache(pipe, dataset, max_sequence_length=cfg.max_sequence_length, device=DEVICE,
@@ -254,9 +259,9 @@ plt.show()
 # `k / 1000`, `k = 1 .. 1000`: uniformly (the seed's choice, `timestep_sampling="uniform"`) or concentrated
 # in the middle (`"logit_normal"`, SD3's and diffusers' choice).
 #
-# > **Why we differ from the original design (DESIGN §5.5).** The seed sampled "from `scheduler.sigmas`".
-# > After `set_timesteps` that table ends with the terminal `sigma = 0`, where `x_t` *is* the clean image and
-# > there is nothing to learn. We never draw 0, and the transformer gets `timestep = sigma` in `[0, 1]`, shape
+# > **Why we differ from the original design ([design note 5](../docs/design.md#5-timesteps)).** The seed sampled "from
+# > `scheduler.sigmas`". After `set_timesteps` that table ends with the terminal `sigma = 0`, where `x_t` *is* the clean
+# > image and there is nothing to learn. We never draw 0, and the transformer gets `timestep = sigma` in `[0, 1]`, shape
 # > `[B]` (the pipeline passes `t / 1000`), not a value in `[0, 1000]`.
 
 # %%

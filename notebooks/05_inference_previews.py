@@ -29,22 +29,25 @@
 # **On the tiny model every picture is noise.** Its VAE and transformer are random, so decoded images look
 # like coloured static and the metrics compare noise with noise. The lesson there is the mechanics and the
 # numbers (shapes, exact equalities, what each metric measures); on a GPU the same cells show real edits.
+#
+# **The code behind it:** [`kontext_helpers/inference.py`](../kontext_helpers/inference.py) (`sample_edit` in named
+# steps, `compare_variants`) and [`kontext_helpers/adapters.py`](../kontext_helpers/adapters.py) (save, load, ComfyUI).
 
 # %%
-# Setup: in Colab this clones the project and installs it; locally it finds the project folder.
+# Setup: in Colab this clones the project and installs its package; locally `make demo` (or `pip install -e .`)
+# has installed it already, and the notebook only finds the project folder (for data_samples/ and outputs/).
 import os
 import subprocess
 import sys
 
 REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
-if "google.colab" in sys.modules and not os.path.exists("kontext_helpers.py"):
-    if not os.path.isdir("kontext-region-lora"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "kontext-region-lora"], check=True)
-    os.chdir("kontext-region-lora")
-    # Colab keeps its own CUDA torch: requirements.txt asks for a range it already satisfies
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
-ROOT = os.getcwd() if os.path.exists("kontext_helpers.py") else os.path.dirname(os.getcwd())
-sys.path.insert(0, ROOT)
+if "google.colab" in sys.modules:
+    if not os.path.isdir("/content/kontext-region-lora"):
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/kontext-region-lora"], check=True)
+    os.chdir("/content/kontext-region-lora")
+    # runtime dependencies only; Colab keeps its own CUDA torch (the package asks for a range it satisfies)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "."], check=True)
+ROOT = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "data_samples")))
 
 import matplotlib.pyplot as plt
 import torch

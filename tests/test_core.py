@@ -58,6 +58,8 @@ def test_kontext_img_ids_layout_target_context_region():
     assert ids.shape == (2 * n + 1, 3), "sequence ids must be [2N+1, 3]"
     assert torch.all(ids[:n, 0] == 0) and torch.all(ids[n : 2 * n, 0] == 1), "type column must be 0 then 1"
     torch.testing.assert_close(ids[-1], torch.tensor([2.0, 0.0, 0.0]), msg="region row must be (2, 0, 0)")
+    torch.testing.assert_close(ids[-1:], kh.region_token_id(), msg="the last row is region_token_id()")
+    assert float(ids[-1, 0]) == kh.REGION_ID == 2.0, "the region's type id is REGION_ID = 2"
     assert torch.equal(ids[:n, 1:], ids[n : 2 * n, 1:]), "target and context share row/col positions"
     assert kh.kontext_img_ids(3, 5, with_region=False).shape == (2 * n, 3), "without region: [2N, 3]"
 
@@ -197,6 +199,10 @@ def test_ip_adapter_changes_the_output(tiny_pipe):
     assert not torch.allclose(a, b), "a different IP-Adapter image must change the result"
 
 
+def test_default_dtype_is_float32_on_a_cpu():
+    assert kh.default_dtype("cpu") == torch.float32, "the CPU world computes in float32"
+
+
 def test_real_model_offline_error_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError) as info:
@@ -224,7 +230,7 @@ def test_tiny_pipeline_is_identical_across_processes():
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=repo, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     prints = {subprocess.run([sys.executable, "-c", _fingerprint_code()], capture_output=True, text=True, env=env,
                              cwd=repo, timeout=300).stdout.strip() for _ in range(2)}
     assert len(prints) == 1 and "" not in prints, f"tokenizers/weights differ between two processes: {prints}"
@@ -246,7 +252,7 @@ def test_real_loading_path_from_local_folders(tmp_path):
     donor = kh.build_tiny_pipeline(0)
     donor.image_encoder.save_pretrained(tmp_path / "clip")
     (tmp_path / "ip").mkdir()
-    save_file(kh._tiny_ip_adapter_state_dict(donor.transformer, 32), tmp_path / "ip" / "ip_adapter.safetensors")
+    save_file(kh.tiny_ip_adapter_state_dict(donor.transformer, 32), tmp_path / "ip" / "ip_adapter.safetensors")
 
     pipe = kh.load_pipeline(str(tmp_path / "kontext"), device="cpu", dtype=torch.float32,
                             ip_adapter=str(tmp_path / "ip"), image_encoder=str(tmp_path / "clip"))
@@ -296,5 +302,5 @@ def test_public_names_exist_and_import_is_light():
             "if m in sys.modules))")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=repo)).stdout.strip()
+                         env=dict(os.environ)).stdout.strip()
     assert out == "[]", f"importing kontext_helpers must not import heavy libraries (no import-time work): {out}"

@@ -118,12 +118,12 @@ def test_ip_adapter_scale_applies_for_one_call_and_is_restored():
     pipe = kh.load_pipeline("tiny")  # fresh: this test changes the adapter scale
     h, w = 64, 64
     image, depth = _image(h, w, 2), _depth(h, w)
-    scales_before = [list(p.scale) for p in kh._ip_attn_processors(pipe.transformer)]
+    scales_before = [list(p.scale) for p in kh.ip_adapter_processors(pipe.transformer)]
     zero = _ours(pipe, image, h, w, 2, depth=depth, ip_adapter_scale=0.0)
     none = _ours(pipe, image, h, w, 2)
     torch.testing.assert_close(zero, none, atol=1e-6, rtol=0,
                                msg=lambda m: f"ip_adapter_scale=0 must equal no depth: {m}")
-    scales_after = [list(p.scale) for p in kh._ip_attn_processors(pipe.transformer)]
+    scales_after = [list(p.scale) for p in kh.ip_adapter_processors(pipe.transformer)]
     assert scales_after == scales_before, "the IP-Adapter scale must be restored after the call"
     full = _ours(pipe, image, h, w, 2, depth=depth)
     assert (full - zero).abs().max() > 1e-3, "the restored scale must let depth act again"
@@ -520,6 +520,7 @@ def test_compare_variants_runs_every_variant_into_one_figure_and_table(trained):
     before = _edit(pipe, region)
     grads = [p.requires_grad for n, p in pipe.transformer.named_parameters() if "lora_" in n]
     result = kh.compare_variants(pipe, image, PROMPT, mask, region=region, depth=depth, target=target, seed=4, **FAST)
+    assert isinstance(result, kh.Comparison), "compare_variants returns a Comparison"
     names = ["base", "LoRA", "LoRA + region", "LoRA + region + depth", "inpaint (base)"]
     assert list(result.metrics) == names and list(result.images) == names, f"variants: {list(result.metrics)}"
     assert isinstance(result.figure, Figure), "one matplotlib figure"

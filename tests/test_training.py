@@ -1,6 +1,8 @@
 """The training engine: learning, frozen base, caching, checkpoints and resume, accelerate, bad configs."""
 
+import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 
@@ -58,6 +60,7 @@ def test_only_lora_and_region_are_trained_base_is_bit_identical(tmp_path):
     pipe = kh.load_pipeline("tiny", seed=0)
     reference = kh.load_pipeline("tiny", seed=0).transformer.state_dict()
     result = kh.train(pipe, OnePair(), _config(tmp_path, steps=3), progress=False)
+    assert isinstance(result, kh.TrainResult), "train returns a TrainResult"
     for name, p in pipe.transformer.named_parameters():
         if "lora_" in name:
             assert p.requires_grad, f"LoRA parameter {name} must be trainable"
@@ -76,6 +79,7 @@ def test_cached_step_equals_uncached_step(tmp_path):
     data = OnePair()
     cfg = _config(tmp_path)
     cache = kh.build_train_cache(pipe, data, max_sequence_length=32, progress=False)
+    assert isinstance(cache, kh.TrainCache), "build_train_cache returns a TrainCache"
     region = kh.MaskRegionToken(cache.h_tok, cache.w_tok, 64)
     g = torch.Generator().manual_seed(0)
     noise, sigma = torch.randn(1, cache.h_tok * cache.w_tok, 64, generator=g), torch.tensor([0.37])
@@ -202,7 +206,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatc
         loss, parts = real(*args, **kwargs)
         return (loss * float("nan") if calls["n"] == 3 else loss), parts
 
-    monkeypatch.setattr(kh, "fm_masked_dual_loss_with_l2", flaky)
+    monkeypatch.setattr(kh.training, "fm_masked_dual_loss_with_l2", flaky)  # the name train() calls
     with pytest.raises(FloatingPointError, match=r"step 3.*step-000002"):
         kh.train(pipe, OnePair(), _config(tmp_path, steps=5, checkpoint_every=2), progress=False)
     assert [s for s, _ in kh.list_checkpoints(str(tmp_path / "run"))] == [2], "the last good checkpoint stays"
@@ -213,7 +217,7 @@ def test_cli_under_accelerate_launch_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m",
            "kontext_helpers", "train", "--data", ROOT, "--out", str(out), "--resolution", "64", "--steps", "3",
            "--rank", "4", "--max-sequence-length", "32", "--checkpoint-every", "3"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert "done: 3 steps" in proc.stdout, f"the CLI must report its steps: {proc.stdout[-1000:]}"
@@ -262,3 +266,118 @@ def test_training_without_depth_on_a_pipeline_with_an_ip_adapter(tmp_path):
     assert pipe.transformer.encoder_hid_proj is not None, "the tiny pipeline carries an IP-Adapter"
     result = kh.train(pipe, OnePair(), _config(tmp_path, steps=2, use_depth=False), progress=False)
     assert len(result.history) == 2, "use_depth=False must train with the adapter contributing nothing"
+
+
+class NoModelWork(torch.utils.data.Dataset):
+    """A dataset that fails loudly if anything reads it: proves a check came before any model work."""
+
+    def __init__(self, resolution=64):
+        self.resolution = resolution
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        raise AssertionError("the dataset was read: the config check must come before caching")
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    """A 2-step run with a checkpoint at step 2 (rank 4, 64 px): what the resume tests resume from."""
+    out = tmp_path_factory.mktemp("resume")
+    cfg = kh.TrainConfig(resolution=64, steps=2, rank=4, learning_rate=3e-3, region_learning_rate=1e-2,
+                         max_sequence_length=32, checkpoint_every=2, output_dir=str(out / "run"))
+    kh.train(kh.load_pipeline("tiny", seed=0), OnePair(), cfg, progress=False)
+    return cfg
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"rank": 8}, "rank: 4 -> 8"),
+    ({"resolution": 128}, "resolution: 64 -> 128"),
+    ({"lora_targets": "attn_ff"}, "lora_targets: 'attn' -> 'attn_ff'"),
+    ({"rank": 8, "alpha": 2.0}, "alpha: None -> 2.0"),
+])
+def test_resume_with_weight_shaping_changes_fails_before_model_work(checkpointed_run, change, named):
+    cfg = dataclasses.replace(checkpointed_run, steps=4, resume=True, **change)
+    with pytest.raises(ValueError, match="cannot resume"):
+        kh.checkpoint_to_resume(cfg)  # reads only the checkpoint's state.json
+    with pytest.raises(ValueError, match="cannot resume") as err:
+        kh.train(kh.load_pipeline("tiny", seed=0), NoModelWork(cfg.resolution), cfg, progress=False)
+    assert named in str(err.value), f"the error must name each differing field ({named!r}): {err.value}"
+    for name in change:
+        assert name in str(err.value), f"the error must name {name}: {err.value}"
+
+
+def test_resume_accepts_new_steps_and_learning_rate_and_says_so(checkpointed_run, tmp_path, capsys):
+    out = shutil.copytree(checkpointed_run.output_dir, tmp_path / "run")  # resume a copy: the fixture stays as is
+    cfg = dataclasses.replace(checkpointed_run, steps=3, learning_rate=1e-3, checkpoint_every=3, resume=True,
+                              output_dir=str(out))
+    result = kh.train(kh.load_pipeline("tiny", seed=0), OnePair(), cfg, progress=False)
+    out = capsys.readouterr().out
+    assert "learning_rate: 0.003 -> 0.001" in out and "steps: 2 -> 3" in out, f"the run must say what changed: {out}"
+    assert result.resumed_from == 2 and len(result.history) == 3, "the run continues from step 2 to step 3"
+    assert result.history[-1]["lr"] == pytest.approx(1e-3), "the resumed run uses the new learning rate"
+
+
+def test_resume_config_changes_sorts_fields_into_blocking_and_accepted():
+    saved = kh.TrainConfig(rank=4, steps=10).to_dict()
+    current = kh.TrainConfig(rank=8, steps=20, resume=True, output_dir="elsewhere").to_dict()
+    blocking, accepted = kh.resume_config_changes(saved, current)
+    assert blocking == ["rank: 4 -> 8"], f"rank shapes the weights: {blocking}"
+    assert accepted == ["steps: 10 -> 20"], f"steps may change; resume and output_dir are not compared: {accepted}"
+    assert set(kh.RESUME_MUST_MATCH) >= {"rank", "alpha", "lora_targets", "lora_ip_adapter", "resolution"}
+
+
+def test_checkpoint_lora_uses_the_adapter_key_format(checkpointed_run, tmp_path):
+    pipe = kh.load_pipeline("tiny", seed=0)
+    kh.add_lora(pipe.transformer, rank=4)
+    kh.save_adapter(pipe, None, str(tmp_path / "adapter"))
+    adapter_keys = {k.removeprefix("transformer.") for k in load_file(str(tmp_path / "adapter" / kh.LORA_WEIGHT_FILE))}
+    _, path = kh.list_checkpoints(checkpointed_run.output_dir)[-1]
+    ckpt = kh.load_checkpoint(path)
+    assert set(ckpt["lora"]) == adapter_keys, "checkpoints and adapters must share PEFT's key format"
+    assert ckpt["config"]["rank"] == 4 and ckpt["step"] == 2, "the run's config is saved with the checkpoint"
+    assert not os.path.exists(os.path.join(path, "rng.safetensors")), "no RNG file: every draw derives from the seed"
+
+
+def test_save_and_load_checkpoint_round_trip(tmp_path):
+    region = kh.MaskRegionToken(2, 2, 4)
+    optimizer = torch.optim.AdamW(region.parameters(), lr=1e-3)
+    region(torch.ones(1, 1, 2, 2)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    lora = {"block.lora_A.weight": torch.randn(2, 3)}
+    path = kh.save_checkpoint(str(tmp_path), 7, lora_state=lora, region_module=region, optimizer=optimizer,
+                              lr_scheduler=scheduler, history=[{"step": 7}], config=kh.TrainConfig(rank=2))
+    ckpt = kh.load_checkpoint(path)
+    assert ckpt["step"] == 7 and ckpt["config"]["rank"] == 2, "step and config come back"
+    torch.testing.assert_close(ckpt["lora"]["block.lora_A.weight"], lora["block.lora_A.weight"], msg="LoRA")
+    torch.testing.assert_close(ckpt["region"]["state_dict"]["proj.weight"], region.proj.weight.detach(),
+                               msg="region weights come back")
+    restored = torch.optim.AdamW(kh.MaskRegionToken(2, 2, 4).parameters(), lr=1e-3)
+    restored.load_state_dict(ckpt["optimizer"])
+    moments = [o.state_dict()["state"][0]["exp_avg"] for o in (restored, optimizer)]
+    torch.testing.assert_close(moments[0], moments[1], msg="optimizer moments come back")
+
+
+def test_a_failed_checkpoint_write_says_so_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def disk_fills_up(tensors, filename, *args, **kwargs):
+        if "tmp-step-000004" in str(filename):  # step 2 is written; the disk is full at step 4
+            raise OSError(28, "No space left on device")
+        return real(tensors, filename, *args, **kwargs)
+
+    pipe = kh.load_pipeline("tiny", seed=0)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_fills_up)
+    cfg = _config(tmp_path, steps=4, checkpoint_every=2)
+    with pytest.raises(kh.CheckpointWriteError) as err:
+        kh.train(pipe, OnePair(), cfg, progress=False)
+    message = str(err.value)
+    root = tmp_path / "run" / "checkpoints"
+    assert "step 4" in message and str(root) in message, f"the error names the step and the folder: {message}"
+    assert "step 2" in message and "resume=True" in message, f"the error names the checkpoint to resume: {message}"
+    assert "No space left on device" in message, f"the cause is kept: {message}"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"], "the temporary folder must be removed"

@@ -9,9 +9,8 @@ import signal
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kontext_helpers as kh  # noqa: E402
+import kontext_helpers as kh
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data_samples")
 

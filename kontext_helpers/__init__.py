@@ -1,0 +1,196 @@
+"""kontext_helpers: LoRA training for FLUX.1 Kontext with a region token and depth through an IP-Adapter.
+
+Every notebook imports it as ``kh``; each name below is also reachable as ``kh.<name>``. The modules follow
+the notebooks, and each imports only the modules above it:
+
+    images        shared   one converter per job: PIL / tensor / array, RGB, mask, depth (8/16-bit, float)
+    models        shared   device and dtype, moving encoders, the LoRA and its on/off switch
+    figures       shared   sliders, pair grids, loss curves, previews, edit metrics
+    tiny          shared   the offline tiny Kontext pipeline
+    pipeline      shared   load_pipeline (tiny, Hub id, local folder), environment print
+    data          01       KontextPairs: the dataset folder, checked; your own pairs
+    latents       02       VAE latents, 2x2 packing, position ids
+    conditioning  03       the region token, depth through the IP-Adapter, the forward call, the loss
+    inference     05       sample_edit, compare_variants
+    adapters      05       save / load an adapter, ComfyUI export
+    config        04       TrainConfig and GPU presets
+    checkpoints   04       atomic checkpoints, resume checks
+    cache         04       constant work once per sample: the training cache
+    training      04       the cache and the training loop
+    cli                    ``python -m kontext_helpers train``
+
+Training comes last because its previews sample with ``inference``. No import-time work: heavy libraries
+(diffusers, transformers, peft, accelerate, matplotlib) are imported inside the functions that use them.
+
+Dimension legend (used in every shape comment)
+    B        batch size
+    C        VAE latent channels (16 for Flux)
+    H, W     image height and width in pixels
+    H_l, W_l latent height and width (H / 8, W / 8 for Flux's VAE)
+    H', W'   token grid: latent grid after 2x2 packing (H_l / 2, W_l / 2); also written h_tok, w_tok
+    N        number of image tokens of one image, H' * W'
+    4C       channels of one packed token (64 for Flux: ``transformer.config.in_channels``), also c_in
+    T        number of text tokens (T5 sequence length)
+    D        transformer inner width (num_attention_heads * attention_head_dim)
+    E        CLIP image embedding width (the IP-Adapter's input)
+
+The visual sequence the transformer sees during training and sampling is
+``[noisy target tokens (N) | clean context tokens (N) | region token (1)]`` -> ``[B, 2N+1, 4C]`` with
+position ids ``[2N+1, 3]`` whose first column says which part a token belongs to
+(0 target, 1 context, 2 region), exactly as ``FluxKontextPipeline`` marks its context tokens with 1.
+The design and the corrections to the original design are in ``docs/design.md``.
+"""
+
+from .adapters import (
+    ADAPTER_CONFIG_FILE,
+    LORA_WEIGHT_FILE,
+    REGION_WEIGHT_FILE,
+    export_comfyui,
+    load_adapter,
+    save_adapter,
+)
+from .cache import TrainCache, build_train_cache
+from .checkpoints import (
+    RESUME_MUST_MATCH,
+    CheckpointWriteError,
+    list_checkpoints,
+    load_checkpoint,
+    resume_config_changes,
+    save_checkpoint,
+)
+from .conditioning import (
+    MaskRegionToken,
+    encode_depth_for_ip_adapter,
+    encode_prompts,
+    fm_masked_dual_loss_with_l2,
+    kontext_forward,
+    mask_to_token_grid,
+)
+from .config import GPU_PRESETS, TrainConfig, detect_gpu_preset
+from .data import KontextPairs, estimate_depth, mask_from_difference, write_pair_folder
+from .figures import LiveLossPlot, edit_metrics, interactive_figure, metrics_table, preview_grid, show_pairs
+from .images import (
+    depth_to_array,
+    depth_to_pil,
+    image_to_rgb_tensor,
+    mask_to_tensor,
+    pil_to_depth_array,
+    pil_to_rgb,
+)
+from .inference import Comparison, compare_variants, sample_edit
+from .latents import (
+    REGION_ID,
+    img_ids_grid,
+    kontext_img_ids,
+    normalize_01_to_m11,
+    pack_like_pipeline,
+    region_token_id,
+    to_latents,
+    unpack_like_pipeline,
+)
+from .models import (
+    LORA_TARGET_PRESETS,
+    add_lora,
+    collect_lora_named_params,
+    ip_adapter_processors,
+    lora_off,
+    lora_state_dict,
+)
+from .pipeline import default_dtype, default_model, describe_environment, load_pipeline, nf4_quantization_config
+from .tiny import build_tiny_pipeline, tiny_ip_adapter_state_dict
+from .training import (
+    TrainResult,
+    checkpoint_to_resume,
+    evaluation_loss,
+    sample_indices,
+    sample_sigmas,
+    train,
+    training_loss,
+)
+
+__all__ = [
+    # images
+    "depth_to_array",
+    "depth_to_pil",
+    "image_to_rgb_tensor",
+    "mask_to_tensor",
+    "pil_to_depth_array",
+    "pil_to_rgb",
+    # models
+    "LORA_TARGET_PRESETS",
+    "add_lora",
+    "collect_lora_named_params",
+    "ip_adapter_processors",
+    "lora_off",
+    "lora_state_dict",
+    # figures
+    "LiveLossPlot",
+    "edit_metrics",
+    "interactive_figure",
+    "metrics_table",
+    "preview_grid",
+    "show_pairs",
+    # tiny
+    "build_tiny_pipeline",
+    "tiny_ip_adapter_state_dict",
+    # pipeline
+    "default_dtype",
+    "default_model",
+    "describe_environment",
+    "load_pipeline",
+    "nf4_quantization_config",
+    # data (01)
+    "KontextPairs",
+    "estimate_depth",
+    "mask_from_difference",
+    "write_pair_folder",
+    # latents (02)
+    "REGION_ID",
+    "img_ids_grid",
+    "kontext_img_ids",
+    "normalize_01_to_m11",
+    "pack_like_pipeline",
+    "region_token_id",
+    "to_latents",
+    "unpack_like_pipeline",
+    # conditioning (03)
+    "MaskRegionToken",
+    "encode_depth_for_ip_adapter",
+    "encode_prompts",
+    "fm_masked_dual_loss_with_l2",
+    "kontext_forward",
+    "mask_to_token_grid",
+    # inference (05)
+    "Comparison",
+    "compare_variants",
+    "sample_edit",
+    # adapters (05)
+    "ADAPTER_CONFIG_FILE",
+    "LORA_WEIGHT_FILE",
+    "REGION_WEIGHT_FILE",
+    "export_comfyui",
+    "load_adapter",
+    "save_adapter",
+    # config (04)
+    "GPU_PRESETS",
+    "TrainConfig",
+    "detect_gpu_preset",
+    # checkpoints (04)
+    "RESUME_MUST_MATCH",
+    "CheckpointWriteError",
+    "list_checkpoints",
+    "load_checkpoint",
+    "resume_config_changes",
+    "save_checkpoint",
+    # cache (04)
+    "TrainCache",
+    "build_train_cache",
+    # training (04)
+    "TrainResult",
+    "checkpoint_to_resume",
+    "evaluation_loss",
+    "sample_indices",
+    "sample_sigmas",
+    "train",
+    "training_loss",
+]

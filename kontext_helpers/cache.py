@@ -1,0 +1,93 @@
+"""Notebook 04: constant work once per sample (docs/design.md, correction 2).
+
+The prompt embeddings (T5 + CLIP), the context and target latents, the mask on the token grid and the
+depth embedding do not change from step to step: :func:`build_train_cache` computes them once, with each
+encoder visiting the GPU only for its own stage, and training reads them back by sample index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .conditioning import encode_depth_for_ip_adapter, encode_prompts, mask_to_token_grid
+from .latents import normalize_01_to_m11, pack_like_pipeline, to_latents
+from .models import has_ip_adapter, modules_visiting, move_modules
+
+
+@dataclass
+class CachedSample:
+    """Everything constant about one training sample, computed once (all tensors detached, on ``device``)."""
+
+    name: str
+    prompt_embeds: torch.Tensor  # [1, T, D_t5]
+    pooled_prompt_embeds: torch.Tensor  # [1, D_clip]
+    ctx_tok: torch.Tensor  # [1, N, 4C]
+    tgt_tok: torch.Tensor  # [1, N, 4C]
+    mask_small: torch.Tensor  # [1, 1, H', W']
+    ip_embeds: torch.Tensor | None  # [1, 1, E] or None without IP-Adapter / depth
+
+
+@dataclass
+class TrainCache:
+    """Per-sample cache, indexed by sample (never by step), plus what every sample shares."""
+
+    samples: list[CachedSample]
+    txt_ids: torch.Tensor  # [T, 3]
+    h_tok: int
+    w_tok: int
+
+    def batch(self, indices: list[int], device=None) -> dict[str, torch.Tensor | None]:
+        """Stack the cached tensors of ``indices`` into a batch (``[B, ...]``)."""
+        picked = [self.samples[i] for i in indices]
+
+        def cat(attr):
+            values = [getattr(s, attr) for s in picked]
+            return None if values[0] is None else torch.cat(values, dim=0).to(device)
+
+        return {k: cat(k) for k in ("prompt_embeds", "pooled_prompt_embeds", "ctx_tok", "tgt_tok", "mask_small",
+                                    "ip_embeds")}
+
+
+def build_train_cache(pipe, dataset, *, max_sequence_length: int = 512, use_depth: bool = True, device=None,
+                      offload: bool = False, progress: bool = True) -> TrainCache:
+    """Encode every sample once: prompts (T5 + CLIP), context/target latents, token-grid masks, depth embeddings.
+
+    Three stages, each with only its own encoders on ``device``: text encoders, then the VAE, then the
+    image encoder. With ``offload=True`` the encoders live on the CPU and visit ``device`` only for their
+    stage, so the GPU never holds more than the transformer plus one encoder (the way to fit T5-XXL beside
+    an NF4 transformer). The transformer is not used. All cached tensors are detached and live on ``device``.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else pipe._execution_device
+    encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.vae, getattr(pipe, "image_encoder", None)]
+    move_modules(encoders, "cpu" if offload else device)
+    items = [dataset[i] for i in range(len(dataset))]
+    show = dict(disable=not progress, leave=False)
+    with modules_visiting(device, [pipe.text_encoder, pipe.text_encoder_2]):
+        texts = [encode_prompts(pipe, it["prompt"], device=device, max_sequence_length=max_sequence_length)
+                 for it in tqdm(items, desc="caching prompts", **show)]  # [(1, T, D_t5), (1, D_clip), (T, 3)]
+    with modules_visiting(device, [pipe.vae]), torch.no_grad():
+        latents = [_cache_latents(pipe.vae, it, device) for it in tqdm(items, desc="caching latents", **show)]
+    ips = [None] * len(items)
+    if use_depth and getattr(pipe, "image_encoder", None) is not None and has_ip_adapter(pipe.transformer):
+        with modules_visiting(device, [pipe.image_encoder]):
+            ips = [encode_depth_for_ip_adapter(pipe, it["depth"], device=device)[0]  # [1, 1, E]
+                   for it in tqdm(items, desc="caching depth", **show)]
+    samples = [
+        CachedSample(name=it.get("name", str(i)), prompt_embeds=text[0], pooled_prompt_embeds=text[1],
+                     ctx_tok=tok[:1], tgt_tok=tok[1:], mask_small=m, ip_embeds=ip)
+        for i, (it, text, (tok, m, _), ip) in enumerate(zip(items, texts, latents, ips))
+    ]
+    grid = latents[0][2]
+    return TrainCache(samples=samples, txt_ids=texts[0][2], h_tok=grid[0], w_tok=grid[1])
+
+
+def _cache_latents(vae, item: dict, device):
+    """Context and target tokens ``[2, N, 4C]``, the mask on the token grid ``[1, 1, H', W']``, and ``(H', W')``."""
+    pair = torch.stack([item["context"], item["target"]])  # [2, 3, H, W]
+    tok, grid = pack_like_pipeline(to_latents(normalize_01_to_m11(pair.to(device)), vae))  # [2, N, 4C]
+    mask = mask_to_token_grid(item["mask"][None].to(device), *grid)  # [1, 1, H, W] -> [1, 1, H', W']
+    return tok, mask, grid

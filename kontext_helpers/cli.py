@@ -1,0 +1,64 @@
+"""The command line: ``python -m kontext_helpers train --data DIR --out DIR [options]``.
+
+Every :class:`TrainConfig` field is a flag (``--rank 8``, ``--no-use-depth``); it also runs under
+``accelerate launch`` for several GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+
+from .adapters import save_adapter
+from .config import GPU_PRESETS, TrainConfig
+from .data import KontextPairs
+from .pipeline import load_pipeline, nf4_quantization_config
+from .training import TrainResult, checkpoint_to_resume, train
+
+
+def _cli_parser():
+    parser = argparse.ArgumentParser(prog="python -m kontext_helpers", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a LoRA + region token on a dataset folder (works under accelerate launch)")
+    p.add_argument("--data", required=True, help="dataset folder: context/ target/ masks/ depth/ prompts.txt")
+    p.add_argument("--out", required=True, help="output folder (checkpoints/, previews/, adapter/)")
+    p.add_argument("--model", default="tiny", help="'tiny', a Hub id or a local pipeline folder")
+    p.add_argument("--preset", default=None, help="GPU preset: auto, " + ", ".join(sorted(GPU_PRESETS)))
+    p.add_argument("--resize", default="square", choices=["square", "crop"], help="dataset resize policy")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("output_dir", "expected_peak_memory_gb", "peak_memory_source"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            base = next((t for t in (int, float, str) if t in typing.get_args(kind) or kind is t), str)
+            p.add_argument(flag, type=base, default=None, help=f"default {f.default!r}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    """Entry point of ``python -m kontext_helpers train``; returns the :class:`TrainResult`."""
+    args = _cli_parser().parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    overrides["output_dir"] = args.out
+    config = TrainConfig.for_gpu(args.preset, **overrides) if args.preset else TrainConfig(**overrides)
+    dataset = KontextPairs(args.data, resolution=config.resolution, resize=args.resize)
+    config.validate(dataset)
+    checkpoint_to_resume(config, verbose=False)  # a checkpoint of other settings fails here, before loading a model
+    quant = nf4_quantization_config() if config.quantize_base == "nf4" and args.model != "tiny" else None
+    pipe = load_pipeline(args.model, seed=config.seed, quantization_config=quant)
+    result = train(pipe, dataset, config)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        path = save_adapter(pipe, result.region, os.path.join(args.out, "adapter"), config=config)
+        print(f"adapter saved to {path}")
+        last = result.history[-1] if result.history else {}
+        print(f"done: {len(result.history)} steps, final loss {last.get('loss', float('nan')):.4f}")
+    return result

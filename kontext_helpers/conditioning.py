@@ -1,0 +1,237 @@
+"""Notebook 03: the region token, depth through the IP-Adapter, the transformer call and the loss.
+
+The visual sequence is ``[noisy target (N) | clean context (N) | region (1)]``; the loss asks for the
+target's velocity inside the mask and the context outside it (docs/design.md, correction 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .images import depth_to_pil
+from .latents import kontext_img_ids
+from .models import has_ip_adapter
+
+
+def mask_to_token_grid(mask: torch.Tensor, h_tok: int, w_tok: int, *, mode: str = "max") -> torch.Tensor:
+    """Bring a pixel mask ``[B, 1, H, W]`` (or ``[1, H, W]``) to the token grid ``[B, 1, H', W']``.
+
+    ``mode="max"``: a token is editable when any of its pixels is (conservative: the loss never asks an
+    edited pixel to stay unchanged). ``mode="area"``: the editable fraction of the token, in ``[0, 1]``.
+    """
+    if mask.ndim == 3:
+        mask = mask[None]  # [1, H, W] -> [1, 1, H, W]
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask must be [B, 1, H, W] or [1, H, W], got shape {tuple(mask.shape)}")
+    mask = mask.float()
+    if mode == "max":
+        return F.adaptive_max_pool2d(mask, (h_tok, w_tok))
+    if mode == "area":
+        return F.adaptive_avg_pool2d(mask, (h_tok, w_tok))
+    raise ValueError(f"mode must be 'max' or 'area', got {mode!r}")
+
+
+class MaskRegionToken(nn.Module):
+    """Project a token-grid mask to one learned region token: ``[B, 1, H', W'] -> [B, 1, c_in]``.
+
+    The original design's ``Linear(H'*W' -> c_in)`` only accepts the grid it was built for (docs/design.md,
+    correction 3). Here a mask on any other grid is area-pooled to ``(h_tok, w_tok)`` first, so one module serves
+    every resolution.
+
+    Args:
+        h_tok, w_tok: the grid the projection is built for (e.g. 32x32 for 512 px images).
+        c_in: channels of one packed token, ``transformer.config.in_channels`` (64 for Flux).
+    """
+
+    def __init__(self, h_tok: int, w_tok: int, c_in: int):
+        super().__init__()
+        self.h_tok, self.w_tok, self.c_in = int(h_tok), int(w_tok), int(c_in)
+        self.proj = nn.Linear(self.h_tok * self.w_tok, self.c_in)
+
+    def forward(self, m_small: torch.Tensor) -> torch.Tensor:
+        if m_small.ndim != 4 or m_small.shape[1] != 1:
+            raise ValueError(f"MaskRegionToken expects a mask [B, 1, H', W'], got shape {tuple(m_small.shape)}")
+        if m_small.shape[-2:] != (self.h_tok, self.w_tok):
+            m_small = F.adaptive_avg_pool2d(m_small.float(), (self.h_tok, self.w_tok))  # -> [B, 1, h_tok, w_tok]
+        flat = m_small.flatten(1).to(self.proj.weight.dtype)  # [B, 1, H', W'] -> [B, H'*W']
+        return self.proj(flat)[:, None, :]  # [B, c_in] -> [B, 1, c_in]
+
+    def extra_repr(self) -> str:
+        return f"grid={self.h_tok}x{self.w_tok}, c_in={self.c_in}"
+
+
+def fm_masked_dual_loss_with_l2(
+    pred_v: torch.Tensor,
+    tgt_tok: torch.Tensor,
+    ctx_tok: torch.Tensor,
+    noise: torch.Tensor,
+    mask_small: torch.Tensor,
+    h_tok: int,
+    w_tok: int,
+    w_in: float = 1.0,
+    w_out: float = 1.0,
+    l2_region_lambda: float = 1e-4,
+    l2_lora_lambda: float = 1e-4,
+    region_token_module: nn.Module | None = None,
+    lora_named_params: Iterable[tuple[str, nn.Parameter]] | None = None,
+    eps: float = 1e-6,
+    *,
+    return_parts: bool = False,
+):
+    """Flow-matching loss: target velocity inside the mask, context preserved outside, plus L2.
+
+    With ``x_t = (1 - s) x_0 + s e`` the flow-matching velocity is ``v = e - x_0``.
+
+    * inside (mask 1): ``mean_in (pred_v - (noise - tgt_tok))^2``
+    * outside (mask 0): the original design's identity term ``mean_out ((noise - pred_v) - ctx_tok)^2``, the
+      reconstruction ``x_pred = e - v_pred`` against the context. Since
+      ``(e - v_pred) - x_ctx = (e - x_ctx) - v_pred`` it **equals the velocity MSE against
+      ``noise - ctx_tok``** (docs/design.md, correction 4): outside the mask the model learns to flow to the context.
+    * L2: ``l2_region_lambda * sum(p^2)`` over the region module and ``l2_lora_lambda * sum(p^2)`` over the
+      LoRA parameters.
+
+    Means are over the selected tokens and all channels; ``eps`` keeps an all-zero or all-one mask finite.
+
+    Args:
+        pred_v, tgt_tok, ctx_tok, noise: ``[B, N, 4C]`` (the target part of the model output).
+        mask_small: ``[B, 1, H', W']`` in ``[0, 1]`` on the token grid.
+        h_tok, w_tok: token grid size, ``N = h_tok * w_tok``.
+        return_parts: also return ``{"loss_in", "loss_out", "l2_region", "l2_lora"}`` (detached floats).
+    Returns:
+        scalar loss ``[]`` (and the parts dict with ``return_parts=True``).
+    """
+    b, n, c = pred_v.shape
+    if n != h_tok * w_tok:
+        raise ValueError(f"pred_v has {n} tokens but the grid {h_tok}x{w_tok} has {h_tok * w_tok}")
+    if mask_small.shape[-2:] != (h_tok, w_tok):
+        raise ValueError(f"mask_small {tuple(mask_small.shape)} is not on the {h_tok}x{w_tok} token grid")
+    pred = pred_v.float()
+    m = mask_small.to(pred.dtype).reshape(b, n, 1)  # [B, 1, H', W'] -> [B, N, 1], same order as packing
+    v_in = noise.float() - tgt_tok.float()  # flow-matching target velocity
+    x_pred = noise.float() - pred  # reconstructed clean latent
+    se_in = (pred - v_in) ** 2 * m  # [B, N, 4C]
+    se_out = (x_pred - ctx_tok.float()) ** 2 * (1.0 - m)  # [B, N, 4C]
+    loss_in = se_in.sum() / (m.sum() * c + eps)
+    loss_out = se_out.sum() / ((1.0 - m).sum() * c + eps)
+    loss = w_in * loss_in + w_out * loss_out
+    l2_region = pred.new_zeros(())
+    if region_token_module is not None and l2_region_lambda:
+        l2_region = sum(p.float().pow(2).sum() for p in region_token_module.parameters())
+        loss = loss + l2_region_lambda * l2_region
+    l2_lora = pred.new_zeros(())
+    if lora_named_params is not None and l2_lora_lambda:
+        params = [p for _, p in lora_named_params]
+        if params:
+            l2_lora = sum(p.float().pow(2).sum() for p in params)
+            loss = loss + l2_lora_lambda * l2_lora
+    if not return_parts:
+        return loss
+    parts = {
+        "loss_in": float(loss_in.detach()),
+        "loss_out": float(loss_out.detach()),
+        "l2_region": float(l2_region.detach()),
+        "l2_lora": float(l2_lora.detach()),
+    }
+    return loss, parts
+
+
+@torch.no_grad()
+def encode_prompts(
+    pipe, prompts: str | list[str], *, device=None, max_sequence_length: int = 512
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Text conditioning with the pipeline's own ``encode_prompt`` (frozen encoders, no graph).
+
+    Returns:
+        ``prompt_embeds [B, T, D_t5]`` (T5), ``pooled_prompt_embeds [B, D_clip]`` (CLIP), ``txt_ids [T, 3]``.
+    """
+    device = device if device is not None else pipe._execution_device
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    embeds, pooled, txt_ids = pipe.encode_prompt(
+        prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
+    )
+    return embeds, pooled, txt_ids
+
+
+@torch.no_grad()
+def encode_depth_for_ip_adapter(pipe, depth_images, *, device=None) -> list[torch.Tensor]:
+    """CLIP image embeddings of depth maps for the IP-Adapter, from the frozen image encoder, without a graph
+    (docs/design.md, correction 7).
+
+    Args:
+        depth_images: one depth map or a list of B maps, one per sample, in any form :func:`depth_to_pil`
+            takes (PIL of any bit depth, ``[1, H, W]`` tensors in ``[0, 1]``).
+    Returns:
+        ``[image_embeds [B, 1, E]]``: a list with one tensor per IP-Adapter, the layout
+        ``joint_attention_kwargs={"ip_adapter_image_embeds": ...}`` expects (B samples, 1 image each).
+    """
+    if getattr(pipe, "image_encoder", None) is None:
+        raise ValueError("this pipeline has no image encoder / IP-Adapter: load it with load_pipeline(...) "
+                         "(ip_adapter=...) to use depth conditioning")
+    device = device if device is not None else pipe._execution_device
+    maps = depth_images if isinstance(depth_images, list | tuple) else [depth_images]
+    embeds = pipe.encode_image([depth_to_pil(d) for d in maps], device, 1)  # [B, E]
+    return [embeds[:, None, :]]  # [B, E] -> [B, 1, E]
+
+
+def kontext_forward(
+    transformer,
+    noisy_tok: torch.Tensor,
+    ctx_tok: torch.Tensor,
+    region_tok: torch.Tensor | None,
+    *,
+    sigma: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    txt_ids: torch.Tensor,
+    h_tok: int,
+    w_tok: int,
+    guidance: float | torch.Tensor | None = 1.0,
+    ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+    joint_attention_kwargs: dict | None = None,
+) -> torch.Tensor:
+    """One transformer call on ``[noisy target | clean context | region]``; returns the target velocity.
+
+    The same call ``FluxKontextPipeline.__call__`` makes (``timestep = sigma = t / 1000``, ids ``[S, 3]``),
+    plus the region token with its own id row.
+
+    Args:
+        noisy_tok, ctx_tok: ``[B, N, 4C]``; region_tok: ``[B, 1, 4C]`` or ``None``.
+        sigma: ``[B]`` in ``(0, 1]``, the flow-matching time (docs/design.md, correction 5).
+        prompt_embeds ``[B, T, D_t5]``, pooled_prompt_embeds ``[B, D_clip]``, txt_ids ``[T, 3]``.
+        guidance: the distilled guidance value (a float, or ``[B]``); ignored when the model has no
+            guidance embedding.
+        ip_adapter_image_embeds: ``[[B, 1, E]]`` from :func:`encode_depth_for_ip_adapter`.
+    Returns:
+        ``pred_v [B, N, 4C]``: the velocity predicted on the target tokens.
+    """
+    b, n, _ = noisy_tok.shape
+    parts = [noisy_tok, ctx_tok] + ([region_tok] if region_tok is not None else [])
+    base = getattr(transformer, "module", transformer)  # unwrap DistributedDataParallel for config/dtype
+    dtype = base.dtype
+    hidden = torch.cat([p.to(dtype) for p in parts], dim=1)  # -> [B, 2N(+1), 4C]
+    img_ids = kontext_img_ids(h_tok, w_tok, with_region=region_tok is not None, device=hidden.device, dtype=dtype)
+    sigma = sigma.to(device=hidden.device, dtype=dtype).reshape(b)  # [B]
+    guidance_t = None
+    if base.config.guidance_embeds and guidance is not None:
+        guidance_t = torch.as_tensor(guidance, device=hidden.device, dtype=torch.float32).expand(b)  # [B]
+    kwargs = dict(joint_attention_kwargs or {})  # the transformer pops keys out of this dict: copy it
+    if ip_adapter_image_embeds is not None:
+        kwargs["ip_adapter_image_embeds"] = [e.to(device=hidden.device, dtype=dtype) for e in ip_adapter_image_embeds]
+    elif has_ip_adapter(base):
+        kwargs.setdefault("ip_hidden_states", [])  # an IP-Adapter without image tokens adds exactly zero
+    out = transformer(
+        hidden_states=hidden,
+        timestep=sigma,
+        guidance=guidance_t,
+        pooled_projections=pooled_prompt_embeds.to(dtype),
+        encoder_hidden_states=prompt_embeds.to(dtype),
+        txt_ids=txt_ids.to(dtype),
+        img_ids=img_ids,
+        joint_attention_kwargs=kwargs or None,
+        return_dict=False,
+    )[0]  # [B, 2N(+1), 4C]
+    return out[:, :n]  # -> [B, N, 4C], the target part

@@ -1,0 +1,159 @@
+"""Notebook 04: every setting of a training run, and presets for the GPUs our users train on.
+
+:class:`TrainConfig` is validated before any model work; ``TrainConfig.for_gpu("t4")`` (or ``"auto"``)
+picks precision, quantisation, optimizer, resolution and rank for one GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from .models import LORA_TARGET_PRESETS
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of :func:`train`, with its default and why.
+
+    The names ``steps``, ``resolution``, ``batch_size``, ``learning_rate``, ``seed``, ``output_dir``,
+    ``checkpoint_every`` and ``resume`` are fixed: scripts outside the module use them.
+    """
+
+    # --- data and schedule
+    resolution: int = 512  # side in pixels, a multiple of 16 (VAE 8x, 2x2 packing); must equal the dataset's
+    steps: int = 1000  # optimizer updates (each of batch_size * gradient_accumulation_steps samples per process)
+    batch_size: int = 1  # samples per forward pass per process; 1 fits every Colab GPU at 512 px
+    gradient_accumulation_steps: int = 1  # micro-batches summed per update: a larger effective batch at no memory cost
+    max_sequence_length: int = 512  # T5 tokens; 512 is Kontext's default, shorter prompts are padded to it
+    # --- optimisation
+    learning_rate: float = 1e-4  # LoRA learning rate, the value diffusers' Kontext script uses
+    region_learning_rate: float = 1e-3  # region module: a fresh linear layer, it can move faster than the LoRA
+    optimizer: str = "adamw"  # "adamw" (torch) or "adamw8bit" (bitsandbytes, saves optimizer memory on GPUs)
+    weight_decay: float = 0.0  # AdamW decay; the L2 terms below already regularise
+    lr_scheduler: str = "constant"  # any diffusers.optimization.get_scheduler name ("cosine", "linear", ...)
+    lr_warmup_steps: int = 0  # warm-up updates for the scheduler
+    max_grad_norm: float = 1.0  # gradient clipping of LoRA + region parameters (0 disables)
+    # --- LoRA
+    rank: int = 16  # LoRA rank: 16 is a common editing-LoRA size; 4-8 for tiny datasets
+    alpha: float | None = None  # LoRA alpha; None means alpha = rank (scale 1)
+    lora_targets: str = "attn"  # "attn" (attention only) or "attn_ff" (attention + feed-forward, diffusers' script)
+    lora_ip_adapter: bool = False  # also adapt the IP-Adapter's to_k_ip / to_v_ip (lets the LoRA re-learn depth use)
+    # --- loss
+    w_in: float = 1.0  # weight of the in-mask velocity term (learn the edit)
+    w_out: float = 1.0  # weight of the out-of-mask term (keep the rest of the image)
+    l2_region_lambda: float = 1e-4  # L2 on the region module, the original design's stabiliser
+    l2_lora_lambda: float = 1e-4  # L2 on the LoRA weights, the original design's stabiliser
+    preservation: str = "identity"  # outside the mask: "identity" (flow to the context, the seed) or "prior"
+    #   ("prior" is ai-toolkit's inverted_mask_prior: match the base model's own prediction, LoRA off)
+    # --- noise schedule and conditioning
+    timestep_sampling: str = "uniform"  # "uniform" over the 1000 training sigmas (never 0) or "logit_normal"
+    logit_mean: float = 0.0  # logit-normal location (SD3 / diffusers' default)
+    logit_std: float = 1.0  # logit-normal scale
+    guidance: float = 1.0  # distilled guidance value fed to Kontext while training, as the established trainers do
+    use_depth: bool = True  # feed the depth map through the IP-Adapter when the pipeline has one
+    # --- hardware
+    mixed_precision: str = "no"  # "no", "fp16" (T4) or "bf16" (L4, A100, H100)
+    gradient_checkpointing: bool = False  # trade compute for activation memory on big models
+    quantize_base: str | None = None  # "nf4": load the transformer 4-bit (bitsandbytes) via load_pipeline
+    offload_encoders: bool = True  # on a GPU, each encoder visits the GPU only while it caches, then goes to the CPU
+    # --- bookkeeping
+    seed: int = 0  # every random draw of a step derives from (seed, step): runs are reproducible and resumable
+    output_dir: str = "outputs/kontext-lora"  # checkpoints/, previews/ and the final adapter go here (Drive works)
+    checkpoint_every: int = 250  # updates between checkpoints (0: only the final one)
+    keep_checkpoints: int = 3  # newest complete checkpoints kept on disk
+    resume: bool = False  # continue from the newest complete checkpoint under output_dir/checkpoints
+    preview_every: int = 0  # updates between preview images (0: none); needs the sampling loop
+    preview_steps: int = 8  # denoising steps of a preview
+    log_every: int = 1  # updates between progress-bar / callback updates
+    expected_peak_memory_gb: float | None = field(default=None, repr=False)  # set by presets, informative only
+    peak_memory_source: str = field(default="", repr=False)  # "measured" or "estimated", set by presets
+
+    def validate(self, dataset=None) -> None:
+        """Raise one ``ValueError`` listing every bad setting, before any model work."""
+        problems = []
+        if self.resolution <= 0 or self.resolution % 16:
+            problems.append(f"resolution={self.resolution}: must be a positive multiple of 16 (VAE 8x, 2x2 packing)")
+        if self.steps < 0:
+            problems.append(f"steps={self.steps}: must be >= 0")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            problems.append("batch_size and gradient_accumulation_steps must be >= 1")
+        if self.rank < 1:
+            problems.append(f"rank={self.rank}: LoRA rank must be >= 1")
+        if self.lora_targets not in LORA_TARGET_PRESETS:
+            problems.append(f"lora_targets={self.lora_targets!r}: choose one of {sorted(LORA_TARGET_PRESETS)}")
+        for name, allowed in (("preservation", ("identity", "prior")),
+                              ("timestep_sampling", ("uniform", "logit_normal")),
+                              ("mixed_precision", ("no", "fp16", "bf16")),
+                              ("optimizer", ("adamw", "adamw8bit")),
+                              ("quantize_base", (None, "nf4"))):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r}: choose one of {allowed}")
+        if self.learning_rate <= 0 or self.region_learning_rate < 0:
+            problems.append("learning_rate must be > 0 and region_learning_rate >= 0")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            problems.append("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+        if dataset is not None:
+            ds_res = getattr(dataset, "resolution", None)
+            if ds_res is not None and ds_res != self.resolution:
+                problems.append(f"the dataset was opened at resolution {ds_res} but the config says {self.resolution}: "
+                                f"open it with KontextPairs(root, resolution={self.resolution})")
+            if len(dataset) == 0:
+                problems.append("the dataset is empty")
+        if problems:
+            raise ValueError("invalid TrainConfig:\n  - " + "\n  - ".join(problems))
+
+    @classmethod
+    def for_gpu(cls, name: str = "auto", **overrides) -> TrainConfig:
+        """A config tuned for a GPU: ``"auto"`` (detect), or one of :data:`GPU_PRESETS` (``"t4"``, ``"l4"``,
+        ``"a100-40"``, ``"a100-80"``, ``"h100"``, ``"cpu"``). ``overrides`` replace any field."""
+        key = detect_gpu_preset() if name == "auto" else name.lower()
+        if key not in GPU_PRESETS:
+            raise ValueError(f"unknown GPU preset {name!r}; choose 'auto' or one of {sorted(GPU_PRESETS)}")
+        settings = {k: v for k, v in GPU_PRESETS[key].items() if k not in ("label", "note")}
+        settings.update(overrides)
+        return cls(**settings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Peak memory figures are estimates for FLUX.1 Kontext [dev] (12B transformer) with a LoRA of the given
+# rank at the given resolution, batch 1, encoders offloaded after caching; none was measured on that GPU here.
+GPU_PRESETS: dict[str, dict] = {
+    "cpu": dict(label="CPU (tiny model)", mixed_precision="no", gradient_checkpointing=False, optimizer="adamw",
+                quantize_base=None, resolution=512, rank=16, expected_peak_memory_gb=None,
+                peak_memory_source="not applicable: the tiny model needs well under 1 GB"),
+    "t4": dict(label="T4 16 GB", mixed_precision="fp16", gradient_checkpointing=True, optimizer="adamw8bit",
+               quantize_base="nf4", resolution=512, rank=8, expected_peak_memory_gb=14.0,
+               peak_memory_source="estimated", note="no bf16 on T4: fp16 autocast, LoRA weights kept in fp32"),
+    "l4": dict(label="L4 24 GB", mixed_precision="bf16", gradient_checkpointing=True, optimizer="adamw8bit",
+               quantize_base="nf4", resolution=768, rank=16, expected_peak_memory_gb=20.0,
+               peak_memory_source="estimated"),
+    "a100-40": dict(label="A100 40 GB", mixed_precision="bf16", gradient_checkpointing=True, optimizer="adamw",
+                    quantize_base=None, resolution=768, rank=16, expected_peak_memory_gb=36.0,
+                    peak_memory_source="estimated"),
+    "a100-80": dict(label="A100 80 GB", mixed_precision="bf16", gradient_checkpointing=False, optimizer="adamw",
+                    quantize_base=None, resolution=1024, rank=32, expected_peak_memory_gb=62.0,
+                    peak_memory_source="estimated"),
+    "h100": dict(label="H100 80 GB", mixed_precision="bf16", gradient_checkpointing=False, optimizer="adamw",
+                 quantize_base=None, resolution=1024, rank=32, expected_peak_memory_gb=60.0,
+                 peak_memory_source="estimated"),
+}
+
+
+def detect_gpu_preset() -> str:
+    """The :data:`GPU_PRESETS` key for this machine's first CUDA device (``"cpu"`` without one)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0).lower()
+    mem_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if "t4" in name or mem_gb < 20:
+        return "t4"
+    if "l4" in name or mem_gb < 30:
+        return "l4"
+    if "h100" in name or "h200" in name:
+        return "h100"
+    return "a100-40" if mem_gb < 60 else "a100-80"

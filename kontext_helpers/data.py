@@ -1,0 +1,592 @@
+"""Notebook 01: the dataset folder, read and checked.
+
+A training set is one folder, one pair per file stem (see ``docs/design.md``, "The data contract")::
+
+    DATA_ROOT/context/<stem>.<ext>  source image        DATA_ROOT/target/<stem>.<ext>  edited image
+    DATA_ROOT/masks/<stem>.<ext>    white = editable    DATA_ROOT/depth/<stem>.<ext>   near = bright
+    DATA_ROOT/prompts.txt           one prompt per line, in the order of the sorted stems
+
+:class:`KontextPairs` checks the whole folder when it is opened and raises one ``ValueError`` that lists every
+problem with its file. The helpers below make such a folder from your own images. Every conversion of a
+pixel goes through :mod:`kontext_helpers.images`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .images import (
+    image_to_pil_rgb,
+    image_to_rgb_tensor,
+    mask_to_pil,
+    open_image,
+    pil_to_binary_mask,
+    pil_to_depth_array,
+    pil_to_gray_array,
+    pil_to_mask_array,
+    pil_to_rgb,
+    pil_to_rgb_tensor,
+    rgb_tensor_to_pil,
+    values_to_hw_array,
+)
+
+_PAIR_FOLDERS = ("context", "target", "masks", "depth")
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
+
+
+_IGNORED_FILES = ("Thumbs.db", "desktop.ini")  # OS clutter; hidden files (".DS_Store", ...) are skipped too
+
+
+_DATA_FIX_HINTS = {
+    "argument": "use resolution = a positive multiple of 16 (e.g. 512, 1024), resize='square' or 'crop', "
+    "depth_normalize='minmax' or 'none', 0 < mask_threshold <= 1.",
+    "root": "pass the folder that holds context/, target/, masks/, depth/ and prompts.txt.",
+    "missing folder": "create the folder with one image per pair, named by the pair's stem "
+    "(context/cat.png -> target/cat.png, masks/cat.png, depth/cat.png).",
+    "missing image": "give every stem one image in each of context/, target/, masks/, depth/, or delete "
+    "that stem from every folder (and its line from prompts.txt).",
+    "stray file": "keep only images (.png .jpg .jpeg .webp .tif .tiff) directly in the four image "
+    "folders; move other files next to prompts.txt.",
+    "duplicate stem": "keep one image per stem in each folder (cat.png and cat.jpg are the same pair): "
+    "delete or rename one of them.",
+    "unreadable image": "re-export the file (open it and save it again, e.g. as PNG) or delete the pair "
+    "from every folder and its prompt line.",
+    "size mismatch": "the four images of a pair must show the same frame: a different size is fine "
+    "(it is resized), a different aspect ratio means they do not line up; crop them identically.",
+    "bad mask": "save masks as 8-bit images with white (255) = editable and black (0) = preserve.",
+    "bad depth": "replace NaN / inf in the depth map (e.g. by the far value) and save it again.",
+    "prompts": "write prompts.txt as UTF-8 text, one non-empty line per pair, in the order of the sorted "
+    "stems (trailing empty lines are fine).",
+    "empty dataset": "put at least one pair (context, target, mask, depth and a prompt line) in the folders.",
+}
+
+
+def _crop_box(size: tuple[int, int], resize: str) -> tuple[int, int, int, int]:
+    """The region of an image of ``size = (W, H)`` that becomes the square training image."""
+    w, h = size
+    if resize == "square":
+        return (0, 0, w, h)
+    side = min(w, h)  # aspect-preserving: short side -> resolution, then the centre square
+    left, top = (w - side) // 2, (h - side) // 2
+    return (left, top, left + side, top + side)
+
+
+def _scale_box(box, ref_size: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``box`` given in pixels of an image of ``ref_size``, expressed in pixels of one of ``size``."""
+    sx, sy = size[0] / ref_size[0], size[1] / ref_size[1]
+    return (box[0] * sx, box[1] * sy, min(box[2] * sx, size[0]), min(box[3] * sy, size[1]))
+
+
+def _same_frame(ref_size: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Same aspect ratio, up to 2 % or the rounding of a resize."""
+    (rw, rh), (w, h) = ref_size, size
+    return abs(w * rh - h * rw) <= max(0.02 * h * rw, w + h + rw + rh)
+
+
+def _check_image_file(folder: str, path, mask_threshold: float):
+    """Decode and convert one file as ``__getitem__`` will. Returns ``(size or None, [(kind, text)])``."""
+    rel = f"{folder}/{path.name}"
+    try:
+        img = open_image(path)
+        problems = []
+        if folder in ("context", "target"):
+            pil_to_rgb(img)
+        elif folder == "masks":
+            top = float(pil_to_mask_array(img).max())
+            if 0.0 < top <= 1.5 / 255.0:
+                problems.append(("bad mask", f"{rel} only holds the values 0 and 1 (of 255): it was saved as "
+                                 "0/1, so at the threshold every pixel would be 'preserve'"))
+        else:
+            values, _ = pil_to_gray_array(img)
+            if not np.isfinite(values).all():
+                problems.append(("bad depth", f"{rel} contains NaN or inf values"))
+        return img.size, problems
+    except Exception as err:  # every decoder / conversion failure becomes one listed problem
+        return None, [("unreadable image", f"{rel} cannot be read: {type(err).__name__}: {err}")]
+
+
+def _argument_problems(resolution, resize, mask_threshold, depth_normalize) -> list[tuple[str, str]]:
+    """Problems with the arguments of :class:`KontextPairs`, before any file is read."""
+    problems = []
+    is_int = isinstance(resolution, numbers.Integral) and not isinstance(resolution, bool)
+    if not is_int or resolution <= 0 or resolution % 16:
+        near = " (it must be an int, e.g. 512)" if not is_int else ""
+        if is_int and resolution > 16:
+            near = f" (nearest: {resolution // 16 * 16} or {resolution // 16 * 16 + 16})"
+        problems.append(("argument", f"resolution={resolution!r} is not a positive multiple of 16{near}: Flux "
+                         "turns 16x16 pixels into one token (8x VAE downsampling, then 2x2 packing)"))
+    if resize not in ("square", "crop"):
+        problems.append(("argument", f"resize={resize!r}: use 'square' (plain resize, may stretch) or 'crop' "
+                         "(keep the aspect ratio, centre crop)"))
+    if depth_normalize not in ("minmax", "none"):
+        problems.append(("argument", f"depth_normalize={depth_normalize!r}: use 'minmax' or 'none'"))
+    if not isinstance(mask_threshold, numbers.Real) or not 0.0 < mask_threshold <= 1.0:
+        problems.append(("argument", f"mask_threshold={mask_threshold!r} must be a number in (0, 1]"))
+    return problems
+
+
+def _folder_images(root: Path, folder: str, problems: list) -> dict[str, Path]:
+    """``{stem: path}`` of the images directly in ``root/folder``; stray files and duplicates go to ``problems``."""
+    found: dict[str, Path] = {}
+    for entry in sorted((root / folder).iterdir(), key=lambda p: p.name):
+        name, rel = entry.name, f"{folder}/{entry.name}"
+        if name.startswith(".") or name in _IGNORED_FILES:
+            continue
+        if entry.is_dir():
+            problems.append(("stray file", f"{rel}/ is a folder; images in sub-folders are not read"))
+        elif entry.suffix.lower() not in _IMAGE_SUFFIXES:
+            problems.append(("stray file", f"{rel} is not an image file (allowed: {' '.join(_IMAGE_SUFFIXES)})"))
+        elif entry.stem in found:
+            problems.append(("duplicate stem", f"{folder}/{found[entry.stem].name} and {rel} have the same stem "
+                             f"{entry.stem!r}: one image per stem and folder"))
+        else:
+            found[entry.stem] = entry
+    return found
+
+
+def _pair_files(root: Path, problems: list) -> dict[str, dict[str, Path]]:
+    """``{folder: {stem: path}}`` for each of the four folders that exists; what is missing goes to ``problems``."""
+    if not root.is_dir():
+        problems.append(("root", f"{root} {'is a file, not a folder' if root.exists() else 'does not exist'}"))
+        return {}
+    try:
+        root_dirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        problems.append(("root", f"{root} cannot be listed: {err}"))
+        return {}
+    files = {}
+    for folder in _PAIR_FOLDERS:
+        if (root / folder).is_dir():
+            files[folder] = _folder_images(root, folder, problems)
+            continue
+        close = difflib.get_close_matches(folder, [d for d in root_dirs if d not in _PAIR_FOLDERS], n=1)
+        hint = f" (there is a folder {close[0]}/: rename it to {folder}/)" if close else ""
+        problems.append(("missing folder", f"{folder}/ is missing: expected {root / folder}{hint}"))
+    nested = [d for d in root_dirs if all((root / d / f).is_dir() for f in _PAIR_FOLDERS)]
+    if not files and nested:
+        problems.append(("root", f"none of context/, target/, masks/, depth/ is in {root}, but they are in "
+                         f"{root / nested[0]}: did you mean that folder?"))
+    return files
+
+
+def _missing_image_problems(files: dict, stems: list[str]) -> list[tuple[str, str]]:
+    """One problem per stem and folder without an image of that stem."""
+    problems = []
+    for stem in stems:
+        have = ", ".join(f"{folder}/{found[stem].name}" for folder, found in files.items() if stem in found)
+        for folder, found in files.items():
+            if stem not in found:
+                problems.append(("missing image", f"{folder}/{stem}.* does not exist: stem {stem!r} has {have} "
+                                 f"but no image in {folder}/"))
+    return problems
+
+
+def _image_problems(files: dict, stems: list[str], complete: list[str], mask_threshold: float) -> list:
+    """Decode every image (in threads: PIL decodes without the GIL); unreadable files and frame mismatches."""
+    jobs = [(folder, stem, found[stem]) for stem in stems for folder, found in files.items() if stem in found]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        checked = list(pool.map(lambda job: _check_image_file(job[0], job[2], mask_threshold), jobs))
+    problems, sizes = [], {}
+    for (folder, stem, _), (size, file_problems) in zip(jobs, checked):
+        problems.extend(file_problems)
+        sizes[folder, stem] = size
+    for stem in complete:
+        ref = sizes.get(("context", stem))
+        for folder in ("target", "masks", "depth"):
+            size = sizes.get((folder, stem))
+            if ref and size and not _same_frame(ref, size):
+                problems.append(("size mismatch", f"{folder}/{files[folder][stem].name} is {size[0]}x{size[1]} but "
+                                 f"context/{files['context'][stem].name} is {ref[0]}x{ref[1]} (another aspect ratio)"))
+    return problems
+
+
+def _read_prompts(root: Path, prompts_file: str, problems: list) -> list[str] | None:
+    """The prompt lines (trailing empty lines dropped), or ``None`` when the file is missing or unreadable."""
+    path = root / prompts_file
+    if not path.is_file():
+        others = ", ".join(sorted(p.name for p in root.glob("*.txt"))) if root.is_dir() else ""
+        found_txt = f" (found {others}: rename the prompt file to {prompts_file})" if others else ""
+        problems.append(("prompts", f"{prompts_file} is missing: expected {path}{found_txt}"))
+        return None
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a UTF-8 byte-order mark is dropped
+    except UnicodeDecodeError as err:
+        problems.append(("prompts", f"{prompts_file} is not UTF-8 text ({err.reason} at byte {err.start})"))
+        return None
+    except OSError as err:
+        problems.append(("prompts", f"{prompts_file} cannot be read: {err}"))
+        return None
+    lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()  # trailing newlines / empty lines at the end
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            problems.append(("prompts", f"{prompts_file} line {number} is empty: every pair needs a prompt (only "
+                             "empty lines at the very end are ignored)"))
+    return lines
+
+
+def _prompt_count_problems(prompts_file: str, prompts, stems: list[str], complete: list[str]) -> list:
+    """A prompt count that matches neither the complete pairs nor all stems."""
+    if prompts is None or not stems or len(prompts) in (len(complete), len(stems)):
+        return []
+    order = ", ".join(complete[:8]) + (", ..." if len(complete) > 8 else "")
+    extra = f" ({len(stems)} stems counting incomplete pairs)" if len(stems) != len(complete) else ""
+    return [("prompts", f"{prompts_file} has {len(prompts)} prompt lines but there are {len(complete)} "
+             f"pairs{extra}; line i is the prompt of the i-th sorted stem: {order}")]
+
+
+def _scan_pair_folder(root: Path, resolution, resize, mask_threshold, depth_normalize, prompts_file):
+    """Validate a dataset folder in named steps. Returns ``(pairs, problems)``: ``pairs`` is a list of
+    ``(stem, {folder: path}, prompt)`` in sorted stem order, ``problems`` a list of ``(kind, text)``."""
+    problems = _argument_problems(resolution, resize, mask_threshold, depth_normalize)
+    files = _pair_files(root, problems)
+    stems = sorted(set().union(*(found.keys() for found in files.values())))
+    complete = [s for s in stems if all(s in found for found in files.values())]
+    problems += _missing_image_problems(files, stems)
+    problems += _image_problems(files, stems, complete, mask_threshold)
+    if files and not stems:
+        problems.append(("empty dataset", f"no images found in {', '.join(f + '/' for f in files)} under {root}"))
+    prompts = _read_prompts(root, prompts_file, problems) if root.is_dir() else None
+    problems += _prompt_count_problems(prompts_file, prompts, stems, complete)
+    if problems:
+        return [], problems
+    return [(stem, {f: files[f][stem] for f in _PAIR_FOLDERS}, p) for stem, p in zip(complete, prompts)], []
+
+
+def _format_data_problems(root, problems) -> str:
+    """One message listing every problem (numbered, each naming its file) and one fix hint per kind."""
+    lines = [f"KontextPairs cannot open {str(root)!r}: {len(problems)} problem(s), nothing was loaded. "
+             "Paths are relative to that folder."]
+    lines += [f"  {n}. [{kind}] {text}" for n, (kind, text) in enumerate(problems, start=1)]
+    lines.append("How to fix:")
+    for kind in dict.fromkeys(kind for kind, _ in problems):
+        lines.append(f"  - {kind}: {_DATA_FIX_HINTS[kind]}")
+    return "\n".join(lines)
+
+
+class KontextPairs(torch.utils.data.Dataset):
+    """Aligned editing pairs from a folder (the layout in this module's docstring), validated when opened.
+
+    Pairs are matched by **file stem**, never by position (``.png .jpg .jpeg .webp .tif .tiff``, any case);
+    hidden files and files next to ``prompts.txt`` are ignored. Opening decodes every image once and raises
+    **one** ``ValueError`` listing every problem with its file and a fix hint per kind (bad arguments,
+    missing folders or images, stray files, duplicate stems, unreadable images, other aspect ratios, masks
+    saved as 0/1, NaN depth, prompt file problems, an empty dataset); ``__getitem__`` reads the files again.
+
+    What is read, and how (conversions in :mod:`kontext_helpers.images`):
+        * EXIF orientation is applied to all four images.
+        * context / target: any mode -> RGB; transparent pixels on **white**; 16-bit grey / 65535.
+        * mask: grey at full precision (transparent = black), binarised at ``value >= mask_threshold`` of
+          full range, so JPEG noise, RGB, 1-bit and anti-aliased masks become exactly {0, 1} (1 = editable).
+        * depth: any bit depth (8-bit, 16-bit ``I;16*``/``I``, float ``F``) without rounding to 8 bits;
+          ``depth_normalize="minmax"`` maps each map to ``[0, 1]``, ``"none"`` divides by the full range.
+          **Near = 1 (bright)**, as Depth Anything / MiDaS; pass ``depth_invert=True`` for far = bright.
+        * sizes: a mask, target or depth of another size (same aspect ratio) is mapped onto the context's
+          frame. ``resize="square"`` (the original design's) resizes to ``resolution x resolution``;
+          ``"crop"`` keeps the aspect ratio and takes the centre square, the same box for all four images.
+          Bicubic for images, nearest for masks, bilinear on float for depth.
+
+    Args:
+        root: the dataset folder.
+        resolution: output side in pixels, a multiple of 16 (16 px = one Flux token).
+        resize: ``"square"`` or ``"crop"`` (see above).
+        mask_threshold: binarisation threshold in ``(0, 1]`` of the mask's full range.
+        depth_normalize: ``"minmax"`` (per image) or ``"none"`` (divide by the type's maximum).
+        depth_invert: ``True`` when the depth files store far = bright (metric depth).
+        prompts_file: name of the prompt file inside ``root``.
+
+    Items (``dataset[i]``), with ``H = W = resolution``:
+        ``context`` ``[3, H, W]`` float32 in ``[0, 1]``; ``target`` ``[3, H, W]`` float32 in ``[0, 1]``;
+        ``mask`` ``[1, H, W]`` float32 in {0, 1}; ``depth`` ``[1, H, W]`` float32 in ``[0, 1]`` (near = 1);
+        ``prompt`` str; ``name`` str (the file stem). A ``DataLoader`` stacks them to ``[B, ...]``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        resolution: int = 512,
+        *,
+        resize: str = "square",
+        mask_threshold: float = 0.5,
+        depth_normalize: str = "minmax",
+        depth_invert: bool = False,
+        prompts_file: str = "prompts.txt",
+    ):
+        self.root = Path(root).expanduser()
+        self.resolution = resolution
+        self.resize = resize
+        self.mask_threshold = mask_threshold
+        self.depth_normalize = depth_normalize
+        self.depth_invert = bool(depth_invert)
+        pairs, problems = _scan_pair_folder(
+            self.root, resolution, resize, mask_threshold, depth_normalize, prompts_file
+        )
+        if problems:
+            raise ValueError(_format_data_problems(self.root, problems))
+        self._names = [stem for stem, _, _ in pairs]
+        self._files = [files for _, files, _ in pairs]
+        self._prompts = [prompt for _, _, prompt in pairs]
+
+    @property
+    def names(self) -> list[str]:
+        """The pair names (file stems), in dataset order (sorted)."""
+        return list(self._names)
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompts, in dataset order, without reading any image (e.g. to encode them all once)."""
+        return list(self._prompts)
+
+    def files(self, index: int) -> dict:
+        """The four file paths of pair ``index``: ``{"context", "target", "masks", "depth"} -> Path``."""
+        return dict(self._files[index])
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return (f"KontextPairs({len(self)} pairs, root={str(self.root)!r}, resolution={self.resolution}, "
+                f"resize={self.resize!r}, depth_normalize={self.depth_normalize!r})")
+
+    def __getitem__(self, index: int) -> dict:
+        name, files, prompt = self._names[index], self._files[index], self._prompts[index]
+        context = pil_to_rgb(open_image(files["context"]))
+        target = pil_to_rgb(open_image(files["target"]))
+        mask = pil_to_binary_mask(open_image(files["masks"]), self.mask_threshold)  # L, {0, 255}
+        depth = pil_to_depth_array(open_image(files["depth"]), self.depth_normalize, self.depth_invert)
+        depth = Image.fromarray(depth.astype(np.float32))  # mode F: resizing keeps every level
+        box = _crop_box(context.size, self.resize)  # in context pixels; mapped onto each image's own size
+        rs, ref = Image.Resampling, context.size
+        context, target = (self._fit(img, box, ref, rs.BICUBIC) for img in (context, target))
+        mask, depth = self._fit(mask, box, ref, rs.NEAREST), self._fit(depth, box, ref, rs.BILINEAR)
+        depth_values = np.clip(np.array(depth, dtype=np.float32), 0.0, 1.0)  # [H, W]
+        return {
+            "context": pil_to_rgb_tensor(context),  # [3, H, W] in [0, 1]
+            "target": pil_to_rgb_tensor(target),  # [3, H, W] in [0, 1]
+            "mask": torch.from_numpy(np.array(mask) >= 128).float()[None],  # [H, W] -> [1, H, W] in {0, 1}
+            "depth": torch.from_numpy(depth_values)[None],  # [H, W] -> [1, H, W] in [0, 1], near = 1
+            "prompt": prompt,
+            "name": name,
+        }
+
+    def _fit(self, img, box, ref_size, resample):
+        """``img`` resized to ``resolution x resolution`` from the crop ``box`` (given in context pixels)."""
+        size = (self.resolution, self.resolution)
+        return img.resize(size, resample, box=_scale_box(box, ref_size, img.size))
+
+
+def mask_from_difference(context, target, threshold: float = 0.04, dilate: int = 4) -> torch.Tensor:
+    """An edit mask from a before / after pair: where the two images differ, grown by ``dilate`` pixels.
+
+    A pixel is editable when its largest channel difference exceeds ``threshold`` (0.04 ~ 10/255, above
+    JPEG noise); max-pooling then grows the region by ``dilate`` pixels in every direction (a square
+    neighbourhood), so the mask covers every pixel that changed by more than ``threshold``, with a margin.
+    Fainter changes (soft shadow edges) can fall outside it: for lossless pairs use ``threshold=0``, which
+    covers every changed pixel; keep the default for JPEGs, whose noise would otherwise fill the mask.
+
+    Args:
+        context, target: PIL images (any mode; EXIF orientation applied) or ``[3, H, W]`` tensors in
+            ``[0, 1]`` (uint8 tensors are divided by 255), of the same size.
+        threshold: in ``[0, 1]``; differences ``> threshold`` count as edited.
+        dilate: margin in pixels (0 = none).
+    Returns:
+        ``[1, H, W]`` float32 in {0, 1}; 1 = editable. Save it with ``write_pair_folder`` or
+        ``PIL.Image.fromarray((m[0].numpy() * 255).astype("uint8"))``.
+    """
+    a, b = image_to_rgb_tensor(context, "context"), image_to_rgb_tensor(target, "target")
+    if a.shape != b.shape:
+        raise ValueError(f"context is {a.shape[2]}x{a.shape[1]} but target is {b.shape[2]}x{b.shape[1]} "
+                         "(W x H): resize or crop them to the same frame first")
+    if dilate < 0:
+        raise ValueError(f"dilate must be >= 0 pixels, got {dilate}")
+    changed = (a - b).abs().amax(dim=0) > threshold  # [3, H, W] -> [H, W] bool
+    mask = changed.float()[None, None]  # -> [1, 1, H, W]
+    if dilate:
+        mask = F.max_pool2d(mask, kernel_size=2 * dilate + 1, stride=1, padding=dilate)  # same size, grown
+    return mask[0]  # [1, H, W]
+
+
+def _pair_lists(contexts, targets, masks, depths, prompts, names) -> tuple[dict[str, list], list[str]]:
+    """The lists of :func:`write_pair_folder`, checked: one item per pair, usable names, one-line prompts."""
+    lists = {"contexts": contexts, "targets": targets, "masks": masks, "depths": depths, "prompts": prompts}
+    if names is not None:
+        lists["names"] = names
+    lists = {key: list(value) for key, value in lists.items()}
+    lengths = {key: len(value) for key, value in lists.items()}
+    if len(set(lengths.values())) != 1:
+        listed = ", ".join(f"{key}={n}" for key, n in lengths.items())
+        raise ValueError(f"write_pair_folder needs one item per pair in every list; got {listed}")
+    count = lengths["contexts"]
+    if count == 0:
+        raise ValueError("write_pair_folder got no pairs (all lists are empty)")
+    width = max(4, len(str(count - 1)))
+    names = lists.get("names") or [f"{i:0{width}d}" for i in range(count)]
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name or name.startswith(".") or Path(name).name != name:
+            raise ValueError(f"names[{i}]={name!r} is not a usable file stem (no '/', not empty or hidden)")
+    if len(set(names)) != count:
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"names must be unique, got duplicates: {repeated}")
+    for i, prompt in enumerate(lists["prompts"]):
+        if not isinstance(prompt, str) or not prompt.strip() or "\n" in prompt or "\r" in prompt:
+            raise ValueError(f"prompts[{i}]={prompt!r}: every prompt must be a non-empty single-line string")
+    return lists, names
+
+
+def _prepare_pair_folder(root: Path, overwrite: bool) -> None:
+    """Create the four folders; a non-empty ``root`` is refused unless ``overwrite`` (then they are emptied)."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file, not a folder")
+    if root.is_dir() and any(root.iterdir()):
+        if not overwrite:
+            present = ", ".join(sorted(p.name for p in root.iterdir())[:8])
+            raise FileExistsError(f"{root} is not empty ({present}); pass overwrite=True to replace its "
+                                  "context/ target/ masks/ depth/ and prompts.txt, or choose a new folder")
+        for folder in _PAIR_FOLDERS:
+            if (root / folder).is_dir():
+                shutil.rmtree(root / folder)
+        (root / "prompts.txt").unlink(missing_ok=True)
+    for folder in _PAIR_FOLDERS:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+
+
+def _depth_levels_16bit(depth, what: str) -> np.ndarray:
+    """A depth map in ``[0, 1]`` (PIL of any bit depth, tensor or array) -> uint16 ``[H, W]`` levels."""
+    if isinstance(depth, Image.Image):
+        values, type_max = pil_to_gray_array(depth)
+        unit = values / type_max if type_max else values
+    else:
+        unit = values_to_hw_array(depth, what)
+    if not np.isfinite(unit).all() or unit.min() < -1e-6 or unit.max() > 1.0 + 1e-6:
+        raise ValueError(f"{what} has values in [{unit.min():.4g}, {unit.max():.4g}]; expected "
+                         "[0, 1] with near = 1 (normalise first: (d - d.min()) / (d.max() - d.min()))")
+    return np.round(np.clip(unit, 0.0, 1.0) * 65535.0).astype(np.uint16)
+
+
+def _write_pair(root: Path, name: str, i: int, lists: dict[str, list]) -> None:
+    """Write pair ``i`` as ``<folder>/<name>.png`` in the four folders."""
+    for folder, key in (("context", "contexts"), ("target", "targets")):
+        rgb = image_to_rgb_tensor(lists[key][i], f"{key}[{i}]")
+        lo, hi = float(rgb.min()), float(rgb.max())
+        if lo < -1e-3 or hi > 1.0 + 1e-3:
+            raise ValueError(f"{key}[{i}] has values in [{lo:.3g}, {hi:.3g}]; expected [0, 1] "
+                             "(for [-1, 1] images use (x + 1) / 2)")
+        rgb_tensor_to_pil(rgb).save(root / folder / f"{name}.png")
+    mask_to_pil(lists["masks"][i], f"masks[{i}]").save(root / "masks" / f"{name}.png")
+    levels = _depth_levels_16bit(lists["depths"][i], f"depths[{i}]")
+    Image.fromarray(levels).save(root / "depth" / f"{name}.png")  # uint16 [H, W] -> 16-bit grey PNG
+
+
+def write_pair_folder(
+    root: str | os.PathLike,
+    contexts,
+    targets,
+    masks,
+    depths,
+    prompts,
+    *,
+    names=None,
+    overwrite: bool = False,
+    resolution: int = 512,
+    **dataset_kwargs,
+) -> KontextPairs:
+    """Write your own pairs as a dataset folder (the layout of :class:`KontextPairs`), then open it.
+
+    Files: ``context/<name>.png`` and ``target/<name>.png`` (8-bit RGB), ``masks/<name>.png`` (8-bit, 0 /
+    255), ``depth/<name>.png`` (16-bit grey, near = bright), ``prompts.txt`` (UTF-8, in sorted-name order).
+
+    Args:
+        root: the folder to write; created if needed.
+        contexts, targets: lists of PIL images (EXIF orientation applied) or ``[3, H, W]`` tensors in
+            ``[0, 1]``.
+        masks: PIL images (binarised at 0.5 of full range) or ``[1, H, W]`` / ``[H, W]`` tensors (values
+            ``>= 0.5`` are editable), e.g. from :func:`mask_from_difference`.
+        depths: PIL images (8/16-bit or float in ``[0, 1]``) or ``[1, H, W]`` / ``[H, W]`` tensors / numpy
+            arrays in ``[0, 1]`` with near = 1, e.g. from :func:`estimate_depth`.
+        prompts: one non-empty single-line string per pair.
+        names: file stems (default ``0000``, ``0001``, ...). Pairs are matched by these names.
+        overwrite: allow a non-empty ``root``; its ``context/ target/ masks/ depth/`` folders and
+            ``prompts.txt`` are deleted first (other files are kept).
+        resolution, dataset_kwargs: passed to :class:`KontextPairs`.
+    Returns:
+        the opened (validated) :class:`KontextPairs`.
+    """
+    lists, names = _pair_lists(contexts, targets, masks, depths, prompts, names)
+    root = Path(root).expanduser()
+    _prepare_pair_folder(root, overwrite)
+    for i, name in enumerate(names):
+        _write_pair(root, name, i, lists)
+    by_name = dict(zip(names, lists["prompts"]))
+    text = "".join(by_name[name].strip() + "\n" for name in sorted(names))  # the order KontextPairs reads
+    (root / "prompts.txt").write_text(text, encoding="utf-8")
+    return KontextPairs(root, resolution, **dataset_kwargs)
+
+
+def estimate_depth(
+    images,
+    model: str = "depth-anything/Depth-Anything-V2-Small-hf",
+    device=None,
+    *,
+    invert: bool = False,
+    batch_size: int = 4,
+) -> list[torch.Tensor]:
+    """Optional: depth maps for your own images with a monocular depth model (transformers pipeline).
+
+    Needs the model from the Hugging Face Hub (about 100 MB for the default, downloaded once; a local
+    folder works too) and is much faster on a GPU. Not needed when your depth maps are already in
+    ``depth/``. Depth Anything predicts relative inverse depth, so near = large = 1 after the per-image
+    min-max here, the convention of :class:`KontextPairs`. For a metric model (metres, far = large) pass
+    ``invert=True``.
+
+    Args:
+        images: a PIL image or a list of them (EXIF orientation applied), or ``[3, H, W]`` tensors in
+            ``[0, 1]``.
+        model: Hub id or local path of a depth-estimation model.
+        device: ``"cuda"``, ``"cpu"``, ... (default: CUDA when available).
+        invert: flip the prediction (for models whose output grows with distance).
+    Returns:
+        one ``[1, H, W]`` float32 tensor in ``[0, 1]`` (near = 1) per image, at the image's own size; save
+        them with :func:`write_pair_folder` (16-bit PNG) or view them with :func:`depth_to_pil`.
+    Raises:
+        RuntimeError: the model cannot be loaded (no network, wrong id), with what to do.
+    """
+    from transformers import pipeline
+
+    batch = [images] if isinstance(images, Image.Image | torch.Tensor) else list(images)
+    pil_images = [image_to_pil_rgb(image, f"images[{i}]") for i, image in enumerate(batch)]
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        estimator = pipeline("depth-estimation", model=model, device=device)
+    except OSError as err:
+        raise RuntimeError(
+            f"cannot load the depth model {model!r}: {err}\nIt is downloaded from the Hugging Face Hub on "
+            "first use: run this with internet access once, or download the model elsewhere and pass model= "
+            "its local folder. Or skip this step and put your own depth maps (any bit depth) in depth/."
+        ) from err
+    outputs = estimator(pil_images, batch_size=batch_size)
+    if isinstance(outputs, dict):
+        outputs = [outputs]
+    depths = []
+    for img, out in zip(pil_images, outputs):
+        pred = torch.as_tensor(out["predicted_depth"]).detach().float().cpu().squeeze()  # -> [h, w]
+        if pred.shape != (img.height, img.width):  # older transformers return the model's own grid
+            pred = F.interpolate(pred[None, None], size=(img.height, img.width), mode="bilinear",
+                                 align_corners=False)[0, 0]
+        lo, hi = pred.min(), pred.max()
+        unit = (pred - lo) / (hi - lo) if hi > lo else torch.zeros_like(pred)
+        depths.append((1.0 - unit if invert else unit)[None])  # [1, H, W]
+    return depths

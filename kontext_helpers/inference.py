@@ -1,0 +1,334 @@
+"""Notebook 05: sampling an edit with the region token and depth, and comparing variants.
+
+:func:`sample_edit` is ``FluxKontextPipeline.__call__`` written out in named steps (prompt, context
+latents, region token, timesteps, depth, denoising, decoding) with the two additions the pipeline cannot
+make: the region token appended after the context tokens, and an IP-Adapter that may receive no image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .conditioning import mask_to_token_grid
+from .figures import edit_metrics, mask_at_size, resize_rgb, variants_figure
+from .images import depth_to_pil, image_to_pil_rgb, image_to_rgb_tensor, mask_to_pil, mask_to_tensor, pil_to_rgb
+from .latents import region_token_id
+from .models import has_ip_adapter, ip_adapter_processors, lora_layers, lora_off, modules_visiting
+
+
+def image_for_pipeline(image, what: str = "image"):
+    """The context image as the pipeline's image processor takes it: a PIL ``RGB`` image (any mode, EXIF
+    applied) stays PIL; a ``[3, H, W]`` / ``[1, 3, H, W]`` tensor in ``[0, 1]`` becomes ``[1, 3, H, W]`` float32."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        t = image[None] if image.ndim == 3 else image  # [3, H, W] -> [1, 3, H, W]
+        if t.ndim != 4 or t.shape[:2] != (1, 3):
+            raise ValueError(f"{what}: expected one image, [3, H, W] or [1, 3, H, W] in [0, 1], "
+                             f"got shape {tuple(image.shape)}")
+        return t.detach().float().cpu()
+    raise TypeError(f"{what}: expected a PIL image or a [3, H, W] tensor in [0, 1], got {type(image).__name__}")
+
+
+def _check_edit_inputs(transformer, prompt, mask, depth, region, output_type, num_inference_steps,
+                       ip_adapter_scale) -> None:
+    """Every argument problem of :func:`sample_edit`, raised before any model work."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be one string (sample_edit edits one image), got {type(prompt).__name__}")
+    if output_type not in ("pil", "latent", "pt", "np"):
+        raise ValueError(f"output_type must be 'pil', 'latent', 'pt' or 'np', got {output_type!r}")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    c_in = transformer.config.in_channels
+    if mask is not None and region is None:
+        raise ValueError("a mask reaches the model only through a trained region module: pass region=... "
+                         "(load_adapter returns it, train returns it) or leave mask=None")
+    if region is not None and mask is None:
+        raise ValueError("region=... needs the edit mask it was trained with: pass mask=... (white / 1 = editable)")
+    if region is not None and getattr(region, "c_in", None) != c_in:
+        raise ValueError(f"the region module was built for c_in={getattr(region, 'c_in', None)} but this "
+                         f"transformer takes {c_in}-channel tokens (transformer.config.in_channels): "
+                         "it was trained for another model")
+    if depth is not None and not has_ip_adapter(transformer):
+        raise ValueError("depth needs an IP-Adapter on the pipeline: load_pipeline(..., ip_adapter=...) attaches one")
+    if ip_adapter_scale is not None and not has_ip_adapter(transformer):
+        raise ValueError("ip_adapter_scale was given but the pipeline has no IP-Adapter")
+
+
+def _edit_sizes(pipe, image, height, width) -> tuple[int, int, int, int]:
+    """``(ctx_h, ctx_w, height, width)``: the context's own size rounded down to 16 px, and the output size."""
+    multiple = pipe.vae_scale_factor * 2  # 16: VAE 8x and 2x2 packing
+    img_h, img_w = pipe.image_processor.get_default_height_width(image)
+    ctx_h, ctx_w = img_h // multiple * multiple, img_w // multiple * multiple
+    if ctx_h == 0 or ctx_w == 0:
+        raise ValueError(f"the image is {img_w}x{img_h} px (W x H): both sides must be at least {multiple} px")
+    height = ctx_h if height is None else int(height)
+    width = ctx_w if width is None else int(width)
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"height and width must be positive multiples of {multiple} px (VAE 8x and 2x2 packing), "
+                         f"got {height}x{width} (H x W); e.g. {max(multiple, height // multiple * multiple)}x"
+                         f"{max(multiple, width // multiple * multiple)}")
+    return ctx_h, ctx_w, height, width
+
+
+def _encode_edit_prompt(pipe, prompt: str, device, max_sequence_length: int):
+    """The pipeline's own ``encode_prompt``; text encoders that training offloaded visit ``device`` and return."""
+    with modules_visiting(device, [pipe.text_encoder, pipe.text_encoder_2]):
+        return pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1,
+                                  max_sequence_length=max_sequence_length)  # [1, T, D_t5], [1, D_clip], [T, 3]
+
+
+def _noise_and_context(pipe, image, sizes, dtype, device, generator):
+    """``__call__``'s steps 3-5 with ``_auto_resize=False``: noise ``[1, N, 4C]``, context tokens ``[1, N_c, 4C]``
+    and the ids ``[N + N_c, 3]`` of both, from the pipeline's ``prepare_latents``."""
+    ctx_h, ctx_w, height, width = sizes
+    image_t = pipe.image_processor.resize(image, ctx_h, ctx_w)
+    image_t = pipe.image_processor.preprocess(image_t, ctx_h, ctx_w)  # [1, 3, H_c, W_c] in [-1, 1]
+    c_in = pipe.transformer.config.in_channels
+    latents, image_latents, latent_ids, image_ids = pipe.prepare_latents(
+        image_t, 1, c_in // 4, height, width, dtype, device, generator, None)
+    return latents, image_latents, torch.cat([latent_ids, image_ids], dim=0)  # ids: [N + N_c, 3]
+
+
+def _append_region_token(region, mask, cond, img_ids, grid: tuple[int, int]):
+    """``[context | region]`` tokens ``[1, N_c + 1, 4C]`` and ids ``[N + N_c + 1, 3]``; the region's id is (2, 0, 0)."""
+    m_small = mask_to_token_grid(mask_to_tensor(mask), *grid)  # [1, 1, H, W] -> [1, 1, H', W']
+    region_tok = region(m_small.to(next(region.parameters()).device))  # [1, 1, 4C]
+    cond = torch.cat([cond, region_tok.to(device=cond.device, dtype=cond.dtype)], dim=1)  # -> [1, N_c + 1, 4C]
+    region_id = region_token_id(device=img_ids.device, dtype=img_ids.dtype)  # [1, 3]
+    return cond, torch.cat([img_ids, region_id], dim=0)  # -> [N + N_c + 1, 3]
+
+
+def _edit_timesteps(pipe, num_inference_steps: int, image_seq_len: int, device):
+    """The pipeline's sigmas ``linspace(1, 1/n, n)``, shifted by ``mu`` from the target's sequence length."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
+
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    config = pipe.scheduler.config
+    mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+    return timesteps
+
+
+def _depth_embeds(pipe, depth, device):
+    """Depth through the pipeline's own ``prepare_ip_adapter_image_embeds`` -> ``[[1, 1, E]]``."""
+    with modules_visiting(device, [pipe.image_encoder]):
+        return pipe.prepare_ip_adapter_image_embeds(depth_to_pil(depth), None, device, 1)
+
+
+@contextlib.contextmanager
+def _ip_adapter_scale(pipe, scale):
+    """Set the IP-Adapter scale for a block (``None``: keep it); the previous scales come back afterwards."""
+    saved = [(p, list(p.scale)) for p in ip_adapter_processors(pipe.transformer)]
+    if scale is not None:
+        pipe.set_ip_adapter_scale(scale)
+    try:
+        yield
+    finally:
+        for proc, old in saved:
+            proc.scale = old
+
+
+def _denoise(pipe, latents, cond, img_ids, text, timesteps, guidance_scale, image_embeds, callback):
+    """The Euler loop of ``__call__`` on ``[noisy target | context (| region)]``; returns latents ``[1, N, 4C]``."""
+    transformer = pipe.transformer
+    prompt_embeds, pooled_prompt_embeds, text_ids = text
+    guidance = None
+    if transformer.config.guidance_embeds:
+        guidance = torch.full([1], guidance_scale, device=latents.device, dtype=torch.float32)  # [1]
+    pipe.scheduler.set_begin_index(0)
+    with pipe.progress_bar(total=len(timesteps)) as progress_bar:
+        for i, t in enumerate(timesteps):
+            # a fresh dict every step: the transformer pops the embeddings out of it
+            if image_embeds is not None:
+                attn_kwargs = {"ip_adapter_image_embeds": image_embeds}
+            else:  # no IP tokens: an attached adapter adds exactly zero
+                attn_kwargs = {"ip_hidden_states": []} if has_ip_adapter(transformer) else None
+            hidden = torch.cat([latents, cond], dim=1)  # [1, N + N_c (+1), 4C]
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)  # [1], as the pipeline casts it
+            noise_pred = transformer(
+                hidden_states=hidden, timestep=timestep / 1000, guidance=guidance,
+                pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+                img_ids=img_ids, joint_attention_kwargs=attn_kwargs, return_dict=False,
+            )[0]
+            noise_pred = noise_pred[:, : latents.shape[1]]  # [1, N, 4C]: the target part
+            latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if callback is not None:
+                replaced = callback(i, t, latents)
+                latents = latents if replaced is None else replaced
+            progress_bar.update()
+    return latents
+
+
+def _decode(pipe, latents, height: int, width: int, output_type: str):
+    """Latents ``[1, N, 4C]`` -> the image in ``output_type``, as ``__call__`` decodes them."""
+    if output_type == "latent":
+        return latents
+    lat = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)  # [1, N, 4C] -> [1, C, H_l, W_l]
+    lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    decoded = pipe.vae.decode(lat, return_dict=False)[0]  # [1, 3, H, W] in [-1, 1]
+    out = pipe.image_processor.postprocess(decoded, output_type=output_type)
+    return out[0] if output_type == "pil" else out
+
+
+@torch.no_grad()
+def sample_edit(
+    pipe,
+    image,
+    prompt: str,
+    mask=None,
+    depth=None,
+    region: nn.Module | None = None,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int = 28,
+    guidance_scale: float = 2.5,
+    generator: torch.Generator | None = None,
+    output_type: str = "pil",
+    max_sequence_length: int = 512,
+    ip_adapter_scale: float | list | None = None,
+    callback=None,
+):
+    """Edit one image with the Kontext sampling loop plus the region token and depth through the IP-Adapter.
+
+    ``FluxKontextPipeline.__call__`` step for step (same prompt encoding, image preprocessing,
+    ``prepare_latents``, timesteps and ``mu`` shift, guidance and Euler steps), plus:
+
+    * the **region token** ``region(mask on the token grid)`` ``[1, 1, 4C]`` appended after the context
+      tokens, with its own id row ``(2, 0, 0)``: the sequence is ``[noisy target | context | region]``;
+    * ``depth=None`` on a pipeline that has an IP-Adapter: the adapter gets no image tokens and adds exactly
+      zero. (``pipe(...)`` itself crashes there.)
+
+    With ``mask``, ``depth`` and ``region`` all ``None`` the result equals ``pipe(image=image, prompt=prompt,
+    height=h, width=w, max_area=h*w, num_inference_steps=..., guidance_scale=..., generator=...,
+    _auto_resize=False)``; with ``depth`` it equals that call with ``ip_adapter_image=depth``.
+
+    Args:
+        image: the context image: PIL, or a ``[3, H, W]`` / ``[1, 3, H, W]`` tensor in ``[0, 1]``. It keeps its
+            own size, rounded down to a multiple of 16 (as the pipeline with ``_auto_resize=False``).
+        mask: where the edit may happen (white / 1 = editable), any size; needs ``region``.
+        depth: depth map for the IP-Adapter: a PIL image of any bit depth (8-bit, 16-bit, float), or a
+            ``[1, H, W]`` float tensor in ``[0, 1]``; the same map in any of these forms gives the same result.
+        region: a trained :class:`MaskRegionToken` (``train`` and ``load_adapter`` return it); needs ``mask``.
+        height, width: the exact output size, multiples of 16; default: the context image's size.
+        output_type: ``"pil"``, ``"latent"`` (packed ``[1, N, 4C]``, as ``pipe(..., output_type="latent")``),
+            ``"pt"`` (``[1, 3, H, W]``) or ``"np"`` (``[1, H, W, 3]``).
+        ip_adapter_scale: IP-Adapter strength for this call only; ``None`` keeps the pipeline's.
+        callback: ``callback(step, t, latents)`` after every step; a returned tensor replaces the latents.
+    Returns:
+        the edited image in ``output_type``.
+    """
+    _check_edit_inputs(pipe.transformer, prompt, mask, depth, region, output_type, num_inference_steps,
+                       ip_adapter_scale)
+    image = image_for_pipeline(image)
+    sizes = _edit_sizes(pipe, image, height, width)
+    height, width = sizes[2:]
+    device = pipe._execution_device
+    text = _encode_edit_prompt(pipe, prompt, device, max_sequence_length)
+    latents, cond, img_ids = _noise_and_context(pipe, image, sizes, text[0].dtype, device, generator)
+    if region is not None:
+        multiple = pipe.vae_scale_factor * 2
+        cond, img_ids = _append_region_token(region, mask, cond, img_ids, (height // multiple, width // multiple))
+    timesteps = _edit_timesteps(pipe, num_inference_steps, latents.shape[1], device)
+    image_embeds = _depth_embeds(pipe, depth, device) if depth is not None else None
+    with _ip_adapter_scale(pipe, ip_adapter_scale):
+        latents = _denoise(pipe, latents, cond, img_ids, text, timesteps, guidance_scale, image_embeds, callback)
+    out = _decode(pipe, latents, height, width, output_type)
+    pipe.maybe_free_model_hooks()
+    return out
+
+
+class Comparison(NamedTuple):
+    """What :func:`compare_variants` returns: the figure, ``{variant: edit_metrics}`` and ``{variant: PIL}``."""
+
+    figure: object
+    metrics: dict
+    images: dict
+
+
+def _inpaint_baseline(pipe, image, prompt: str, mask, seed: int, common: dict):
+    """diffusers' ``FluxKontextInpaintPipeline`` from the same components, LoRA off, no depth."""
+    from diffusers import FluxKontextInpaintPipeline
+
+    inpainter = FluxKontextInpaintPipeline(**pipe.components)
+    inpainter.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    ctx_pil = image_to_pil_rgb(image).resize((common["width"], common["height"]))  # output size = input size
+    no_ip = {"ip_hidden_states": []} if has_ip_adapter(pipe.transformer) else None
+    with lora_off(pipe.transformer):
+        return inpainter(image=ctx_pil, mask_image=mask_to_pil(mask), prompt=prompt, strength=1.0,
+                         max_area=common["height"] * common["width"], generator=torch.Generator().manual_seed(seed),
+                         _auto_resize=False, joint_attention_kwargs=no_ip, **common).images[0]
+
+
+def _variant_images(pipe, image, prompt, mask, region, depth, seed, common, inpaint) -> dict:
+    """``{variant: PIL}`` for every variant whose parts exist, all from the same seed."""
+    def run(**kw):
+        return sample_edit(pipe, image, prompt, generator=torch.Generator().manual_seed(seed), **common, **kw)
+
+    has_lora = bool(lora_layers(pipe.transformer))
+    lead = "LoRA" if has_lora else "base"
+    images = {}
+    with lora_off(pipe.transformer):
+        images["base"] = run()
+    if has_lora:
+        images["LoRA"] = run()
+    if region is not None:
+        images[f"{lead} + region"] = run(mask=mask, region=region)
+        if depth is not None:
+            images[f"{lead} + region + depth"] = run(mask=mask, region=region, depth=depth)
+    if inpaint:
+        images["inpaint (base)"] = _inpaint_baseline(pipe, image, prompt, mask, seed, common)
+    return images
+
+
+def compare_variants(
+    pipe,
+    image,
+    prompt: str,
+    mask,
+    *,
+    region: nn.Module | None = None,
+    depth=None,
+    target=None,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int = 28,
+    guidance_scale: float = 2.5,
+    seed: int = 0,
+    max_sequence_length: int = 512,
+    inpaint: bool = True,
+) -> Comparison:
+    """Run the same inputs and the same noise through every variant, into one figure and one metrics table.
+
+    Variants (those whose parts exist): ``base`` (LoRA switched off), ``LoRA``, ``LoRA + region``,
+    ``LoRA + region + depth``, and ``inpaint (base)``: diffusers' mask-aware ``FluxKontextInpaintPipeline``
+    with the LoRA off and no depth, the baseline a trained region token should beat.
+
+    Args:
+        image, prompt, mask, region, depth: as in :func:`sample_edit`; ``target``: the expected edit.
+        seed: every variant starts from ``torch.Generator().manual_seed(seed)``.
+        inpaint: include the inpainting baseline.
+    Returns:
+        :class:`Comparison` ``(figure, metrics, images)``; ``metrics_table(result.metrics)`` prints the table.
+    """
+    image = image_for_pipeline(image)
+    _, _, height, width = _edit_sizes(pipe, image, height, width)
+    common = dict(height=height, width=width, num_inference_steps=num_inference_steps,
+                  guidance_scale=guidance_scale, max_sequence_length=max_sequence_length)
+    images = _variant_images(pipe, image, prompt, mask, region, depth, seed, common, inpaint)
+    ctx = resize_rgb(image_to_pil_rgb(image), height, width)  # [3, H, W]
+    tgt = resize_rgb(target, height, width) if target is not None else None
+    inside = mask_at_size(mask, height, width)  # [H, W] bool
+    metrics = {name: edit_metrics(image_to_rgb_tensor(img, name), ctx, tgt, inside[None].float())
+               for name, img in images.items()}
+    figure = variants_figure(ctx, inside, depth, tgt, images, metrics, prompt=prompt, seed=seed)
+    return Comparison(figure, metrics, images)

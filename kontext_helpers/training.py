@@ -1,0 +1,402 @@
+"""Notebook 04: the training loop: cache once, then forward, loss, backward and step, with checkpoints.
+
+:func:`train` reads as its steps: check the config (and a checkpoint's, when resuming) before any model
+work; cache every sample once (docs/design.md, correction 2); attach the LoRA; build the region module,
+the optimizer and the schedule; restore a checkpoint; then run the updates through ``accelerate``.
+One update is written out in :func:`training_loss` (noisy target, forward, the two loss terms).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cache import TrainCache, build_train_cache
+from .checkpoints import (
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint_config,
+    resume_config_changes,
+    save_checkpoint,
+)
+from .conditioning import MaskRegionToken, fm_masked_dual_loss_with_l2, kontext_forward
+from .config import TrainConfig
+from .images import image_to_pil_rgb
+from .inference import sample_edit
+from .models import (
+    add_lora,
+    collect_lora_named_params,
+    has_ip_adapter,
+    is_quantized,
+    load_lora_state_dict,
+    lora_adapter_name,
+    lora_off,
+    lora_state_dict,
+)
+
+
+def _step_generator(seed: int, *keys: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + sum(k * 7919**i for i, k in enumerate(keys, 1))) % (2**63))
+    return g
+
+
+def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Sample indices ``start .. start+count-1`` of an endless stream of epochs, each a fresh permutation."""
+    out = []
+    for j in range(start, start + count):
+        epoch, pos = divmod(j, n)
+        out.append(int(torch.randperm(n, generator=_step_generator(seed, 1, epoch))[pos]))
+    return out
+
+
+def sample_sigmas(batch: int, config: TrainConfig, generator: torch.Generator, num_train_timesteps: int = 1000):
+    """``[B]`` training sigmas in ``(0, 1]``, never the terminal 0 (DESIGN §5.5).
+
+    ``uniform``: one of the scheduler's ``num_train_timesteps`` training sigmas ``k / 1000``, ``k = 1..1000``,
+    uniformly (the original design's choice). ``logit_normal``: diffusers' ``compute_density_for_timestep_sampling``
+    mapped onto the same table, as diffusers' Kontext script does.
+    """
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    scheme = "logit_normal" if config.timestep_sampling == "logit_normal" else "uniform"
+    u = compute_density_for_timestep_sampling(scheme, batch, config.logit_mean, config.logit_std,
+                                              generator=generator)  # [B] in (0, 1)
+    k = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)  # [B] in 0..999
+    return (num_train_timesteps - k).float() / num_train_timesteps  # [B] in {0.001, ..., 1.0}
+
+
+def training_loss(transformer, region_module, batch: dict, txt_ids: torch.Tensor, h_tok: int, w_tok: int,
+                  noise: torch.Tensor, sigma: torch.Tensor, config: TrainConfig, lora_named_params=None):
+    """Loss of one batch with given noise ``[B, N, 4C]`` and sigmas ``[B]``; returns ``(loss, parts)``."""
+    tgt, ctx = batch["tgt_tok"], batch["ctx_tok"]
+    s = sigma.to(tgt.dtype)[:, None, None]  # [B] -> [B, 1, 1]
+    noisy = (1.0 - s) * tgt + s * noise  # x_t = (1 - s) x_0 + s e
+    region_tok = region_module(batch["mask_small"]) if region_module is not None else None  # [B, 1, 4C]
+    ip = [batch["ip_embeds"]] if batch.get("ip_embeds") is not None else None
+    kw = dict(sigma=sigma, prompt_embeds=batch["prompt_embeds"], pooled_prompt_embeds=batch["pooled_prompt_embeds"],
+              txt_ids=txt_ids, h_tok=h_tok, w_tok=w_tok, guidance=config.guidance, ip_adapter_image_embeds=ip)
+    pred = kontext_forward(transformer, noisy, ctx, region_tok, **kw)
+    outside_ref = ctx
+    if config.preservation == "prior":
+        # inverted_mask_prior: outside the mask, match the base model (LoRA off, no region token).
+        # With ctx := e - v_prior the loss's outside term is exactly MSE(v_pred, v_prior).
+        base = getattr(transformer, "module", transformer)
+        with torch.no_grad(), lora_off(base):
+            prior_v = kontext_forward(transformer, noisy, ctx, None, **kw).float()
+        outside_ref = noise.float() - prior_v
+    return fm_masked_dual_loss_with_l2(
+        pred, tgt, outside_ref, noise, batch["mask_small"], h_tok, w_tok, w_in=config.w_in, w_out=config.w_out,
+        l2_region_lambda=config.l2_region_lambda, l2_lora_lambda=config.l2_lora_lambda,
+        region_token_module=getattr(region_module, "module", region_module), lora_named_params=lora_named_params,
+        return_parts=True)
+
+
+@torch.no_grad()
+def evaluation_loss(pipe, region_module, cache: TrainCache, *, index: int = 0,
+                    sigmas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8), seed: int = 1234,
+                    guidance: float = 1.0) -> dict[str, float]:
+    """A fixed yardstick: the same pair, fixed noise, fixed sigmas; mean of loss, ``err_in`` and ``err_out``.
+
+    ``err_in`` is the in-mask velocity error to the target, ``err_out`` the out-of-mask error to the context.
+    """
+    cfg = TrainConfig(guidance=guidance, l2_region_lambda=0.0, l2_lora_lambda=0.0)
+    device = pipe.transformer.device
+    batch = cache.batch([index], device=device)
+    g = torch.Generator().manual_seed(seed)
+    totals = {"loss": 0.0, "err_in": 0.0, "err_out": 0.0}
+    for s in sigmas:
+        noise = torch.randn(batch["tgt_tok"].shape, generator=g).to(batch["tgt_tok"])
+        loss, parts = training_loss(pipe.transformer, region_module, batch, cache.txt_ids.to(device), cache.h_tok,
+                                    cache.w_tok, noise, torch.tensor([s], device=device), cfg)
+        totals["loss"] += float(loss) / len(sigmas)
+        totals["err_in"] += parts["loss_in"] / len(sigmas)
+        totals["err_out"] += parts["loss_out"] / len(sigmas)
+    return totals
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns. The LoRA stays on ``pipe.transformer``."""
+
+    history: list[dict]  # one record per logged update: step, loss, loss_in, loss_out, lr, seconds
+    region: MaskRegionToken  # the trained region module (unwrapped, on the training device)
+    output_dir: str
+    config: TrainConfig
+    resumed_from: int | None = None  # step of the checkpoint the run continued from
+
+
+def _make_accelerator(config: TrainConfig):
+    """An ``accelerate.Accelerator`` for the config's precision and accumulation."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision", config.mixed_precision) != config.mixed_precision and \
+            PartialState().num_processes == 1:
+        # a second train() in the same notebook with another precision: accelerate's state is a
+        # process-wide singleton that refuses the change; in a single process it is safe to reset.
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=config.mixed_precision,
+                       gradient_accumulation_steps=config.gradient_accumulation_steps,
+                       cpu=not torch.cuda.is_available())
+
+
+def checkpoint_to_resume(config: TrainConfig, *, verbose: bool = True) -> str | None:
+    """The newest complete checkpoint to resume from (``None``: start fresh), checked against ``config``.
+
+    Raises a ``ValueError`` naming every field that shapes the weights and differs (rank, alpha, LoRA
+    targets, IP-Adapter LoRA, resolution, optimizer); other changes (steps, learning rates, checkpoint
+    spacing, ...) are accepted and printed. Reads only the checkpoint's ``state.json``.
+    """
+    found = list_checkpoints(config.output_dir) if config.resume else []
+    if not found:
+        return None
+    path = found[-1][1]
+    blocking, accepted = resume_config_changes(read_checkpoint_config(path), config.to_dict())
+    if blocking:
+        raise ValueError(f"cannot resume from {path}: it was trained with other settings that shape the saved "
+                         "weights:\n  - " + "\n  - ".join(blocking) + "\nUse the checkpoint's values, or start a "
+                         "new run in another output_dir (or with resume=False).")
+    if accepted and verbose:
+        print(f"resuming from {path} with changed settings (used from now on): " + "; ".join(accepted))
+    return path
+
+
+def _attach_lora(transformer, config: TrainConfig) -> list[tuple[str, nn.Parameter]]:
+    """The LoRA to train: the one already attached (a notebook re-running the cell), or a new one whose random
+    init depends on the seed only; trainable weights in fp32 (diffusers' ``cast_training_params``)."""
+    from diffusers.training_utils import cast_training_params
+
+    if getattr(transformer, "peft_config", None):
+        lora = collect_lora_named_params(transformer)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            lora = add_lora(transformer, rank=config.rank, alpha=config.alpha, targets=config.lora_targets,
+                            include_ip_adapter=config.lora_ip_adapter)
+    cast_training_params(transformer, dtype=torch.float32)
+    return lora
+
+
+def _new_region_module(cache: TrainCache, transformer, config: TrainConfig, device) -> MaskRegionToken:
+    """The region module for the cache's token grid; its random init depends on the seed only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return MaskRegionToken(cache.h_tok, cache.w_tok, transformer.config.in_channels).to(device)
+
+
+def _make_optimizer(config: TrainConfig, lora_params: list[nn.Parameter], region_params: list[nn.Parameter]):
+    """AdamW (or bitsandbytes' 8-bit AdamW) with the LoRA and the region module as two parameter groups."""
+    groups = [{"params": lora_params, "lr": config.learning_rate},
+              {"params": region_params, "lr": config.region_learning_rate}]
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ImportError("optimizer='adamw8bit' needs bitsandbytes: `pip install bitsandbytes`, "
+                              "or use optimizer='adamw'") from err
+        return bnb.optim.AdamW8bit(groups, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def _make_lr_scheduler(config: TrainConfig, optimizer, num_processes: int):
+    """diffusers' ``get_scheduler`` with the config's schedule, counted in updates of every process."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                         num_warmup_steps=config.lr_warmup_steps * num_processes,
+                         num_training_steps=max(config.steps, 1) * num_processes)
+
+
+def _restore_checkpoint(path: str, transformer, region, optimizer, lr_scheduler, config: TrainConfig):
+    """Load a checkpoint into the fresh LoRA, region, optimizer and schedule; returns ``(step, history)``.
+
+    The learning rates of ``config`` replace the saved ones, so a resumed run may change them.
+    """
+    ckpt = load_checkpoint(path)
+    load_lora_state_dict(transformer, ckpt["lora"], adapter_name=lora_adapter_name(transformer),
+                         source=os.path.join(path, "lora.safetensors"))
+    region.load_state_dict(ckpt["region"]["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if hasattr(lr_scheduler, "lr_lambdas"):  # every diffusers schedule is a LambdaLR
+        lr_scheduler.base_lrs = [config.learning_rate, config.region_learning_rate]
+        for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * factor(lr_scheduler.last_epoch)
+    return ckpt["step"], ckpt["history"]
+
+
+@dataclass
+class _Run:
+    """What every update of one :func:`train` call shares."""
+
+    pipe: object
+    dataset: object
+    config: TrainConfig
+    accelerator: object
+    cache: TrainCache
+    model: nn.Module  # the transformer as accelerate prepared it
+    region: nn.Module  # the region module as accelerate prepared it
+    optimizer: object
+    lr_scheduler: object
+    lora: list
+    last_good: str | None = None  # the newest complete checkpoint
+
+
+def _one_update(run: _Run, step: int) -> dict[str, float]:
+    """One optimizer update (``gradient_accumulation_steps`` micro-batches); returns the mean loss parts."""
+    acc, cfg, cache = run.accelerator, run.config, run.cache
+    accum, procs, b, device = cfg.gradient_accumulation_steps, acc.num_processes, cfg.batch_size, acc.device
+    trainable = [p for _, p in run.lora] + list(run.region.parameters())
+    totals = {"loss": 0.0, "loss_in": 0.0, "loss_out": 0.0}
+    for micro in range(accum):
+        first = ((step * accum + micro) * procs + acc.process_index) * b
+        idx = sample_indices(len(cache.samples), cfg.seed, first, b)
+        g = _step_generator(cfg.seed, 2, step, micro, acc.process_index)
+        batch = cache.batch(idx, device=device)
+        noise = torch.randn(batch["tgt_tok"].shape, generator=g).to(device=device, dtype=batch["tgt_tok"].dtype)
+        sigma = sample_sigmas(b, cfg, g).to(device)
+        with acc.accumulate(run.model, run.region), acc.autocast():
+            loss, parts = training_loss(run.model, run.region, batch, cache.txt_ids.to(device), cache.h_tok,
+                                        cache.w_tok, noise, sigma, cfg, lora_named_params=run.lora)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {float(loss.detach())} at step {step + 1} (batch "
+                    f"{[cache.samples[i].name for i in idx]}). Training stopped; the last good checkpoint is "
+                    f"{run.last_good or 'none (no checkpoint yet)'}. Lower learning_rate, use bf16 instead of "
+                    "fp16, or check the data.")
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        for key, value in (("loss", float(loss.detach())), ("loss_in", parts["loss_in"]),
+                           ("loss_out", parts["loss_out"])):
+            totals[key] += value / accum
+    if procs > 1:
+        reduced = acc.reduce(torch.tensor(list(totals.values()), device=device), reduction="mean")
+        totals = dict(zip(totals, reduced.tolist()))
+    return totals
+
+
+def _after_update(run: _Run, done: int, history: list[dict], callback) -> None:
+    """Report, checkpoint and preview after update ``done``, each at its own spacing."""
+    acc, cfg = run.accelerator, run.config
+    if callback is not None and acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
+        callback(history[-1])
+    if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            transformer = run.pipe.transformer
+            run.last_good = save_checkpoint(
+                cfg.output_dir, done, lora_state=lora_state_dict(transformer, lora_adapter_name(transformer)),
+                region_module=acc.unwrap_model(run.region), optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
+                history=history, config=cfg, keep=cfg.keep_checkpoints)
+    if cfg.preview_every and done % cfg.preview_every == 0 and acc.is_main_process:
+        path = _training_preview(run.pipe, acc.unwrap_model(run.region), run.dataset, cfg, done)
+        if callback is not None:
+            callback({"step": done, "preview": path})
+
+
+def _prepare_run(pipe, dataset, config: TrainConfig, accelerator, cache, progress: bool):
+    """Everything before the first update: cache, LoRA, region, optimizer, schedule, accelerate's wrappers."""
+    device = accelerator.device
+    if cache is None:
+        cache = build_train_cache(pipe, dataset, max_sequence_length=config.max_sequence_length,
+                                  use_depth=config.use_depth, device=device,
+                                  offload=config.offload_encoders and device.type == "cuda",
+                                  progress=progress and accelerator.is_main_process)
+    transformer = pipe.transformer
+    if not is_quantized(transformer):  # a bitsandbytes model is placed when it is loaded
+        transformer.to(device)
+    pipe.vae.to(device)  # previews decode latents
+    lora = _attach_lora(transformer, config)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()  # no dropout in Flux; LoRA dropout is 0
+    region = _new_region_module(cache, transformer, config, device)
+    optimizer = _make_optimizer(config, [p for _, p in lora], list(region.parameters()))
+    lr_scheduler = _make_lr_scheduler(config, optimizer, accelerator.num_processes)
+    return cache, lora, region, optimizer, lr_scheduler
+
+
+def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None, progress: bool = True,
+          cache: TrainCache | None = None) -> TrainResult:
+    """Train a LoRA on ``pipe.transformer`` and a region token module on ``dataset``.
+
+    Steps: validate the config (and, with ``config.resume``, the newest checkpoint's config); cache every
+    sample once (:func:`build_train_cache`); attach the LoRA; restore the checkpoint; then ``config.steps``
+    updates through ``accelerate`` (device placement, mixed precision, gradient accumulation, several
+    processes under ``accelerate launch``), with atomic checkpoints every ``config.checkpoint_every`` updates.
+
+    Args:
+        callback: called with each history record (a dict) on the main process, e.g. a live loss plot;
+            preview records carry ``"preview"`` (an image path).
+        accelerator: an ``accelerate.Accelerator`` to use (one is made from the config otherwise).
+        cache: a ready :class:`TrainCache` (skips encoding).
+    Raises:
+        ValueError: a bad config, a dataset of another resolution, or a checkpoint trained with settings that
+            shape the weights differently, before any model work.
+        FloatingPointError: a NaN/inf loss; the last good checkpoint is kept.
+        CheckpointWriteError: a checkpoint could not be written; the message names the one to resume from.
+    """
+    from tqdm.auto import tqdm
+
+    config.validate(dataset)
+    accelerator = accelerator or _make_accelerator(config)
+    resume_path = checkpoint_to_resume(config, verbose=accelerator.is_main_process)
+    cache, lora, region, optimizer, lr_scheduler = _prepare_run(pipe, dataset, config, accelerator, cache, progress)
+    start, history = 0, []
+    if resume_path is not None:
+        start, history = _restore_checkpoint(resume_path, pipe.transformer, region, optimizer, lr_scheduler, config)
+        if accelerator.is_main_process:
+            print(f"resumed from {resume_path} (step {start})")
+    model, region_p, optimizer, lr_scheduler = accelerator.prepare(pipe.transformer, region, optimizer, lr_scheduler)
+    run = _Run(pipe, dataset, config, accelerator, cache, model, region_p, optimizer, lr_scheduler, lora,
+               last_good=resume_path)
+    bar = tqdm(total=config.steps, initial=start, desc="training", mininterval=0.5,
+               disable=not (progress and accelerator.is_main_process))
+    t_start = time.perf_counter()
+    with bar:
+        for step in range(start, config.steps):
+            parts = _one_update(run, step)
+            history.append({"step": step + 1, **parts, "lr": optimizer.param_groups[0]["lr"],
+                            "seconds": time.perf_counter() - t_start})
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{history[-1]['lr']:.1e}", refresh=False)
+            _after_update(run, step + 1, history, callback)
+    accelerator.wait_for_everyone()
+    pipe.transformer.eval()
+    region = accelerator.unwrap_model(region_p).eval()
+    return TrainResult(history=history, region=region, output_dir=config.output_dir, config=config,
+                       resumed_from=start if resume_path is not None else None)
+
+
+def _training_preview(pipe, region, dataset, config: TrainConfig, step: int) -> str:
+    """Sample the first pair with the current LoRA + region and save ``previews/step-NNNNNN.png``.
+
+    ``sample_edit`` brings encoders that the cache offloaded to the device for their step and back.
+    """
+    item = dataset[0]
+    was_training = pipe.transformer.training
+    pipe.transformer.eval()
+    use_depth = config.use_depth and has_ip_adapter(pipe.transformer)
+    try:
+        image = sample_edit(
+            pipe, image_to_pil_rgb(item["context"]), item["prompt"], mask=item["mask"],
+            depth=item["depth"] if use_depth else None, region=region, height=config.resolution,
+            width=config.resolution, num_inference_steps=config.preview_steps, guidance_scale=2.5,
+            generator=torch.Generator().manual_seed(config.seed), max_sequence_length=config.max_sequence_length)
+    finally:
+        pipe.transformer.train(was_training)
+    folder = os.path.join(config.output_dir, "previews")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step-{step:06d}.png")
+    image.save(path)
+    return path
