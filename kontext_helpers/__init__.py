@@ -18,6 +18,7 @@ the notebooks, and each imports only the modules above it:
     cache         04       constant work once per sample: the training cache
     training      04       the cache and the training loop
     cli                    ``python -m kontext_helpers train``
+    colab                  the notebooks' setup in Colab: Drive, Hub login, bitsandbytes when a preset needs it
 
 Training comes last because its previews sample with ``inference``. No import-time work: heavy libraries
 (diffusers, transformers, peft, accelerate, matplotlib) are imported inside the functions that use them.
@@ -58,6 +59,7 @@ from .checkpoints import (
     resume_config_changes,
     save_checkpoint,
 )
+from .colab import colab_session
 from .conditioning import (
     MaskRegionToken,
     encode_depth_for_ip_adapter,
@@ -175,6 +177,8 @@ __all__ = [
     "GPU_PRESETS",
     "TrainConfig",
     "detect_gpu_preset",
+    # colab
+    "colab_session",
     # checkpoints (04)
     "RESUME_MUST_MATCH",
     "CheckpointWriteError",

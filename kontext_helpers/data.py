@@ -535,6 +535,22 @@ def write_pair_folder(
     return KontextPairs(root, resolution, **dataset_kwargs)
 
 
+def _estimate_in_same_size_batches(estimator, images: list, batch_size: int) -> list[dict]:
+    """Run a transformers depth pipeline on batches of one image size each (it stacks a batch, so images of
+    other aspect ratios cannot share one); results come back in the input order."""
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        by_size.setdefault(img.size, []).append(i)
+    outputs: list = [None] * len(images)
+    for indices in by_size.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            results = estimator([images[i] for i in chunk], batch_size=len(chunk))
+            for i, result in zip(chunk, results if isinstance(results, list) else [results]):
+                outputs[i] = result
+    return outputs
+
+
 def estimate_depth(
     images,
     model: str = "depth-anything/Depth-Anything-V2-Small-hf",
@@ -577,15 +593,13 @@ def estimate_depth(
             "first use: run this with internet access once, or download the model elsewhere and pass model= "
             "its local folder. Or skip this step and put your own depth maps (any bit depth) in depth/."
         ) from err
-    outputs = estimator(pil_images, batch_size=batch_size)
-    if isinstance(outputs, dict):
-        outputs = [outputs]
+    outputs = _estimate_in_same_size_batches(estimator, pil_images, batch_size)
     depths = []
     for img, out in zip(pil_images, outputs):
         pred = torch.as_tensor(out["predicted_depth"]).detach().float().cpu().squeeze()  # -> [h, w]
         if pred.shape != (img.height, img.width):  # older transformers return the model's own grid
             pred = F.interpolate(pred[None, None], size=(img.height, img.width), mode="bilinear",
-                                 align_corners=False)[0, 0]
+                                 align_corners=False)[0, 0]  # [1, 1, h, w] -> [H, W]
         lo, hi = pred.min(), pred.max()
         unit = (pred - lo) / (hi - lo) if hi > lo else torch.zeros_like(pred)
         depths.append((1.0 - unit if invert else unit)[None])  # [1, H, W]

@@ -12,6 +12,20 @@ import contextlib
 import torch
 from torch import nn
 
+# The first releases whose from_pretrained takes dtype= (torch_dtype= is deprecated there).
+_DTYPE_ARGUMENT_SINCE = {"diffusers": "0.40.0", "transformers": "4.56.0"}
+
+
+def dtype_argument(library: str, dtype: torch.dtype) -> dict:
+    """``{"dtype": dtype}`` for ``from_pretrained`` of the installed ``library`` ("diffusers" or "transformers")
+    when it takes that name, else ``{"torch_dtype": dtype}`` (older releases know only the old name)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    new = Version(version(library)) >= Version(_DTYPE_ARGUMENT_SINCE[library])
+    return {"dtype" if new else "torch_dtype": dtype}
+
 
 def collect_lora_named_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Trainable LoRA ``(name, parameter)`` pairs of a PEFT-wrapped module (names containing ``lora_``)."""

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .models import default_device, default_dtype, pipeline_modules
+from .models import default_device, default_dtype, dtype_argument, pipeline_modules
 from .tiny import build_tiny_pipeline
 
 
@@ -75,6 +75,43 @@ def _hub_help(what: str, repo: str, err: Exception) -> RuntimeError:
     return RuntimeError("\n".join(lines))
 
 
+def _check_model_name(model: str) -> None:
+    """A path-like name that is not a folder is a typo, not a Hub id: say so before anything is downloaded."""
+    if not os.path.isdir(model) and (model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]):
+        raise FileNotFoundError(f"load_pipeline: local folder '{model}' does not exist. Pass 'tiny', a Hub id such "
+                                f"as '{KONTEXT_DEV}', or a folder written by pipe.save_pretrained().")
+
+
+def _load_kontext(model: str, dtype, quantization_config, vae_only: bool):
+    """``FluxKontextPipeline.from_pretrained``: whole, with an NF4 transformer, or the VAE (and scheduler) alone."""
+    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+
+    kwargs = dtype_argument("diffusers", dtype)
+    if vae_only:  # components passed as None are not loaded: about 170 MB instead of the 12B transformer and T5
+        kwargs.update(transformer=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    try:
+        if quantization_config is not None and not vae_only:
+            kwargs["transformer"] = FluxTransformer2DModel.from_pretrained(
+                model, subfolder="transformer", quantization_config=quantization_config,
+                **dtype_argument("diffusers", dtype))
+        return FluxKontextPipeline.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as err:  # huggingface_hub's errors derive from OSError
+        raise _hub_help("FLUX.1 Kontext", model, err) from err
+
+
+def _attach_ip_adapter(pipe, ip_adapter: str, weight_name: str, image_encoder: str, dtype) -> None:
+    """The CLIP image encoder the IP-Adapter was trained with, then the XLabs file through ``load_ip_adapter``."""
+    from transformers import CLIPVisionModelWithProjection
+
+    try:
+        pipe.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+            image_encoder, **dtype_argument("transformers", dtype))
+        pipe.register_modules(image_encoder=pipe.image_encoder)
+        pipe.load_ip_adapter(ip_adapter, weight_name=weight_name, image_encoder_pretrained_model_name_or_path=None)
+    except (OSError, ValueError) as err:
+        raise _hub_help("the IP-Adapter / CLIP image encoder", ip_adapter, err) from err
+
+
 def load_pipeline(
     model: str = "tiny",
     *,
@@ -85,6 +122,7 @@ def load_pipeline(
     ip_adapter_weight_name: str = IP_ADAPTER_WEIGHT,
     image_encoder: str = IMAGE_ENCODER_REPO,
     quantization_config=None,
+    vae_only: bool = False,
 ):
     """A ready ``FluxKontextPipeline`` with image encoder and IP-Adapter attached.
 
@@ -98,40 +136,21 @@ def load_pipeline(
         ip_adapter: an XLabs Flux IP-Adapter repo or folder (``None`` skips it).
         image_encoder: the CLIP vision encoder the IP-Adapter was trained with (ViT-L/14).
         quantization_config: optional diffusers ``BitsAndBytesConfig`` for the transformer (NF4 on small GPUs).
+        vae_only: load the VAE and the scheduler alone (the transformer, text encoders and IP-Adapter are
+            ``None``): what notebook 02 needs. The tiny pipeline is always complete.
     """
     if model == "tiny":
         return build_tiny_pipeline(seed, with_ip_adapter=ip_adapter is not None, device=device,
                                    dtype=dtype or torch.float32)
-    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
-
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    local = os.path.isdir(model)
-    if not local and (model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1]):
-        raise FileNotFoundError(f"load_pipeline: local folder '{model}' does not exist. Pass 'tiny', a Hub id such "
-                                f"as '{KONTEXT_DEV}', or a folder written by pipe.save_pretrained().")
-    try:
-        kwargs = {"torch_dtype": dtype}
-        if quantization_config is not None:
-            kwargs["transformer"] = FluxTransformer2DModel.from_pretrained(
-                model, subfolder="transformer", quantization_config=quantization_config, torch_dtype=dtype
-            )
-        pipe = FluxKontextPipeline.from_pretrained(model, **kwargs)
-    except (OSError, ValueError) as err:  # huggingface_hub's errors derive from OSError
-        raise _hub_help("FLUX.1 Kontext", model, err) from err
-    if ip_adapter is not None:
-        try:
-            from transformers import CLIPVisionModelWithProjection
-
-            pipe.image_encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder, torch_dtype=dtype)
-            pipe.register_modules(image_encoder=pipe.image_encoder)
-            pipe.load_ip_adapter(ip_adapter, weight_name=ip_adapter_weight_name,
-                                 image_encoder_pretrained_model_name_or_path=None)
-        except (OSError, ValueError) as err:
-            raise _hub_help("the IP-Adapter / CLIP image encoder", ip_adapter, err) from err
+    _check_model_name(model)
+    pipe = _load_kontext(model, dtype, quantization_config, vae_only)
+    if ip_adapter is not None and not vae_only:
+        _attach_ip_adapter(pipe, ip_adapter, ip_adapter_weight_name, image_encoder, dtype)
     for module in pipeline_modules(pipe):
         module.eval().requires_grad_(False)
-    if quantization_config is None:
+    if quantization_config is None or vae_only:
         pipe.to(device)
     else:
         # a 4-bit transformer is placed on the GPU when loaded; the encoders (T5-XXL alone is 9.5 GB in

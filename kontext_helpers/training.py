@@ -55,7 +55,7 @@ def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
 
 
 def sample_sigmas(batch: int, config: TrainConfig, generator: torch.Generator, num_train_timesteps: int = 1000):
-    """``[B]`` training sigmas in ``(0, 1]``, never the terminal 0 (DESIGN §5.5).
+    """``[B]`` training sigmas in ``(0, 1]``, never the terminal 0 (docs/design.md, correction 5).
 
     ``uniform``: one of the scheduler's ``num_train_timesteps`` training sigmas ``k / 1000``, ``k = 1..1000``,
     uniformly (the original design's choice). ``logit_normal``: diffusers' ``compute_density_for_timestep_sampling``
@@ -363,19 +363,27 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
     bar = tqdm(total=config.steps, initial=start, desc="training", mininterval=0.5,
                disable=not (progress and accelerator.is_main_process))
     t_start = time.perf_counter()
-    with bar:
-        for step in range(start, config.steps):
-            parts = _one_update(run, step)
-            history.append({"step": step + 1, **parts, "lr": optimizer.param_groups[0]["lr"],
-                            "seconds": time.perf_counter() - t_start})
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{history[-1]['lr']:.1e}", refresh=False)
-            _after_update(run, step + 1, history, callback)
-    accelerator.wait_for_everyone()
-    pipe.transformer.eval()
-    region = accelerator.unwrap_model(region_p).eval()
+    try:
+        with bar:
+            for step in range(start, config.steps):
+                parts = _one_update(run, step)
+                history.append({"step": step + 1, **parts, "lr": optimizer.param_groups[0]["lr"],
+                                "seconds": time.perf_counter() - t_start})
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{history[-1]['lr']:.1e}", refresh=False)
+                _after_update(run, step + 1, history, callback)
+        accelerator.wait_for_everyone()
+    finally:
+        region = _unwrap_after_training(accelerator, model, region_p)
     return TrainResult(history=history, region=region, output_dir=config.output_dir, config=config,
                        resumed_from=start if resume_path is not None else None)
+
+
+def _unwrap_after_training(accelerator, model, region_p) -> MaskRegionToken:
+    """Undo ``accelerator.prepare``: its mixed-precision wrapper leaves ``forward`` (``keep_fp32_wrapper=False``),
+    so the pipeline afterwards behaves exactly like a fresh one with the same adapter; eval mode for both."""
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
+    return accelerator.unwrap_model(region_p, keep_fp32_wrapper=False).eval()
 
 
 def _training_preview(pipe, region, dataset, config: TrainConfig, step: int) -> str:

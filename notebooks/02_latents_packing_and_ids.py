@@ -30,18 +30,25 @@
 # function beside the `FluxKontextPipeline` method it mirrors.
 
 # %%
-# Setup: in Colab this clones the project and installs its package; locally `make demo` (or `pip install -e .`)
-# has installed it already, and the notebook only finds the project folder (for data_samples/ and outputs/).
+# Setup, in Colab and locally. In Colab: set REPO_URL once (or upload the project folder), then run it.
+# Locally `make demo` (or `pip install -e .`) has installed the package already, and nothing is installed here.
 import os
 import subprocess
 import sys
 
-REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
-if "google.colab" in sys.modules:
-    if not os.path.isdir("/content/kontext-region-lora"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/kontext-region-lora"], check=True)
-    os.chdir("/content/kontext-region-lora")
-    # runtime dependencies only; Colab keeps its own CUDA torch (the package asks for a range it satisfies)
+REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # the project's GitHub address: the one place to set it
+USE_DRIVE = True  # Colab: outputs and the Hub cache (~35 GB for the real model) on Google Drive; False: runtime disk
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:
+    PROJECT = os.environ.get("KONTEXT_PROJECT", "/content/kontext-region-lora")  # where the project is cloned
+    if not os.path.isdir(PROJECT):
+        if "/OWNER/" in REPO_URL:
+            raise RuntimeError("Set REPO_URL in this cell to the project's GitHub address "
+                               "(https://github.com/<owner>/kontext-region-lora), or upload the project folder "
+                               f"to {PROJECT} with the Files panel; then run this cell again.")
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, PROJECT], check=True)
+    os.chdir(PROJECT)
+    # the package's runtime dependencies only: Colab keeps its own torch and ipykernel (both already satisfy it)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "."], check=True)
 ROOT = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "data_samples")))
 
@@ -49,6 +56,8 @@ import matplotlib.pyplot as plt
 import torch
 
 import kontext_helpers as kh
+
+kh.colab_session(use_drive=USE_DRIVE)  # Colab only: Drive, Hub login (the HF_TOKEN secret), bitsandbytes if needed
 
 MODEL = kh.default_model()  # $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
 kh.describe_environment(MODEL)
@@ -62,7 +71,6 @@ OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))
 SEED = 0  # every random draw of this notebook
 PAIR = 3  # the sample pair used throughout (3 = "turn the red box into a sphere")
 MAX_SEQUENCE_LENGTH = 64 if TINY else 512  # text tokens T per prompt (512 is Kontext's default)
-NF4 = (not TINY) and kh.detect_gpu_preset() in ("t4", "l4")  # 4-bit transformer on 16-24 GB GPUs (bitsandbytes)
 SHOW_CHANNELS = 4  # how many of the C latent channels section 1 draws
 
 torch.manual_seed(SEED)
@@ -72,17 +80,15 @@ os.makedirs(OUTPUT_DIR, exist_ok=True)
 # We load the pipeline once. On the tiny path this builds a complete, randomly initialised
 # `FluxKontextPipeline` offline in about a second; on a GPU it is FLUX.1 Kontext [dev] from the Hub. This
 # notebook only needs its VAE and a few of its (static) helper functions, but they are the pipeline's own, so
-# everything we compute can be checked against it. On a 16-24 GB GPU (T4, L4) the 12B transformer is loaded in
-# 4 bits (`NF4` in the CONFIG cell), which needs `pip install bitsandbytes`.
+# everything we compute can be checked against it. On the real model `vae_only=True` loads the VAE and the
+# scheduler alone (about 170 MB), not the 12B transformer and T5-XXL: the notebook runs on any GPU.
 
 # %%
-pipe = kh.load_pipeline(MODEL, quantization_config=kh.nf4_quantization_config() if NF4 else None)
-if torch.cuda.is_available():
-    pipe.vae.to("cuda")  # the VAE is small; with NF4 the pipeline itself stays on the CPU
+pipe = kh.load_pipeline(MODEL, vae_only=not TINY)  # the real model: VAE and scheduler only
 vae = pipe.vae
 print(type(pipe).__name__, "| VAE on", vae.device, vae.dtype)
 print("latent channels C:", vae.config.latent_channels, "| VAE downsampling:", pipe.vae_scale_factor,
-      "| transformer in_channels (4C):", pipe.transformer.config.in_channels)
+      "| channels of a packed token (4C):", 4 * vae.config.latent_channels)
 print("scaling_factor:", vae.config.scaling_factor, "| shift_factor:", vae.config.shift_factor)
 
 # %% [markdown]

@@ -32,18 +32,25 @@
 # depth through the IP-Adapter, the transformer call and the loss.
 
 # %%
-# Setup: in Colab this clones the project and installs its package; locally `make demo` (or `pip install -e .`)
-# has installed it already, and the notebook only finds the project folder (for data_samples/ and outputs/).
+# Setup, in Colab and locally. In Colab: set REPO_URL once (or upload the project folder), then run it.
+# Locally `make demo` (or `pip install -e .`) has installed the package already, and nothing is installed here.
 import os
 import subprocess
 import sys
 
-REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
-if "google.colab" in sys.modules:
-    if not os.path.isdir("/content/kontext-region-lora"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/kontext-region-lora"], check=True)
-    os.chdir("/content/kontext-region-lora")
-    # runtime dependencies only; Colab keeps its own CUDA torch (the package asks for a range it satisfies)
+REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # the project's GitHub address: the one place to set it
+USE_DRIVE = True  # Colab: outputs and the Hub cache (~35 GB for the real model) on Google Drive; False: runtime disk
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:
+    PROJECT = os.environ.get("KONTEXT_PROJECT", "/content/kontext-region-lora")  # where the project is cloned
+    if not os.path.isdir(PROJECT):
+        if "/OWNER/" in REPO_URL:
+            raise RuntimeError("Set REPO_URL in this cell to the project's GitHub address "
+                               "(https://github.com/<owner>/kontext-region-lora), or upload the project folder "
+                               f"to {PROJECT} with the Files panel; then run this cell again.")
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, PROJECT], check=True)
+    os.chdir(PROJECT)
+    # the package's runtime dependencies only: Colab keeps its own torch and ipykernel (both already satisfy it)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "."], check=True)
 ROOT = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "data_samples")))
 
@@ -51,6 +58,8 @@ import matplotlib.pyplot as plt
 import torch
 
 import kontext_helpers as kh
+
+kh.colab_session(use_drive=USE_DRIVE)  # Colab only: Drive, Hub login (the HF_TOKEN secret), bitsandbytes if needed
 
 MODEL = kh.default_model()  # $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
 kh.describe_environment(MODEL)

@@ -34,18 +34,25 @@
 # [`checkpoints.py`](../kontext_helpers/checkpoints.py) (atomic checkpoints, resume checks).
 
 # %%
-# Setup: in Colab this clones the project and installs its package; locally `make demo` (or `pip install -e .`)
-# has installed it already, and the notebook only finds the project folder (for data_samples/ and outputs/).
+# Setup, in Colab and locally. In Colab: set REPO_URL once (or upload the project folder), then run it.
+# Locally `make demo` (or `pip install -e .`) has installed the package already, and nothing is installed here.
 import os
 import subprocess
 import sys
 
-REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
-if "google.colab" in sys.modules:
-    if not os.path.isdir("/content/kontext-region-lora"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/kontext-region-lora"], check=True)
-    os.chdir("/content/kontext-region-lora")
-    # runtime dependencies only; Colab keeps its own CUDA torch (the package asks for a range it satisfies)
+REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # the project's GitHub address: the one place to set it
+USE_DRIVE = True  # Colab: outputs and the Hub cache (~35 GB for the real model) on Google Drive; False: runtime disk
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:
+    PROJECT = os.environ.get("KONTEXT_PROJECT", "/content/kontext-region-lora")  # where the project is cloned
+    if not os.path.isdir(PROJECT):
+        if "/OWNER/" in REPO_URL:
+            raise RuntimeError("Set REPO_URL in this cell to the project's GitHub address "
+                               "(https://github.com/<owner>/kontext-region-lora), or upload the project folder "
+                               f"to {PROJECT} with the Files panel; then run this cell again.")
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, PROJECT], check=True)
+    os.chdir(PROJECT)
+    # the package's runtime dependencies only: Colab keeps its own torch and ipykernel (both already satisfy it)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "."], check=True)
 ROOT = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "data_samples")))
 
@@ -53,6 +60,8 @@ import matplotlib.pyplot as plt
 import torch
 
 import kontext_helpers as kh
+
+kh.colab_session(use_drive=USE_DRIVE)  # Colab only: Drive, Hub login (the HF_TOKEN secret), bitsandbytes if needed
 
 MODEL = kh.default_model()  # $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
 kh.describe_environment(MODEL)
@@ -62,10 +71,8 @@ kh.describe_environment(MODEL)
 TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
 DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder (notebook 01)
 SEED = 0  # every random draw of the run (LoRA init, sample order, noise, sigmas) derives from it
-USE_DRIVE = False  # Colab: True keeps every output in Google Drive, so checkpoints survive a disconnect
-DRIVE_DIR = "/content/drive/MyDrive/kontext-region-lora"  # the Drive folder used when USE_DRIVE is True
-OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR",  # results: checkpoints, the adapter for notebook 05
-                            DRIVE_DIR if USE_DRIVE else os.path.join(ROOT, "outputs"))
+# results: checkpoints and the adapter for notebook 05 (in Colab on Drive, set by the setup cell's USE_DRIVE)
+OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))
 RUN_DIR = os.path.join(OUTPUT_DIR, "run")  # this run's checkpoints/
 RESUME = False  # True after a disconnect: continue from the newest checkpoint in RUN_DIR instead of starting over
 RESUME_EXTRA_STEPS = 30  # section 5 resumes the finished run for this many more steps
@@ -88,17 +95,12 @@ else:
         "auto",  # this GPU's preset (section 1): precision, quantisation, optimizer, resolution, rank
         steps=1000,  # optimizer updates: about 1-3 hours on a Colab GPU at the preset's resolution
         checkpoint_every=250,  # a checkpoint every 250 updates (and at the end)
-        output_dir=RUN_DIR,  # where checkpoints go (a Drive folder with USE_DRIVE)
+        output_dir=RUN_DIR,  # where checkpoints go (on Drive in Colab: they survive a disconnect)
         resume=RESUME,  # continue from RUN_DIR's newest checkpoint
         seed=SEED,  # reproducible and exactly resumable
     )
 
 # %%
-# Colab only: mount Google Drive when USE_DRIVE is set (never runs on a laptop or headless).
-if USE_DRIVE and "google.colab" in sys.modules:
-    from google.colab import drive
-
-    drive.mount("/content/drive")
 os.makedirs(OUTPUT_DIR, exist_ok=True)
 print("outputs go to", OUTPUT_DIR)
 
@@ -167,13 +169,11 @@ plt.show()
 # %% [markdown]
 # Now the pipeline. On a card whose preset says `quantize_base == "nf4"` (T4, L4) the 12B transformer is
 # loaded in 4 bits (`kh.nf4_quantization_config()`); otherwise at the preset's precision. NF4 and 8-bit
-# AdamW need `bitsandbytes` (CUDA only), installed here in Colab when the preset asks for it.
+# AdamW need `bitsandbytes` (CUDA only): in Colab the setup cell's `kh.colab_session()` installed it when this
+# GPU's preset asks for it.
 
 # %%
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_bnb = not TINY and (cfg.quantize_base == "nf4" or cfg.optimizer == "adamw8bit")
-if needs_bnb and "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "bitsandbytes"], check=True)
 
 
 def load_model():
@@ -431,9 +431,9 @@ plt.show()
 # %% [markdown]
 # ## 5. Nothing lost: checkpoints and resume
 #
-# Every `checkpoint_every` updates `kh.train` writes `RUN_DIR/checkpoints/step-NNNNNN/` with the LoRA, the
-# region module, the optimizer and scheduler state, the random-number state and the loss history; the newest
-# `keep_checkpoints` (3) are kept.
+# Every `checkpoint_every` updates `kh.train` writes `RUN_DIR/checkpoints/step-NNNNNN/` with the LoRA (in PEFT's
+# key format, the same as a saved adapter), the region module, the optimizer and scheduler state, the loss
+# history and the run's config; the newest `keep_checkpoints` (3) are kept.
 
 # %%
 found = kh.list_checkpoints(RUN_DIR)
@@ -452,9 +452,11 @@ for name in sorted(os.listdir(newest)):
 # it. So a run killed at any instant (a Colab disconnect, an out-of-memory kill, a full Drive) leaves either
 # the complete checkpoint or none, never a half-written one that would crash the resume.
 #
-# **Resume.** Everything random in step `k` derives from `(seed, k)`, and the checkpoint holds the optimizer,
-# the scheduler and the random state. A run killed and resumed therefore ends with *exactly* the weights of
-# an uninterrupted one (`tests/test_training.py` checks this bit for bit). Here we pretend Colab disconnected:
+# **Resume.** Everything random in step `k` (the batch, the noise, the sigmas) derives from `(seed, k)`, so
+# there is no random-number state to save: with the optimizer and the scheduler from the checkpoint, a run
+# killed and resumed ends with *exactly* the weights of an uninterrupted one (`tests/test_checkpoints.py`
+# checks this bit for bit). Settings that do not shape the weights may change on resume (here `steps`; the
+# run prints what changed). Here we pretend Colab disconnected:
 # the trained pipeline is dropped, a fresh one is loaded, and `train` is asked for 30 more steps with
 # `resume=True`.
 
@@ -491,6 +493,18 @@ ax.set_title(f"Resumed at step {resumed.resumed_from} from the checkpoint: the c
 ax.legend(fontsize=8)
 plt.show()
 result = resumed  # from here on the run is the resumed one, and `pipe` holds its LoRA
+
+# %% [markdown]
+# **A resume that cannot work fails at once.** A checkpoint of rank 16 cannot continue as rank 32: the saved
+# LoRA has other shapes. `kh.train` compares the checkpoint's saved config with yours *before* it caches or
+# touches the model, and names every setting that shapes the weights (`kh.RESUME_MUST_MATCH`). The same check
+# alone is `kh.checkpoint_to_resume(config)`, which reads only the checkpoint's `state.json`:
+
+# %%
+try:
+    kh.checkpoint_to_resume(dataclasses.replace(cfg_more, rank=cfg.rank * 2, resolution=cfg.resolution * 2))
+except ValueError as err:
+    print(err)
 
 # %% [markdown]
 # > **Two ways to keep the rest of the image.** Outside the mask the default `preservation="identity"` asks

@@ -34,18 +34,25 @@
 # steps, `compare_variants`) and [`kontext_helpers/adapters.py`](../kontext_helpers/adapters.py) (save, load, ComfyUI).
 
 # %%
-# Setup: in Colab this clones the project and installs its package; locally `make demo` (or `pip install -e .`)
-# has installed it already, and the notebook only finds the project folder (for data_samples/ and outputs/).
+# Setup, in Colab and locally. In Colab: set REPO_URL once (or upload the project folder), then run it.
+# Locally `make demo` (or `pip install -e .`) has installed the package already, and nothing is installed here.
 import os
 import subprocess
 import sys
 
-REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # this project's GitHub address
-if "google.colab" in sys.modules:
-    if not os.path.isdir("/content/kontext-region-lora"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/kontext-region-lora"], check=True)
-    os.chdir("/content/kontext-region-lora")
-    # runtime dependencies only; Colab keeps its own CUDA torch (the package asks for a range it satisfies)
+REPO_URL = "https://github.com/OWNER/kontext-region-lora"  # the project's GitHub address: the one place to set it
+USE_DRIVE = True  # Colab: outputs and the Hub cache (~35 GB for the real model) on Google Drive; False: runtime disk
+IN_COLAB = "google.colab" in sys.modules
+if IN_COLAB:
+    PROJECT = os.environ.get("KONTEXT_PROJECT", "/content/kontext-region-lora")  # where the project is cloned
+    if not os.path.isdir(PROJECT):
+        if "/OWNER/" in REPO_URL:
+            raise RuntimeError("Set REPO_URL in this cell to the project's GitHub address "
+                               "(https://github.com/<owner>/kontext-region-lora), or upload the project folder "
+                               f"to {PROJECT} with the Files panel; then run this cell again.")
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, PROJECT], check=True)
+    os.chdir(PROJECT)
+    # the package's runtime dependencies only: Colab keeps its own torch and ipykernel (both already satisfy it)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "."], check=True)
 ROOT = next(p for p in (os.getcwd(), os.path.dirname(os.getcwd())) if os.path.isdir(os.path.join(p, "data_samples")))
 
@@ -53,6 +60,8 @@ import matplotlib.pyplot as plt
 import torch
 
 import kontext_helpers as kh
+
+kh.colab_session(use_drive=USE_DRIVE)  # Colab only: Drive, Hub login (the HF_TOKEN secret), bitsandbytes if needed
 
 MODEL = kh.default_model()  # $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
 kh.describe_environment(MODEL)
@@ -63,31 +72,21 @@ TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real mode
 DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder
 PAIR = 0  # which pair of DATA_ROOT to edit (0: "make the red sphere blue")
 SEED = 0  # the starting noise of every sample in this notebook
-USE_DRIVE = False  # Colab: True if notebook 04 wrote its outputs to Google Drive
-DRIVE_DIR = "/content/drive/MyDrive/kontext-region-lora"  # the Drive folder notebook 04 used with USE_DRIVE
-OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR",  # where notebook 04 saved the adapter; exports go here too
-                            DRIVE_DIR if USE_DRIVE else os.path.join(ROOT, "outputs"))
+# where notebook 04 saved the adapter; exports go here too (in Colab on Drive, set by the setup cell's USE_DRIVE)
+OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))
 ADAPTER_DIR = os.path.join(OUTPUT_DIR, "adapter")  # the adapter folder notebook 04 wrote
 PRESET = kh.TrainConfig.for_gpu("auto")  # this GPU's preset: notebook 04 trained at its resolution and precision
 RESOLUTION = 128 if TINY else PRESET.resolution  # sampling side in pixels (multiple of 16): the training size
 NUM_STEPS = 8 if TINY else 28  # denoising steps: 28 is Kontext's default
-GUIDANCE = 2.5  # Kontext's distilled guidance scale (the pipeline's default)
+GUIDANCE = 2.5  # Kontext's distilled guidance (diffusers' docstring example; __call__ defaults to 3.5)
 MAX_SEQUENCE_LENGTH = 64 if TINY else 512  # T5 tokens of the prompt, as in training
 RECORD_EVERY = 1 if TINY else 4  # section 3 keeps the latents of every RECORD_EVERY-th denoising step
 QUICK_STEPS = 40  # training steps of the stand-in adapter when notebook 04 has not been run
 
 # %%
-# Colab only: mount Google Drive when USE_DRIVE is set (never runs on a laptop or headless).
-if USE_DRIVE and "google.colab" in sys.modules:
-    from google.colab import drive
-
-    drive.mount("/content/drive")
 os.makedirs(OUTPUT_DIR, exist_ok=True)
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_bnb = not TINY and (PRESET.quantize_base == "nf4" or PRESET.optimizer == "adamw8bit")
-if needs_bnb and "google.colab" in sys.modules:  # NF4 (and 8-bit AdamW) need bitsandbytes, CUDA only
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "bitsandbytes"], check=True)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # NF4 needs bitsandbytes: see the setup cell
 
 
 def load_model(for_training=False):

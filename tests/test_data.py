@@ -1,8 +1,4 @@
-"""Section 3 (data): ``KontextPairs`` validation and formats, and the helpers for a user's own pairs.
-
-Every dataset here is built in ``tmp_path`` by :func:`make_pairs` (32x32 or 64x64 images), so the file is
-fast and needs neither the network nor ``data_samples/`` (except the last test, which opens it).
-"""
+"""Data: KontextPairs (folder checks, one error listing every problem, formats) and helpers for a user's own pairs."""
 
 from __future__ import annotations
 
@@ -16,46 +12,7 @@ from PIL import Image
 
 import kontext_helpers as kh
 
-DATA_SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
 FOLDERS = ("context", "target", "masks", "depth")
-
-
-# --------------------------------------------------------------------------------------------------
-# A tiny dataset factory
-# --------------------------------------------------------------------------------------------------
-
-
-def _pair_images(k: int, size: int) -> dict[str, Image.Image]:
-    """Pair ``k``: a coloured context, a target with one recoloured square, its mask, a 16-bit depth ramp."""
-    yy, xx = np.mgrid[0:size, 0:size]
-    context = np.stack([xx * 255 // size, yy * 255 // size, np.full_like(xx, 40 * k % 256)], -1).astype(
-        np.uint8
-    )
-    lo, hi = size // 4, size // 2
-    target = context.copy()
-    target[lo:hi, lo:hi] = (255, 0, 255)
-    mask = np.zeros((size, size), np.uint8)
-    mask[lo:hi, lo:hi] = 255
-    depth = (yy * 65535 // (size - 1)).astype(np.uint16)  # near (bright) at the bottom
-    return {
-        "context": Image.fromarray(context),
-        "target": Image.fromarray(target),
-        "masks": Image.fromarray(mask),
-        "depth": Image.fromarray(depth),
-    }
-
-
-def make_pairs(root: Path, stems=("a", "b", "c"), size: int = 32, prompts: list[str] | None = None) -> Path:
-    """Write a valid dataset folder with one pair per stem; returns ``root``."""
-    for folder in FOLDERS:
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    for k, stem in enumerate(stems):
-        for folder, img in _pair_images(k, size).items():
-            img.save(root / folder / f"{stem}.png")
-    if prompts is None:
-        prompts = [f"edit number {k}" for k in range(len(stems))]
-    (root / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
-    return root
 
 
 def open_error(root: Path, **kwargs) -> str:
@@ -76,8 +33,8 @@ def _save_exif(img: Image.Image, path: Path, orientation: int, **kwargs) -> None
 # --------------------------------------------------------------------------------------------------
 
 
-def test_items_have_documented_shapes_dtypes_and_ranges(tmp_path):
-    ds = kh.KontextPairs(make_pairs(tmp_path), resolution=32)
+def test_items_have_documented_shapes_dtypes_and_ranges(pair_folder, tmp_path):
+    ds = kh.KontextPairs(pair_folder, resolution=32)
     assert len(ds) == 3, f"three pairs were written, dataset has {len(ds)}"
     assert ds.names == ["a", "b", "c"], f"names must be the sorted stems, got {ds.names}"
     assert ds.prompts == ["edit number 0", "edit number 1", "edit number 2"], f"prompts: {ds.prompts}"
@@ -93,9 +50,9 @@ def test_items_have_documented_shapes_dtypes_and_ranges(tmp_path):
     assert "3 pairs" in repr(ds) and str(tmp_path) in repr(ds), f"repr should say count and root: {ds!r}"
 
 
-def test_pixels_survive_loading_at_native_resolution(tmp_path):
-    ds = kh.KontextPairs(make_pairs(tmp_path), resolution=32)
-    ref = _pair_images(0, 32)
+def test_pixels_survive_loading_at_native_resolution(pair_folder, pair_images):
+    ds = kh.KontextPairs(pair_folder, resolution=32)
+    ref = pair_images(0, 32)
     item = ds[0]
     expected_ctx = torch.from_numpy(np.array(ref["context"])).permute(2, 0, 1).float() / 255
     torch.testing.assert_close(item["context"], expected_ctx, msg="context pixels changed on load")
@@ -105,7 +62,7 @@ def test_pixels_survive_loading_at_native_resolution(tmp_path):
     assert float(rows[0]) == 0.0 and float(rows[-1]) == 1.0, "minmax depth must span [0, 1] (near = 1)"
 
 
-def test_pairs_match_by_stem_not_by_position_with_mixed_extensions(tmp_path):
+def test_pairs_match_by_stem_not_by_position_with_mixed_extensions(make_pairs, tmp_path):
     root = make_pairs(tmp_path, stems=("a", "b"))
     # b's context becomes a JPEG with an upper-case extension; a's depth a TIFF: sorted positions shift
     Image.open(root / "context" / "b.png").save(root / "context" / "b.JPG", quality=95)
@@ -121,16 +78,16 @@ def test_pairs_match_by_stem_not_by_position_with_mixed_extensions(tmp_path):
     assert ds.files(0)["depth"].name == "a.tif", f"files: {ds.files(0)}"
 
 
-def test_hidden_files_and_files_next_to_prompts_are_ignored(tmp_path):
-    root = make_pairs(tmp_path)
+def test_hidden_files_and_files_next_to_prompts_are_ignored(pair_folder):
+    root = pair_folder
     (root / "context" / ".DS_Store").write_bytes(b"\x00\x01")
     (root / "masks" / ".ipynb_checkpoints").mkdir()
     (root / "README.md").write_text("how this data was made\n")
     assert len(kh.KontextPairs(root, resolution=32)) == 3, "hidden files and root files must not count"
 
 
-def test_dataloader_stacks_items_into_batches(tmp_path):
-    ds = kh.KontextPairs(make_pairs(tmp_path), resolution=32)
+def test_dataloader_stacks_items_into_batches(pair_folder):
+    ds = kh.KontextPairs(pair_folder, resolution=32)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
     assert batch["context"].shape == (2, 3, 32, 32), f"context batch {tuple(batch['context'].shape)}"
     assert batch["mask"].shape == (2, 1, 32, 32), f"mask batch {tuple(batch['mask'].shape)}"
@@ -147,8 +104,8 @@ def test_missing_root_is_reported(tmp_path):
     assert "nowhere" in msg and "does not exist" in msg, msg
 
 
-def test_missing_folder_is_named(tmp_path):
-    root = make_pairs(tmp_path)
+def test_missing_folder_is_named(pair_folder):
+    root = pair_folder
     for f in (root / "masks").iterdir():
         f.unlink()
     (root / "masks").rmdir()
@@ -156,44 +113,44 @@ def test_missing_folder_is_named(tmp_path):
     assert "[missing folder] masks/ is missing" in msg, msg
 
 
-def test_misnamed_folder_gets_a_rename_hint(tmp_path):
-    root = make_pairs(tmp_path)
+def test_misnamed_folder_gets_a_rename_hint(pair_folder):
+    root = pair_folder
     (root / "masks").rename(root / "mask")
     msg = open_error(root, resolution=32)
     assert "mask/" in msg and "rename it to masks/" in msg, msg
 
 
-def test_stem_missing_from_one_folder_names_folder_stem_and_existing_file(tmp_path):
-    root = make_pairs(tmp_path)
+def test_stem_missing_from_one_folder_names_folder_stem_and_existing_file(pair_folder):
+    root = pair_folder
     (root / "masks" / "b.png").unlink()
     msg = open_error(root, resolution=32)
     assert "masks/b.*" in msg and "'b'" in msg and "context/b.png" in msg, msg
     assert "[missing image]" in msg, msg
 
 
-def test_stray_non_image_file_is_named(tmp_path):
-    root = make_pairs(tmp_path)
+def test_stray_non_image_file_is_named(pair_folder):
+    root = pair_folder
     (root / "masks" / "notes.txt").write_text("draw masks in white")
     msg = open_error(root, resolution=32)
     assert "[stray file] masks/notes.txt" in msg, msg
 
 
-def test_duplicate_stems_name_both_files(tmp_path):
-    root = make_pairs(tmp_path)
+def test_duplicate_stems_name_both_files(pair_folder):
+    root = pair_folder
     Image.open(root / "context" / "a.png").save(root / "context" / "a.jpg")
     msg = open_error(root, resolution=32)
     assert "[duplicate stem]" in msg and "context/a.jpg" in msg and "context/a.png" in msg, msg
 
 
-def test_file_that_is_not_an_image_is_unreadable(tmp_path):
-    root = make_pairs(tmp_path)
+def test_file_that_is_not_an_image_is_unreadable(pair_folder):
+    root = pair_folder
     (root / "context" / "b.png").write_bytes(b"this is not a png")
     msg = open_error(root, resolution=32)
     assert "[unreadable image] context/b.png" in msg, msg
 
 
-def test_truncated_image_is_caught_by_a_full_decode(tmp_path):
-    root = make_pairs(tmp_path)
+def test_truncated_image_is_caught_by_a_full_decode(pair_folder):
+    root = pair_folder
     noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # incompressible
     buf = io.BytesIO()
     Image.fromarray(noise).save(buf, "PNG")
@@ -202,28 +159,28 @@ def test_truncated_image_is_caught_by_a_full_decode(tmp_path):
     assert "[unreadable image] target/c.png" in msg and "truncated" in msg, msg
 
 
-def test_missing_prompts_file_is_reported_with_the_other_txt_found(tmp_path):
-    root = make_pairs(tmp_path)
+def test_missing_prompts_file_is_reported_with_the_other_txt_found(pair_folder):
+    root = pair_folder
     (root / "prompts.txt").rename(root / "captions.txt")
     msg = open_error(root, resolution=32)
     assert "prompts.txt is missing" in msg and "captions.txt" in msg, msg
 
 
-def test_prompt_count_differing_from_pair_count(tmp_path):
+def test_prompt_count_differing_from_pair_count(make_pairs, tmp_path):
     root = make_pairs(tmp_path, prompts=["one", "two"])
     msg = open_error(root, resolution=32)
     assert "prompts.txt has 2 prompt lines but there are 3 pairs" in msg, msg
 
 
-def test_empty_prompt_line_in_the_middle_names_its_line_number(tmp_path):
-    root = make_pairs(tmp_path)
+def test_empty_prompt_line_in_the_middle_names_its_line_number(pair_folder):
+    root = pair_folder
     (root / "prompts.txt").write_text("one\n\nthree\n", encoding="utf-8")
     msg = open_error(root, resolution=32)
     assert "prompts.txt line 2 is empty" in msg, msg
 
 
-def test_prompts_that_are_not_utf8_are_reported(tmp_path):
-    root = make_pairs(tmp_path)
+def test_prompts_that_are_not_utf8_are_reported(pair_folder):
+    root = pair_folder
     (root / "prompts.txt").write_bytes("caf\u00e9\none\ntwo\n".encode("latin-1"))
     msg = open_error(root, resolution=32)
     assert "prompts.txt is not UTF-8" in msg, msg
@@ -237,15 +194,15 @@ def test_empty_dataset_is_reported(tmp_path):
     assert "[empty dataset]" in msg and "context/" in msg, msg
 
 
-def test_resolution_not_multiple_of_16_is_listed_with_file_problems(tmp_path):
-    root = make_pairs(tmp_path)
+def test_resolution_not_multiple_of_16_is_listed_with_file_problems(pair_folder):
+    root = pair_folder
     (root / "prompts.txt").unlink()
     msg = open_error(root, resolution=100)
     assert "resolution=100 is not a positive multiple of 16" in msg and "96 or 112" in msg, msg
     assert "prompts.txt is missing" in msg, f"file problems must be listed with the argument problem: {msg}"
 
 
-def test_several_problems_come_in_one_error_with_one_hint_per_kind(tmp_path):
+def test_several_problems_come_in_one_error_with_one_hint_per_kind(make_pairs, tmp_path):
     root = make_pairs(tmp_path, prompts=["only one"])
     (root / "depth" / "a.png").unlink()
     (root / "target" / "list.csv").write_text("a,b")
@@ -259,16 +216,16 @@ def test_several_problems_come_in_one_error_with_one_hint_per_kind(tmp_path):
         assert f"- {kind}:" in hints, f"no fix hint for {kind!r}:\n{msg}"
 
 
-def test_mask_saved_as_zero_one_values_is_reported(tmp_path):
-    root = make_pairs(tmp_path)
+def test_mask_saved_as_zero_one_values_is_reported(pair_folder):
+    root = pair_folder
     mask = (np.array(Image.open(root / "masks" / "a.png")) > 0).astype(np.uint8)  # values 0 and 1
     Image.fromarray(mask).save(root / "masks" / "a.png")
     msg = open_error(root, resolution=32)
     assert "[bad mask] masks/a.png" in msg and "0 and 1" in msg, msg
 
 
-def test_depth_with_nan_is_reported(tmp_path):
-    root = make_pairs(tmp_path)
+def test_depth_with_nan_is_reported(pair_folder):
+    root = pair_folder
     depth = np.ones((32, 32), np.float32)
     depth[3, 3] = np.nan
     (root / "depth" / "b.png").unlink()
@@ -277,8 +234,8 @@ def test_depth_with_nan_is_reported(tmp_path):
     assert "[bad depth] depth/b.tif" in msg, msg
 
 
-def test_images_of_a_pair_with_another_aspect_ratio_are_reported(tmp_path):
-    root = make_pairs(tmp_path)
+def test_images_of_a_pair_with_another_aspect_ratio_are_reported(pair_folder):
+    root = pair_folder
     Image.new("RGB", (32, 16)).save(root / "target" / "c.png")
     msg = open_error(root, resolution=32)
     assert "[size mismatch] target/c.png is 32x16 but context/c.png is 32x32" in msg, msg
@@ -289,7 +246,7 @@ def test_images_of_a_pair_with_another_aspect_ratio_are_reported(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_16bit_depth_keeps_more_than_256_levels(tmp_path):
+def test_16bit_depth_keeps_more_than_256_levels(make_pairs, tmp_path):
     root = make_pairs(tmp_path, size=64)
     levels = (np.arange(64 * 64, dtype=np.uint16) * 16).reshape(64, 64)  # 4096 distinct 16-bit values
     Image.fromarray(levels).save(root / "depth" / "a.png")
@@ -300,7 +257,7 @@ def test_16bit_depth_keeps_more_than_256_levels(tmp_path):
     torch.testing.assert_close(raw, expected, msg="'none' must divide a 16-bit map by 65535")
 
 
-def test_16bit_big_endian_and_int32_depth_read_at_full_precision(tmp_path):
+def test_16bit_big_endian_and_int32_depth_read_at_full_precision(make_pairs, tmp_path):
     root = make_pairs(tmp_path, size=64)
     levels = (np.arange(64 * 64, dtype=np.uint16) * 16).reshape(64, 64)
     for path in (root / "depth" / "a.png", root / "depth" / "b.png"):
@@ -315,8 +272,8 @@ def test_16bit_big_endian_and_int32_depth_read_at_full_precision(tmp_path):
         )
 
 
-def test_float_tiff_depth_minmax_none_and_invert(tmp_path):
-    root = make_pairs(tmp_path)
+def test_float_tiff_depth_minmax_none_and_invert(pair_folder):
+    root = pair_folder
     metres = np.linspace(2.0, 5.0, 32 * 32, dtype=np.float32).reshape(32, 32)  # metric: far = large
     (root / "depth" / "a.png").unlink()
     Image.fromarray(metres).save(root / "depth" / "a.tiff")
@@ -329,8 +286,8 @@ def test_float_tiff_depth_minmax_none_and_invert(tmp_path):
     torch.testing.assert_close(clipped, torch.ones_like(clipped), msg="'none' keeps float values, clipped")
 
 
-def test_8bit_and_rgb_depth_and_constant_depth(tmp_path):
-    root = make_pairs(tmp_path)
+def test_8bit_and_rgb_depth_and_constant_depth(pair_folder):
+    root = pair_folder
     grey = np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1))
     Image.fromarray(grey).save(root / "depth" / "a.png")
     Image.fromarray(grey).convert("RGB").save(root / "depth" / "b.png")
@@ -343,7 +300,7 @@ def test_8bit_and_rgb_depth_and_constant_depth(tmp_path):
     torch.testing.assert_close(constant, torch.zeros_like(constant), msg="a constant map min-maxes to zeros")
 
 
-def test_jpeg_mask_becomes_exactly_binary_and_keeps_its_shape(tmp_path):
+def test_jpeg_mask_becomes_exactly_binary_and_keeps_its_shape(make_pairs, tmp_path):
     root = make_pairs(tmp_path, size=64)
     mask = np.zeros((64, 64), np.uint8)
     mask[10:40, 20:50] = 255
@@ -355,8 +312,8 @@ def test_jpeg_mask_becomes_exactly_binary_and_keeps_its_shape(tmp_path):
     assert agreement > 0.98, f"binarised JPEG mask agrees on only {agreement:.3f} of pixels"
 
 
-def test_rgb_1bit_and_rgba_masks_are_read(tmp_path):
-    root = make_pairs(tmp_path)
+def test_rgb_1bit_and_rgba_masks_are_read(pair_folder):
+    root = pair_folder
     mask = np.array(Image.open(root / "masks" / "a.png"))
     Image.fromarray(mask).convert("RGB").save(root / "masks" / "a.png")
     Image.fromarray(mask).convert("1").save(root / "masks" / "b.png")
@@ -370,8 +327,8 @@ def test_rgb_1bit_and_rgba_masks_are_read(tmp_path):
         torch.testing.assert_close(ds[i]["mask"], expected, msg=f"mask {ds.files(i)['masks'].name} misread")
 
 
-def test_rgba_context_is_composited_on_white(tmp_path):
-    root = make_pairs(tmp_path)
+def test_rgba_context_is_composited_on_white(pair_folder):
+    root = pair_folder
     rgba = np.zeros((32, 32, 4), np.uint8)  # black ...
     rgba[:, :16, 3] = 255  # ... opaque on the left, transparent on the right
     Image.fromarray(rgba).save(root / "context" / "a.png")
@@ -381,7 +338,7 @@ def test_rgba_context_is_composited_on_white(tmp_path):
     torch.testing.assert_close(context[:, :, 16:], torch.ones(3, 32, 16), msg="transparent becomes white")
 
 
-def test_palette_cmyk_grey_and_16bit_contexts_load_as_rgb(tmp_path):
+def test_palette_cmyk_grey_and_16bit_contexts_load_as_rgb(make_pairs, tmp_path):
     root = make_pairs(tmp_path, stems=("a", "b", "c", "d"))
     original = Image.open(root / "context" / "a.png").convert("RGB")
     original.convert("P").save(root / "context" / "a.png")
@@ -400,7 +357,7 @@ def test_palette_cmyk_grey_and_16bit_contexts_load_as_rgb(tmp_path):
     torch.testing.assert_close(ds[3]["context"], torch.full((3, 32, 32), 128 / 255), msg="16-bit grey / 257")
 
 
-def test_mask_at_half_resolution_lines_up_with_its_image(tmp_path):
+def test_mask_at_half_resolution_lines_up_with_its_image(make_pairs, tmp_path):
     root = make_pairs(tmp_path, size=64)
     half = np.zeros((32, 32), np.uint8)
     half[4:12, 8:16] = 255  # rows 8..23, cols 16..31 at full size
@@ -411,7 +368,7 @@ def test_mask_at_half_resolution_lines_up_with_its_image(tmp_path):
     torch.testing.assert_close(mask, expected, msg="a half-size mask must cover the same region of the image")
 
 
-def test_exif_orientation_is_applied_to_all_four_images(tmp_path):
+def test_exif_orientation_is_applied_to_all_four_images(make_pairs, tmp_path):
     root = make_pairs(tmp_path, stems=("a",))
     for folder in FOLDERS:
         (root / folder / "a.png").unlink()
@@ -430,8 +387,8 @@ def test_exif_orientation_is_applied_to_all_four_images(tmp_path):
         )
 
 
-def test_prompts_with_bom_crlf_and_trailing_newlines(tmp_path):
-    root = make_pairs(tmp_path)
+def test_prompts_with_bom_crlf_and_trailing_newlines(pair_folder):
+    root = pair_folder
     (root / "prompts.txt").write_bytes(
         "\ufeffmake it red\r\nadd a hat  \r\nremove the box\r\n\r\n\n".encode()
     )
@@ -439,7 +396,7 @@ def test_prompts_with_bom_crlf_and_trailing_newlines(tmp_path):
     assert ds.prompts == ["make it red", "add a hat", "remove the box"], f"prompts: {ds.prompts}"
 
 
-def test_crop_applies_the_same_centre_box_to_all_four_images(tmp_path):
+def test_crop_applies_the_same_centre_box_to_all_four_images(make_pairs, tmp_path):
     root = make_pairs(tmp_path, stems=("a",))
     wide = np.zeros((32, 64, 3), np.uint8)
     wide[:, 20:24] = 255  # a vertical band at columns 20..23 of a 64x32 frame
@@ -507,17 +464,6 @@ def test_mask_from_difference_accepts_pil_images_and_checks_sizes():
     assert mask.shape == (1, 16, 16) and mask.sum() == 1 and mask[0, 5, 3] == 1, "PIL input: wrong pixel"
     with pytest.raises(ValueError, match="same frame"):
         kh.mask_from_difference(a, Image.new("RGB", (16, 8)))
-
-
-def test_depth_to_pil_gives_8bit_rgb_of_the_right_size():
-    depth = torch.linspace(0, 1, 24 * 40).reshape(1, 24, 40)
-    img = kh.depth_to_pil(depth)
-    assert img.mode == "RGB" and img.size == (40, 24), f"got mode {img.mode}, size {img.size}"
-    pixels = np.array(img)
-    assert pixels.dtype == np.uint8 and (pixels[..., 0] == pixels[..., 2]).all(), "must be grey 8-bit RGB"
-    assert pixels[0, 0, 0] == 0 and pixels[-1, -1, 0] == 255, "0 -> black, 1 -> white"
-    from_numpy = kh.depth_to_pil(depth[0].numpy())
-    assert np.array_equal(np.array(from_numpy), pixels), "[H, W] numpy input must give the same image"
 
 
 def test_write_pair_folder_round_trips(tmp_path):
@@ -597,16 +543,36 @@ def test_write_pair_folder_refuses_a_non_empty_folder_unless_overwrite(tmp_path)
     )
 
 
-def test_show_pairs_returns_a_figure_with_four_panels_per_pair(tmp_path):
-    ds = kh.KontextPairs(make_pairs(tmp_path), resolution=32)
-    fig = kh.show_pairs(ds, [0, 2])
-    assert len(fig.axes) == 8, f"two pairs x four panels, got {len(fig.axes)} axes"
-    titles = [ax.get_title() for ax in fig.axes[:4]]
-    assert "red = editable" in titles[2] and "near" in titles[3], f"panel titles: {titles}"
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=40)
-    assert buf.getvalue()[:4] == b"\x89PNG", "the figure must render headless"
-    assert len(kh.show_pairs(ds).axes) == 12, "by default the first (up to four) pairs are shown"
+@pytest.fixture(scope="module")
+def tiny_depth_model(tmp_path_factory):
+    """A random Depth Anything model at a tiny width, saved as a local folder: estimate_depth without the Hub."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    folder = tmp_path_factory.mktemp("depth_model")
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                            image_size=56, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[16] * 4,
+                                 fusion_hidden_size=16, head_hidden_size=8, patch_size=14)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      do_pad=False).save_pretrained(folder)
+    return str(folder)
+
+
+def test_estimate_depth_batches_images_of_different_aspect_ratios(tiny_depth_model):
+    images = [Image.new("RGB", (64, 48), (200, 10, 10)), Image.new("RGB", (48, 64), (10, 200, 10)),
+              Image.new("RGB", (64, 48), (10, 10, 200))]
+    depths = kh.estimate_depth(images, model=tiny_depth_model, device="cpu", batch_size=4)
+    assert [tuple(d.shape) for d in depths] == [(1, 48, 64), (1, 64, 48), (1, 48, 64)], "one map per image, own size"
+    for image, depth in zip(images, depths):
+        alone = kh.estimate_depth(image, model=tiny_depth_model, device="cpu", batch_size=1)[0]
+        torch.testing.assert_close(depth, alone, msg="a batched map must equal the map of the image alone, in order")
+        assert float(depth.min()) >= 0.0 and float(depth.max()) <= 1.0, "maps are min-max normalised to [0, 1]"
+    flipped = kh.estimate_depth(images[:1], model=tiny_depth_model, device="cpu", invert=True)[0]
+    torch.testing.assert_close(flipped, 1.0 - depths[0], msg="invert=True flips near and far")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -614,9 +580,8 @@ def test_show_pairs_returns_a_figure_with_four_panels_per_pair(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not DATA_SAMPLES.is_dir(), reason="data_samples/ has not been created yet")
-def test_committed_data_samples_open_and_every_pair_loads():
-    ds = kh.KontextPairs(DATA_SAMPLES)
+def test_committed_data_samples_open_and_every_pair_loads(sample_data):
+    ds = kh.KontextPairs(sample_data)
     assert len(ds) >= 1, "data_samples/ holds no pairs"
     for i in range(len(ds)):
         item = ds[i]

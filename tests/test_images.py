@@ -47,13 +47,24 @@ def test_sample_edit_gives_one_result_for_16bit_8bit_and_float_depth(tiny_pipe, 
                                    msg=f"sample_edit with depth as {name} must equal depth as floats")
 
 
-def test_committed_16bit_depth_sample_is_read_at_full_range():
-    path = "data_samples/depth/0000_recolour_sphere.png"
+def test_committed_16bit_depth_sample_is_read_at_full_range(sample_data):
+    path = sample_data / "depth" / "0000_recolour_sphere.png"
     with Image.open(path) as img:
         levels = np.asarray(img).astype(np.float64)
         picture = np.asarray(kh.depth_to_pil(img))[..., 0]
     np.testing.assert_array_equal(picture, np.round(levels / 65535 * 255).astype(np.uint8),
                                   err_msg="a 16-bit depth map must be divided by 65535, not clipped at 255")
+
+
+def test_depth_to_pil_gives_8bit_rgb_of_the_right_size():
+    depth = torch.linspace(0, 1, 24 * 40).reshape(1, 24, 40)
+    img = kh.depth_to_pil(depth)
+    assert img.mode == "RGB" and img.size == (40, 24), f"got mode {img.mode}, size {img.size}"
+    pixels = np.array(img)
+    assert pixels.dtype == np.uint8 and (pixels[..., 0] == pixels[..., 2]).all(), "must be grey 8-bit RGB"
+    assert pixels[0, 0, 0] == 0 and pixels[-1, -1, 0] == 255, "0 -> black, 1 -> white"
+    from_numpy = kh.depth_to_pil(depth[0].numpy())
+    assert np.array_equal(np.array(from_numpy), pixels), "[H, W] numpy input must give the same image"
 
 
 @pytest.mark.parametrize(("mode", "pixel", "expected"), [

@@ -1,0 +1,243 @@
+"""Conditioning: the region token, the mask on the token grid, the forward call and the loss, one training step."""
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import kontext_helpers as kh
+
+H_TOK, W_TOK, C = 2, 3, 4
+N = H_TOK * W_TOK
+
+
+@pytest.fixture(scope="module")
+def loss_tensors():
+    """``loss_tensors(seed=0, b=2)``: prediction, target, context and noise, each ``[B, N, C]`` on a 2x3 grid."""
+
+    def make(seed=0, b=2):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(b, N, C, generator=g) for _ in range(4)]
+
+    return make
+
+
+@pytest.fixture()
+def token_mask():
+    """A ``[2, 1, 2, 3]`` token-grid mask: tokens 0 and 1 (the top row's first two cells) are inside."""
+    m = torch.zeros(2, 1, H_TOK, W_TOK)
+    m[:, :, 0, :2] = 1
+    return m
+
+
+@pytest.fixture(scope="module")
+def edit_batch():
+    """``edit_batch(size=64, b=2)``: context, target (top-left quadrant turned red), its mask and grey depth maps."""
+
+    def make(size=64, b=2):
+        g = torch.Generator().manual_seed(0)
+        ctx = torch.rand(b, 3, size, size, generator=g)
+        tgt = ctx.clone()
+        tgt[:, 0, : size // 2, : size // 2] = 1.0  # edit: top-left quadrant turns red
+        mask = torch.zeros(b, 1, size, size)
+        mask[:, :, : size // 2, : size // 2] = 1
+        depth = [Image.new("RGB", (size, size), (v, v, v)) for v in (60, 180)][:b]
+        return ctx, tgt, mask, depth
+
+    return make
+
+
+# --------------------------------------------------------------------------------------------------
+# the mask on the token grid and the region token
+# --------------------------------------------------------------------------------------------------
+
+
+def test_mask_to_token_grid_max_and_area():
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 0:4, 0:2] = 1  # a quarter of the top-left 8x8 block
+    grid_max = kh.mask_to_token_grid(mask, 4, 4, mode="max")
+    grid_area = kh.mask_to_token_grid(mask, 4, 4, mode="area")
+    assert grid_max.shape == (1, 1, 4, 4), "token grid shape"
+    assert grid_max[0, 0, 0, 0] == 1 and grid_max.sum() == 1, "max pooling marks a token with any edited pixel"
+    torch.testing.assert_close(grid_area[0, 0, 0, 0], torch.tensor(0.125), msg="area = editable fraction")
+
+
+def test_region_token_shapes_and_other_resolutions():
+    torch.manual_seed(0)
+    module = kh.MaskRegionToken(4, 4, 64)
+    out = module(torch.ones(2, 1, 4, 4))
+    assert out.shape == (2, 1, 64), "region token must be [B, 1, c_in]"
+    big = torch.ones(2, 1, 8, 8)
+    torch.testing.assert_close(module(big), out, msg="a uniform mask on another grid pools to the same token")
+    with pytest.raises(ValueError, match=r"\[B, 1, H', W'\]"):
+        module(torch.ones(4, 4))
+
+
+def test_region_token_pools_with_area_average():
+    module = kh.MaskRegionToken(2, 2, 8)
+    fine = torch.zeros(1, 1, 4, 4)
+    fine[..., :2, :2] = 1
+    coarse = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    torch.testing.assert_close(module(fine), module(coarse), msg="4x4 mask must pool onto the 2x2 grid")
+
+
+# --------------------------------------------------------------------------------------------------
+# fm_masked_dual_loss_with_l2 against hand computations
+# --------------------------------------------------------------------------------------------------
+
+
+def test_inside_and_outside_terms_match_hand_computation(loss_tensors, token_mask):
+    pred, tgt, ctx, noise = loss_tensors()
+    loss, parts = kh.fm_masked_dual_loss_with_l2(pred, tgt, ctx, noise, token_mask, H_TOK, W_TOK, w_in=2.0,
+                                                 w_out=0.5, l2_region_lambda=0.0, l2_lora_lambda=0.0,
+                                                 return_parts=True)
+    inside = torch.zeros(N, dtype=torch.bool)
+    inside[:2] = True
+    hand_in = ((pred - (noise - tgt))[:, inside] ** 2).mean()
+    hand_out = (((noise - pred) - ctx)[:, ~inside] ** 2).mean()
+    torch.testing.assert_close(torch.tensor(parts["loss_in"]), hand_in, msg="in-mask term")
+    torch.testing.assert_close(torch.tensor(parts["loss_out"]), hand_out, msg="out-of-mask term")
+    torch.testing.assert_close(loss, 2.0 * hand_in + 0.5 * hand_out, rtol=1e-5, atol=1e-6, msg="weighted total")
+
+
+def test_outside_term_equals_velocity_mse_against_noise_minus_context(loss_tensors):
+    pred, tgt, ctx, noise = loss_tensors(seed=1)
+    zeros = torch.zeros(2, 1, H_TOK, W_TOK)  # everything outside
+    loss = kh.fm_masked_dual_loss_with_l2(pred, tgt, ctx, noise, zeros, H_TOK, W_TOK,
+                                          l2_region_lambda=0.0, l2_lora_lambda=0.0)
+    velocity_mse = ((pred - (noise - ctx)) ** 2).mean()
+    torch.testing.assert_close(loss, velocity_mse, rtol=1e-5, atol=1e-6,
+                               msg="identity on x_pred = e - v must equal velocity MSE against e - ctx")
+
+
+def test_all_zero_and_all_one_masks_are_finite(loss_tensors):
+    pred, tgt, ctx, noise = loss_tensors(seed=2)
+    for value in (0.0, 1.0):
+        mask = torch.full((2, 1, H_TOK, W_TOK), value)
+        loss, parts = kh.fm_masked_dual_loss_with_l2(pred, tgt, ctx, noise, mask, H_TOK, W_TOK, return_parts=True)
+        assert torch.isfinite(loss), f"loss must be finite for an all-{value:g} mask"
+        empty = "loss_out" if value == 1.0 else "loss_in"
+        assert parts[empty] == 0.0, f"{empty} must be 0 when its region is empty (mask all {value:g})"
+
+
+def test_all_one_mask_is_plain_flow_matching(loss_tensors):
+    pred, tgt, ctx, noise = loss_tensors(seed=3)
+    ones = torch.ones(2, 1, H_TOK, W_TOK)
+    loss = kh.fm_masked_dual_loss_with_l2(pred, tgt, ctx, noise, ones, H_TOK, W_TOK,
+                                          l2_region_lambda=0.0, l2_lora_lambda=0.0)
+    torch.testing.assert_close(loss, ((pred - (noise - tgt)) ** 2).mean(), rtol=1e-5, atol=1e-6,
+                               msg="an all-one mask is the usual flow-matching MSE")
+
+
+def test_l2_terms_are_sums_of_squares_times_lambda(loss_tensors, token_mask):
+    pred, tgt, ctx, noise = loss_tensors(seed=4)
+    region = nn.Linear(3, 2)
+    lora_a = nn.Parameter(torch.full((2, 2), 0.5))
+    base = kh.fm_masked_dual_loss_with_l2(pred, tgt, ctx, noise, token_mask, H_TOK, W_TOK,
+                                          l2_region_lambda=0.0, l2_lora_lambda=0.0)
+    loss, parts = kh.fm_masked_dual_loss_with_l2(
+        pred, tgt, ctx, noise, token_mask, H_TOK, W_TOK, l2_region_lambda=0.1, l2_lora_lambda=0.01,
+        region_token_module=region, lora_named_params=[("lora_A", lora_a)], return_parts=True)
+    region_sq = region.weight.pow(2).sum() + region.bias.pow(2).sum()
+    torch.testing.assert_close(torch.tensor(parts["l2_region"]), region_sq.detach(),
+                               msg="region L2 is a sum of squares")
+    torch.testing.assert_close(torch.tensor(parts["l2_lora"]), torch.tensor(1.0), msg="4 * 0.5^2 = 1")
+    torch.testing.assert_close(loss, base + 0.1 * region_sq + 0.01 * 1.0, msg="lambdas scale the L2 terms")
+    loss.backward()
+    torch.testing.assert_close(lora_a.grad, torch.full((2, 2), 0.01 * 2 * 0.5), msg="d/dp lambda p^2 = 2 lambda p")
+
+
+def test_mask_order_follows_packing_order():
+    # a mask on the token grid must select the tokens pack_like_pipeline puts at those grid cells
+    lat = torch.randn(1, 1, 2 * H_TOK, 2 * W_TOK)
+    tok, _ = kh.pack_like_pipeline(lat)
+    mask = torch.zeros(1, 1, H_TOK, W_TOK)
+    mask[0, 0, 1, 2] = 1  # bottom-right cell
+    zeros = torch.zeros_like(tok)
+    _, parts = kh.fm_masked_dual_loss_with_l2(zeros, -tok, zeros, zeros, mask, H_TOK, W_TOK, return_parts=True)
+    cell = lat[0, 0, 2:4, 4:6]
+    torch.testing.assert_close(torch.tensor(parts["loss_in"]), (cell**2).mean(),
+                               msg="in-mask term must read cell (1,2)")
+
+
+# --------------------------------------------------------------------------------------------------
+# kontext_forward on [target | context | region] with IP-Adapter depth embeddings and a PEFT LoRA
+# --------------------------------------------------------------------------------------------------
+
+
+def test_training_step_reaches_only_lora_and_region(fresh_pipe, edit_batch):
+    pipe = fresh_pipe  # this test adds a LoRA
+    ctx, tgt, mask, depth = edit_batch()
+    with torch.no_grad():
+        ctx_tok, (h_tok, w_tok) = kh.pack_like_pipeline(kh.to_latents(kh.normalize_01_to_m11(ctx), pipe.vae))
+        tgt_tok, _ = kh.pack_like_pipeline(kh.to_latents(kh.normalize_01_to_m11(tgt), pipe.vae))
+    prompt_embeds, pooled, txt_ids = kh.encode_prompts(pipe, ["make it red"] * 2, max_sequence_length=32)
+    ip_embeds = kh.encode_depth_for_ip_adapter(pipe, depth)
+    for name, t in {"prompt": prompt_embeds, "pooled": pooled, "ip": ip_embeds[0], "ctx": ctx_tok}.items():
+        assert not t.requires_grad and t.grad_fn is None, f"frozen encoder output '{name}' must carry no graph"
+    assert ip_embeds[0].shape[:2] == (2, 1), "IP embeddings must be [B, 1, E]"
+
+    lora = kh.add_lora(pipe.transformer, rank=4, targets="attn")
+    region = kh.MaskRegionToken(h_tok, w_tok, pipe.transformer.config.in_channels)
+    base_before = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters() if "lora_" not in n}
+
+    m_small = kh.mask_to_token_grid(mask, h_tok, w_tok)
+    noise = torch.randn_like(tgt_tok)
+    sigma = torch.tensor([0.3, 0.7])
+    noisy = (1 - sigma[:, None, None]) * tgt_tok + sigma[:, None, None] * noise
+    pred = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, region(m_small), sigma=sigma,
+                              prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, txt_ids=txt_ids,
+                              h_tok=h_tok, w_tok=w_tok, guidance=1.0, ip_adapter_image_embeds=ip_embeds)
+    assert pred.shape == tgt_tok.shape, "prediction must cover exactly the target tokens"
+    loss = kh.fm_masked_dual_loss_with_l2(pred, tgt_tok, ctx_tok, noise, m_small, h_tok, w_tok,
+                                          region_token_module=region, lora_named_params=lora)
+    loss.backward()
+    # a second step through the same cached embeddings must also work (no graph kept through encoders)
+    pred2 = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, region(m_small), sigma=sigma,
+                               prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, txt_ids=txt_ids,
+                               h_tok=h_tok, w_tok=w_tok, ip_adapter_image_embeds=ip_embeds)
+    kh.fm_masked_dual_loss_with_l2(pred2, tgt_tok, ctx_tok, noise, m_small, h_tok, w_tok).backward()
+
+    assert lora, "the LoRA must have trainable parameters"
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in lora if "lora_B" in _), (
+        "every lora_B must receive a gradient")
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in region.parameters()), "region must get grads"
+    for n, p in pipe.transformer.named_parameters():
+        if "lora_" not in n:
+            assert p.grad is None, f"base parameter {n} must not receive a gradient"
+            torch.testing.assert_close(p.detach(), base_before[n], rtol=0, atol=0, msg=f"base parameter {n} changed")
+    for name in ("text_encoder", "text_encoder_2", "vae", "image_encoder"):
+        assert all(p.grad is None for p in getattr(pipe, name).parameters()), f"{name} must stay untouched"
+
+
+def test_region_token_changes_the_prediction(fresh_pipe, edit_batch):
+    pipe = fresh_pipe
+    ctx, tgt, mask, depth = edit_batch(b=1)
+    with torch.no_grad():
+        ctx_tok, (h_tok, w_tok) = kh.pack_like_pipeline(kh.to_latents(kh.normalize_01_to_m11(ctx), pipe.vae))
+        pe, pooled, txt_ids = kh.encode_prompts(pipe, "make it red", max_sequence_length=32)
+        noisy = torch.randn_like(ctx_tok)
+        kw = dict(sigma=torch.tensor([0.5]), prompt_embeds=pe, pooled_prompt_embeds=pooled, txt_ids=txt_ids,
+                  h_tok=h_tok, w_tok=w_tok, ip_adapter_image_embeds=kh.encode_depth_for_ip_adapter(pipe, depth))
+        region = kh.MaskRegionToken(h_tok, w_tok, 64)
+        a = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, region(mask[:, :, ::16, ::16]), **kw)
+        b = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, region(torch.zeros(1, 1, h_tok, w_tok)), **kw)
+        c = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, None, **kw)
+    assert not torch.allclose(a, b), "a different mask must change the prediction through the region token"
+    assert a.shape == c.shape, "the region token must not change the output length"
+
+
+def test_forward_without_depth_equals_zero_ip_scale(fresh_pipe, edit_batch):
+    pipe = fresh_pipe  # this test changes the IP-Adapter scale
+    ctx, _, _, depth = edit_batch(b=1)
+    with torch.no_grad():
+        ctx_tok, (h_tok, w_tok) = kh.pack_like_pipeline(kh.to_latents(kh.normalize_01_to_m11(ctx), pipe.vae))
+        pe, pooled, txt_ids = kh.encode_prompts(pipe, "make it red", max_sequence_length=32)
+        kw = dict(sigma=torch.tensor([0.5]), prompt_embeds=pe, pooled_prompt_embeds=pooled, txt_ids=txt_ids,
+                  h_tok=h_tok, w_tok=w_tok)
+        none = kh.kontext_forward(pipe.transformer, ctx_tok, ctx_tok, None, **kw)
+        pipe.set_ip_adapter_scale(0.0)
+        zero = kh.kontext_forward(pipe.transformer, ctx_tok, ctx_tok, None,
+                                  ip_adapter_image_embeds=kh.encode_depth_for_ip_adapter(pipe, depth), **kw)
+        pipe.set_ip_adapter_scale(1.0)
+    torch.testing.assert_close(none, zero, msg="no depth must equal an IP-Adapter at scale 0")
