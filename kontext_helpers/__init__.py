@@ -7,6 +7,7 @@ the notebooks, and each imports only the modules above it:
     models        shared   device and dtype, moving encoders, the LoRA and its on/off switch
     figures       shared   sliders, pair grids, loss curves, previews, edit metrics
     tiny          shared   the offline tiny Kontext pipeline
+    rehearsal     shared   FLUX.1 Kontext [dev] at real width, random weights, few layers: a local Hub-layout folder
     pipeline      shared   load_pipeline (tiny, Hub id, local folder), environment print
     data          01       KontextPairs: the dataset folder, checked; your own pairs
     latents       02       VAE latents, 2x2 packing, position ids
@@ -99,6 +100,7 @@ from .models import (
     lora_state_dict,
 )
 from .pipeline import default_dtype, default_model, describe_environment, load_pipeline, nf4_quantization_config
+from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model
 from .tiny import build_tiny_pipeline, tiny_ip_adapter_state_dict
 from .training import (
     TrainResult,
@@ -135,6 +137,9 @@ __all__ = [
     # tiny
     "build_tiny_pipeline",
     "tiny_ip_adapter_state_dict",
+    # rehearsal
+    "REHEARSAL_CONFIG",
+    "build_rehearsal_model",
     # pipeline
     "default_dtype",
     "default_model",

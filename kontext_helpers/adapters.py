@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .conditioning import MaskRegionToken
-from .models import has_ip_adapter, lora_state_dict
+from .models import has_ip_adapter, load_lora_state_dict, lora_state_dict
 
 # Files of a saved adapter folder (save_adapter / load_adapter).
 # diffusers' default LoRA file name: pipe.load_lora_weights(folder) finds it.
@@ -177,6 +177,18 @@ def _read_region(region_file: str, in_channels: int) -> MaskRegionToken | None:
     return region
 
 
+def _lora_as_saved(transformer, lora_file: str, adapter_name: str) -> None:
+    """Give the loaded LoRA the dtype and values of the file (fp32, as trained): ``load_lora_weights`` casts it
+    to the base model's dtype (bf16 on a GPU), and a reloaded adapter would then differ from the trained one."""
+    from safetensors.torch import load_file
+
+    state = {k.removeprefix("transformer."): v for k, v in load_file(lora_file).items()}
+    for name, param in transformer.named_parameters():
+        if ".lora_" in name and f".{adapter_name}." in name:
+            param.data = param.data.to(next(iter(state.values())).dtype)
+    load_lora_state_dict(transformer, state, adapter_name=adapter_name, source=lora_file)
+
+
 def load_adapter(pipe, path: str, *, adapter_name: str = "default", replace: bool = True, device=None):
     """Load a folder written by :func:`save_adapter`: the LoRA with diffusers' ``pipe.load_lora_weights``, and
     the region module rebuilt from its file.
@@ -191,6 +203,10 @@ def load_adapter(pipe, path: str, *, adapter_name: str = "default", replace: boo
         adapter_name: name of the loaded PEFT adapter.
         replace: unload an existing LoRA first (``True``) or refuse (``False``).
         device: where the region module goes; default: the transformer's device (kept in float32).
+
+    The LoRA keeps the dtype it was saved in (float32, as trained) on a bf16 or fp16 base, so the reloaded
+    adapter gives exactly the trained pipeline's results.
+
     Returns:
         the :class:`MaskRegionToken` in eval mode, or ``None`` when the folder holds a LoRA alone.
     """
@@ -210,6 +226,7 @@ def load_adapter(pipe, path: str, *, adapter_name: str = "default", replace: boo
                       f"loading {path} (adapters are replaced, not stacked)", stacklevel=2)
         pipe.unload_lora_weights()
     pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_FILE, adapter_name=adapter_name)
+    _lora_as_saved(transformer, lora_file, adapter_name)
     if region is None:
         return None
     return region.to(device if device is not None else transformer.device).eval().requires_grad_(False)

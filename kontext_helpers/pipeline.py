@@ -166,5 +166,10 @@ def nf4_quantization_config(compute_dtype: torch.dtype | None = None):
     """
     from diffusers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=compute_dtype or default_dtype())
+    try:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=compute_dtype or default_dtype())
+    except ImportError as err:  # diffusers looks up bitsandbytes' package metadata here
+        raise RuntimeError(f"NF4 needs bitsandbytes ({type(err).__name__}: {err}): `pip install bitsandbytes` on a "
+                           "CUDA GPU (in Colab the setup cell installs it when the GPU's preset uses NF4), or load "
+                           "without quantization_config") from err

@@ -26,7 +26,7 @@ _TINY_WORDS = (
 ).split()
 
 
-def _tiny_clip_tokenizer():
+def tiny_clip_tokenizer():
     """A CLIP-style byte-level BPE tokenizer (``CLIPTokenizerFast``) whose vocabulary is :data:`_TINY_WORDS`.
 
     Vocabulary and merges are written out, not trained (the BPE trainer breaks frequency ties differently
@@ -76,7 +76,7 @@ def _tiny_clip_tokenizer():
     )
 
 
-def _tiny_t5_tokenizer():
+def tiny_t5_tokenizer():
     """A T5-style Unigram tokenizer (``T5TokenizerFast``: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2).
 
     Pieces are written out, not trained: each word of :data:`_TINY_WORDS` as ``"▁word"``, then single
@@ -209,7 +209,7 @@ def build_tiny_pipeline(
 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
 
-    tokenizer, tokenizer_2 = _tiny_clip_tokenizer(), _tiny_t5_tokenizer()
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     image_encoder = feature_extractor = None
     with torch.random.fork_rng(devices=[]):  # the order of the draws below fixes the weights
         torch.manual_seed(seed)

@@ -85,3 +85,18 @@ def test_vae_only_loads_the_vae_and_nothing_else(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(kh.to_latents(x, pipe.vae), kh.to_latents(x, saved.vae), rtol=0, atol=0,
                                    msg="the VAE alone must be the saved VAE")
+
+
+def test_nf4_without_bitsandbytes_says_what_to_install(monkeypatch):
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+
+    def version(name):  # as on a machine without bitsandbytes
+        if name == "bitsandbytes":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    with pytest.raises(RuntimeError, match=r"NF4 needs bitsandbytes.*pip install bitsandbytes"):
+        kh.nf4_quantization_config(torch.float32)
