@@ -561,21 +561,17 @@ def estimate_depth(
 ) -> list[torch.Tensor]:
     """Optional: depth maps for your own images with a monocular depth model (transformers pipeline).
 
-    Needs the model from the Hugging Face Hub (about 100 MB for the default, downloaded once; a local
-    folder works too) and is much faster on a GPU. Not needed when your depth maps are already in
-    ``depth/``. Depth Anything predicts relative inverse depth, so near = large = 1 after the per-image
-    min-max here, the convention of :class:`KontextPairs`. For a metric model (metres, far = large) pass
-    ``invert=True``.
+    The default model (about 100 MB) comes from the Hugging Face Hub once; a local folder works too. Depth
+    Anything predicts relative inverse depth, so after the per-image min-max near = 1, :class:`KontextPairs`'
+    convention; pass ``invert=True`` for a metric model (far = large). Images of different sizes are batched
+    separately.
 
     Args:
-        images: a PIL image or a list of them (EXIF orientation applied), or ``[3, H, W]`` tensors in
-            ``[0, 1]``.
-        model: Hub id or local path of a depth-estimation model.
-        device: ``"cuda"``, ``"cpu"``, ... (default: CUDA when available).
-        invert: flip the prediction (for models whose output grows with distance).
+        images: a PIL image or a list of them, or ``[3, H, W]`` tensors in ``[0, 1]``.
+        model: Hub id or local folder of a depth-estimation model; device: default CUDA when available.
     Returns:
-        one ``[1, H, W]`` float32 tensor in ``[0, 1]`` (near = 1) per image, at the image's own size; save
-        them with :func:`write_pair_folder` (16-bit PNG) or view them with :func:`depth_to_pil`.
+        one ``[1, H, W]`` float32 tensor in ``[0, 1]`` (near = 1) per image, at its own size (save them with
+        :func:`write_pair_folder`, view them with ``depth_to_pil``).
     Raises:
         RuntimeError: the model cannot be loaded (no network, wrong id), with what to do.
     """
