@@ -80,17 +80,21 @@ SIGMA_DRAWS = 20_000  # training sigmas drawn for the histograms of section 6
 OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))  # the series' results folder;
 #   this notebook only reads: notebook 04 writes the trained adapter there
 SEED = 0  # every random draw of this notebook
+PRESET = kh.TrainConfig.for_gpu("auto")  # this GPU's preset: NF4 base on 16-24 GB GPUs (T4, L4), see notebook 04
 
 # %% [markdown]
-# We load the pipeline and one training pair. On the real model this notebook loads the full bf16 pipeline:
-# the 12B transformer and T5-XXL alone are about 33 GB of weights, so it needs a large GPU (A100 class). On
-# the tiny model every weight is random: the pictures mean nothing, the mechanics are the lesson.
+# We load the pipeline and one training pair. On the real model the 12B transformer and T5-XXL alone are
+# about 33 GB of bf16 weights: on a GPU whose preset says `quantize_base == "nf4"` (T4, L4) the transformer
+# is loaded in 4 bits and every model visits the GPU only while it runs (`enable_model_cpu_offload`, which
+# `load_pipeline` switches on with a quantization config); on an A100 or H100 the whole pipeline sits on the
+# GPU. On the tiny model every weight is random: the pictures mean nothing, the mechanics are the lesson.
 
 # %%
 import numpy as np
 
 torch.manual_seed(SEED)
-pipe = kh.load_pipeline(MODEL)
+NF4 = not TINY and PRESET.quantize_base == "nf4"  # bitsandbytes: installed by the setup cell in Colab
+pipe = kh.load_pipeline(MODEL, quantization_config=kh.nf4_quantization_config() if NF4 else None)
 DEVICE = pipe._execution_device  # where the pipeline's modules live (cuda on a GPU, cpu for tiny)
 C_IN = pipe.transformer.config.in_channels  # 4C: channels of one packed token (64 for Flux)
 
