@@ -15,6 +15,7 @@ the notebooks, and each imports only the modules above it:
     inference     05       sample_edit, compare_variants
     adapters      05       save / load an adapter, ComfyUI export
     config        04       TrainConfig and GPU presets
+    memory        04       what a training run keeps in memory, counted before anything is downloaded
     checkpoints   04       atomic checkpoints, resume checks
     cache         04       constant work once per sample: the training cache
     training      04       the cache and the training loop
@@ -91,6 +92,7 @@ from .latents import (
     to_latents,
     unpack_like_pipeline,
 )
+from .memory import memory_plan
 from .models import (
     LORA_TARGET_PRESETS,
     add_lora,
@@ -182,6 +184,8 @@ __all__ = [
     "GPU_PRESETS",
     "TrainConfig",
     "detect_gpu_preset",
+    # memory (04)
+    "memory_plan",
     # colab
     "colab_session",
     # checkpoints (04)

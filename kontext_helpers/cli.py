@@ -1,4 +1,4 @@
-"""The command line: ``python -m kontext_helpers train --data DIR --out DIR [options]``.
+"""The command line: ``python -m kontext_helpers train --data DIR --out DIR [options]`` and ``memory-plan``.
 
 Every :class:`TrainConfig` field is a flag (``--rank 8``, ``--no-use-depth``); it also runs under
 ``accelerate launch`` for several GPUs.
@@ -14,6 +14,7 @@ import typing
 from .adapters import save_adapter
 from .config import GPU_PRESETS, TrainConfig
 from .data import KontextPairs
+from .memory import memory_plan
 from .pipeline import load_pipeline, nf4_quantization_config
 from .training import TrainResult, checkpoint_to_resume, train
 
@@ -27,6 +28,9 @@ def _cli_parser():
     p.add_argument("--model", default="tiny", help="'tiny', a Hub id or a local pipeline folder")
     p.add_argument("--preset", default=None, help="GPU preset: auto, " + ", ".join(sorted(GPU_PRESETS)))
     p.add_argument("--resize", default="square", choices=["square", "crop"], help="dataset resize policy")
+    m = sub.add_parser("memory-plan", help="what FLUX.1 Kontext [dev] keeps in memory for each GPU preset")
+    m.add_argument("--preset", nargs="*", default=["t4", "l4", "a100-40", "a100-80", "h100"],
+                   help="GPU presets to plan (default: all but cpu)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("output_dir", "expected_peak_memory_gb", "peak_memory_source"):
@@ -41,9 +45,23 @@ def _cli_parser():
     return parser
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
+def _memory_plans(presets: list[str]) -> dict:
+    """``python -m kontext_helpers memory-plan``: one plan per preset, then a Markdown table of them."""
+    plans = {name: memory_plan(TrainConfig.for_gpu(name)) for name in presets}
+    print("\n| preset | GPU | LoRA | GPU weights + LoRA states, at least | encoders in system RAM, at least |")
+    print("|---|---|---|---|---|")
+    for name, plan in plans.items():
+        cfg = TrainConfig.for_gpu(name)
+        print(f"| {name} | {GPU_PRESETS[name]['label']} | rank {cfg.rank}, {cfg.resolution} px | "
+              f"{plan['gpu_weights_gb']:.1f} GB | {plan['ram_weights_gb']:.1f} GB |")
+    return plans
+
+
+def main(argv: list[str] | None = None) -> TrainResult | dict:
     """Entry point of ``python -m kontext_helpers train``; returns the :class:`TrainResult`."""
     args = _cli_parser().parse_args(argv)
+    if args.command == "memory-plan":
+        return _memory_plans(args.preset)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
     overrides["output_dir"] = args.out

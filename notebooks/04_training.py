@@ -167,6 +167,17 @@ ax.legend(fontsize=8, loc="upper left")
 plt.show()
 
 # %% [markdown]
+# **What stays in memory, counted before any download.** `kh.memory_plan(config)` builds every component of
+# FLUX.1 Kontext [dev] from its configuration on PyTorch's `meta` device (shapes, no memory), counts the
+# parameters, and multiplies by the bytes the preset stores them in (16-bit, or NF4's 4 bits plus a scale per
+# 64 weights). It counts weights and optimizer states only, not activations: its totals are lower bounds, not
+# the peaks above. On the tiny model it plans the T4 preset, as an example. Note the system-RAM line: a free
+# Colab T4 runtime has about 12.7 GB of RAM, and T5-XXL alone is about 9.5 GB in 16 bits.
+
+# %%
+plan = kh.memory_plan(kh.TrainConfig.for_gpu("t4") if TINY else cfg)
+
+# %% [markdown]
 # Now the pipeline. On a card whose preset says `quantize_base == "nf4"` (T4, L4) the 12B transformer is
 # loaded in 4 bits (`kh.nf4_quantization_config()`); otherwise at the preset's precision. NF4 and 8-bit
 # AdamW need `bitsandbytes` (CUDA only): in Colab the setup cell's `kh.colab_session()` installed it when this

@@ -292,3 +292,16 @@ def test_comfyui_export_names_the_real_blocks_of_this_model(rehearsal_adapter, t
                        "lora_unet_double_blocks_0_txt_attn_proj", linear1}, (
         f"exactly the attention modules of the one double and one single block, got {sorted(modules)}")
     assert not [k for k in shapes if "blocks_1_" in k], "no key for blocks this model does not have"
+
+
+def test_memory_plan_counts_the_rehearsal_models_parameters_exactly(rehearsal_pipe):
+    """The memory plan counts parameters on the meta device; on the rehearsal configuration the counts must equal
+    the loaded models' (the transformer carries the IP-Adapter once loaded; LoRA layers are left out)."""
+    counts = {name: sum(split) for name, split in kh.memory.parameter_counts(kh.REHEARSAL_CONFIG).items()}
+    loaded = {"transformer": rehearsal_pipe.transformer, "t5": rehearsal_pipe.text_encoder_2,
+              "clip_text": rehearsal_pipe.text_encoder, "vae": rehearsal_pipe.vae,
+              "image_encoder": rehearsal_pipe.image_encoder}
+    for name, model in loaded.items():
+        real = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+        expected = counts[name] + (kh.memory.ip_adapter_parameters(kh.REHEARSAL_CONFIG) if name == "transformer" else 0)
+        assert real == expected, f"{name}: the plan counts {expected:,} parameters, the loaded model has {real:,}"
