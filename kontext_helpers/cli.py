@@ -47,11 +47,12 @@ def _cli_parser():
 
 def _memory_plans(presets: list[str]) -> dict:
     """``python -m kontext_helpers memory-plan``: one plan per preset, then a Markdown table of them."""
-    plans = {name: memory_plan(TrainConfig.for_gpu(name)) for name in presets}
+    configs = {name: TrainConfig.for_gpu(name) for name in presets}
+    plans = {name: memory_plan(cfg) for name, cfg in configs.items()}
     print("\n| preset | GPU | LoRA | GPU weights + LoRA states, at least | encoders in system RAM, at least |")
     print("|---|---|---|---|---|")
     for name, plan in plans.items():
-        cfg = TrainConfig.for_gpu(name)
+        cfg = configs[name]
         print(f"| {name} | {GPU_PRESETS[name]['label']} | rank {cfg.rank}, {cfg.resolution} px | "
               f"{plan['gpu_weights_gb']:.1f} GB | {plan['ram_weights_gb']:.1f} GB |")
     return plans

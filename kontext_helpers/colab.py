@@ -54,7 +54,7 @@ def _hub_login() -> str:
 def _bitsandbytes_if_needed(preset: str) -> str:
     """``pip install bitsandbytes`` on CUDA when the preset quantizes the base (NF4) or uses 8-bit AdamW."""
     settings = GPU_PRESETS[preset]
-    if preset == "cpu" or (settings.get("quantize_base") != "nf4" and settings.get("optimizer") != "adamw8bit"):
+    if settings.get("quantize_base") != "nf4" and settings.get("optimizer") != "adamw8bit":
         return "not needed"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "bitsandbytes"], check=True)
     return "installed (NF4 / 8-bit AdamW)"

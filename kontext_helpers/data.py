@@ -174,8 +174,8 @@ def _pair_files(root: Path, problems: list) -> dict[str, dict[str, Path]]:
         close = difflib.get_close_matches(folder, [d for d in root_dirs if d not in _PAIR_FOLDERS], n=1)
         hint = f" (there is a folder {close[0]}/: rename it to {folder}/)" if close else ""
         problems.append(("missing folder", f"{folder}/ is missing: expected {root / folder}{hint}"))
-    nested = [d for d in root_dirs if all((root / d / f).is_dir() for f in _PAIR_FOLDERS)]
-    if not files and nested:
+    nested = [] if files else [d for d in root_dirs if all((root / d / f).is_dir() for f in _PAIR_FOLDERS)]
+    if nested:
         problems.append(("root", f"none of context/, target/, masks/, depth/ is in {root}, but they are in "
                          f"{root / nested[0]}: did you mean that folder?"))
     return files

@@ -10,10 +10,14 @@ own overhead. So the totals are lower bounds, labelled as such.
 from __future__ import annotations
 
 import copy
+import functools
+
+import torch
 
 from .config import TrainConfig
 from .models import IP_ADAPTER_LORA_TARGETS, LORA_TARGET_PRESETS
 from .rehearsal import REHEARSAL_CONFIG
+from .tiny import tiny_ip_adapter_state_dict
 
 # FLUX.1 Kontext [dev]'s layer counts (the rehearsal configuration keeps one of each).
 REAL_LAYERS = {"transformer": {"num_layers": 19, "num_single_layers": 38}, "clip_text": {"num_hidden_layers": 12},
@@ -30,10 +34,19 @@ def real_model_config() -> dict:
     return config
 
 
+def _meta_transformer(config: dict):
+    """The Flux transformer of ``config`` on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights():
+        return FluxTransformer2DModel(**config["transformer"])
+
+
 def _meta_models(config: dict) -> dict:
     """Every component built on the meta device from ``config`` (no weights are allocated)."""
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import AutoencoderKL
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
@@ -47,12 +60,19 @@ def _meta_models(config: dict) -> dict:
         t5 = T5EncoderModel(T5Config(**config["t5"]))
         t5.set_input_embeddings(t5.shared)  # the encoder's embedding is the shared one, counted once
         return {
-            "transformer": FluxTransformer2DModel(**config["transformer"]),
+            "transformer": _meta_transformer(config),
             "t5": t5,
             "clip_text": CLIPTextModel(CLIPTextConfig(**config["clip_text"])),
             "vae": AutoencoderKL(in_channels=3, out_channels=3, **config["vae"]),
             "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(**config["clip_vision"])),
         }
+
+
+@functools.lru_cache(maxsize=1)
+def _real_meta_models() -> tuple[dict, dict]:
+    """The real configuration and its models on the meta device, built once (they hold no memory)."""
+    config = real_model_config()
+    return config, _meta_models(config)
 
 
 def _linear_split(model) -> tuple[int, int]:
@@ -63,13 +83,14 @@ def _linear_split(model) -> tuple[int, int]:
     return linear, sum(p.numel() for p in model.parameters()) - linear
 
 
-def ip_adapter_parameters(config: dict) -> int:
-    """The XLabs IP-Adapter: the image projection and ``to_k_ip`` / ``to_v_ip`` in every double block."""
-    text_dim = config["transformer"]["joint_attention_dim"]
-    inner = config["transformer"]["num_attention_heads"] * config["transformer"]["attention_head_dim"]
-    tokens, embed = config["ip_adapter"]["num_tokens"], config["clip_vision"]["projection_dim"]
-    projection = tokens * text_dim * (embed + 1) + 2 * text_dim  # proj weight + bias, LayerNorm
-    return projection + config["transformer"]["num_layers"] * 2 * inner * (text_dim + 1)
+def ip_adapter_parameters(config: dict, transformer=None) -> int:
+    """The XLabs IP-Adapter: the image projection and ``to_k_ip`` / ``to_v_ip`` in every double block, counted
+    from the file layout the tiny and rehearsal worlds write (:func:`tiny_ip_adapter_state_dict`), on meta."""
+    transformer = transformer if transformer is not None else _meta_transformer(config)
+    with torch.device("meta"):
+        layout = tiny_ip_adapter_state_dict(transformer, config["clip_vision"]["projection_dim"],
+                                            config["ip_adapter"]["num_tokens"])
+    return sum(t.numel() for t in layout.values())
 
 
 def lora_parameters(transformer, rank: int, targets: str | list[str], include_ip_adapter: bool = False) -> int:
@@ -84,7 +105,7 @@ def lora_parameters(transformer, rank: int, targets: str | list[str], include_ip
 
 def parameter_counts(config: dict | None = None) -> dict[str, tuple[int, int]]:
     """``{component: (Linear-weight parameters, other parameters)}`` of the real model (or of ``config``)."""
-    models = _meta_models(config or real_model_config())
+    models = _meta_models(config) if config is not None else _real_meta_models()[1]
     return {name: _linear_split(model) for name, model in models.items()}
 
 
@@ -106,10 +127,9 @@ def memory_plan(config: TrainConfig | None = None, *, verbose: bool = True) -> d
     leave out activations and library overhead: they are lower bounds, not measurements.
     """
     config = config or TrainConfig.for_gpu("auto")
-    real = real_model_config()
-    models = _meta_models(real)
+    real, models = _real_meta_models()
     counts = {name: _linear_split(model) for name, model in models.items()}
-    ip_adapter = ip_adapter_parameters(real)
+    ip_adapter = ip_adapter_parameters(real, models["transformer"])
     lora = lora_parameters(models["transformer"], config.rank, config.lora_targets, config.lora_ip_adapter)
     gpu = _training_gb(counts, config, lora, ip_adapter)
     ram = {name: sum(counts[name]) * 2 / _GB for name in ("t5", "clip_text", "vae", "image_encoder")}

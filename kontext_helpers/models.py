@@ -94,7 +94,7 @@ def add_lora(
         targets = LORA_TARGET_PRESETS[targets]
     targets = list(targets)
     if include_ip_adapter:
-        if getattr(transformer, "encoder_hid_proj", None) is None:
+        if not has_ip_adapter(transformer):
             raise ValueError("include_ip_adapter=True but the transformer has no IP-Adapter loaded")
         targets += IP_ADAPTER_LORA_TARGETS
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
@@ -195,9 +195,9 @@ def load_lora_state_dict(transformer, state: dict[str, torch.Tensor], *, adapter
                          source: str = "the state dict") -> None:
     """Copy LoRA weights in :func:`lora_state_dict`'s format into an attached adapter (PEFT's
     ``set_peft_model_state_dict``); every key must match, or a ``ValueError`` names what differs."""
-    from peft.utils import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    expected = set(lora_state_dict(transformer, adapter_name))
+    expected = set(get_peft_model_state_dict(transformer, adapter_name=adapter_name))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"{source} does not match this LoRA: missing {missing[:3]}, unexpected {unexpected[:3]} "
