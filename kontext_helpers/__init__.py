@@ -70,7 +70,7 @@ from .conditioning import (
     kontext_forward,
     mask_to_token_grid,
 )
-from .config import GPU_PRESETS, TrainConfig, detect_gpu_preset
+from .config import GPU_PRESETS, TrainConfig, detect_gpu_preset, quick_config
 from .data import KontextPairs, estimate_depth, mask_from_difference, write_pair_folder
 from .figures import LiveLossPlot, edit_metrics, interactive_figure, metrics_table, preview_grid, show_pairs
 from .images import (
@@ -101,13 +101,22 @@ from .models import (
     lora_off,
     lora_state_dict,
 )
-from .pipeline import default_dtype, default_model, describe_environment, load_pipeline, nf4_quantization_config
+from .pipeline import (
+    add_transformer,
+    default_dtype,
+    default_model,
+    describe_environment,
+    free_text_encoders,
+    load_pipeline,
+    nf4_quantization_config,
+)
 from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model
 from .tiny import build_tiny_pipeline, tiny_ip_adapter_state_dict
 from .training import (
     TrainResult,
     checkpoint_to_resume,
     evaluation_loss,
+    load_for_training,
     sample_indices,
     sample_sigmas,
     train,
@@ -143,9 +152,11 @@ __all__ = [
     "REHEARSAL_CONFIG",
     "build_rehearsal_model",
     # pipeline
+    "add_transformer",
     "default_dtype",
     "default_model",
     "describe_environment",
+    "free_text_encoders",
     "load_pipeline",
     "nf4_quantization_config",
     # data (01)
@@ -184,6 +195,7 @@ __all__ = [
     "GPU_PRESETS",
     "TrainConfig",
     "detect_gpu_preset",
+    "quick_config",
     # memory (04)
     "memory_plan",
     # colab
@@ -202,6 +214,7 @@ __all__ = [
     "TrainResult",
     "checkpoint_to_resume",
     "evaluation_loss",
+    "load_for_training",
     "sample_indices",
     "sample_sigmas",
     "train",

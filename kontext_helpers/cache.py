@@ -72,7 +72,9 @@ def build_train_cache(pipe, dataset, *, max_sequence_length: int = 512, use_dept
     with modules_visiting(device, [pipe.vae]), torch.no_grad():
         latents = [_cache_latents(pipe.vae, it, device) for it in tqdm(items, desc="caching latents", **show)]
     ips = [None] * len(items)
-    if use_depth and getattr(pipe, "image_encoder", None) is not None and has_ip_adapter(pipe.transformer):
+    transformer = getattr(pipe, "transformer", None)  # None while loading in stages: the adapter comes with it
+    if use_depth and getattr(pipe, "image_encoder", None) is not None and (
+            transformer is None or has_ip_adapter(transformer)):
         with modules_visiting(device, [pipe.image_encoder]):
             ips = [encode_depth_for_ip_adapter(pipe, it["depth"], device=device)[0]  # [1, 1, E]
                    for it in tqdm(items, desc="caching depth", **show)]

@@ -70,16 +70,24 @@ def resume_config_changes(saved: dict, current: dict) -> tuple[list[str], list[s
     return blocking, accepted
 
 
+def _flatten(prefix: str, state: dict, tensors: dict, scalars: dict) -> None:
+    """``{"a": {"b": t}}`` -> ``tensors["prefix.a.b"] = t``: bitsandbytes nests its 8-bit state one dict deeper."""
+    for key, value in state.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            _flatten(name, value, tensors, scalars)
+        elif torch.is_tensor(value):  # a copy: bitsandbytes shares one quantization map between parameters
+            tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+        else:
+            scalars[name] = value
+
+
 def _optimizer_to_files(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split ``optimizer.state_dict()`` into tensors (safetensors) and everything else (JSON)."""
     sd = optimizer.state_dict()
     tensors, meta = {}, {"param_groups": sd["param_groups"], "scalars": {}}
     for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                meta["scalars"][f"{idx}.{key}"] = value
+        _flatten(str(idx), state, tensors, meta["scalars"])
     return tensors, meta
 
 
@@ -87,8 +95,11 @@ def optimizer_state_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> 
     """The inverse of the split: an ``optimizer.state_dict()`` to pass to ``optimizer.load_state_dict``."""
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        idx, *path, name = key.split(".")
+        node = state.setdefault(int(idx), {})
+        for part in path:
+            node = node.setdefault(part, {})
+        node[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -133,8 +144,8 @@ def _write_failed(output_dir: str, step: int, tmp: str, err: Exception) -> Check
               "resume=True" if done else "no complete checkpoint exists yet: a rerun starts from step 0")
     return CheckpointWriteError(
         f"could not write the checkpoint of step {step} to {_checkpoint_root(output_dir)} "
-        f"({type(err).__name__}: {err}). The partial folder {tmp} was removed; {resume}. "
-        "Free disk space (or reconnect the drive) first.")
+        f"({type(err).__name__}: {err}). The partial folder {tmp} was removed; {resume}."
+        + ("" if isinstance(err, TypeError | ValueError) else " Free disk space (or reconnect the drive) first."))
 
 
 def save_checkpoint(output_dir: str, step: int, *, lora_state: dict[str, torch.Tensor], region_module: nn.Module,

@@ -59,6 +59,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory on big models
     quantize_base: str | None = None  # "nf4": load the transformer 4-bit (bitsandbytes) via load_pipeline
     offload_encoders: bool = True  # on a GPU, each encoder visits the GPU only while it caches, then goes to the CPU
+    load_in_stages: bool = False  # notebooks: text encoders first, for the cache, freed before the transformer loads
+    #   (system RAM: a free Colab T4 runtime has about 12.7 GB, T5-XXL alone is 9.5 GB in 16 bits)
     # --- bookkeeping
     seed: int = 0  # every random draw of a step derives from (seed, step): runs are reproducible and resumable
     output_dir: str = "outputs/kontext-lora"  # checkpoints/, previews/ and the final adapter go here (Drive works)
@@ -127,10 +129,10 @@ GPU_PRESETS: dict[str, dict] = {
                 quantize_base=None, resolution=512, rank=16, expected_peak_memory_gb=None,
                 peak_memory_source="not applicable: the tiny model needs well under 1 GB"),
     "t4": dict(label="T4 16 GB", mixed_precision="fp16", gradient_checkpointing=True, optimizer="adamw8bit",
-               quantize_base="nf4", resolution=512, rank=8, expected_peak_memory_gb=14.0,
+               quantize_base="nf4", load_in_stages=True, resolution=512, rank=8, expected_peak_memory_gb=14.0,
                peak_memory_source="estimated", note="no bf16 on T4: fp16 autocast, LoRA weights kept in fp32"),
     "l4": dict(label="L4 24 GB", mixed_precision="bf16", gradient_checkpointing=True, optimizer="adamw8bit",
-               quantize_base="nf4", resolution=768, rank=16, expected_peak_memory_gb=20.0,
+               quantize_base="nf4", load_in_stages=True, resolution=768, rank=16, expected_peak_memory_gb=20.0,
                peak_memory_source="estimated"),
     "a100-40": dict(label="A100 40 GB", mixed_precision="bf16", gradient_checkpointing=True, optimizer="adamw",
                     quantize_base=None, resolution=768, rank=16, expected_peak_memory_gb=36.0,
@@ -157,3 +159,26 @@ def detect_gpu_preset() -> str:
     if "h100" in name or "h200" in name:
         return "h100"
     return "a100-40" if mem_gb < 60 else "a100-80"
+
+
+QUICK_SETTINGS = dict(steps=3, resolution=64, rank=4, max_sequence_length=16, checkpoint_every=2, preview_steps=2)
+
+
+def quick_config(config: TrainConfig, *, verbose: bool = True) -> TrainConfig:
+    """``config`` as a smoke test of its code path: :data:`QUICK_SETTINGS` (3 updates at 64 px, rank 4).
+
+    Without CUDA, what a CPU cannot run gives way, each change printed: NF4 is dropped (diffusers'
+    bitsandbytes quantizer loads only onto a GPU) and fp16 autocast becomes bf16. Everything else of the
+    preset (gradient checkpointing, 8-bit AdamW, loading in stages, offloaded encoders) stays.
+    """
+    changes = dict(QUICK_SETTINGS)
+    if not torch.cuda.is_available():
+        if config.quantize_base is not None:
+            changes["quantize_base"] = None
+        if config.mixed_precision == "fp16":
+            changes["mixed_precision"] = "bf16"
+    if verbose:
+        cpu = {k: (getattr(config, k), v) for k, v in changes.items() if k in ("quantize_base", "mixed_precision")}
+        print("quick run: " + ", ".join(f"{k}={v}" for k, v in QUICK_SETTINGS.items())
+              + "".join(f"; {k} {old!r} -> {new!r} (no GPU here)" for k, (old, new) in cpu.items()))
+    return dataclasses.replace(config, **changes)

@@ -299,6 +299,11 @@ def _record(seed: int, dtype: torch.dtype) -> dict:
             "versions": {n: version(n) for n in ("torch", "diffusers", "transformers")}}
 
 
+def is_rehearsal_folder(folder) -> bool:
+    """True for a folder written by :func:`build_rehearsal_model` (it holds ``rehearsal.json``)."""
+    return os.path.isfile(os.path.join(os.fspath(folder), RECORD_FILE))
+
+
 def _load_arguments(folder: str) -> dict:
     """The keyword arguments of ``load_pipeline`` for a rehearsal folder."""
     return {"model": os.path.join(folder, PIPELINE_DIR), "ip_adapter": os.path.join(folder, IP_ADAPTER_DIR),

@@ -37,6 +37,7 @@ from .models import (
     lora_off,
     lora_state_dict,
 )
+from .pipeline import add_transformer, free_text_encoders, load_pipeline, nf4_quantization_config
 
 
 def _step_generator(seed: int, *keys: int) -> torch.Generator:
@@ -326,6 +327,40 @@ def _prepare_run(pipe, dataset, config: TrainConfig, accelerator, cache, progres
     return cache, lora, region, optimizer, lr_scheduler
 
 
+def _check_text_encoders(pipe, config: TrainConfig, cache) -> None:
+    """A pipeline whose text encoders were freed after caching needs the cache, and makes no previews."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return
+    if cache is None:
+        raise ValueError("this pipeline has no text encoders (freed after caching, see load_for_training): pass "
+                         "the cache, train(..., cache=cache)")
+    if config.preview_every:
+        raise ValueError(f"preview_every={config.preview_every}: previews encode a prompt, and this pipeline's "
+                         "text encoders were freed after caching; set preview_every=0 and sample afterwards")
+
+
+def load_for_training(model: str, dataset, config: TrainConfig, *, device=None, dtype: torch.dtype | None = None,
+                      progress: bool = True):
+    """The pipeline and the cache of a run on ``model``, loaded the way ``config`` says: ``(pipe, cache)``.
+
+    With ``config.load_in_stages`` (T4, L4): everything but the transformer, the cache, the text encoders freed,
+    then the transformer (NF4 when ``config.quantize_base == "nf4"``), so that T5-XXL and the transformer are
+    never in system RAM together. Otherwise the whole pipeline, then the cache. Pass both to :func:`train`.
+    """
+    nf4 = nf4_quantization_config() if config.quantize_base == "nf4" else None
+    staged = config.load_in_stages and model != "tiny"
+    pipe = load_pipeline(model, device=device, dtype=dtype, encoders_only=staged,
+                         quantization_config=None if staged else nf4)
+    cache = build_train_cache(pipe, dataset, max_sequence_length=config.max_sequence_length,
+                              use_depth=config.use_depth, device=pipe._execution_device,
+                              offload=config.offload_encoders and pipe._execution_device.type == "cuda",
+                              progress=progress)
+    if staged:
+        free_text_encoders(pipe)
+        add_transformer(pipe, model, device=device, dtype=dtype, quantization_config=nf4)
+    return pipe, cache
+
+
 def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None, progress: bool = True,
           cache: TrainCache | None = None) -> TrainResult:
     """Train a LoRA on ``pipe.transformer`` and a region token module on ``dataset``.
@@ -349,6 +384,7 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
     from tqdm.auto import tqdm
 
     config.validate(dataset)
+    _check_text_encoders(pipe, config, cache)
     accelerator = accelerator or _make_accelerator(config)
     resume_path = checkpoint_to_resume(config, verbose=accelerator.is_main_process)
     cache, lora, region, optimizer, lr_scheduler = _prepare_run(pipe, dataset, config, accelerator, cache, progress)

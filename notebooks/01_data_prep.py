@@ -67,8 +67,13 @@ kh.describe_environment(MODEL)
 # %%
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
 TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+PRESET_NAME = os.environ.get("KONTEXT_PRESET", "auto")  # GPU preset (notebook 04): "auto" detects the GPU; or "t4", ...
+QUICK = os.environ.get("KONTEXT_QUICK") == "1"  # a smoke run of the GPU path (the tests set it): few steps, 64 px
+PRESET = kh.TrainConfig.for_gpu(PRESET_NAME)  # this GPU's preset: resolution, precision, NF4 or not
+if QUICK:
+    PRESET = kh.quick_config(PRESET)  # 3 updates at 64 px; without a GPU, NF4 and fp16 give way (printed)
 DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder
-RESOLUTION = 128 if TINY else 512  # training side in pixels, a multiple of 16
+RESOLUTION = 128 if TINY else PRESET.resolution  # training side in pixels, a multiple of 16 (the preset's)
 OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))  # results (Colab: a Drive folder)
 SEED = 0  # every random draw of this notebook (none in this one: everything here is deterministic)
 PAIR = 3  # the pair used as the running example (3 = "turn the red box into a sphere")

@@ -65,12 +65,17 @@ kh.describe_environment(MODEL)
 # %%
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
 TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+PRESET_NAME = os.environ.get("KONTEXT_PRESET", "auto")  # GPU preset (notebook 04): "auto" detects the GPU; or "t4", ...
+QUICK = os.environ.get("KONTEXT_QUICK") == "1"  # a smoke run of the GPU path (the tests set it): few steps, 64 px
+PRESET = kh.TrainConfig.for_gpu(PRESET_NAME)  # this GPU's preset: resolution, precision, NF4 or not
+if QUICK:
+    PRESET = kh.quick_config(PRESET)  # 3 updates at 64 px; without a GPU, NF4 and fp16 give way (printed)
 DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder
-RESOLUTION = 128 if TINY else 512  # image side in pixels, a multiple of 16: 128 px -> 16x16 latents -> 8x8 tokens
+RESOLUTION = 128 if TINY else PRESET.resolution  # image side, a multiple of 16: 128 px -> 16x16 latents -> 8x8 tokens
 OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))  # results (Colab: a Drive folder)
 SEED = 0  # every random draw of this notebook
 PAIR = 3  # the sample pair used throughout (3 = "turn the red box into a sphere")
-MAX_SEQUENCE_LENGTH = 64 if TINY else 512  # text tokens T per prompt (512 is Kontext's default)
+MAX_SEQUENCE_LENGTH = 64 if TINY else PRESET.max_sequence_length  # text tokens T per prompt (Kontext: 512)
 SHOW_CHANNELS = 4  # how many of the C latent channels section 1 draws
 
 torch.manual_seed(SEED)
@@ -271,22 +276,24 @@ print("== pipe._unpack_latents:", torch.equal(back, pipe._unpack_latents(tokens,
 # %% [markdown]
 # ### Why sides must be multiples of 16
 #
-# 8 (the VAE's downsampling) x 2 (the packing) = 16 pixels per token side. A 520 px image encodes to a
-# 65x65 latent grid, and 65 cells cannot be cut into 2x2 patches:
+# 8 (the VAE's downsampling) x 2 (the packing) = 16 pixels per token side. An image 8 px larger than a
+# multiple of 16 (136 px on the tiny path, 520 px at 512) encodes to an odd latent grid (17x17, 65x65), and an
+# odd number of cells cannot be cut into 2x2 patches:
 
 # %%
 import torch.nn.functional as F
 
-x520 = F.interpolate(x, size=(520, 520), mode="bilinear", align_corners=False)  # [B, 3, 520, 520]
+ODD = RESOLUTION + 8  # 8 px more than a multiple of 16: an odd number of latent cells
+x_odd = F.interpolate(x, size=(ODD, ODD), mode="bilinear", align_corners=False)  # [B, 3, ODD, ODD]
 with torch.no_grad():
-    lat520 = kh.to_latents(x520, vae)  # [B, C, 65, 65]: odd
-print("520 px ->", tuple(lat520.shape))
+    lat_odd = kh.to_latents(x_odd, vae)  # [B, C, ODD/8, ODD/8]: odd
+print(ODD, "px ->", tuple(lat_odd.shape))
 try:
-    kh.pack_like_pipeline(lat520)
+    kh.pack_like_pipeline(lat_odd)
 except ValueError as err:
     print("ValueError:", err)
 try:
-    kh.KontextPairs(DATA_ROOT, resolution=520)
+    kh.KontextPairs(DATA_ROOT, resolution=ODD)
 except ValueError as err:
     print("\nValueError:", str(err).splitlines()[1])
 

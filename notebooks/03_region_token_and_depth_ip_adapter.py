@@ -67,20 +67,24 @@ kh.describe_environment(MODEL)
 # %%
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
 TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+PRESET_NAME = os.environ.get("KONTEXT_PRESET", "auto")  # GPU preset (notebook 04): "auto" detects the GPU; or "t4", ...
+QUICK = os.environ.get("KONTEXT_QUICK") == "1"  # a smoke run of the GPU path (the tests set it): few steps, 64 px
+PRESET = kh.TrainConfig.for_gpu(PRESET_NAME)  # this GPU's preset: resolution, precision, NF4 or not
+if QUICK:
+    PRESET = kh.quick_config(PRESET)  # 3 updates at 64 px; without a GPU, NF4 and fp16 give way (printed)
 DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder
-RESOLUTION = 128 if TINY else 512  # training side in pixels, a multiple of 16 (tiny: an 8x8 token grid)
+RESOLUTION = 128 if TINY else PRESET.resolution  # training side in pixels, a multiple of 16 (tiny: an 8x8 token grid)
 PAIR_INDEX = 0  # which pair of the dataset to look at (0: "make the red sphere blue")
-MAX_SEQUENCE_LENGTH = 64 if TINY else 512  # T5 tokens of the prompt; 512 is Kontext's default
+MAX_SEQUENCE_LENGTH = 64 if TINY else PRESET.max_sequence_length  # T5 tokens of the prompt (Kontext: 512)
 SIGMA = 0.5  # the flow-matching time of the single forward passes in sections 3 and 6, in (0, 1]
-SQUARE_TOKENS = 3 if TINY else 8  # side, in tokens, of the square mask the slider in section 2 moves
-NUM_INFERENCE_STEPS = 4 if TINY else 28  # denoising steps of the IP-Adapter scale comparison (section 5)
+SQUARE_TOKENS = 3 if TINY or QUICK else 8  # side, in tokens, of the square mask the slider in section 2 moves
+NUM_INFERENCE_STEPS = 4 if TINY else 2 if QUICK else 28  # denoising steps of the IP-Adapter comparison (section 5)
 IP_SCALES = (0.0, 0.5, 1.0)  # IP-Adapter strengths compared in section 5
 TIMING_REPEATS = 5  # timed runs per measurement in section 4 (the median is reported)
 SIGMA_DRAWS = 20_000  # training sigmas drawn for the histograms of section 6
 OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))  # the series' results folder;
 #   this notebook only reads: notebook 04 writes the trained adapter there
 SEED = 0  # every random draw of this notebook
-PRESET = kh.TrainConfig.for_gpu("auto")  # this GPU's preset: NF4 base on 16-24 GB GPUs (T4, L4), see notebook 04
 
 # %% [markdown]
 # We load the pipeline and one training pair. On the real model the 12B transformer and T5-XXL alone are

@@ -69,13 +69,15 @@ kh.describe_environment(MODEL)
 # %%
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
 TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+PRESET_NAME = os.environ.get("KONTEXT_PRESET", "auto")  # GPU preset (section 1): "auto" detects the GPU; or "t4", ...
+QUICK = os.environ.get("KONTEXT_QUICK") == "1"  # a smoke run of the GPU path (the tests set it): few steps, 64 px
 DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder (notebook 01)
 SEED = 0  # every random draw of the run (LoRA init, sample order, noise, sigmas) derives from it
 # results: checkpoints and the adapter for notebook 05 (in Colab on Drive, set by the setup cell's USE_DRIVE)
 OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))
 RUN_DIR = os.path.join(OUTPUT_DIR, "run")  # this run's checkpoints/
 RESUME = False  # True after a disconnect: continue from the newest checkpoint in RUN_DIR instead of starting over
-RESUME_EXTRA_STEPS = 30  # section 5 resumes the finished run for this many more steps
+RESUME_EXTRA_STEPS = 1 if QUICK else 30  # section 5 resumes the finished run for this many more steps
 if TINY:
     cfg = kh.TrainConfig(
         resolution=128,  # training side in pixels (multiple of 16): an 8x8 token grid, seconds per run
@@ -92,13 +94,15 @@ if TINY:
     )
 else:
     cfg = kh.TrainConfig.for_gpu(
-        "auto",  # this GPU's preset (section 1): precision, quantisation, optimizer, resolution, rank
+        PRESET_NAME,  # this GPU's preset (section 1): precision, quantisation, optimizer, resolution, rank
         steps=1000,  # optimizer updates: about 1-3 hours on a Colab GPU at the preset's resolution
         checkpoint_every=250,  # a checkpoint every 250 updates (and at the end)
         output_dir=RUN_DIR,  # where checkpoints go (on Drive in Colab: they survive a disconnect)
         resume=RESUME,  # continue from RUN_DIR's newest checkpoint
         seed=SEED,  # reproducible and exactly resumable
     )
+    if QUICK:
+        cfg = kh.quick_config(cfg)  # 3 updates at 64 px; without a GPU, NF4 and fp16 give way (printed)
 
 # %%
 os.makedirs(OUTPUT_DIR, exist_ok=True)
@@ -182,23 +186,39 @@ plan = kh.memory_plan(kh.TrainConfig.for_gpu("t4") if TINY else cfg)
 # loaded in 4 bits (`kh.nf4_quantization_config()`); otherwise at the preset's precision. NF4 and 8-bit
 # AdamW need `bitsandbytes` (CUDA only): in Colab the setup cell's `kh.colab_session()` installed it when this
 # GPU's preset asks for it.
+#
+# **Loading in stages (T4, L4: `cfg.load_in_stages`).** The memory plan's system-RAM line is the trap: T5-XXL
+# is 9.5 GB in 16 bits and a free T4 runtime has 12.7 GB of RAM. So on those cards we load everything *but*
+# the transformer now (`load_pipeline(..., encoders_only=True)`), cache every sample in section 2, free the text
+# encoders (`kh.free_text_encoders`), and only then bring in the transformer (`kh.add_transformer`). The
+# cache holds every prompt encoding, so training never needs T5 again.
 
 # %%
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NF4 = kh.nf4_quantization_config() if not TINY and cfg.quantize_base == "nf4" else None  # bitsandbytes' 4 bits
+STAGED = not TINY and cfg.load_in_stages  # T4, L4: the transformer comes after the cache (section 2)
 
 
 def load_model():
-    """A fresh pipeline for this notebook's model: NF4 base transformer when the preset asks for it."""
-    if not TINY and cfg.quantize_base == "nf4":
-        return kh.load_pipeline(MODEL, quantization_config=kh.nf4_quantization_config())
+    """A fresh pipeline for this notebook's model; in stages, everything but the transformer."""
+    if STAGED:
+        return kh.load_pipeline(MODEL, encoders_only=True)
+    if NF4 is not None:  # the 4-bit transformer is placed on the GPU as it loads
+        return kh.load_pipeline(MODEL, quantization_config=NF4)
     return kh.load_pipeline(MODEL).to(DEVICE)
+
+
+def add_transformer_after_caching(pipe):
+    """In stages: the prompts are cached, so T5 and CLIP-L leave before the transformer comes in."""
+    if STAGED:
+        kh.free_text_encoders(pipe)
+        kh.add_transformer(pipe, MODEL, quantization_config=NF4)
 
 
 pipe = load_model()
 dataset = kh.KontextPairs(DATA_ROOT, resolution=cfg.resolution)  # must match cfg.resolution (train checks it)
 print(dataset)
-n_params = sum(p.numel() for p in pipe.transformer.parameters())
-print(f"transformer: {n_params / 1e6:.2f} M parameters, dtype {pipe.transformer.dtype}, on {DEVICE}")
+print("loaded:", ", ".join(name for name, module in pipe.components.items() if module is not None))
 
 # %% [markdown]
 # ## 2. Cache first: constant work once per sample
@@ -229,6 +249,12 @@ for f in dataclasses.fields(first):
 # mask_small [1, 1, H', W'], ip_embeds [1, 1, E] (the depth map through the CLIP image encoder)
 total = sum(v.numel() * v.element_size() for s in cache.samples for v in vars(s).values() if torch.is_tensor(v))
 print(f"the whole cache: {total / 2**20:.2f} MiB")
+
+# %%
+add_transformer_after_caching(pipe)  # in stages (T4, L4); otherwise the transformer is already there
+n_params = sum(p.numel() for p in pipe.transformer.parameters())
+print(f"transformer: {n_params / 1e6:.2f} M parameters, dtype {pipe.transformer.dtype}, on {DEVICE}")
+print("text encoders still loaded:", pipe.text_encoder_2 is not None)
 
 # %% [markdown]
 # **Indexed by sample, never by step.** `kh.train` draws the samples of step `k` from an endless stream of
@@ -479,6 +505,7 @@ gc.collect()
 if DEVICE.type == "cuda":
     torch.cuda.empty_cache()
 pipe = load_model()  # fresh base weights, no LoRA
+add_transformer_after_caching(pipe)
 cfg_more = dataclasses.replace(cfg, steps=cfg.steps + RESUME_EXTRA_STEPS, resume=True)
 # the cache does not depend on the LoRA, so we reuse it; after a real disconnect leave cache= out: train rebuilds it
 resumed = kh.train(pipe, dataset, cfg_more, cache=cache, progress=False)

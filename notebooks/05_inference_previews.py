@@ -69,19 +69,23 @@ kh.describe_environment(MODEL)
 # %%
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
 TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+PRESET_NAME = os.environ.get("KONTEXT_PRESET", "auto")  # GPU preset (notebook 04): "auto" detects the GPU; or "t4", ...
+QUICK = os.environ.get("KONTEXT_QUICK") == "1"  # a smoke run of the GPU path (the tests set it): few steps, 64 px
+PRESET = kh.TrainConfig.for_gpu(PRESET_NAME)  # this GPU's preset: resolution, precision, NF4 or not
+if QUICK:
+    PRESET = kh.quick_config(PRESET)  # 3 updates at 64 px; without a GPU, NF4 and fp16 give way (printed)
 DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder
 PAIR = 0  # which pair of DATA_ROOT to edit (0: "make the red sphere blue")
 SEED = 0  # the starting noise of every sample in this notebook
 # where notebook 04 saved the adapter; exports go here too (in Colab on Drive, set by the setup cell's USE_DRIVE)
 OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))
 ADAPTER_DIR = os.path.join(OUTPUT_DIR, "adapter")  # the adapter folder notebook 04 wrote
-PRESET = kh.TrainConfig.for_gpu("auto")  # this GPU's preset: notebook 04 trained at its resolution and precision
 RESOLUTION = 128 if TINY else PRESET.resolution  # sampling side in pixels (multiple of 16): the training size
-NUM_STEPS = 8 if TINY else 28  # denoising steps: 28 is Kontext's default
+NUM_STEPS = 8 if TINY else 2 if QUICK else 28  # denoising steps: 28 is Kontext's default
 GUIDANCE = 2.5  # Kontext's distilled guidance (diffusers' docstring example; __call__ defaults to 3.5)
-MAX_SEQUENCE_LENGTH = 64 if TINY else 512  # T5 tokens of the prompt, as in training
+MAX_SEQUENCE_LENGTH = 64 if TINY else PRESET.max_sequence_length  # T5 tokens of the prompt, as in training
 RECORD_EVERY = 1 if TINY else 4  # section 3 keeps the latents of every RECORD_EVERY-th denoising step
-QUICK_STEPS = 40  # training steps of the stand-in adapter when notebook 04 has not been run
+QUICK_STEPS = 3 if QUICK else 40  # training steps of the stand-in adapter when notebook 04 has not been run
 
 # %%
 os.makedirs(OUTPUT_DIR, exist_ok=True)
@@ -89,14 +93,12 @@ os.makedirs(OUTPUT_DIR, exist_ok=True)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # NF4 needs bitsandbytes: see the setup cell
 
 
-def load_model(for_training=False):
+def load_model():
     """A fresh pipeline for this notebook's model: NF4 base transformer when the GPU preset asks for it."""
     if TINY or PRESET.quantize_base != "nf4":
         return kh.load_pipeline(MODEL).to(DEVICE)
-    pipe = kh.load_pipeline(MODEL, quantization_config=kh.nf4_quantization_config())
-    if not for_training:  # train() places the models itself; for sampling, each model visits the GPU while it runs
-        pipe.enable_model_cpu_offload()
-    return pipe
+    # the 4-bit transformer loads first, onto the GPU; then each other model visits the GPU while it runs
+    return kh.load_pipeline(MODEL, quantization_config=kh.nf4_quantization_config())
 
 
 dataset = kh.KontextPairs(DATA_ROOT, resolution=RESOLUTION)
@@ -115,6 +117,7 @@ print("context", tuple(item["context"].shape), " mask", tuple(item["mask"].shape
 # run notebook 04 instead: 40 steps teach a real model nothing.
 
 # %%
+import dataclasses
 import gc
 
 if os.path.isfile(os.path.join(ADAPTER_DIR, kh.LORA_WEIGHT_FILE)):
@@ -125,15 +128,15 @@ else:
         quick = kh.TrainConfig(resolution=RESOLUTION, steps=QUICK_STEPS, rank=16, lora_targets="attn_ff",
                                learning_rate=3e-3, region_learning_rate=1e-2, max_sequence_length=MAX_SEQUENCE_LENGTH,
                                checkpoint_every=0, output_dir=os.path.join(OUTPUT_DIR, "quick_run"), seed=SEED)
-    else:
-        quick = kh.TrainConfig.for_gpu("auto", steps=QUICK_STEPS, checkpoint_every=0,
-                                       output_dir=os.path.join(OUTPUT_DIR, "quick_run"), seed=SEED)
-    trainer = load_model(for_training=True)
-    quick_result = kh.train(trainer, dataset, quick, progress=False)
+    else:  # this GPU's preset, as notebook 04 trains (in stages on a T4 or L4)
+        quick = dataclasses.replace(PRESET, steps=QUICK_STEPS, checkpoint_every=0,
+                                    output_dir=os.path.join(OUTPUT_DIR, "quick_run"), seed=SEED)
+    trainer, cache = kh.load_for_training(MODEL, dataset, quick, progress=False)
+    quick_result = kh.train(trainer, dataset, quick, cache=cache, progress=False)
     kh.save_adapter(trainer, quick_result.region, ADAPTER_DIR, config=quick)
     first, last = quick_result.history[0]["loss"], quick_result.history[-1]["loss"]
     print(f"loss {first:.3f} -> {last:.3f}; saved to {ADAPTER_DIR}")
-    del trainer, quick_result
+    del trainer, cache, quick_result
     gc.collect()
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()

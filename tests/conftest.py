@@ -1,6 +1,7 @@
 """Shared fixtures: tiny pipelines, the sample data, small datasets and configs, images, sampling, a trained adapter."""
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +23,15 @@ ATTN_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 # --------------------------------------------------------------------------------------------------
 # the machine and the repository
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """Under ``make test`` (``-n 2 --dist loadgroup``) each module runs in one process, so that its module and
+    session fixtures are built once; a test that marks its own group (the notebook runs) may go elsewhere."""
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,6 +65,16 @@ def subprocess_env():
 # --------------------------------------------------------------------------------------------------
 # pipelines
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rehearsal_root(tmp_path_factory):
+    """FLUX.1 Kontext [dev] at real width, one block each (``kh.build_rehearsal_model``), written once per
+    session and removed afterwards (2.2 GB): the notebooks' GPU path and ``tests/test_rehearsal.py`` share it."""
+    folder = tmp_path_factory.mktemp("rehearsal") / "kontext-dev-rehearsal"
+    kh.build_rehearsal_model(folder, progress=False)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -153,6 +153,31 @@ def test_save_and_load_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(moments[0], moments[1], msg="optimizer moments come back")
 
 
+def test_8bit_adamw_state_round_trips_through_a_checkpoint(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes", reason="8-bit AdamW needs bitsandbytes (a dev dependency on Linux)")
+
+    def lora_like():  # two 4096 x 2 matrices: large enough for 8-bit moments, and they share bitsandbytes' qmaps
+        return [torch.nn.Parameter(torch.linspace(-1, 1, 8192).reshape(4096, 2) * k) for k in (1, 2)]
+
+    params = lora_like()
+    optimizer = bnb.optim.AdamW8bit(params, lr=1e-3)
+    sum((p**2).sum() for p in params).backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    path = kh.save_checkpoint(str(tmp_path), 1, lora_state={}, region_module=kh.MaskRegionToken(2, 2, 4),
+                              optimizer=optimizer, lr_scheduler=scheduler, history=[],
+                              config=kh.TrainConfig(optimizer="adamw8bit"))
+    saved = load_file(os.path.join(path, "optimizer.safetensors"))
+    assert any(v.dtype == torch.uint8 for v in saved.values()), f"8-bit moments expected, got {sorted(saved)}"
+    restored = bnb.optim.AdamW8bit(lora_like(), lr=1e-3)
+    restored.load_state_dict(kh.load_checkpoint(path)["optimizer"])
+    for i in (0, 1):
+        state = optimizer.state_dict()["state"][i]["__bnb_optimizer_quant_state__"]
+        back = restored.state_dict()["state"][i]["__bnb_optimizer_quant_state__"]
+        for name, value in state.items():
+            torch.testing.assert_close(back[name], value, msg=f"parameter {i}: state {name} must come back")
+
+
 def test_a_failed_checkpoint_write_says_so_and_leaves_no_partial_folder(fresh_pipe, one_pair, train_config, tmp_path,
                                                                        monkeypatch):
     import safetensors.torch

@@ -15,19 +15,18 @@ DTYPE = torch.bfloat16  # the dtype FLUX.1 Kontext [dev] is trained and run in o
 RANK = 4
 SIZE = 64  # px: a 4 x 4 token grid, N = 16
 MAX_TOKENS = 16  # T5 tokens
+pytestmark = pytest.mark.xdist_group("rehearsal")  # under -n: one process builds and holds the 2.2 GB model
 
 
 @pytest.fixture(scope="module")
-def rehearsal_folder(tmp_path_factory):
-    """Where the module's rehearsal model is written (once); removed afterwards (2.2 GB)."""
-    folder = tmp_path_factory.mktemp("rehearsal") / "kontext-dev-rehearsal"
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+def rehearsal_folder(rehearsal_root):
+    """The session's rehearsal model (tests/conftest.py)."""
+    return rehearsal_root
 
 
 @pytest.fixture(scope="module")
 def rehearsal_kwargs(rehearsal_folder):
-    """``build_rehearsal_model``'s answer: the arguments of ``load_pipeline``."""
+    """``build_rehearsal_model``'s answer for the existing folder: the arguments of ``load_pipeline``."""
     return kh.build_rehearsal_model(rehearsal_folder, progress=False)
 
 
@@ -305,3 +304,29 @@ def test_memory_plan_counts_the_rehearsal_models_parameters_exactly(rehearsal_pi
         real = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
         expected = counts[name] + (kh.memory.ip_adapter_parameters(kh.REHEARSAL_CONFIG) if name == "transformer" else 0)
         assert real == expected, f"{name}: the plan counts {expected:,} parameters, the loaded model has {real:,}"
+
+
+# --------------------------------------------------------------------------------------------------
+# loading in stages (the T4 / L4 presets): text encoders, cache, free them, then the transformer
+# --------------------------------------------------------------------------------------------------
+
+
+def test_loading_in_stages_caches_the_same_and_trains_without_text_encoders(rehearsal_pipe, rehearsal_folder,
+                                                                             one_pair, train_config, tmp_path):
+    """What this CPU cannot cover: the NF4 transformer (diffusers' bitsandbytes quantizer loads only onto a GPU)
+    and the RAM it saves on Colab; the stages themselves, their order and their result are checked here."""
+    data = one_pair(resolution=SIZE)
+    cfg = train_config(tmp_path, steps=1, rank=RANK, max_sequence_length=MAX_TOKENS, load_in_stages=True)
+    pipe, cache = kh.load_for_training(str(rehearsal_folder), data, cfg, device="cpu", dtype=DTYPE, progress=False)
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None, "the text encoders must be freed after caching"
+    assert kh.ip_adapter_processors(pipe.transformer), "the transformer must come with the IP-Adapter attached"
+    whole = kh.build_train_cache(rehearsal_pipe, data, max_sequence_length=MAX_TOKENS, device="cpu", progress=False)
+    for name in ("prompt_embeds", "pooled_prompt_embeds", "ctx_tok", "tgt_tok", "mask_small", "ip_embeds"):
+        torch.testing.assert_close(getattr(cache.samples[0], name), getattr(whole.samples[0], name), rtol=0, atol=0,
+                                   msg=f"{name}: the staged cache must equal the whole pipeline's")
+    with pytest.raises(ValueError, match="no text encoders.*cache=cache"):
+        kh.train(pipe, data, cfg, progress=False)
+    result = kh.train(pipe, data, cfg, cache=cache, progress=False)
+    assert torch.isfinite(torch.tensor(result.history[-1]["loss"])), "a staged pipeline must train"
+    del pipe, cache
+    gc.collect()
