@@ -1,4 +1,5 @@
-"""The command line: ``python -m kontext_helpers train --data DIR --out DIR [options]`` and ``memory-plan``.
+"""The command line: ``python -m kontext_helpers train --data DIR --out DIR [options]``, ``memory-plan`` and
+``rehearsal-model FOLDER``.
 
 Every :class:`TrainConfig` field is a flag (``--rank 8``, ``--no-use-depth``); it also runs under
 ``accelerate launch`` for several GPUs.
@@ -15,8 +16,8 @@ from .adapters import save_adapter
 from .config import GPU_PRESETS, TrainConfig
 from .data import KontextPairs
 from .memory import memory_plan
-from .pipeline import load_pipeline, nf4_quantization_config
-from .training import TrainResult, checkpoint_to_resume, train
+from .rehearsal import build_rehearsal_model
+from .training import TrainResult, checkpoint_to_resume, load_for_training, train
 
 
 def _cli_parser():
@@ -31,6 +32,9 @@ def _cli_parser():
     m = sub.add_parser("memory-plan", help="what FLUX.1 Kontext [dev] keeps in memory for each GPU preset")
     m.add_argument("--preset", nargs="*", default=["t4", "l4", "a100-40", "a100-80", "h100"],
                    help="GPU presets to plan (default: all but cpu)")
+    r = sub.add_parser("rehearsal-model", help="write FLUX.1 Kontext [dev] at real width, one block each, random "
+                       "weights (2.2 GB): the GPU path on a CPU")
+    r.add_argument("folder", help="where to write it (reused when complete)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("output_dir", "expected_peak_memory_gb", "peak_memory_source"):
@@ -58,11 +62,21 @@ def _memory_plans(presets: list[str]) -> dict:
     return plans
 
 
+def _rehearsal_model(folder: str) -> dict:
+    """``python -m kontext_helpers rehearsal-model FOLDER``: build it, then say how to run the notebooks on it."""
+    kwargs = build_rehearsal_model(folder)
+    print(f"rehearsal model in {os.path.abspath(folder)}; run every notebook's GPU path on it (quick, T4 preset):\n"
+          f"  KONTEXT_MODEL={os.path.abspath(folder)} KONTEXT_PRESET=t4 KONTEXT_QUICK=1 make demo")
+    return kwargs
+
+
 def main(argv: list[str] | None = None) -> TrainResult | dict:
     """Entry point of ``python -m kontext_helpers train``; returns the :class:`TrainResult`."""
     args = _cli_parser().parse_args(argv)
     if args.command == "memory-plan":
         return _memory_plans(args.preset)
+    if args.command == "rehearsal-model":
+        return _rehearsal_model(args.folder)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
     overrides["output_dir"] = args.out
@@ -70,9 +84,8 @@ def main(argv: list[str] | None = None) -> TrainResult | dict:
     dataset = KontextPairs(args.data, resolution=config.resolution, resize=args.resize)
     config.validate(dataset)
     checkpoint_to_resume(config, verbose=False)  # a checkpoint of other settings fails here, before loading a model
-    quant = nf4_quantization_config() if config.quantize_base == "nf4" and args.model != "tiny" else None
-    pipe = load_pipeline(args.model, seed=config.seed, quantization_config=quant)
-    result = train(pipe, dataset, config)
+    pipe, cache = load_for_training(args.model, dataset, config)  # in stages when the preset says so (T4, L4)
+    result = train(pipe, dataset, config, cache=cache)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -349,7 +349,7 @@ def load_for_training(model: str, dataset, config: TrainConfig, *, device=None, 
     """
     nf4 = nf4_quantization_config() if config.quantize_base == "nf4" else None
     staged = config.load_in_stages and model != "tiny"
-    pipe = load_pipeline(model, device=device, dtype=dtype, encoders_only=staged,
+    pipe = load_pipeline(model, seed=config.seed, device=device, dtype=dtype, encoders_only=staged,
                          quantization_config=None if staged else nf4)
     cache = build_train_cache(pipe, dataset, max_sequence_length=config.max_sequence_length,
                               use_depth=config.use_depth, device=pipe._execution_device,

@@ -330,3 +330,13 @@ def test_loading_in_stages_caches_the_same_and_trains_without_text_encoders(rehe
     assert torch.isfinite(torch.tensor(result.history[-1]["loss"])), "a staged pipeline must train"
     del pipe, cache
     gc.collect()
+
+
+def test_rehearsal_model_command_reuses_the_folder_and_prints_how_to_run_the_notebooks(rehearsal_folder, capsys):
+    from kontext_helpers.cli import main  # what `python -m kontext_helpers rehearsal-model FOLDER` runs
+
+    kwargs = main(["rehearsal-model", str(rehearsal_folder)])
+    assert kwargs == kh.build_rehearsal_model(rehearsal_folder, progress=False), "the load_pipeline arguments"
+    out = capsys.readouterr().out
+    assert f"KONTEXT_MODEL={rehearsal_folder}" in out and "KONTEXT_QUICK=1 make demo" in out, (
+        f"the command must say how to run the notebooks on the folder:\n{out}")
