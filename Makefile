@@ -22,7 +22,7 @@ sync-notebooks: $(PY)
 
 test: $(PY)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(PY)
 	$(PY) -m ruff check .

@@ -110,7 +110,7 @@ from .pipeline import (
     load_pipeline,
     nf4_quantization_config,
 )
-from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model
+from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model, depth_model_for
 from .tiny import build_tiny_pipeline, tiny_ip_adapter_state_dict
 from .training import (
     TrainResult,
@@ -151,6 +151,7 @@ __all__ = [
     # rehearsal
     "REHEARSAL_CONFIG",
     "build_rehearsal_model",
+    "depth_model_for",
     # pipeline
     "add_transformer",
     "default_dtype",

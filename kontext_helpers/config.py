@@ -44,9 +44,9 @@ class TrainConfig:
     # --- loss
     w_in: float = 1.0  # weight of the in-mask velocity term (learn the edit)
     w_out: float = 1.0  # weight of the out-of-mask term (keep the rest of the image)
-    l2_region_lambda: float = 1e-4  # L2 on the region module, the original design's stabiliser
-    l2_lora_lambda: float = 1e-4  # L2 on the LoRA weights, the original design's stabiliser
-    preservation: str = "identity"  # outside the mask: "identity" (flow to the context, the seed) or "prior"
+    l2_region_lambda: float = 1e-4  # L2 (mean square) on the region module, the original design's stabiliser
+    l2_lora_lambda: float = 1e-4  # L2 (mean square, not the design's sum) on the LoRA weights
+    preservation: str = "identity"  # outside the mask: "identity" (flow to the context, the original design) or "prior"
     #   ("prior" is ai-toolkit's inverted_mask_prior: match the base model's own prediction, LoRA off)
     # --- noise schedule and conditioning
     timestep_sampling: str = "uniform"  # "uniform" over the 1000 training sigmas (never 0) or "logit_normal"

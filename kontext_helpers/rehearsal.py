@@ -93,21 +93,29 @@ REHEARSAL_CONFIG = {
         "max_image_seq_len": 4096,  # real
     },
     "ip_adapter": {"num_tokens": 16},  # XLabs-AI/flux-ip-adapter-v2: proj [16 x 4096, 768] -> 16 image tokens
+    "depth": {  # DepthAnythingForDepthEstimation: depth-anything/Depth-Anything-V2-Small-hf, for estimate_depth
+        "backbone": {"hidden_size": 384, "num_attention_heads": 6, "mlp_ratio": 4, "image_size": 518,  # real
+                     "patch_size": 14, "layerscale_value": 1.0,  # real
+                     "num_hidden_layers": 4},  # real: 12; 4 is the fewest that feed the neck's four stages
+        "neck_hidden_sizes": [48, 96, 192, 384], "reassemble_factors": [4, 2, 1, 0.5],  # real
+        "reassemble_hidden_size": 384, "fusion_hidden_size": 64, "head_hidden_size": 32,  # real
+        "processor_size": 518,  # DPTImageProcessor: 518 x 518, aspect kept, sides a multiple of 14
+    },
 }
 
 
 # The folder's parts, and the record written last (its presence means the build finished).
-PIPELINE_DIR, IMAGE_ENCODER_DIR, IP_ADAPTER_DIR = "pipeline", "image_encoder", "ip_adapter"
+PIPELINE_DIR, IMAGE_ENCODER_DIR, IP_ADAPTER_DIR, DEPTH_DIR = "pipeline", "image_encoder", "ip_adapter", "depth"
 IP_ADAPTER_FILE = "ip_adapter.safetensors"  # XLabs' file name, load_pipeline's default weight name
 RECORD_FILE = "rehearsal.json"
 _REQUIRED_FILES = (
     RECORD_FILE, f"{PIPELINE_DIR}/model_index.json", f"{PIPELINE_DIR}/scheduler/scheduler_config.json",
     f"{PIPELINE_DIR}/tokenizer/tokenizer_config.json", f"{PIPELINE_DIR}/tokenizer_2/tokenizer_config.json",
     f"{IMAGE_ENCODER_DIR}/config.json", f"{IMAGE_ENCODER_DIR}/preprocessor_config.json",
-    f"{IP_ADAPTER_DIR}/{IP_ADAPTER_FILE}",
+    f"{IP_ADAPTER_DIR}/{IP_ADAPTER_FILE}", f"{DEPTH_DIR}/config.json", f"{DEPTH_DIR}/preprocessor_config.json",
 )
 _MODEL_DIRS = tuple(f"{PIPELINE_DIR}/{n}" for n in ("transformer", "vae", "text_encoder", "text_encoder_2")) + (
-    IMAGE_ENCODER_DIR,)
+    IMAGE_ENCODER_DIR, DEPTH_DIR)
 
 
 def _draw_seed(seed: int, key: str) -> int:
@@ -214,6 +222,24 @@ def _rehearsal_image_encoder(seed: int, dtype: torch.dtype):
     return _fill_random(encoder, "image_encoder", seed, dtype), processor
 
 
+def _write_depth_model(seed: int, folder: str) -> None:
+    """Depth Anything V2 Small's widths with 4 layers, in fp32 (about 40 MB), and its ``DPTImageProcessor``."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    cfg = REHEARSAL_CONFIG["depth"]
+    layers = cfg["backbone"]["num_hidden_layers"]
+    backbone = Dinov2Config(**cfg["backbone"], out_features=[f"stage{i}" for i in range(1, layers + 1)],
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, patch_size=cfg["backbone"]["patch_size"],
+                                 **{k: v for k, v in cfg.items() if k not in ("backbone", "processor_size")})
+    with _on_meta():
+        model = DepthAnythingForDepthEstimation(config)
+    _fill_random(model, "depth", seed, torch.float32).save_pretrained(folder, safe_serialization=True)
+    size = cfg["processor_size"]
+    DPTImageProcessor(size={"height": size, "width": size}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      resample=3, do_pad=False).save_pretrained(folder)
+
+
 def _rehearsal_ip_adapter(transformer, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """XLabs-AI/flux-ip-adapter-v2's keys and shapes: ``ip_adapter_proj_model.proj`` ``[16 x 4096, 768]`` (diffusers
     reads 65536 rows as 16 image tokens), ``.norm`` ``[4096]``, and per double block ``i``
@@ -274,6 +300,7 @@ def _build_steps(seed: int, dtype: torch.dtype, tmp: str):
         ("IP-Adapter", lambda parts: _write_ip_adapter(_rehearsal_ip_adapter(parts["transformer"], seed, dtype),
                                                        os.path.join(tmp, IP_ADAPTER_DIR))),
         ("writing the pipeline", lambda parts: _write_pipeline(parts, os.path.join(tmp, PIPELINE_DIR))),
+        ("Depth Anything V2 Small", lambda parts: _write_depth_model(seed, os.path.join(tmp, DEPTH_DIR))),
     ]
 
 
@@ -294,7 +321,7 @@ def _record(seed: int, dtype: torch.dtype) -> dict:
     """What ``rehearsal.json`` holds: how the folder was built (read back to decide whether to reuse it)."""
     from importlib.metadata import version
 
-    return {"format": "kontext-rehearsal", "format_version": 1, "seed": int(seed), "dtype": str(dtype),
+    return {"format": "kontext-rehearsal", "format_version": 2, "seed": int(seed), "dtype": str(dtype),
             "config": json.loads(json.dumps(REHEARSAL_CONFIG)),
             "versions": {n: version(n) for n in ("torch", "diffusers", "transformers")}}
 
@@ -302,6 +329,14 @@ def _record(seed: int, dtype: torch.dtype) -> dict:
 def is_rehearsal_folder(folder) -> bool:
     """True for a folder written by :func:`build_rehearsal_model` (it holds ``rehearsal.json``)."""
     return os.path.isfile(os.path.join(os.fspath(folder), RECORD_FILE))
+
+
+def depth_model_for(model: str) -> str:
+    """The depth model of :func:`estimate_depth` for ``model``: a rehearsal folder's stand-in, else Depth Anything
+    V2 Small from the Hub (``"depth-anything/Depth-Anything-V2-Small-hf"``)."""
+    if model != "tiny" and is_rehearsal_folder(model):
+        return os.path.join(os.path.abspath(model), DEPTH_DIR)
+    return "depth-anything/Depth-Anything-V2-Small-hf"
 
 
 def _load_arguments(folder: str) -> dict:

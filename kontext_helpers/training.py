@@ -124,7 +124,8 @@ def evaluation_loss(pipe, region_module, cache: TrainCache, *, index: int = 0,
 class TrainResult:
     """What :func:`train` returns. The LoRA stays on ``pipe.transformer``."""
 
-    history: list[dict]  # one record per logged update: step, loss, loss_in, loss_out, lr, seconds
+    history: list[dict]  # one record per logged update: step, loss (the total), loss_in, loss_out, l2_lora and
+    #   l2_region (mean squares, before their lambdas), lr, seconds
     region: MaskRegionToken  # the trained region module (unwrapped, on the training device)
     output_dir: str
     config: TrainConfig
@@ -254,7 +255,7 @@ def _one_update(run: _Run, step: int) -> dict[str, float]:
     acc, cfg, cache = run.accelerator, run.config, run.cache
     accum, procs, b, device = cfg.gradient_accumulation_steps, acc.num_processes, cfg.batch_size, acc.device
     trainable = [p for _, p in run.lora] + list(run.region.parameters())
-    totals = {"loss": 0.0, "loss_in": 0.0, "loss_out": 0.0}
+    totals = {"loss": 0.0, "loss_in": 0.0, "loss_out": 0.0, "l2_lora": 0.0, "l2_region": 0.0}
     for micro in range(accum):
         first = ((step * accum + micro) * procs + acc.process_index) * b
         idx = sample_indices(len(cache.samples), cfg.seed, first, b)
@@ -277,8 +278,7 @@ def _one_update(run: _Run, step: int) -> dict[str, float]:
             run.optimizer.step()
             run.lr_scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
-        for key, value in (("loss", float(loss.detach())), ("loss_in", parts["loss_in"]),
-                           ("loss_out", parts["loss_out"])):
+        for key, value in {"loss": float(loss.detach()), **parts}.items():  # the L2 parts unweighted (mean squares)
             totals[key] += value / accum
     if procs > 1:
         reduced = acc.reduce(torch.tensor(list(totals.values()), device=device), reduction="mean")

@@ -81,7 +81,7 @@ DEPTH_PAIR = 0  # the pair whose depth map section 4 zooms into (0 has a large s
 MASK_THRESHOLD = 0.5  # a mask pixel is editable when its grey value >= this fraction of white (KontextPairs' default)
 DIFF_THRESHOLD = 0.04  # mask_from_difference: a pixel counts as changed above this difference (0.04 ~ 10/255)
 DIFF_DILATE = 4  # mask_from_difference: margin grown around the changed pixels, in pixels
-DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"  # monocular depth model for your own images (GPU + Hub)
+DEPTH_MODEL = kh.depth_model_for(MODEL)  # Depth Anything V2 Small (Hub); a rehearsal folder carries a stand-in
 MY_PAIRS = os.path.join(OUTPUT_DIR, "my_pairs")  # where section 7 writes a dataset folder of "your own" pairs
 
 torch.manual_seed(SEED)
@@ -151,11 +151,11 @@ except ValueError as err:
 # with the file it concerns, and one fix hint per kind of problem. Nothing is loaded until the folder is clean.
 #
 # > **Why we differ from the original design**
-# > ([design note 8](../docs/design.md#8-pairs-by-stem-depth-keeps-its-bit-depth)). The seed's dataset listed each
-# > folder, sorted the four lists and paired them **by position**: item *i* was `context[i]`, `target[i]`, `masks[i]`,
-# > `depth[i]`, `prompts[i]`. With one mask missing, `masks[1]` is the mask of the *next* pair, and so is every later
-# > one: no error, just a dataset in which most edits are taught with the wrong region. Matching by stem makes the
-# > missing file an error instead. Below is what position matching does with the broken folder.
+# > ([design note 8](../docs/design.md#8-pairs-by-stem-depth-keeps-its-bit-depth)). The original design's dataset listed
+# > each folder, sorted the four lists and paired them **by position**: item *i* was `context[i]`, `target[i]`,
+# > `masks[i]`, `depth[i]`, `prompts[i]`. With one mask missing, `masks[1]` is the mask of the *next* pair, and so is
+# > every later one: no error, just a dataset in which most edits are taught with the wrong region. Matching by stem
+# > makes the missing file an error instead. Below is what position matching does with the broken folder.
 
 # %%
 import numpy as np
@@ -163,7 +163,7 @@ from PIL import Image
 
 
 def seed_style_pairs(folder):
-    """The seed's pairing: sorted file lists zipped by position (shown here only to see it fail)."""
+    """The original design's pairing: sorted file lists zipped by position (shown here only to see it fail)."""
     lists = [sorted((Path(folder) / sub).iterdir()) for sub in ("context", "masks")]
     return list(zip(*lists))  # zip silently stops at the shortest list
 
@@ -328,8 +328,8 @@ plt.show()
 #
 # > **Why we differ from the original design**
 # > ([design note 8](../docs/design.md#8-pairs-by-stem-depth-keeps-its-bit-depth), "depth keeps its bit depth"). The
-# > seed opened depth files and converted them straight to RGB PIL images. For a 16-bit PNG, Pillow's `convert("RGB")`
-# > **clips** every value above 255 to white: the map below keeps only a handful of levels.
+# > original design opened depth files and converted them straight to RGB PIL images. For a 16-bit PNG, Pillow's
+# > `convert("RGB")` **clips** every value above 255 to white: the map below keeps only a handful of levels.
 
 # %%
 full_depth = kh.KontextPairs(DATA_ROOT, resolution=size)[DEPTH_PAIR]["depth"]  # [1, H, W] float32 at the file's size
@@ -339,11 +339,11 @@ print("dataset depth:", tuple(full_depth.shape), full_depth.dtype,
 ours = kh.depth_to_pil(full_depth)  # 16-bit -> float min-max -> 8-bit RGB, the last step
 print("kh.depth_to_pil:", ours.mode, ours.size)
 
-seed_rgb = np.asarray(Image.open(depth_path).convert("RGB"))[..., 0]  # the seed: 16-bit file -> RGB directly
+seed_rgb = np.asarray(Image.open(depth_path).convert("RGB"))[..., 0]  # the original design: 16-bit file -> RGB directly
 eight_first = (v8 - v8.min()) / (v8.max() - v8.min())  # a map saved as 8 bits, then normalised
 eight_first = np.asarray(kh.depth_to_pil(torch.from_numpy(eight_first)))[..., 0]
 routes = [
-    (seed_rgb, f"seed: convert('RGB') on the 16-bit file\n{len(np.unique(seed_rgb))} levels, "
+    (seed_rgb, f"original design: convert('RGB') on the 16-bit file\n{len(np.unique(seed_rgb))} levels, "
                f"{100 * (seed_rgb == 255).mean():.0f}% pure white"),
     (eight_first, f"8-bit file, then min-max, then 8-bit\n{len(np.unique(eight_first))} levels"),
     (np.asarray(ours)[..., 0], f"ours: 16-bit, min-max, then kh.depth_to_pil\n"
@@ -353,10 +353,10 @@ fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
 for ax, (image, title) in zip(axes, routes):
     ax.imshow(image, cmap="gray", vmin=0, vmax=255)
     ax.set_title(title)
-    ax.set_xticks([])  # keep the frame: the seed's image is mostly white
+    ax.set_xticks([])  # keep the frame: the original design's image is mostly white
     ax.set_yticks([])
-fig.suptitle("The 8-bit image the CLIP processor receives: the seed's direct conversion clips the depth away; "
-             "quantising last keeps all 256 levels")
+fig.suptitle("The 8-bit image the CLIP processor receives: the original design's direct conversion clips the depth "
+             "away; quantising last keeps all 256 levels")
 plt.show()
 
 # %% [markdown]
@@ -481,8 +481,8 @@ plt.show()
 # Training images are square. Your photos may not be. `KontextPairs(..., resize=...)` offers two policies,
 # applied identically to all four images of a pair (the same box, so masks and depth stay aligned):
 #
-# - `"square"` (the seed's behaviour, the default): resize the whole image to `resolution x resolution`. Nothing
-#   is cut off, but a non-square picture is **stretched**.
+# - `"square"` (the original design's behaviour, the default): resize the whole image to
+#   `resolution x resolution`. Nothing is cut off, but a non-square picture is **stretched**.
 # - `"crop"`: scale the short side to `resolution`, then take the **centre** square. Shapes stay true, the
 #   borders of the long side are lost (check that your edits are not there).
 #
@@ -580,7 +580,7 @@ shutil.rmtree(WORK)  # the temporary folders of sections 1, 5 and 6
 # ## Recap
 #
 # - A dataset is `context/ target/ masks/ depth/ prompts.txt`; pairs are matched by **file stem**, and every
-#   problem in the folder comes back as one `ValueError` that names its file. Matching by position (the seed)
+#   problem in the folder comes back as one `ValueError` that names its file. Matching by position (the original design)
 #   silently gives most pairs the wrong mask after one missing file.
 # - `kh.KontextPairs` items: `context`, `target` `[3, H, W]` in `[0, 1]`, `mask` `[1, H, W]` in `{0, 1}`,
 #   `depth` `[1, H, W]` in `[0, 1]` with near = 1, plus `prompt` and `name`.

@@ -116,20 +116,22 @@ with torch.no_grad():
 print("latents", tuple(lat.shape), lat.dtype)  # [B, C, H_l, W_l]
 
 # %% [markdown]
-# > **Why we differ from the original design** ([design note 1](../docs/design.md#1-latent-shift)). The seed's
-# > `to_latents` only scaled: `vae.encode(x).latent_dist.mode() * scaling_factor`. Flux's VAE also has a `shift_factor`
-# > (0.1159) that must be subtracted first. Without it every latent value is off by the same constant, `shift x scale`,
-# > so the context tokens the LoRA is trained on are not the ones the pipeline feeds it when you edit, and decoding a
-# > prediction adds the shift back on top. Below: the seed's latents, ours, and the pipeline's own encoder.
+# > **Why we differ from the original design** ([design note 1](../docs/design.md#1-latent-shift)). The original
+# > design's `to_latents` only scaled: `vae.encode(x).latent_dist.mode() * scaling_factor`. Flux's VAE also has a
+# > `shift_factor` (0.1159) that must be subtracted first. Without it every latent value is off by the same constant,
+# > `shift x scale`, so the context tokens the LoRA is trained on are not the ones the pipeline feeds it when you edit,
+# > and decoding a prediction adds the shift back on top. Below: the original design's latents, ours, and the pipeline's
+# > own encoder.
 
 # %%
 with torch.no_grad():
-    seed_lat = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor  # the seed
+    # the original design: scale only, no shift
+    seed_lat = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
     pipe_lat = pipe._encode_vae_image(x.to(vae.device, vae.dtype), generator=None)  # the pipeline's own encoder
 offset = (lat - seed_lat).float()
 expected = -vae.config.shift_factor * vae.config.scaling_factor
 print("ours == pipe._encode_vae_image (bit for bit):", torch.equal(lat, pipe_lat))
-print("seed == pipe._encode_vae_image:              ", torch.equal(seed_lat, pipe_lat))
+print("original design == pipe._encode_vae_image:   ", torch.equal(seed_lat, pipe_lat))
 print(f"ours - seed: mean {offset.mean().item():+.5f}, spread {(offset.max() - offset.min()).item():.1e} "
       f"(-shift x scale = {expected:+.5f}: the same constant on every value)")
 
@@ -147,11 +149,11 @@ for c in range(SHOW_CHANNELS):
 for ax in axes[: SHOW_CHANNELS + 1]:
     ax.set_axis_off()
 bins = torch.linspace(float(min(lat_np.min(), seed_np.min())), float(max(lat_np.max(), seed_np.max())), 60).numpy()
-axes[-1].hist(seed_np.ravel(), bins=bins, alpha=0.6, label="seed (scale only)")
+axes[-1].hist(seed_np.ravel(), bins=bins, alpha=0.6, label="original design (scale only)")
 axes[-1].hist(lat_np.ravel(), bins=bins, alpha=0.6, label="ours = pipeline")
 axes[-1].set_title(f"all latent values: offset {offset.mean().item():+.3f}")
 axes[-1].legend(fontsize="small")
-fig.suptitle(f"Latents: {lat_np.shape[0]} channels at 1/8 of the image side; the seed's values all sit "
+fig.suptitle(f"Latents: {lat_np.shape[0]} channels at 1/8 of the image side; the original design's values all sit "
              f"{-offset.mean().item():.3f} higher than the pipeline's" + (" (tiny model: random VAE)" if TINY else ""))
 plt.show()
 
@@ -298,8 +300,12 @@ except ValueError as err:
     print("\nValueError:", str(err).splitlines()[1])
 
 # %% [markdown]
-# The pipeline itself, at inference, silently rounds width and height *down* to a multiple of 16. For training
-# we rather refuse a wrong size when the dataset opens (notebook 01) than crop pixels you did not expect.
+# The pipeline itself, at inference, does two things to the size you ask for (`FluxKontextPipeline.__call__`):
+# it first rescales width and height to keep their aspect ratio at an area of `max_area` (default `1024**2`
+# pixels), then rounds both *down* to a multiple of 16, and logs a warning when the result differs from what
+# you asked. So `pipe(image, height=512, width=512)` renders at 1024 x 1024 unless you also pass
+# `max_area=512 * 512`, as this course does wherever it compares with the pipeline. For training we rather
+# refuse a wrong size when the dataset opens (notebook 01) than crop pixels you did not expect.
 #
 # ## 3. Position ids: `(type, row, col)` for every token
 #
@@ -308,7 +314,10 @@ except ValueError as err:
 # `type` is Kontext's trick for having two images in one sequence: the noisy target has type 0, the clean
 # context image type 1. Both share the same `(row, col)`, so a context token and the target token at the same
 # place are "aligned", while the type keeps them apart. Our **region token** (notebook 03) gets `(2, 0, 0)`:
-# a third type, with no pixel position of its own.
+# a third type. Its row and column, `(0, 0)`, are the top-left token's; RoPE only looks at *differences* of
+# ids, and each of the three numbers turns its own slice of every attention head's dimensions (16, 56 and 56 of
+# 128 on FLUX.1). So only the 16 type dimensions tell the region token from a top-left token: for attention it
+# sits in the top-left corner "one image further on", not nowhere. Exercise 2 below moves it.
 #
 # `kh.img_ids_grid(h_tok, w_tok, mark)` builds the ids of one grid `[N, 3]`; `kh.kontext_img_ids(h_tok, w_tok)`
 # the whole image sequence `[2N+1, 3]`.
@@ -394,16 +403,16 @@ fig.suptitle("The sequence the transformer attends over: [text | noisy target | 
 plt.show()
 
 # %% [markdown]
-# > **Why we differ from the original design** ([design note 6](../docs/design.md#6-two-dimensional-ids)). The seed
-# > built ids with a batch dimension, `[B, N, 3]`. diffusers deprecates that: given 3D `img_ids` or `txt_ids` the
+# > **Why we differ from the original design** ([design note 6](../docs/design.md#6-two-dimensional-ids)). The original
+# > design built ids with a batch dimension, `[B, N, 3]`. diffusers deprecates that: given 3D `img_ids` or `txt_ids` the
 # > transformer logs *"Passing `img_ids` 3d torch.Tensor is deprecated. Please remove the batch dimension and pass it as
 # > a 2d torch Tensor"* and then uses only the first batch entry anyway, so per-sample ids were never possible.
 # > Positions are the same for every sample of a batch, so we build them once, 2D: `[2N+1, 3]` and `[T, 3]`.
 
 # %%
 batch = 4
-seed_style = ids[None].expand(batch, -1, -1)  # the seed's [B, 2N+1, 3]
-print("seed:", tuple(seed_style.shape), " ours:", tuple(ids.shape),
+seed_style = ids[None].expand(batch, -1, -1)  # the original design's [B, 2N+1, 3]
+print("original design:", tuple(seed_style.shape), " ours:", tuple(ids.shape),
       " (the transformer would take seed_style[0] == ours:", torch.equal(seed_style[0], ids), ")")
 
 # %% [markdown]
@@ -411,8 +420,8 @@ print("seed:", tuple(seed_style.shape), " ours:", tuple(ids.shape),
 #
 # To see a result, the pipeline runs the steps of section 1 and 2 backwards: unpack the tokens, undo the
 # normalisation (`z / scaling_factor + shift_factor`), decode with the VAE, map `[-1, 1]` back to `[0, 1]`.
-# We decode our latents, and the seed's latents as the pipeline would (it adds the shift back, which the seed
-# never took out).
+# We decode our latents, and the original design's latents as the pipeline would (it adds the shift back, which the
+# original design never took out).
 
 # %%
 def decode(tok):
@@ -447,15 +456,16 @@ if TINY:
     fig.suptitle("Round trip on the tiny model: its VAE is random, so the decoded pictures are noise; the lesson is "
                  f"the shapes [1, 3, {RESOLUTION}, {RESOLUTION}] -> tokens {tuple(tokens.shape)} -> back")
 else:
-    fig.suptitle("Round trip: our latents decode back to the image; the seed's, decoded as the pipeline does, "
-                 "are off by the forgotten shift (compare the PSNR)")
+    fig.suptitle("Round trip: our latents decode back to the image; the original design's, decoded as the pipeline "
+                 "does, are off by the forgotten shift (compare the PSNR)")
 plt.show()
 
 # %% [markdown]
 # ## Recap
 #
 # - `kh.normalize_01_to_m11` then `kh.to_latents(x, pipe.vae)`: `[B, 3, H, W] -> [B, C, H/8, W/8]`, with
-#   `(z - shift_factor) * scaling_factor`, bit for bit `pipe._encode_vae_image`. The seed forgot the shift, so
+#   `(z - shift_factor) * scaling_factor`, bit for bit `pipe._encode_vae_image`. The original design forgot the shift,
+#   so
 #   its latents are all off by `shift x scale`.
 # - `kh.pack_like_pipeline`: each 2x2 latent patch becomes one token of `4C` features (channel-major),
 #   tokens in row-major order, `[B, N, 4C]`, bit for bit `pipe._pack_latents`; `kh.unpack_like_pipeline`

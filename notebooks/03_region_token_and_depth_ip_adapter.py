@@ -204,21 +204,21 @@ print(f"max |region(m) - (m @ W.T + b)| = {(region_tok[:, 0] - by_hand).abs().ma
 # %% [markdown]
 # > **Why we differ from the original design: a region token at one resolution only
 # > ([design note 3](../docs/design.md#3-region-token-at-any-resolution)).**
-# > The seed builds `nn.Linear(H'*W' -> C)` for one grid. Its input size is fixed, so a mask from any other
-# > resolution (training at 512 px, sampling at 1024 px) cannot go in. We keep the seed's constructor, and
+# > The original design builds `nn.Linear(H'*W' -> C)` for one grid. Its input size is fixed, so a mask from any other
+# > resolution (training at 512 px, sampling at 1024 px) cannot go in. We keep the original design's constructor, and
 # > `MaskRegionToken` area-pools a mask on any other grid to its own `(h_tok, w_tok)` first, so one module
 # > serves every resolution.
 
 # %%
 from torch import nn
 
-seed_region = nn.Linear(h_tok * w_tok, C_IN)  # the seed's module, built for the H' x W' grid
+seed_region = nn.Linear(h_tok * w_tok, C_IN)  # the original design's module, built for the H' x W' grid
 m_2x = kh.mask_to_token_grid(mask, 2 * h_tok, 2 * w_tok).to(DEVICE)  # the same mask at 2x the resolution
 print("mask on the 2x grid", tuple(m_2x.shape))  # [B, 1, 2H', 2W']
 try:
     seed_region.to(DEVICE)(m_2x.flatten(1))  # [B, 4*H'*W'] into Linear(H'*W' -> 4C)
 except RuntimeError as err:
-    print("the seed's Linear on the 2x grid fails:", str(err).splitlines()[0])
+    print("the original design's Linear on the 2x grid fails:", str(err).splitlines()[0])
 
 # ours: a mask aligned to the token grid (a square of whole tokens) gives the same token at 1x and 2x
 square = torch.zeros(1, 1, RESOLUTION, RESOLUTION)  # [B, 1, H, W]
@@ -296,8 +296,10 @@ _ = kh.interactive_figure(plot_region_token, top=IntSlider(1, 0, h_tok - SQUARE_
 # Kontext already puts two images in one sequence: the noisy target tokens (what is being denoised) and
 # the clean context tokens (the image to edit). We append the region token as a third part, so the
 # transformer sees `[B, 2N+1, 4C]`. Each token also has a position id `(type, row, col)`:
-# type 0 target, 1 context (as the pipeline marks it), 2 region; the region token has no pixel position,
-# so its row is `(2, 0, 0)`. `kh.kontext_img_ids` builds all `2N+1` rows.
+# type 0 target, 1 context (as the pipeline marks it), 2 region. The region token's row is `(2, 0, 0)`: row 0
+# and column 0 are the top-left token's place, so under RoPE (16 type, 56 row and 56 column dimensions per
+# head, relative) only the type dimensions set it apart from that token (notebook 02, section 3).
+# `kh.kontext_img_ids` builds all `2N+1` rows.
 #
 # First the pieces of one training sample, exactly as in the training step (tests/test_train_step.py):
 # latents of context and target, packed into tokens, the prompt embeddings, and a noisy target at time
@@ -389,8 +391,11 @@ plt.show()
 # 4. `kh.encode_depth_for_ip_adapter(pipe, depth_pil)` does steps 2-3 and returns `[[B, 1, E]]`, the layout
 #    `joint_attention_kwargs={"ip_adapter_image_embeds": ...}` expects (one list entry per IP-Adapter);
 # 5. inside the transformer `encoder_hid_proj` maps `[B, 1, E]` to a few tokens of the **text** width;
-# 6. every double block has `to_k_ip` / `to_v_ip`: the image tokens' queries attend to these depth tokens,
-#    and the result, times the IP-Adapter scale, is added to the image stream's attention output.
+# 6. every double block has `to_k_ip` / `to_v_ip`: the image tokens' queries attend to these depth tokens.
+#    In `FluxIPAdapterAttnProcessor` the queries are taken *before* RoPE (`ip_query = query` after the
+#    q-norm), so the depth tokens carry no position; and in `FluxTransformerBlock.forward` the result, times the
+#    adapter's scale, is added to the image stream's residual *after* the feed-forward
+#    (`hidden_states = hidden_states + ip_attn_output`), not to its attention output.
 
 # %%
 depth_pil = kh.depth_to_pil(item["depth"])  # PIL RGB, the grey depth map
@@ -444,7 +449,7 @@ for name, proc in pipe.transformer.attn_processors.items():
 
 # %% [markdown]
 # > **Why we differ from the original design: frozen encoders ([design note 7](../docs/design.md#7-frozen-encoders)).**
-# > The seed computes the IP-Adapter embeddings (`prepare_ip_adapter_image_embeds`) inside every training
+# > The original design computes the IP-Adapter embeddings (`prepare_ip_adapter_image_embeds`) inside every training
 # > step. From an image encoder that takes part in autograd (parameters requiring gradients, no
 # > `torch.no_grad()`) they carry a graph through the whole CLIP model: computing them every step then pays
 # > the encoder's activations and gradients, and caching them (the next box) breaks the second backward
@@ -456,7 +461,7 @@ trainable = sum(p.requires_grad for p in pipe.image_encoder.parameters())
 print(f"image encoder parameters that require grad: {trainable}")
 print(f"ip_embeds: requires_grad={ip_embeds[0].requires_grad}, grad_fn={ip_embeds[0].grad_fn}")
 
-# the seed's situation, reproduced for a moment: an encoder that takes part in autograd
+# the original design's situation, reproduced for a moment: an encoder that takes part in autograd
 pipe.image_encoder.requires_grad_(True)
 try:
     with torch.enable_grad():
@@ -474,7 +479,7 @@ finally:
 # %% [markdown]
 # > **Why we differ from the original design: constant work every step
 # > ([design note 2](../docs/design.md#2-constant-work-every-step)).**
-# > The seed encoded the prompt (T5-XXL + CLIP) and the depth image (CLIP) at every training step. Both are
+# > The original design encoded the prompt (T5-XXL + CLIP) and the depth image (CLIP) at every training step. Both are
 # > constant per sample: training encodes them **once per sample** and caches them (`kh.build_train_cache`,
 # > used by `kh.train` in notebook 04), then the encoders can leave the GPU. How much that saves per step, on
 # > this machine:
@@ -605,14 +610,14 @@ plt.show()
 # %% [markdown]
 # > **Why we differ from the original design: what the outside term really is
 # > ([design note 4](../docs/design.md#4-outside-mask-term)).**
-# > The seed calls the outside term an "identity penalty on the reconstructed latent `x_pred = noise - pred`".
-# > Since `(noise - pred) - context = (noise - context) - pred`, it is **exactly the velocity MSE against
+# > The original design calls the outside term an "identity penalty on the reconstructed latent `x_pred = noise -
+# > pred`". Since `(noise - pred) - context = (noise - context) - pred`, it is **exactly the velocity MSE against
 # > `noise - context`**: outside the mask the model is trained to flow to the context, the same kind of target
-# > as inside. We keep the seed's term and say what it is:
+# > as inside. We keep the original design's term and say what it is:
 
 # %%
 out = (~inside).to(pred.device)  # [N] True outside the mask
-identity_term = ((e32 - p32) - ctx32).pow(2)[0, out].mean().item()  # the seed's form
+identity_term = ((e32 - p32) - ctx32).pow(2)[0, out].mean().item()  # the original design's form
 velocity_mse = (p32 - (e32 - ctx32)).pow(2)[0, out].mean().item()  # velocity towards the context
 print(f"{'identity term (noise - pred) vs context':<44}{identity_term:.8f}")
 print(f"{'velocity MSE against noise - context':<44}{velocity_mse:.8f}")
@@ -622,7 +627,7 @@ print(f"{'loss_out from the helper':<44}{parts['loss_out']:.8f}")
 # %% [markdown]
 # > **Why we differ from the original design: the timestep ([design note 5](../docs/design.md#5-timesteps)).**
 # > The transformer takes `timestep = sigma` in `[0, 1]` with shape `[B]` (the pipeline passes `t / 1000`),
-# > not `t` in `[0, 1000]`. The seed samples its timestep from `scheduler.sigmas`; once `set_timesteps` has
+# > not `t` in `[0, 1000]`. The original design samples its timestep from `scheduler.sigmas`; once `set_timesteps` has
 # > run (any sampling runs it), that table ends with the terminal `sigma = 0`. There `x_t` is the clean
 # > target and holds no trace of the noise, so the velocity `noise - x_0` cannot be predicted: such steps
 # > only add noise to the gradients. `kh.sample_sigmas` draws from the 1000 training sigmas `k / 1000`,
@@ -660,7 +665,7 @@ plt.show()
 #
 # - The pixel mask goes onto the `H' x W'` token grid with **max pooling**: a token touching the edit is
 #   editable, so the loss never asks an edited pixel to stay like the context.
-# - `MaskRegionToken` is one linear layer, `[B, 1, H', W'] -> [B, 1, 4C]`; unlike the seed's fixed
+# - `MaskRegionToken` is one linear layer, `[B, 1, H', W'] -> [B, 1, 4C]`; unlike the original design's fixed
 #   `Linear(H'*W' -> C)` it pools a mask from any resolution to its own grid.
 # - The region token is appended to `[noisy target | context]` with id `(2, 0, 0)`: the sequence is
 #   `[B, 2N+1, 4C]`, and the token changes the prediction of every target token.

@@ -228,9 +228,9 @@ print("loaded:", ", ".join(name for name, module in pipe.components.items() if m
 # IP-Adapter) are the same every time a sample comes round. So `kh.build_train_cache` computes them once per
 # sample, and on a GPU each encoder leaves the GPU as soon as its stage is done (T5-XXL alone is about 9 GB).
 #
-# > **Why we differ from the original design ([design note 2](../docs/design.md#2-constant-work-every-step)).** The seed
-# > encoded the prompt with T5-XXL and the depth image with CLIP *at every step*. Both are constant per sample: here
-# > they are encoded once. On the tiny model a cached step takes 40 ms against 64 ms uncached
+# > **Why we differ from the original design ([design note 2](../docs/design.md#2-constant-work-every-step)).** The
+# > original design encoded the prompt with T5-XXL and the depth image with CLIP *at every step*. Both are constant per
+# > sample: here they are encoded once. On the tiny model a cached step takes 40 ms against 64 ms uncached
 # > (`benchmarks/bench_train_step.py`); on the real model the saving is larger still, and T5-XXL's memory is free for
 # > the transformer.
 
@@ -293,13 +293,15 @@ plt.show()
 #
 # Each step picks a noise level `sigma`, mixes `x_t = (1 - sigma) x_0 + sigma * noise` and asks the transformer
 # for the velocity `noise - x_0`. `kh.sample_sigmas` draws `sigma` from the scheduler's 1000 training levels
-# `k / 1000`, `k = 1 .. 1000`: uniformly (the seed's choice, `timestep_sampling="uniform"`) or concentrated
-# in the middle (`"logit_normal"`, SD3's and diffusers' choice).
+# `k / 1000`, `k = 1 .. 1000`: uniformly (`timestep_sampling="uniform"`, the original design's choice and what
+# diffusers' Flux training scripts do by default, `--weighting_scheme none`) or concentrated in the middle
+# (`"logit_normal"`, the SD3 paper's choice, offered by
+# `diffusers.training_utils.compute_density_for_timestep_sampling`).
 #
-# > **Why we differ from the original design ([design note 5](../docs/design.md#5-timesteps)).** The seed sampled "from
-# > `scheduler.sigmas`". After `set_timesteps` that table ends with the terminal `sigma = 0`, where `x_t` *is* the clean
-# > image and there is nothing to learn. We never draw 0, and the transformer gets `timestep = sigma` in `[0, 1]`, shape
-# > `[B]` (the pipeline passes `t / 1000`), not a value in `[0, 1000]`.
+# > **Why we differ from the original design ([design note 5](../docs/design.md#5-timesteps)).** The original design
+# > sampled "from `scheduler.sigmas`". After `set_timesteps` that table ends with the terminal `sigma = 0`, where `x_t`
+# > *is* the clean image and there is nothing to learn. We never draw 0, and the transformer gets `timestep = sigma` in
+# > `[0, 1]`, shape `[B]` (the pipeline passes `t / 1000`), not a value in `[0, 1000]`.
 
 # %%
 scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)  # a copy: leave the pipeline's alone
@@ -340,10 +342,11 @@ print("evaluation loss before training:", {k: round(v, 4) for k, v in before.ite
 # %% [markdown]
 # ## 4. Train
 #
-# `kh.train` attaches the LoRA (its `B` matrices start at zero, so at step 0 the model is exactly the base
-# model), builds the region module, and runs `cfg.steps` updates of LoRA + region through `accelerate`,
-# writing a checkpoint every `cfg.checkpoint_every` updates. `kh.LiveLossPlot` redraws the three loss curves
-# every 25 steps while it runs. Old checkpoints of an earlier run of this notebook are removed first, unless
+# `kh.train` attaches the LoRA (its `B` matrices start at zero, so at step 0 the LoRA adds nothing), builds
+# the region module (randomly initialised: its token is already in the sequence at step 0, so the model at step
+# 0 is the base model *plus one random token*, not the base model), and runs `cfg.steps` updates of LoRA + region
+# through `accelerate`, writing a checkpoint every `cfg.checkpoint_every` updates. `kh.LiveLossPlot` redraws the three
+# loss curves every 25 steps while it runs. Old checkpoints of an earlier run of this notebook are removed first, unless
 # you are resuming (`RESUME = True`).
 
 # %%
@@ -546,8 +549,8 @@ except ValueError as err:
 
 # %% [markdown]
 # > **Two ways to keep the rest of the image.** Outside the mask the default `preservation="identity"` asks
-# > the model to flow to the *context* (the seed's identity term). That is right when your targets really equal
-# > the context outside the mask. `preservation="prior"` (ai-toolkit's `inverted_mask_prior`) instead matches the
+# > the model to flow to the *context* (the original design's identity term). That is right when your targets really
+# > equal the context outside the mask. `preservation="prior"` (ai-toolkit's `inverted_mask_prior`) instead matches the
 # > base model's own prediction with the LoRA off: better when the targets' outside differs slightly from the
 # > context (re-rendered, re-compressed), or when the LoRA must not change the model's behaviour elsewhere. It
 # > costs a second, gradient-free forward pass per step. Set it with `dataclasses.replace(cfg,

@@ -16,7 +16,7 @@ def test_cached_step_equals_uncached_step(fresh_pipe, one_pair, train_config, tm
     noise, sigma = torch.randn(1, cache.h_tok * cache.w_tok, 64, generator=g), torch.tensor([0.37])
     cached, _ = kh.training_loss(pipe.transformer, region, cache.batch([0]), cache.txt_ids, cache.h_tok, cache.w_tok,
                                  noise, sigma, cfg)
-    item = data[0]  # everything encoded again, inline, as the seed did at every step
+    item = data[0]  # everything encoded again, inline, as the original design did at every step
     pe, pooled, txt_ids = kh.encode_prompts(pipe, item["prompt"], max_sequence_length=32)
     ctx_tok, (h, w) = kh.pack_like_pipeline(kh.to_latents(kh.normalize_01_to_m11(item["context"][None]), pipe.vae))
     tgt_tok, _ = kh.pack_like_pipeline(kh.to_latents(kh.normalize_01_to_m11(item["target"][None]), pipe.vae))

@@ -129,22 +129,34 @@ def test_all_one_mask_is_plain_flow_matching(loss_tensors):
                                msg="an all-one mask is the usual flow-matching MSE")
 
 
-def test_l2_terms_are_sums_of_squares_times_lambda(loss_tensors, token_mask):
+def test_l2_terms_are_mean_squares_times_lambda(loss_tensors, token_mask):
     pred, tgt, ctx, noise = loss_tensors(seed=4)
     region = nn.Linear(3, 2)
     lora_a = nn.Parameter(torch.full((2, 2), 0.5))
+    lora_b = nn.Parameter(torch.zeros(2, 2))
     base = kh.fm_masked_dual_loss_with_l2(pred, tgt, ctx, noise, token_mask, H_TOK, W_TOK,
                                           l2_region_lambda=0.0, l2_lora_lambda=0.0)
     loss, parts = kh.fm_masked_dual_loss_with_l2(
         pred, tgt, ctx, noise, token_mask, H_TOK, W_TOK, l2_region_lambda=0.1, l2_lora_lambda=0.01,
-        region_token_module=region, lora_named_params=[("lora_A", lora_a)], return_parts=True)
-    region_sq = region.weight.pow(2).sum() + region.bias.pow(2).sum()
+        region_token_module=region, lora_named_params=[("lora_A", lora_a), ("lora_B", lora_b)], return_parts=True)
+    region_sq = (region.weight.pow(2).sum() + region.bias.pow(2).sum()) / 8  # 6 weights + 2 biases
     torch.testing.assert_close(torch.tensor(parts["l2_region"]), region_sq.detach(),
-                               msg="region L2 is a sum of squares")
-    torch.testing.assert_close(torch.tensor(parts["l2_lora"]), torch.tensor(1.0), msg="4 * 0.5^2 = 1")
-    torch.testing.assert_close(loss, base + 0.1 * region_sq + 0.01 * 1.0, msg="lambdas scale the L2 terms")
+                               msg="region L2 is the mean square of its parameters")
+    torch.testing.assert_close(torch.tensor(parts["l2_lora"]), torch.tensor(0.125), msg="(4 * 0.5^2 + 4 * 0) / 8")
+    torch.testing.assert_close(loss, base + 0.1 * region_sq + 0.01 * 0.125, msg="lambdas scale the L2 terms")
     loss.backward()
-    torch.testing.assert_close(lora_a.grad, torch.full((2, 2), 0.01 * 2 * 0.5), msg="d/dp lambda p^2 = 2 lambda p")
+    torch.testing.assert_close(lora_a.grad, torch.full((2, 2), 0.01 * 2 * 0.5 / 8),
+                               msg="d/dp lambda mean(p^2) = 2 lambda p / numel")
+
+
+def test_lora_l2_does_not_grow_with_the_number_of_lora_weights(loss_tensors, token_mask):
+    """The design's sum grew with the model (about 51,000 at rank 16 on the real model); the mean must not."""
+    pred, tgt, ctx, noise = loss_tensors(seed=5)
+    layer = [("lora_A", nn.Parameter(torch.linspace(-0.1, 0.1, 48).reshape(3, 16)))]
+    terms = [kh.fm_masked_dual_loss_with_l2(pred, tgt, ctx, noise, token_mask, H_TOK, W_TOK,
+                                            lora_named_params=layer * copies, return_parts=True)[1]["l2_lora"]
+             for copies in (1, 57)]  # one layer, and as many layers as FLUX.1 has blocks
+    assert terms[0] == pytest.approx(terms[1]), f"the LoRA L2 must not depend on the number of layers: {terms}"
 
 
 def test_mask_order_follows_packing_order():

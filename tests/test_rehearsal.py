@@ -15,7 +15,6 @@ DTYPE = torch.bfloat16  # the dtype FLUX.1 Kontext [dev] is trained and run in o
 RANK = 4
 SIZE = 64  # px: a 4 x 4 token grid, N = 16
 MAX_TOKENS = 16  # T5 tokens
-pytestmark = pytest.mark.xdist_group("rehearsal")  # under -n: one process builds and holds the 2.2 GB model
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +88,7 @@ def test_same_seed_same_weights_and_the_global_rng_is_untouched(rehearsal_kwargs
         kh.build_rehearsal_model(tmp_path / "again", seed=0, progress=False)
         torch.testing.assert_close(torch.rand(3), expected, msg="building must not consume the global torch RNG")
         files = weight_files(rehearsal_folder)
-        assert len(files) == 6 and files == weight_files(tmp_path / "again"), f"the same weight files: {files}"
+        assert len(files) == 7 and files == weight_files(tmp_path / "again"), f"the same weight files: {files}"
         for name in files:
             assert filecmp.cmp(rehearsal_folder / name, tmp_path / "again" / name, shallow=False), (
                 f"{name} differs between two seed-0 builds")
@@ -316,7 +315,8 @@ def test_loading_in_stages_caches_the_same_and_trains_without_text_encoders(rehe
     """What this CPU cannot cover: the NF4 transformer (diffusers' bitsandbytes quantizer loads only onto a GPU)
     and the RAM it saves on Colab; the stages themselves, their order and their result are checked here."""
     data = one_pair(resolution=SIZE)
-    cfg = train_config(tmp_path, steps=1, rank=RANK, max_sequence_length=MAX_TOKENS, load_in_stages=True)
+    cfg = train_config(tmp_path, steps=1, rank=kh.TrainConfig.rank, max_sequence_length=MAX_TOKENS,
+                       load_in_stages=True)  # the default rank, targets and L2 lambdas
     pipe, cache = kh.load_for_training(str(rehearsal_folder), data, cfg, device="cpu", dtype=DTYPE, progress=False)
     assert pipe.text_encoder is None and pipe.text_encoder_2 is None, "the text encoders must be freed after caching"
     assert kh.ip_adapter_processors(pipe.transformer), "the transformer must come with the IP-Adapter attached"
@@ -327,7 +327,11 @@ def test_loading_in_stages_caches_the_same_and_trains_without_text_encoders(rehe
     with pytest.raises(ValueError, match="no text encoders.*cache=cache"):
         kh.train(pipe, data, cfg, progress=False)
     result = kh.train(pipe, data, cfg, cache=cache, progress=False)
-    assert torch.isfinite(torch.tensor(result.history[-1]["loss"])), "a staged pipeline must train"
+    first = result.history[0]  # computed at step 0, before the first update
+    assert torch.isfinite(torch.tensor(first["loss"])), "a staged pipeline must train"
+    l2 = cfg.l2_lora_lambda * first["l2_lora"] + cfg.l2_region_lambda * first["l2_region"]
+    assert 0 < l2 < 0.1 * (first["loss_in"] + first["loss_out"]), (
+        f"with the default config the L2 terms ({l2:.2e}) must stay below 10% of the flow-matching loss: {first}")
     del pipe, cache
     gc.collect()
 
@@ -340,3 +344,35 @@ def test_rehearsal_model_command_reuses_the_folder_and_prints_how_to_run_the_not
     out = capsys.readouterr().out
     assert f"KONTEXT_MODEL={rehearsal_folder}" in out and "KONTEXT_QUICK=1 make demo" in out, (
         f"the command must say how to run the notebooks on the folder:\n{out}")
+
+
+# --------------------------------------------------------------------------------------------------
+# every notebook's real-model branch on the rehearsal model
+# --------------------------------------------------------------------------------------------------
+
+
+def test_notebooks_take_the_gpu_path_on_the_rehearsal_model(rehearsal_root, notebook_runner, repo_root, tmp_path,
+                                                            monkeypatch):
+    """Every notebook's real-model branch, at real width, in quick mode, with the T4 preset minus what a CPU cannot
+    run: no NF4 (bitsandbytes loads 4-bit weights only onto a GPU) and bf16 autocast instead of fp16. What runs:
+    loading in stages, gradient checkpointing, 8-bit AdamW, offloaded-encoder caching, checkpoints and resume."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "outputs"
+    for name, value in {"KONTEXT_MODEL": str(rehearsal_root), "KONTEXT_PRESET": "t4", "KONTEXT_QUICK": "1",
+                        "KONTEXT_OUTPUT_DIR": str(out), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    stdout = {}
+    for source in sorted((repo_root / "notebooks").glob("[0-9][0-9]_*.py")):
+        result = notebook_runner.run_notebook(str(source), str(tmp_path / "executed"))
+        stdout[result["name"]] = result["stdout"]
+        assert "quantize_base 'nf4' -> None" in result["stdout"], f"{result['name']} must run the quick T4 preset"
+    assert "estimated depth:" in stdout["01_data_prep"], "notebook 01 must estimate depth with the folder's model"
+    assert "text encoders still loaded: False" in stdout["04_training"], "notebook 04 must load in stages"
+    assert "the first 3 records equal the original run's: True" in stdout["04_training"], "resume must continue"
+    checkpoints = sorted((out / "run" / "checkpoints").glob("step-*"))
+    optimizer = load_file(checkpoints[-1] / "optimizer.safetensors")
+    assert any(v.dtype == torch.uint8 for v in optimizer.values()), "the T4 preset's 8-bit AdamW state must be saved"
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in stdout["05_inference_previews"], (
+        "notebook 05 must export ComfyUI keys for the real block names")
