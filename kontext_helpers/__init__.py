@@ -69,6 +69,7 @@ from .conditioning import (
     fm_masked_dual_loss_with_l2,
     kontext_forward,
     mask_to_token_grid,
+    mean_square,
 )
 from .config import GPU_PRESETS, TrainConfig, detect_gpu_preset, quick_config
 from .data import KontextPairs, estimate_depth, mask_from_difference, write_pair_folder
@@ -181,6 +182,7 @@ __all__ = [
     "fm_masked_dual_loss_with_l2",
     "kontext_forward",
     "mask_to_token_grid",
+    "mean_square",
     # inference (05)
     "Comparison",
     "compare_variants",

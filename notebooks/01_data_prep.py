@@ -577,6 +577,38 @@ for folder in ("context", "target", "masks", "depth"):
 shutil.rmtree(WORK)  # the temporary folders of sections 1, 5 and 6
 
 # %% [markdown]
+# ## Exercises
+#
+# Try each one first (write your answer down), then run its solution cell.
+#
+# **Exercise 1 (predict).** `kh.mask_from_difference(context, target, threshold=0.0)` marks the pixels that
+# changed. What comes back for a "pair" whose target *is* its context?
+#
+# **Exercise 2 (experiment).** A 96 x 64 px picture whose left 16 px are red goes through
+# `KontextPairs(..., resize="crop")` at 64 px. How much of the red survives? And with `resize="square"`?
+
+# %%
+# Solution 1: nothing changed, so nothing is editable: an all-zero mask [1, H, W]
+same = kh.mask_from_difference(data[PAIR]["context"], data[PAIR]["context"], threshold=0.0)
+print("mask of an unchanged pair:", tuple(same.shape), "sum", float(same.sum()))
+assert same.sum() == 0, "an unchanged pair has no editable pixel"
+
+# %%
+# Solution 2: "crop" keeps the centre 64 x 64, so the red band (x < 16) is cut away; "square" squeezes it to 11 px
+import tempfile
+
+wide = np.zeros((64, 96, 3), np.uint8)  # [H, W, 3]
+wide[:, :16] = (255, 0, 0)
+with tempfile.TemporaryDirectory() as folder:
+    kh.write_pair_folder(folder, [Image.fromarray(wide)], [Image.fromarray(wide)], [np.ones((64, 96), np.uint8)],
+                         [np.zeros((64, 96), np.uint8)], ["keep"], names=["wide"], overwrite=True)
+    for policy in ("crop", "square"):
+        ctx = kh.KontextPairs(folder, resolution=64, resize=policy)[0]["context"]  # [3, 64, 64]
+        red_columns = int(((ctx[0] > 0.5) & (ctx[1] < 0.5)).any(0).sum())
+        print(f"resize={policy!r}: {red_columns} of 64 columns are red")
+        assert (red_columns == 0) if policy == "crop" else (0 < red_columns < 16), policy
+
+# %% [markdown]
 # ## Recap
 #
 # - A dataset is `context/ target/ masks/ depth/ prompts.txt`; pairs are matched by **file stem**, and every

@@ -461,6 +461,50 @@ else:
 plt.show()
 
 # %% [markdown]
+# ## Exercises
+#
+# **Exercise 1 (predict the shapes).** For an image of 256 x 384 px (H x W): the latents, the packed tokens,
+# and the ids of the whole sequence `[target | context | region]`?
+#
+# **Exercise 2 (experiment: where does RoPE put the region token?).** Compute the rotary embeddings of the ids
+# with diffusers' own `FluxPosEmbed` (FLUX.1's axes, 16/56/56) and compare the region token `(2, 0, 0)` with the
+# top-left target token `(0, 0, 0)`. Then move the region id to the mask's centroid: what changes?
+
+# %%
+# Solution 1: 256 / 8 = 32 and 384 / 8 = 48 latent cells; 2 x 2 packing gives 16 x 24 = 384 tokens of 4C
+C_LAT = vae.config.latent_channels
+lat_256x384 = torch.zeros(1, C_LAT, 256 // 8, 384 // 8)  # [B, C, H/8, W/8]
+tok_256x384, grid_256x384 = kh.pack_like_pipeline(lat_256x384)  # [B, N, 4C], (H', W')
+ids_256x384 = kh.kontext_img_ids(*grid_256x384)  # [2N + 1, 3]
+print("latents", tuple(lat_256x384.shape), "-> tokens", tuple(tok_256x384.shape), "grid", grid_256x384,
+      "-> ids", tuple(ids_256x384.shape))
+assert tok_256x384.shape == (1, 384, 4 * C_LAT) and ids_256x384.shape == (2 * 384 + 1, 3)
+
+# %%
+# Solution 2: the 16 type dimensions are the only difference between the region token and the top-left token;
+# at the centroid, the 112 position dimensions turn to the centroid token's instead
+from diffusers.models.embeddings import FluxPosEmbed
+
+rope = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])  # FLUX.1's transformer: axes_dims_rope (16, 56, 56)
+h_t, w_t = RESOLUTION // 16, RESOLUTION // 16
+token_mask = kh.mask_to_token_grid(item["mask"][None], h_t, w_t)[0, 0]  # [H', W']
+rows, cols = torch.nonzero(token_mask, as_tuple=True)
+centroid = (float(rows.float().mean().round()), float(cols.float().mean().round()))
+ids_ex = kh.kontext_img_ids(h_t, w_t).double()  # [2N + 1, 3], the region last
+ids_moved = ids_ex.clone()
+ids_moved[-1, 1:] = torch.tensor(centroid, dtype=ids_ex.dtype)  # (2, row, col) at the mask's centroid
+cos_ex, _ = rope(ids_ex)  # [2N + 1, 128]: one cosine per dimension of an attention head
+cos_moved, _ = rope(ids_moved)
+centroid_token = int(centroid[0] * w_t + centroid[1])
+differs = lambda a, b: int((a - b).abs().gt(1e-9).sum())  # noqa: E731
+print("region (2, 0, 0) vs top-left target token: dimensions that differ", differs(cos_ex[-1], cos_ex[0]),
+      "of 128 (all in the first 16: the type axis)")
+print(f"region at the centroid {centroid} vs the target token there:",
+      differs(cos_moved[-1], cos_moved[centroid_token]), "dimensions differ; vs the top-left token:",
+      differs(cos_moved[-1], cos_moved[0]))
+assert differs(cos_ex[-1][16:], cos_ex[0][16:]) == 0, "row and column dimensions equal the top-left token's"
+
+# %% [markdown]
 # ## Recap
 #
 # - `kh.normalize_01_to_m11` then `kh.to_latents(x, pipe.vae)`: `[B, 3, H, W] -> [B, C, H/8, W/8]`, with

@@ -661,6 +661,30 @@ fig.suptitle("Training sigmas: uniform covers (0, 1] evenly, logit-normal favour
 plt.show()
 
 # %% [markdown]
+# ## Exercises
+#
+# **Exercise 1 (predict).** What is the region token of an *empty* mask (no editable token)?
+#
+# **Exercise 2 (experiment: max vs area pooling).** `kh.mask_to_token_grid` marks a token editable when *any*
+# of its pixels is (`mode="max"`); `mode="area"` gives each token its editable fraction. For this pair's mask,
+# how many tokens does each count, and which one does the loss use, and why?
+
+# %%
+# Solution 1: an empty mask is a zero input to Linear(H'W' -> 4C): the token is the layer's bias alone
+empty = region(torch.zeros(1, 1, h_tok, w_tok, device=DEVICE))  # [1, 1, 4C]
+torch.testing.assert_close(empty[0, 0], region.proj.bias, msg="the empty mask's token is the bias")
+print("empty mask -> token == region.proj.bias:", tuple(empty.shape))
+
+# %%
+# Solution 2: max pooling counts every token the edit touches; area pooling sums fractions, so it is smaller.
+# The loss uses max: a token with any edited pixel must be free to change (else the outside term fights the edit)
+by_max = kh.mask_to_token_grid(mask, h_tok, w_tok, mode="max")  # [B, 1, H', W'] in {0, 1}
+by_area = kh.mask_to_token_grid(mask, h_tok, w_tok, mode="area")  # [B, 1, H', W'] in [0, 1]
+print(f"editable tokens: max pooling {int(by_max.sum())}, area pooling {float(by_area.sum()):.1f} "
+      f"(of {h_tok * w_tok})")
+assert by_max.sum() >= by_area.sum(), "max pooling never counts fewer editable tokens"
+
+# %% [markdown]
 # ## Recap
 #
 # - The pixel mask goes onto the `H' x W'` token grid with **max pooling**: a token touching the edit is

@@ -77,7 +77,7 @@ SEED = 0  # every random draw of the run (LoRA init, sample order, noise, sigmas
 OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))
 RUN_DIR = os.path.join(OUTPUT_DIR, "run")  # this run's checkpoints/
 RESUME = False  # True after a disconnect: continue from the newest checkpoint in RUN_DIR instead of starting over
-RESUME_EXTRA_STEPS = 1 if QUICK else 30  # section 5 resumes the finished run for this many more steps
+RESUME_EXTRA_STEPS = 1 if QUICK else 30  # section 6 resumes the finished run for this many more steps
 if TINY:
     cfg = kh.TrainConfig(
         resolution=128,  # training side in pixels (multiple of 16): an 8x8 token grid, seconds per run
@@ -340,7 +340,86 @@ print(untrained_region, "  weight", tuple(untrained_region.proj.weight.shape), "
 print("evaluation loss before training:", {k: round(v, 4) for k, v in before.items()})
 
 # %% [markdown]
-# ## 4. Train
+# ## 4. One training step by hand
+#
+# `kh.train` repeats one step thousands of times. Here it is written out once, from the cache to the optimizer,
+# with nothing hidden: a fresh LoRA (`kh.add_lora`, PEFT's default initialisation, `B = 0`) and a fresh region
+# module, one cached sample, one noise draw, one noise level. Then the same inputs go through the module's
+# `kh.training_loss`, and a cell checks that the loss and every gradient are the same.
+
+# %%
+N_TOK = cache.h_tok * cache.w_tok  # N target tokens
+hand_lora = kh.add_lora(pipe.transformer, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.lora_targets,
+                        adapter_name="by_hand", init_lora_weights=True)  # [(name, parameter)], B starts at 0
+with torch.random.fork_rng(devices=[]):
+    torch.manual_seed(cfg.seed)
+    hand_region = kh.MaskRegionToken(cache.h_tok, cache.w_tok, pipe.transformer.config.in_channels).to(DEVICE)
+trainable = [p for _, p in hand_lora] + list(hand_region.parameters())
+for p in trainable:  # train() keeps them in fp32 over a 16-bit base (diffusers' cast_training_params)
+    p.data = p.data.float()
+
+sample = cache.batch([0], device=DEVICE)  # cached: prompt_embeds [1, T, D_t5], ctx_tok / tgt_tok [1, N, 4C], ...
+noise = torch.randn(sample["tgt_tok"].shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)  # e [1, N, 4C]
+sigma = torch.tensor([0.6], device=DEVICE)  # [B]: the noise level of this step
+dtype = pipe.transformer.dtype
+
+# 1. the noisy target on the straight line from the clean target (sigma 0) to the noise (sigma 1)
+s = sigma[:, None, None]  # [B] -> [B, 1, 1]
+x_t = (1 - s) * sample["tgt_tok"] + s * noise  # [1, N, 4C]
+# 2. the region token from the mask on the token grid
+region_tok = hand_region(sample["mask_small"])  # [1, 1, H', W'] -> [1, 1, 4C]
+# 3. the sequence [noisy target | clean context | region] and one id per token
+hidden = torch.cat([x_t, sample["ctx_tok"], region_tok], dim=1).to(dtype)  # [1, 2N+1, 4C]
+img_ids = kh.kontext_img_ids(cache.h_tok, cache.w_tok, with_region=True, device=DEVICE, dtype=dtype)  # [2N+1, 3]
+# 4. the forward pass: the transformer's own call, as FluxKontextPipeline.__call__ makes it
+guidance = torch.full([1], cfg.guidance, device=DEVICE) if pipe.transformer.config.guidance_embeds else None
+depth = {"ip_adapter_image_embeds": [sample["ip_embeds"].to(dtype)]} if sample["ip_embeds"] is not None else None
+out = pipe.transformer(hidden_states=hidden, timestep=sigma.to(dtype), guidance=guidance,
+                       pooled_projections=sample["pooled_prompt_embeds"].to(dtype),
+                       encoder_hidden_states=sample["prompt_embeds"].to(dtype), txt_ids=cache.txt_ids.to(DEVICE, dtype),
+                       img_ids=img_ids, joint_attention_kwargs=depth, return_dict=False)[0]  # [1, 2N+1, 4C]
+pred_v = out[:, :N_TOK].float()  # the target part: [1, N, 4C]
+# 5. the two loss terms: the velocity to the target inside the mask, the context kept outside
+m = sample["mask_small"].reshape(1, N_TOK, 1)  # [1, 1, H', W'] -> [1, N, 1], in packing order
+c4 = pred_v.shape[-1]  # 4C
+loss_in = ((pred_v - (noise - sample["tgt_tok"])) ** 2 * m).sum() / (m.sum() * c4 + 1e-6)
+loss_out = (((noise - pred_v) - sample["ctx_tok"]) ** 2 * (1 - m)).sum() / ((1 - m).sum() * c4 + 1e-6)
+l2 = (cfg.l2_lora_lambda * kh.mean_square([p for _, p in hand_lora])
+      + cfg.l2_region_lambda * kh.mean_square(list(hand_region.parameters())))
+loss = cfg.w_in * loss_in + cfg.w_out * loss_out + l2
+# 6. backward: gradients for the LoRA and the region module only (everything else is frozen)
+loss.backward()
+hand_grads = [p.grad.clone() for p in trainable]
+print(f"by hand: loss {loss.item():.5f} = {cfg.w_in} x in {loss_in.item():.5f} + {cfg.w_out} x out "
+      f"{loss_out.item():.5f} + L2 {l2.item():.2e}")
+grad_a = max(float(g.abs().max()) for (n, _), g in zip(hand_lora, hand_grads) if "lora_A" in n)
+grad_b = max(float(g.abs().max()) for (n, _), g in zip(hand_lora, hand_grads) if "lora_B" in n)
+print(f"largest gradient: lora_B {grad_b:.1e}, lora_A {grad_a:.1e} (A only feels the L2 term while B is 0)")
+
+# %%
+for p in trainable:
+    p.grad = None
+module_loss, parts = kh.training_loss(pipe.transformer, hand_region, sample, cache.txt_ids.to(DEVICE), cache.h_tok,
+                                      cache.w_tok, noise, sigma, cfg, lora_named_params=hand_lora)
+module_loss.backward()
+torch.testing.assert_close(loss, module_loss, msg="the hand-written loss must equal kh.training_loss")
+for (name, _), mine, p in zip(hand_lora + [("region", None)] * 2, hand_grads, trainable):
+    torch.testing.assert_close(mine, p.grad, msg=f"gradient of {name}")
+print("hand-written step == kh.training_loss: same loss and same gradients for", len(trainable), "tensors")
+
+# 7. the optimizer step, then the LoRA goes away again: section 5 trains its own
+optimizer = torch.optim.AdamW([{"params": [p for _, p in hand_lora], "lr": cfg.learning_rate},
+                               {"params": list(hand_region.parameters()), "lr": cfg.region_learning_rate}])
+b_before = next(p for n, p in hand_lora if "lora_B" in n).detach().clone()
+optimizer.step()
+b_after = next(p for n, p in hand_lora if "lora_B" in n)
+print(f"after one AdamW step the first lora_B moved by {float((b_after.detach() - b_before).abs().max()):.1e} "
+      "(from 0): Adam's first step is about the learning rate, whatever the gradient's size")
+pipe.transformer.delete_adapters("by_hand")
+del hand_lora, hand_region, trainable, optimizer, hand_grads
+
+# %% [markdown]
+# ## 5. Train
 #
 # `kh.train` attaches the LoRA (its `B` matrices start at zero, so at step 0 the LoRA adds nothing), builds
 # the region module (randomly initialised: its token is already in the sequence at step 0, so the model at step
@@ -469,7 +548,7 @@ fig.suptitle(f"Region weight norm per cell of the {cache.h_tok}x{cache.w_tok} gr
 plt.show()
 
 # %% [markdown]
-# ## 5. Nothing lost: checkpoints and resume
+# ## 6. Nothing lost: checkpoints and resume
 #
 # Every `checkpoint_every` updates `kh.train` writes `RUN_DIR/checkpoints/step-NNNNNN/` with the LoRA (in PEFT's
 # key format, the same as a saved adapter), the region module, the optimizer and scheduler state, the loss
@@ -571,7 +650,7 @@ except ValueError as err:
 # ```
 
 # %% [markdown]
-# ## 6. Save the adapter
+# ## 7. Save the adapter
 #
 # `kh.save_adapter` writes one folder that notebook 05 loads, and that plain diffusers can load too:
 # the LoRA in diffusers' own format, the region module, and a JSON record of how it was made.
@@ -588,6 +667,38 @@ train_config = info.pop("train_config")
 print(json.dumps(info, indent=2))
 print("train_config (abridged):", {k: train_config[k] for k in ("resolution", "steps", "rank", "lora_targets",
                                                                  "learning_rate", "preservation", "seed")})
+
+# %% [markdown]
+# ## Exercises
+#
+# **Exercise 1 (predict).** PEFT initialises `lora_A` uniformly in `+-1/sqrt(d_in)` and `lora_B` at zero. What
+# is the mean square of one fresh LoRA layer on a `Linear(d_in -> d_out)`, whatever its rank? (That is what the
+# L2 term sees at step 0.) And what was the original design's *sum* of squares for FLUX.1's 3072-wide layers?
+#
+# **Exercise 2 (experiment: guidance while training).** Training feeds Kontext's distilled guidance at 1.0
+# (`cfg.guidance`). Measure the trained model's evaluation loss with guidance 1.0 and 3.5. Which one does
+# the model fit, and why would you train at 1.0 but sample at 2.5-3.5?
+
+# %%
+# Solution 1: A has r * d_in entries with E[a^2] = 1 / (3 d_in); B has d_out * r zeros:
+# mean = (r * d_in / (3 d_in)) / (r * d_in + r * d_out) = 1 / (3 (d_in + d_out))
+from peft import LoraConfig, inject_adapter_in_model
+
+d_in = d_out = 3072  # FLUX.1's attention projections
+layer = inject_adapter_in_model(LoraConfig(r=16, target_modules=["proj"]),
+                                torch.nn.ModuleDict({"proj": torch.nn.Linear(d_in, d_out)}))
+lora_ab = [p for n, p in layer.named_parameters() if "lora_" in n]
+measured, predicted = float(kh.mean_square(lora_ab)), 1 / (3 * (d_in + d_out))
+print(f"mean square {measured:.3e}, predicted {predicted:.3e}; the sum of squares: "
+      f"{float(sum(p.pow(2).sum() for p in lora_ab)):.1f} for this one layer")
+assert abs(measured / predicted - 1) < 0.05, "the prediction holds within sampling noise"
+
+# %%
+# Solution 2: training used guidance 1.0, so the LoRA fits that input best; the evaluation loss at 3.5 measures
+# the model off its training condition (the base model was distilled to follow the guidance value at sampling)
+for g in (1.0, 3.5):
+    ev = kh.evaluation_loss(pipe, result.region, cache, guidance=g)
+    print(f"guidance {g}: evaluation loss {ev['loss']:.4f} (in {ev['err_in']:.4f}, out {ev['err_out']:.4f})")
 
 # %% [markdown]
 # ## Recap

@@ -441,6 +441,33 @@ plt.show()
 # any LoRA layers on the IP-Adapter (`to_k_ip` / `to_v_ip`) are not in the ComfyUI file.
 
 # %% [markdown]
+# ## Exercises
+#
+# **Exercise 1 (predict).** How many times does `sample_edit` call the transformer for `NUM_STEPS` steps,
+# and what is the last sigma of the schedule?
+#
+# **Exercise 2 (experiment: the guidance value at sampling).** Sample the same edit at guidance 1.0, 2.5 and 3.5
+# from the same noise and compare the metrics.
+
+# %%
+# Solution 1: one call per Euler step (Kontext's distilled guidance needs no second, unconditional call); the
+# schedule ends at sigma 0, the clean image
+calls = []
+kh.sample_edit(pipe, context, prompt, mask=item["mask"], region=region, generator=noise(), output_type="latent",
+               callback=lambda step, t, latents: calls.append(float(t)), **common)
+print(f"{len(calls)} transformer calls for {NUM_STEPS} steps; last sigma {float(pipe.scheduler.sigmas[-1])}")
+assert len(calls) == NUM_STEPS and float(pipe.scheduler.sigmas[-1]) == 0.0
+
+# %%
+# Solution 2: the same noise, three guidance values
+for g in (1.0, 2.5, 3.5):
+    out = kh.sample_edit(pipe, context, prompt, mask=item["mask"], depth=depth_image, region=region,
+                         generator=noise(), **{**common, "guidance_scale": g})
+    scores = kh.edit_metrics(out, item["context"], item["target"], item["mask"], lpips=False)
+    print(f"guidance {g}: in-mask PSNR to the target {scores['psnr_in_vs_target']:.1f} dB, "
+          f"outside PSNR to the context {scores['psnr_out_vs_context']:.1f} dB")
+
+# %% [markdown]
 # ## Recap
 #
 # - `kh.sample_edit` is the Kontext sampling loop, equal to `pipe(...)` to the bit without region and with or

@@ -39,8 +39,13 @@ def test_notebook_follows_the_house_style(source):
     assert "colab.research.google.com" in first, f"{source}: the first cell needs the Colab badge"
     assert "What you will learn" in first, f"{source}: the first cell says what you will learn"
     text = "\n".join(c.source for c in nb.cells)
-    for needle in ("kh.describe_environment(", "CONFIG", "## Recap", "## Next"):
+    for needle in ("kh.describe_environment(", "CONFIG", "## Exercises", "## Recap", "## Next"):
         assert needle in text, f"{source}: missing {needle!r}"
+    exercises = text.count("**Exercise ")
+    solutions = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("# Solution ")]
+    assert exercises >= 2 and len(solutions) == exercises, (
+        f"{source}: at least two exercises, each with a solution cell that runs; found {exercises} and "
+        f"{len(solutions)}")
 
 
 def test_notebooks_run_headless_in_order(notebook_runner, tmp_path, monkeypatch):
@@ -49,6 +54,10 @@ def test_notebooks_run_headless_in_order(notebook_runner, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("MPLBACKEND", raising=False)
+    stdout = {}
     for source in SOURCES:  # in order: 05 uses the adapter 04 trains
         result = notebook_runner.run_notebook(source, str(tmp_path / "executed"))
+        stdout[result["name"]] = result["stdout"]
         assert result["figures"] >= 2, f"{result['name']} must teach with pictures, got {result['figures']} figures"
+    assert "hand-written step == kh.training_loss: same loss and same gradients" in stdout["04_training"], (
+        "notebook 04 must check its hand-written training step against the module's")
