@@ -116,6 +116,20 @@ with torch.no_grad():
 print("latents", tuple(lat.shape), lat.dtype)  # [B, C, H_l, W_l]
 
 # %% [markdown]
+# **Why a shift and a scale?** Flow matching mixes the clean latent with Gaussian noise, `x_t = (1 - s) x_0 +
+# s e`, and starts sampling from pure `e ~ N(0, 1)`. That only works well when the clean latents live on
+# the same scale as the noise: mean near 0, spread near 1. The raw VAE output does not (FLUX.1's VAE config
+# measures its mean as `shift_factor = 0.1159` and its spread as `1 / scaling_factor`, `scaling_factor =
+# 0.3611`), so `to_latents` subtracts the one and multiplies by the other. On the tiny model the VAE is small
+# and the two numbers are its own config's, so its statistics are only roughly normalised.
+
+# %%
+with torch.no_grad():
+    raw = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode().float()  # [B, C, H_l, W_l], before Flux's step
+print(f"raw VAE output: mean {raw.mean():+.3f}, std {raw.std():.3f}   after shift and scale: mean "
+      f"{lat.float().mean():+.3f}, std {lat.float().std():.3f}   (noise: mean 0, std 1)")
+
+# %% [markdown]
 # > **Why we differ from the original design** ([design note 1](../docs/design.md#1-latent-shift)). The original
 # > design's `to_latents` only scaled: `vae.encode(x).latent_dist.mode() * scaling_factor`. Flux's VAE also has a
 # > `shift_factor` (0.1159) that must be subtracted first. Without it every latent value is off by the same constant,
@@ -173,6 +187,17 @@ tokens, (h_tok, w_tok) = kh.pack_like_pipeline(lat)  # [B, C, H_l, W_l] -> [B, N
 print("latents", tuple(lat.shape), "-> tokens", tuple(tokens.shape), f"on a {h_tok}x{w_tok} token grid")
 b, c, h_l, w_l = lat.shape
 print("== pipe._pack_latents (bit for bit):", torch.equal(tokens, pipe._pack_latents(lat, b, c, h_l, w_l)))
+
+# %% [markdown]
+# **Why 2x2 patches?** Attention costs grow with the square of the sequence length. Packing 2x2 cells into one
+# token makes the sequence 4 times shorter (16 times less attention work) at no loss: the 4 cells' channels are
+# all kept, side by side. The transformer's first layer, `x_embedder`, is then a single `Linear(4C -> D)` that
+# lifts each 64-feature token to the model width `D` (3072 on FLUX.1), the same idea as a ViT's patch embedding.
+
+# %%
+x_embedder = pipe.transformer.x_embedder if pipe.transformer is not None else None  # None: VAE-only load
+print("x_embedder:", x_embedder if x_embedder is not None else "Linear(in_features=64, out_features=3072) on FLUX.1",
+      f"| sequence: {h_l * w_l} latent cells -> {h_tok * w_tok} tokens")
 
 # %%
 step = RESOLUTION // h_tok  # pixels per token side: 16
@@ -310,7 +335,10 @@ except ValueError as err:
 # ## 3. Position ids: `(type, row, col)` for every token
 #
 # Attention itself has no notion of place. Flux adds it with rotary position embeddings (RoPE) computed from
-# an id per token: three numbers, `(type, row, col)`. `row` and `col` are the token's place on the grid.
+# an id per token: three numbers, `(type, row, col)`. Each number rotates its own slice of every attention
+# head's query and key vectors, at a range of frequencies (`axes_dims_rope = (16, 56, 56)` on FLUX.1: 16
+# dimensions for the type, 56 for the row, 56 for the column, 128 in all), so the dot product of two tokens
+# depends on the *difference* of their ids. `row` and `col` are the token's place on the grid.
 # `type` is Kontext's trick for having two images in one sequence: the noisy target has type 0, the clean
 # context image type 1. Both share the same `(row, col)`, so a context token and the target token at the same
 # place are "aligned", while the type keeps them apart. Our **region token** (notebook 03) gets `(2, 0, 0)`:
@@ -366,7 +394,11 @@ plt.show()
 # %% [markdown]
 # ### The whole sequence, text included
 #
-# The transformer attends over text and image tokens together. Its id sequence is
+# The transformer attends over text and image tokens together. The **T5** encoder's `T` token embeddings
+# (`prompt_embeds [B, T, 4096]`) become these text tokens: they go through `context_embedder` to the model
+# width and take part in every attention. **CLIP**'s *pooled* vector (`pooled_prompt_embeds [B, 768]`) is not a
+# token at all: `time_text_embed` adds it to the timestep (and guidance) embedding, one vector `temb [B, D]`
+# per sample, which scales and shifts every block's normalisations (AdaLN). Its id sequence is
 # `cat(txt_ids, img_ids)`: first the `T` text tokens, whose ids are all `(0, 0, 0)` (text has no position on
 # the image; the pipeline's `encode_prompt` returns `txt_ids = zeros(T, 3)`), then the `2N+1` image tokens.
 

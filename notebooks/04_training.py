@@ -342,6 +342,15 @@ print("evaluation loss before training:", {k: round(v, 4) for k, v in before.ite
 # %% [markdown]
 # ## 4. One training step by hand
 #
+# **LoRA in three numbers.** A LoRA of rank `r` replaces a frozen `W [d_out, d_in]` by `W + (alpha / r) B A`
+# with `A [r, d_in]` and `B [d_out, r]` trainable: `r (d_in + d_out)` numbers instead of `d_out d_in`.
+# `alpha / r` scales the update (here `alpha = r`, scale 1, PEFT's `lora_alpha`). PEFT starts `A` random and
+# `B` at zero, so the product is zero and the model starts as it was; only `B` gets a gradient from the loss at
+# first. **Guidance while training.** FLUX.1 Kontext [dev] is guidance-*distilled*: instead of two passes per
+# step (with and without the prompt), it takes the guidance value as an input, embedded with the timestep into
+# `temb`, which modulates every block (AdaLN). Established Flux trainers feed 1.0 while training; the pipeline
+# samples at 2.5-3.5 (section 5's exercise measures the difference).
+#
 # `kh.train` repeats one step thousands of times. Here it is written out once, from the cache to the optimizer,
 # with nothing hidden: a fresh LoRA (`kh.add_lora`, PEFT's default initialisation, `B = 0`) and a fresh region
 # module, one cached sample, one noise draw, one noise level. Then the same inputs go through the module's

@@ -273,6 +273,36 @@ for key, value in metrics.items():
     print(f"{key:<22} {value:8.3f}")
 
 # %% [markdown]
+# **The sigma shift at sampling.** Training draws sigmas from the plain 1000 levels (notebook 04). Sampling
+# shifts them towards more noise, by an amount that grows with the image's token count: the pipeline computes
+# `mu = calculate_shift(image_seq_len, ...)` (a line from 0.5 at 256 tokens to 1.15 at 4096) and the
+# scheduler maps each sigma `s` to `e^mu / (e^mu + (1/s - 1))` (`FlowMatchEulerDiscreteScheduler`'s
+# exponential time shift; the cell checks it against `set_timesteps`). Larger images spend more of their steps at
+# high noise, where the layout is decided.
+
+# %%
+from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+
+sched_cfg = pipe.scheduler.config
+fig, ax = plt.subplots(figsize=(7, 3.2))
+for side in (RESOLUTION, 512, 1024):
+    seq = (side // 16) ** 2  # target tokens; the pipeline shifts by the target's length
+    mu = calculate_shift(seq, sched_cfg.get("base_image_seq_len", 256), sched_cfg.get("max_image_seq_len", 4096),
+                         sched_cfg.get("base_shift", 0.5), sched_cfg.get("max_shift", 1.15))
+    plain = torch.linspace(1.0, 1 / NUM_STEPS, NUM_STEPS)  # the pipeline's np.linspace(1, 1/steps, steps)
+    shifted = torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / plain - 1))
+    ax.plot(range(NUM_STEPS), shifted, marker="o", ms=3, label=f"{side} px: {seq} tokens, mu {mu:.2f}")
+    check = pipe.scheduler.__class__.from_config(sched_cfg)  # a copy: leave the pipeline's alone
+    check.set_timesteps(sigmas=plain.numpy(), mu=mu)
+    torch.testing.assert_close(check.sigmas[:-1].float(), shifted.float(), msg="the scheduler's own shift")
+ax.plot(range(NUM_STEPS), plain, color="grey", ls="--", label="unshifted")
+ax.set_xlabel("denoising step")
+ax.set_ylabel("sigma")
+ax.set_title("Sampling sigmas: the more tokens, the longer the schedule stays at high noise")
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
 # ## 3. Watching the denoising steps
 #
 # `sample_edit(..., callback=f)` calls `f(step, t, latents)` after every Euler step with the packed latents
