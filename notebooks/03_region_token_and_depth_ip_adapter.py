@@ -61,11 +61,10 @@ import kontext_helpers as kh
 
 kh.colab_session(use_drive=USE_DRIVE)  # Colab only: Drive, Hub login (the HF_TOKEN secret), bitsandbytes if needed
 
-MODEL = kh.default_model()  # $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
-kh.describe_environment(MODEL)
-
 # %%
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
+MODEL = kh.default_model()  # the model: $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
+kh.describe_environment(MODEL)  # library versions, device and model
 TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
 PRESET_NAME = os.environ.get("KONTEXT_PRESET", "auto")  # GPU preset (notebook 04): "auto" detects the GPU; or "t4", ...
 QUICK = os.environ.get("KONTEXT_QUICK") == "1"  # a smoke run of the GPU path (the tests set it): few steps, 64 px
@@ -522,6 +521,17 @@ print(f"encoding every step adds {(t_depth + t_prompt) / t_step:.0%} of a forwar
 # not sit on the GPU while the transformer trains.
 
 # %% [markdown]
+# > **What depth through an IP-Adapter can and cannot do.** The whole depth map becomes *one* CLIP image
+# > embedding, `[B, 768]` on the real model, projected to a few tokens that carry no position (their queries come
+# > before RoPE): a global summary ("a near object on the left, a far wall"), not a per-pixel map, so it cannot
+# > tell the model where exactly an edge is. XLabs' `flux-ip-adapter-v2` was trained on FLUX.1 [dev] with ordinary
+# > RGB reference photos, not on Kontext and not on depth maps: to the adapter a depth map is an unusual grey
+# > picture, and the LoRA (with `lora_ip_adapter=True`, its `to_k_ip` / `to_v_ip` too) has to learn what it
+# > means. And the depth map describes the *context* scene, not the target: for "add a box" edits the box is not
+# > in it. A depth ControlNet or depth tokens in the sequence would be spatial; this course keeps the original
+# > design's IP-Adapter and shows its effect honestly (section 5 here, notebook 05's variants).
+
+# %% [markdown]
 # ## 5. The IP-Adapter scale
 #
 # The IP-Adapter's contribution is multiplied by a scale (`proc.scale` above; `pipe.set_ip_adapter_scale`).
@@ -623,6 +633,18 @@ print(f"{'identity term (noise - pred) vs context':<44}{identity_term:.8f}")
 print(f"{'velocity MSE against noise - context':<44}{velocity_mse:.8f}")
 print(f"{'difference':<44}{identity_term - velocity_mse:.1e}  (floating-point rounding)")
 print(f"{'loss_out from the helper':<44}{parts['loss_out']:.8f}")
+
+# %% [markdown]
+# > **What the two terms add up to.** When the target equals the context outside the mask (the usual edit
+# > pair), the outside target `noise - context` *is* `noise - target` there: both terms ask for the same
+# > flow-matching velocity, and the dual loss is plain flow matching with a weight per token. Each term is a mean
+# > over its own tokens, so an in-mask token weighs `w_in / N_in` and an outside token `w_out / N_out`. The
+# > smaller the mask, the heavier each of its tokens: for this pair,
+
+# %%
+n_in, n_out = int(inside.sum()), int((~inside).sum())
+print(f"{n_in} tokens inside, {n_out} outside: one inside token weighs {(1 / n_in) / (1 / n_out):.1f}x an outside "
+      f"token (w_in = w_out = 1); plain flow matching would weigh them equally, 1 / {n_in + n_out} each")
 
 # %% [markdown]
 # > **Why we differ from the original design: the timestep ([design note 5](../docs/design.md#5-timesteps)).**

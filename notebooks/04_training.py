@@ -63,11 +63,10 @@ import kontext_helpers as kh
 
 kh.colab_session(use_drive=USE_DRIVE)  # Colab only: Drive, Hub login (the HF_TOKEN secret), bitsandbytes if needed
 
-MODEL = kh.default_model()  # $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
-kh.describe_environment(MODEL)
-
 # %%
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
+MODEL = kh.default_model()  # the model: $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
+kh.describe_environment(MODEL)  # library versions, device and model
 TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
 PRESET_NAME = os.environ.get("KONTEXT_PRESET", "auto")  # GPU preset (section 1): "auto" detects the GPU; or "t4", ...
 QUICK = os.environ.get("KONTEXT_QUICK") == "1"  # a smoke run of the GPU path (the tests set it): few steps, 64 px
@@ -111,32 +110,63 @@ print("outputs go to", OUTPUT_DIR)
 # %% [markdown]
 # ## 1. The configuration and the GPU presets
 #
-# `kh.TrainConfig` holds every setting of `kh.train`, each with a default and a comment saying why. The
-# comments are the documentation, so we print them, grouped as in the source. A `*` marks a value that differs
-# from the default.
+# `kh.TrainConfig` holds every setting of `kh.train`, each with a default (the source,
+# [`kontext_helpers/config.py`](../kontext_helpers/config.py), says why in a comment on each line):
+#
+# | group | setting | default | what it does |
+# |---|---|---|---|
+# | data, schedule | `resolution` | `512` | side in pixels, a multiple of 16 (VAE 8x, 2x2 packing); = the dataset's |
+# |  | `steps` | `1000` | optimizer updates (each of batch_size * gradient_accumulation_steps samples per process) |
+# |  | `batch_size` | `1` | samples per forward pass per process; 1 fits every Colab GPU at 512 px |
+# |  | `gradient_accumulation_steps` | `1` | micro-batches per update: a larger effective batch, same memory |
+# |  | `max_sequence_length` | `512` | T5 tokens; 512 is Kontext's default, shorter prompts are padded to it |
+# | optimisation | `learning_rate` | `1e-4` | LoRA learning rate, the value diffusers' Kontext script uses |
+# |  | `region_learning_rate` | `1e-3` | region module: a fresh linear layer, it can move faster than the LoRA |
+# |  | `optimizer` | `"adamw"` | "adamw" (torch) or "adamw8bit" (bitsandbytes, saves optimizer memory on GPUs) |
+# |  | `weight_decay` | `0.0` | AdamW decay; the L2 terms below already regularise |
+# |  | `lr_scheduler` | `"constant"` | any diffusers.optimization.get_scheduler name ("cosine", "linear", ...) |
+# |  | `lr_warmup_steps` | `0` | warm-up updates for the scheduler |
+# |  | `max_grad_norm` | `1.0` | gradient clipping of LoRA + region parameters (0 disables) |
+# | LoRA | `rank` | `16` | LoRA rank: 16 is a common editing-LoRA size; 4-8 for tiny datasets |
+# |  | `alpha` | `None` | LoRA alpha; None means alpha = rank (scale 1) |
+# |  | `lora_targets` | `"attn"` | "attn" (attention only) or "attn_ff" (attention + feed-forward, diffusers' script) |
+# |  | `lora_ip_adapter` | `False` | also adapt the IP-Adapter's to_k_ip / to_v_ip (lets the LoRA re-learn depth use) |
+# | loss | `w_in` | `1.0` | weight of the in-mask velocity term (learn the edit) |
+# |  | `w_out` | `1.0` | weight of the out-of-mask term (keep the rest of the image) |
+# |  | `l2_region_lambda` | `1e-4` | L2 (mean square) on the region module, the original design's stabiliser |
+# |  | `l2_lora_lambda` | `1e-4` | L2 (mean square, not the design's sum) on the LoRA weights |
+# |  | `preservation` | `"identity"` | outside the mask: flow to the context; `"prior"`: the base model's output |
+# | noise, conditioning | `timestep_sampling` | `"uniform"` | the 1000 training sigmas (never 0); `"logit_normal"` |
+# |  | `logit_mean` | `0.0` | logit-normal location (SD3 / diffusers' default) |
+# |  | `logit_std` | `1.0` | logit-normal scale |
+# |  | `guidance` | `1.0` | distilled guidance value fed to Kontext while training, as the established trainers do |
+# |  | `use_depth` | `True` | feed the depth map through the IP-Adapter when the pipeline has one |
+# | hardware | `mixed_precision` | `"no"` | "no", "fp16" (T4) or "bf16" (L4, A100, H100) |
+# |  | `gradient_checkpointing` | `False` | trade compute for activation memory on big models |
+# |  | `quantize_base` | `None` | "nf4": load the transformer 4-bit (bitsandbytes) via load_pipeline |
+# |  | `offload_encoders` | `True` | on a GPU, each encoder visits the GPU only while it caches, then goes to the CPU |
+# |  | `load_in_stages` | `False` | text encoders first, for the cache, freed before the transformer (T4/L4 RAM) |
+# | bookkeeping | `seed` | `0` | every random draw of a step derives from (seed, step): reproducible, resumable |
+# |  | `output_dir` | `"outputs/kontext-lora"` | checkpoints/, previews/ and the final adapter go here (Drive works) |
+# |  | `checkpoint_every` | `250` | updates between checkpoints (0: only the final one) |
+# |  | `keep_checkpoints` | `3` | newest complete checkpoints kept on disk |
+# |  | `resume` | `False` | continue from the newest complete checkpoint under output_dir/checkpoints |
+# |  | `preview_every` | `0` | updates between preview images (0: none); needs the sampling loop |
+# |  | `preview_steps` | `8` | denoising steps of a preview |
+# |  | `log_every` | `1` | updates between progress-bar / callback updates |
+# |  | `expected_peak_memory_gb` | `None` | set by presets, informative only |
+# |  | `peak_memory_source` | `""` | "measured" or "estimated", set by presets |
+#
+# The next cell prints this run's values, marking with `*` those that differ from the default.
 
 # %%
 import dataclasses
-import inspect
-import re
-
-groups, current = {}, None
-for line in inspect.getsource(kh.TrainConfig).splitlines():
-    line = line.strip()
-    if line.startswith("# ---"):  # "# --- data and schedule": a new group
-        current = line.removeprefix("# ---").strip()
-        continue
-    m = re.match(r"(\w+): [^=]+= .*?#\s*(.*)", line)  # "name: type = default  # comment"
-    if m and current:
-        groups.setdefault(current, []).append((m.group(1), m.group(2)))
 
 defaults = kh.TrainConfig()
-for group, fields in groups.items():
-    print(f"--- {group}")
-    for name, comment in fields:
-        value = getattr(cfg, name)
-        mark = "*" if value != getattr(defaults, name) else " "
-        print(f"  {mark} {name:<27} = {str(value):<18.18} # {comment}")
+for f in dataclasses.fields(kh.TrainConfig):
+    value = getattr(cfg, f.name)
+    mark = "*" if value != getattr(defaults, f.name) else " "
+    print(f"  {mark} {f.name:<27} = {value!r}")
 
 # %% [markdown]
 # **GPU presets.** `kh.TrainConfig.for_gpu(name)` starts from a preset tuned for one kind of card, and any
@@ -155,6 +185,8 @@ for key, p in kh.GPU_PRESETS.items():
 print("\nthis machine's preset: kh.detect_gpu_preset() =", repr(kh.detect_gpu_preset()))
 
 # %%
+import re
+
 gpu = {k: p for k, p in kh.GPU_PRESETS.items() if p["expected_peak_memory_gb"] is not None}
 card_gb = [float(re.search(r"(\d+) GB", p["label"]).group(1)) for p in gpu.values()]
 fig, ax = plt.subplots(figsize=(7.5, 3.4))
@@ -555,6 +587,13 @@ for ax, img, title, cmap, top in ((axes[0], norm0, "before: random init", "virid
 fig.suptitle(f"Region weight norm per cell of the {cache.h_tok}x{cache.w_tok} grid: after training only the cells "
              "some mask covers keep weight;\nthe others (never inside a mask) decayed to zero under the L2 term")
 plt.show()
+
+# %% [markdown]
+# > **What the region token cannot do: masks in new places.** A grid cell's weight column learns only from
+# > samples whose mask covers that cell. Cells no training mask covered keep their random start (or decay to
+# > zero under the L2 term), so a mask placed there at sampling time produces a token the model never saw in
+# > training: the region token does not generalise to new mask positions. Train with masks that cover the
+# > places you will edit, or vary them (augmentation) so that every cell is seen.
 
 # %% [markdown]
 # ## 6. Nothing lost: checkpoints and resume

@@ -63,11 +63,10 @@ import kontext_helpers as kh
 
 kh.colab_session(use_drive=USE_DRIVE)  # Colab only: Drive, Hub login (the HF_TOKEN secret), bitsandbytes if needed
 
-MODEL = kh.default_model()  # $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
-kh.describe_environment(MODEL)
-
 # %%
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
+MODEL = kh.default_model()  # the model: $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
+kh.describe_environment(MODEL)  # library versions, device and model
 TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
 PRESET_NAME = os.environ.get("KONTEXT_PRESET", "auto")  # GPU preset (notebook 04): "auto" detects the GPU; or "t4", ...
 QUICK = os.environ.get("KONTEXT_QUICK") == "1"  # a smoke run of the GPU path (the tests set it): few steps, 64 px
@@ -80,7 +79,7 @@ SEED = 0  # the starting noise of every sample in this notebook
 # where notebook 04 saved the adapter; exports go here too (in Colab on Drive, set by the setup cell's USE_DRIVE)
 OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))
 ADAPTER_DIR = os.path.join(OUTPUT_DIR, "adapter")  # the adapter folder notebook 04 wrote
-RESOLUTION = 128 if TINY else PRESET.resolution  # sampling side in pixels (multiple of 16): the training size
+RESOLUTION = 128 if TINY else PRESET.resolution  # side in pixels; section "The adapter" switches to the adapter's own
 NUM_STEPS = 8 if TINY else 2 if QUICK else 28  # denoising steps: 28 is Kontext's default
 GUIDANCE = 2.5  # Kontext's distilled guidance (diffusers' docstring example; __call__ defaults to 3.5)
 MAX_SEQUENCE_LENGTH = 64 if TINY else PRESET.max_sequence_length  # T5 tokens of the prompt, as in training
@@ -119,6 +118,7 @@ print("context", tuple(item["context"].shape), " mask", tuple(item["mask"].shape
 # %%
 import dataclasses
 import gc
+import json
 
 if os.path.isfile(os.path.join(ADAPTER_DIR, kh.LORA_WEIGHT_FILE)):
     print(f"using the adapter notebook 04 saved in {ADAPTER_DIR}")
@@ -141,6 +141,13 @@ else:
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
 print(sorted(os.listdir(ADAPTER_DIR)))
+with open(os.path.join(ADAPTER_DIR, kh.ADAPTER_CONFIG_FILE)) as f:
+    trained_at = json.load(f)["train_config"]["resolution"]  # the adapter records the run's TrainConfig
+if trained_at != RESOLUTION:  # sample at the adapter's training size: its region grid was built for it
+    print(f"the adapter was trained at {trained_at} px: sampling at {trained_at} px instead of {RESOLUTION}")
+    RESOLUTION = trained_at
+    dataset = kh.KontextPairs(DATA_ROOT, resolution=RESOLUTION)
+    item = dataset[PAIR]
 
 # %% [markdown]
 # ## 1. The oracle: our sampling loop equals the pipeline

@@ -61,3 +61,14 @@ def test_notebooks_run_headless_in_order(notebook_runner, tmp_path, monkeypatch)
         assert result["figures"] >= 2, f"{result['name']} must teach with pictures, got {result['figures']} figures"
     assert "hand-written step == kh.training_loss: same loss and same gradients" in stdout["04_training"], (
         "notebook 04 must check its hand-written training step against the module's")
+
+
+def test_notebook_04_writes_out_every_training_setting():
+    import dataclasses
+
+    import kontext_helpers as kh
+
+    source = os.path.join(REPO, "notebooks", "04_training.py")
+    table = "\n".join(c.source for c in jupytext.read(source).cells if c.cell_type == "markdown")
+    missing = [f.name for f in dataclasses.fields(kh.TrainConfig) if f"| `{f.name}` |" not in table]
+    assert not missing, f"notebook 04's settings table must list every TrainConfig field; missing {missing}"
