@@ -73,7 +73,16 @@ from .conditioning import (
 )
 from .config import GPU_PRESETS, TrainConfig, detect_gpu_preset, quick_config
 from .data import KontextPairs, estimate_depth, mask_from_difference, write_pair_folder
-from .figures import LiveLossPlot, edit_metrics, interactive_figure, metrics_table, preview_grid, show_pairs
+from .figures import (
+    LiveLossPlot,
+    denoising_figure,
+    edit_metrics,
+    interactive_figure,
+    metrics_table,
+    packing_figure,
+    preview_grid,
+    show_pairs,
+)
 from .images import (
     depth_to_array,
     depth_to_pil,
@@ -141,9 +150,11 @@ __all__ = [
     "lora_state_dict",
     # figures
     "LiveLossPlot",
+    "denoising_figure",
     "edit_metrics",
     "interactive_figure",
     "metrics_table",
+    "packing_figure",
     "preview_grid",
     "show_pairs",
     # tiny

@@ -387,3 +387,74 @@ def variants_figure(context: torch.Tensor, inside: torch.Tensor, depth, target: 
     fig.suptitle(f"“{prompt}”: same noise (seed {seed}) through every variant. Edits belong inside the cyan "
                  "outline; outside it the error map should stay dark.", fontsize=10)
     return fig
+
+
+def _packing_grid_panel(ax, patch_id: torch.Tensor, cmap) -> None:
+    """A toy latent grid coloured by the token (2x2 patch) each cell goes to, with each cell's place in its patch."""
+    toy_h, toy_w = patch_id.shape
+    tw = toy_w // 2
+    ax.imshow(patch_id.numpy(), cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5)
+    for yy in range(toy_h):
+        for xx in range(toy_w):
+            ax.text(xx, yy + 0.3, f"({yy % 2},{xx % 2})", ha="center", va="center", fontsize=7)
+    for t in range(cmap.N):
+        ax.text((t % tw) * 2 + 0.5, (t // tw) * 2 + 0.5, str(t), ha="center", va="center", fontsize=15,
+                weight="bold", bbox=dict(boxstyle="circle,pad=0.2", fc="white", alpha=0.85, lw=0))
+    for k in range(0, toy_w + 1, 2):
+        ax.axvline(k - 0.5, color="black", lw=2)
+    for k in range(0, toy_h + 1, 2):
+        ax.axhline(k - 0.5, color="black", lw=2)
+    ax.set_xticks(range(toy_w))
+    ax.set_yticks(range(toy_h))
+    ax.set_xlabel("latent column")
+    ax.set_ylabel("latent row")
+
+
+def packing_figure(patch_id: torch.Tensor, packed_patch: torch.Tensor, packed_feature: torch.Tensor):
+    """Notebook 02's packing picture: a toy latent grid ``[H_l, W_l]`` labelled by patch, and its packed tokens
+    ``[1, N, 4C]`` labelled by patch (``packed_patch``) and by feature index ``4c + 2dy + dx`` (``packed_feature``)."""
+    import matplotlib.pyplot as plt
+
+    n, c4 = packed_patch.shape[1:]
+    cmap = plt.get_cmap("tab20", n)
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6.2), gridspec_kw={"width_ratios": [1.25, 1, 1]}, layout="constrained")
+    _packing_grid_panel(axes[0], patch_id, cmap)
+    axes[0].set_title(f"latent grid {tuple(patch_id.shape)[0]}x{tuple(patch_id.shape)[1]} (x C = {c4 // 4} "
+                      "channels):\nbold = token number, (dy,dx) = place in the patch")
+    axes[1].imshow(packed_patch[0].numpy(), cmap=cmap, vmin=-0.5, vmax=n - 0.5, aspect="auto")
+    for t in range(n):
+        axes[1].text(c4 / 2 - 0.5, t, f"token {t}: patch {t}", ha="center", va="center", fontsize=8)
+    axes[1].set_xlabel(f"feature (4C = {c4})")
+    axes[1].set_ylabel("token (sequence position)")
+    axes[1].set_title("packed [N, 4C], labelled by patch:\nrow n comes from patch n")
+    axes[2].imshow(packed_feature[0].numpy(), cmap="viridis", aspect="auto")
+    for t in range(n):
+        for f in range(c4):
+            axes[2].text(f, t, str(int(packed_feature[0, t, f])), ha="center", va="center", fontsize=7,
+                         color="white" if f < c4 / 2 else "black")
+    axes[2].set_xticks(range(c4), [f"c{ch}({dy},{dx})" for ch in range(c4 // 4) for dy in range(2) for dx in range(2)],
+                       rotation=90, fontsize=8)
+    for k in range(4, c4, 4):
+        axes[2].axvline(k - 0.5, color="white", lw=2)
+    axes[2].set_ylabel("token (sequence position)")
+    axes[2].set_title("packed [N, 4C], labelled 4c + 2dy + dx:\n"
+                      "every token: channel 0's 4 cells, then channel 1's, ...")
+    return fig
+
+
+def denoising_figure(frames: list, labels: list[str], steps: list[int], distance: list[float]):
+    """Notebook 05's denoising picture: one decoded frame ``[H, W, 3]`` per recorded step, titled by ``labels``,
+    over the relative distance of each step's latents to the final ones."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(2.0 * len(frames), 4.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.2, 1])
+    for ax, frame, label in zip(top.subplots(1, len(frames), squeeze=False)[0], frames, labels):
+        ax.imshow(frame)
+        ax.set_title(label, fontsize=8)
+        ax.set_axis_off()
+    ax = bottom.subplots()
+    ax.plot(steps, distance, "o-")
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("relative distance\nto the final latents")
+    return fig

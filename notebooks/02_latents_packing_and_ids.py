@@ -242,48 +242,7 @@ print("every token's features read 0..4C-1:",
 print("== pipe._pack_latents:", torch.equal(packed_feature, pipe._pack_latents(toy_feature, 1, toy_c, toy_h, toy_w)))
 
 # %%
-cmap = plt.get_cmap("tab20", th * tw)
-fig, axes = plt.subplots(1, 3, figsize=(18, 6.2), gridspec_kw={"width_ratios": [1.25, 1, 1]}, layout="constrained")
-ax = axes[0]
-ax.imshow(patch_id.numpy(), cmap=cmap, vmin=-0.5, vmax=th * tw - 0.5)
-for yy in range(toy_h):
-    for xx in range(toy_w):
-        ax.text(xx, yy + 0.3, f"({yy % 2},{xx % 2})", ha="center", va="center", fontsize=7)
-for t in range(th * tw):
-    ax.text((t % tw) * 2 + 0.5, (t // tw) * 2 + 0.5, str(t), ha="center", va="center", fontsize=15,
-            weight="bold", bbox=dict(boxstyle="circle,pad=0.2", fc="white", alpha=0.85, lw=0))
-for k in range(0, toy_w + 1, 2):
-    ax.axvline(k - 0.5, color="black", lw=2)
-for k in range(0, toy_h + 1, 2):
-    ax.axhline(k - 0.5, color="black", lw=2)
-ax.set_xticks(range(toy_w))
-ax.set_yticks(range(toy_h))
-ax.set_xlabel("latent column")
-ax.set_ylabel("latent row")
-ax.set_title(f"latent grid {toy_h}x{toy_w} (x C = {toy_c} channels):\n"
-             "bold = token number, (dy,dx) = place in the patch")
-
-ax = axes[1]
-ax.imshow(packed_patch[0].numpy(), cmap=cmap, vmin=-0.5, vmax=th * tw - 0.5, aspect="auto")
-for t in range(th * tw):
-    ax.text(4 * toy_c / 2 - 0.5, t, f"token {t}: patch {t}", ha="center", va="center", fontsize=8)
-ax.set_xlabel(f"feature (4C = {4 * toy_c})")
-ax.set_ylabel("token (sequence position)")
-ax.set_title("packed [N, 4C], labelled by patch:\nrow n comes from patch n")
-
-ax = axes[2]
-ax.imshow(packed_feature[0].numpy(), cmap="viridis", aspect="auto")
-for t in range(th * tw):
-    for f in range(4 * toy_c):
-        ax.text(f, t, str(int(packed_feature[0, t, f])), ha="center", va="center", fontsize=7,
-                color="white" if f < 2 * toy_c else "black")
-names = [f"c{ch}({dy},{dx})" for ch in range(toy_c) for dy in range(2) for dx in range(2)]
-ax.set_xticks(range(4 * toy_c))
-ax.set_xticklabels(names, rotation=90, fontsize=8)
-for k in range(4, 4 * toy_c, 4):
-    ax.axvline(k - 0.5, color="white", lw=2)
-ax.set_ylabel("token (sequence position)")
-ax.set_title("packed [N, 4C], labelled 4c + 2dy + dx:\nevery token: channel 0's 4 cells, then channel 1's, ...")
+fig = kh.packing_figure(patch_id, packed_patch, packed_feature)  # kontext_helpers/figures.py
 fig.suptitle("Packing: each token is one 2x2 latent patch (x C channels), numbered row by row; neighbours in the "
              "grid are neighbours in the sequence", fontsize="x-large")
 plt.show()

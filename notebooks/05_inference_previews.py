@@ -340,20 +340,12 @@ def decode(latents):
 
 
 distance = [float((lat - final).norm() / final.norm()) for _, _, lat in recorded]
-fig = plt.figure(figsize=(2.0 * len(recorded), 4.6), layout="constrained")
-top, bottom = fig.subfigures(2, 1, height_ratios=[1.2, 1])
-axes = top.subplots(1, len(recorded))
 schedule = pipe.scheduler.sigmas  # the run's sigmas, ending at 0
-for ax, (step, sigma, lat) in zip(axes, recorded):
-    ax.imshow(decode(lat))
-    ax.set_title(f"after step {step + 1}\nsigma {sigma:.2f} -> {float(schedule[step + 1]):.2f}", fontsize=8)
-    ax.set_axis_off()
-ax = bottom.subplots()
-ax.plot([s + 1 for s, _, _ in recorded], distance, "o-")
-ax.set_xlabel("denoising step")
-ax.set_ylabel("relative distance\nto the final latents")
-fig.suptitle("Denoising, step by step: each Euler step moves the latents towards the final image\n"
-             "(on the tiny model the decoded pictures are noise; the falling curve is the lesson)", fontsize=10)
+fig = kh.denoising_figure([decode(lat) for _, _, lat in recorded],
+                          [f"after step {step + 1}\nsigma {sigma:.2f} -> {float(schedule[step + 1]):.2f}"
+                           for step, sigma, _ in recorded], [step + 1 for step, _, _ in recorded], distance)
+fig.suptitle(f"Denoising, step by step ({'tiny model' if TINY else 'FLUX.1 Kontext'}, {h} px): each Euler step "
+             "moves the latents towards the final image", fontsize=10)
 plt.show()
 
 # %% [markdown]

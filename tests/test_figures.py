@@ -105,3 +105,19 @@ def test_preview_grid_is_one_headless_figure_with_six_panels(random_image, rando
     fig.savefig(io.BytesIO(), format="png")  # renders without a display
     bare = kh.preview_grid(ctx, quadrant_mask(32, 48), None, None, ctx)
     assert any("no depth" in ax.get_title() for ax in bare.axes), "a missing depth map must be said"
+
+
+def test_packing_figure_draws_the_grid_and_both_labellings():
+    patch_id = torch.arange(4).reshape(2, 2).repeat_interleave(2, 0).repeat_interleave(2, 1).float()  # [4, 4]
+    packed_patch, _ = kh.pack_like_pipeline(patch_id.expand(1, 2, 4, 4))  # [1, 4, 8]
+    packed_feature, _ = kh.pack_like_pipeline(torch.rand(1, 2, 4, 4))  # [1, 4, 8]
+    fig = kh.packing_figure(patch_id, packed_patch, packed_feature)
+    assert len(fig.axes) == 3, f"grid, patch-labelled and feature-labelled panels, got {len(fig.axes)}"
+    assert "latent grid 4x4 (x C = 2 channels)" in fig.axes[0].get_title(), fig.axes[0].get_title()
+
+
+def test_denoising_figure_has_one_frame_per_step_and_the_distance_curve():
+    frames = [torch.rand(8, 8, 3).numpy() for _ in range(3)]
+    fig = kh.denoising_figure(frames, ["a", "b", "c"], [1, 2, 3], [1.0, 0.5, 0.0])
+    assert len(fig.axes) == 4, f"3 frames and 1 curve, got {len(fig.axes)}"
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["a", "b", "c"], "each frame titled by its label"
