@@ -92,7 +92,7 @@ from .latents import (
     to_latents,
     unpack_like_pipeline,
 )
-from .memory import memory_plan
+from .memory import estimate_peak, memory_plan
 from .models import (
     LORA_TARGET_PRESETS,
     add_lora,
@@ -102,7 +102,7 @@ from .models import (
     lora_state_dict,
 )
 from .pipeline import default_dtype, default_model, describe_environment, load_pipeline, nf4_quantization_config
-from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model
+from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model, build_rehearsal_transformer
 from .tiny import build_tiny_pipeline, tiny_ip_adapter_state_dict
 from .training import (
     TrainResult,
@@ -142,6 +142,7 @@ __all__ = [
     # rehearsal
     "REHEARSAL_CONFIG",
     "build_rehearsal_model",
+    "build_rehearsal_transformer",
     # pipeline
     "default_dtype",
     "default_model",
@@ -185,6 +186,7 @@ __all__ = [
     "TrainConfig",
     "detect_gpu_preset",
     # memory (04)
+    "estimate_peak",
     "memory_plan",
     # colab
     "colab_session",
