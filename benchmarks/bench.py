@@ -53,9 +53,17 @@ VARIANTS = ("reference", "project", "project_no_depth", "project_no_region", "or
 MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}
 
 
+def _constant_schedule(opt):
+    """diffusers' ``get_scheduler("constant")``, stepped after every update as both training loops do."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler("constant", optimizer=opt)
+
+
 def _project_step(pipe, cache, region, lora, opt, cfg):
     """``kh.train``'s update with the public functions: batch, noise, sigma, loss, backward, clip, step."""
     params = [p for _, p in lora] + (list(region.parameters()) if region is not None else [])
+    schedule = _constant_schedule(opt)
 
     def step(i: int, cache=cache):
         idx = kh.sample_indices(len(cache.samples), cfg.seed, i, 1)
@@ -68,6 +76,7 @@ def _project_step(pipe, cache, region, lora, opt, cfg):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
 
     return step
@@ -84,6 +93,7 @@ def _reference_step(plain, cache, lora, opt, cfg):
     ctx_ids[:, 0] = 1  # the pipeline marks the context image's tokens with 1
     img_ids = torch.cat([tgt_ids, ctx_ids])  # [2N, 3]
     params = [p for _, p in lora]
+    schedule = _constant_schedule(opt)
 
     def step(i: int):
         batch = cache.batch(kh.sample_indices(len(cache.samples), cfg.seed, i, 1))
@@ -101,6 +111,7 @@ def _reference_step(plain, cache, lora, opt, cfg):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
 
     return step
@@ -189,9 +200,10 @@ def _run_json(args: list[str], timeout: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def rss_args(variant: str, resolution: int, seq_len: int) -> list[str]:
+def rss_args(variant: str, resolution: int, seq_len: int, threads: int) -> list[str]:
     """The command line measuring one variant's peak RSS in its own process."""
-    return [__file__, "--rss-of", variant, "--resolution", str(resolution), "--max-sequence-length", str(seq_len)]
+    return [__file__, "--rss-of", variant, "--resolution", str(resolution), "--max-sequence-length", str(seq_len),
+            "--threads", str(threads)]
 
 
 def blocks_args(resolutions: list[int], threads: int, derive: tuple[int, ...], quick: bool) -> list[str]:
@@ -277,7 +289,8 @@ def refresh_presets() -> dict:
 def print_table(result: dict) -> None:
     """The bench's findings, side by side."""
     m = result["machine"]
-    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, {m['threads']} thread(s), torch {m['torch']}")
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {m['threads']} thread(s) for the steps, "
+          f"{m['block_threads']} for the blocks")
     s = result["steps_setup"]
     print(f"\n1. training step, tiny model, {s['resolution']} px, T5 length {s['max_sequence_length']}, "
           f"{s['repeats']} interleaved rounds (ratio to the plain diffusers-style step)")
@@ -299,17 +312,27 @@ def print_table(result: dict) -> None:
     print_presets(result["presets"])
 
 
-def run(quick: bool, out: str, threads: int) -> dict:
-    """All four parts; returns (and writes to ``out``) the JSON."""
+def run(quick: bool, out: str, threads: int = 1, block_threads: int = 2) -> dict:
+    """All four parts; returns (and writes to ``out``) the JSON. The tiny model's steps run on ``threads``
+    threads (one: the small matrices gain little from more, and noise from other processes hits one thread
+    least), the real-width blocks on ``block_threads``."""
     t0 = time.perf_counter()
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    resolution, seq_len, repeats = (64, 64, 2) if quick else (128, 512, 15)
-    steps = time_steps(build_steps(resolution, seq_len), repeats)
-    jobs = {v: rss_args(v, resolution, seq_len) for v in (("project",) if quick else VARIANTS)}
-    jobs["blocks"] = blocks_args([32] if quick else [256, 512, 1024], threads, () if quick else (1024,), quick)
-    measured = measure_in_processes(jobs, together=quick)
+    try:
+        resolution, seq_len, repeats = (64, 64, 2) if quick else (128, 512, 15)
+        steps = time_steps(build_steps(resolution, seq_len), repeats)
+    finally:
+        torch.set_num_threads(before)
+    rss_jobs = {v: rss_args(v, resolution, seq_len, threads) for v in (("project",) if quick else VARIANTS)}
+    blocks_job = {"blocks": blocks_args([32] if quick else [256, 512, 1024], block_threads,
+                                        () if quick else (1024,), quick)}
+    if quick:  # a code test: everything at once
+        measured = measure_in_processes({**rss_jobs, **blocks_job}, together=True)
+    else:  # RSS does not mind company, the block timings do
+        measured = {**measure_in_processes(rss_jobs, together=True), **measure_in_processes(blocks_job, False)}
     blocks = measured.pop("blocks")
-    info = machine(threads)
+    info = {**machine(threads), "block_threads": block_threads}
     calibration = calibration_record(blocks, info)
     result = {"machine": info, "quick": quick,
               "steps_setup": {"resolution": resolution, "max_sequence_length": seq_len, "repeats": repeats,
@@ -333,7 +356,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a code test: 64 px, T5 length 64, 2 rounds, one RSS run, blocks at D = 256")
     parser.add_argument("--out", default=None, help="default outputs/bench/bench.json (bench-quick.json with --quick)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads of the tiny model's steps")
+    parser.add_argument("--block-threads", type=int, default=2, help="threads of the real-width blocks")
     parser.add_argument("--presets-only", action="store_true",
                         help="recompute the preset peaks from the committed block figures (no measuring)")
     parser.add_argument("--rss-of", choices=VARIANTS, help=argparse.SUPPRESS)  # one variant's RSS, in this process
@@ -348,7 +372,7 @@ def main() -> None:
         print(json.dumps(rss_of_variant(args.rss_of, args.resolution, args.max_sequence_length)))
         return
     out = args.out or os.path.join(REPO, "outputs", "bench", "bench-quick.json" if args.quick else "bench.json")
-    result = run(args.quick, out, args.threads)
+    result = run(args.quick, out, args.threads, args.block_threads)
     print_table(result)
     print(f"\nwritten: {os.path.relpath(out, REPO)}" + ("" if args.quick else
           f" and {os.path.relpath(kh.config.BLOCK_CALIBRATION_FILE, REPO)}") + f" ({result['bench_seconds']:.0f} s)")

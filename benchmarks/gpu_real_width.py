@@ -27,8 +27,10 @@ MFU convention), the embedders and the output layer are left out (under 0.1 %).
 
 Needs torch, diffusers, peft, transformers and bitsandbytes only; nothing from the network. For a machine
 without network, carry the wheels: ``pip download bitsandbytes -d wheels/`` here, then
-``pip install --no-index --find-links wheels/ bitsandbytes`` there. Finishes in about two minutes on an H100
-or H200 (three modes, two resolutions, four steps each). Without CUDA it exits with a message and status 2.
+``pip install --no-index --find-links wheels/ bitsandbytes`` there. Sized for well under 10 minutes on one
+H100 / H200: 24 steps in all (three modes, two resolutions, one warm-up and three timed steps each), about
+575 model TFLOP for a 1024 px step, so a few seconds each at 30-40 % MFU, plus three builds of seconds each
+(an estimate: this script has not yet run on a GPU). Without CUDA it exits with a message and status 2.
 """
 
 from __future__ import annotations
@@ -184,16 +186,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                        help="default: all three (the dry run: the bf16 ones; its NF4 run takes minutes on a CPU)")
     parser.add_argument("--text-tokens", type=int, default=TEXT_TOKENS)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak dense bf16 TFLOP/s")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, D = 256, 1 + 1 blocks, 32 px, bf16 modes")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, D = 256, 1 + 1 blocks, 32 px, 16 text tokens")
     parser.add_argument("--out", default=os.path.join(REPO, "outputs", "bench", "gpu.json"))
     args = parser.parse_args(argv)
     if args.dry_run:
         device, layers, overrides, name = torch.device("cpu"), (1, 1), DRY_RUN_WIDTH, "cpu (dry run)"
         args.resolutions, args.steps, args.text_tokens = [32], 1, 16
-        args.modes = [m for m in args.modes if not m.startswith("nf4")]  # bitsandbytes' NF4 needs a GPU here
+        args.modes = args.modes or [m for m in MODES if not m.startswith("nf4")]
     elif not torch.cuda.is_available():
         print("gpu_real_width.py needs a CUDA GPU (torch.cuda.is_available() is False); "
               "use --dry-run for the CPU smoke test", file=sys.stderr)
@@ -201,6 +204,7 @@ def main(argv=None) -> int:
     else:
         device, layers, overrides = torch.device("cuda"), (19, 38), None
         name = torch.cuda.get_device_name(device)
+    args.modes = args.modes or list(MODES)
     peak_tflops = _peak_tflops(name, args.peak_tflops)
     t0 = time.perf_counter()
     rows = [row for mode in args.modes for row in run_mode(mode, args, device, layers, overrides, peak_tflops)]

@@ -2,7 +2,7 @@
 forward + backward with a LoRA, the numbers ``kontext_helpers/block_calibration.json`` keeps.
 
     .venv/bin/python benchmarks/real_width.py blocks [--resolutions 256 512 1024] [--threads 2]
-    .venv/bin/python benchmarks/real_width.py model --layers 1 --resolutions 64 128
+    .venv/bin/python benchmarks/real_width.py model --layers 1 2 --resolutions 64 128 [--text-tokens 512]
 
 ``blocks``: one double block (``FluxTransformerBlock``) and one single block (``FluxSingleTransformerBlock``)
 of the rehearsal transformer (D = 3072, random weights, bf16, ``kh.build_rehearsal_transformer``), a rank-16
@@ -165,29 +165,33 @@ def _model_step(transformer, optimizer, px: int, text_tokens: int) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure_model(layers: int, resolutions: list[int], threads: int, checkpointing: bool,
+def measure_model(layer_counts: list[int], resolutions: list[int], threads: int, checkpointing: bool,
                   text_tokens: int = TEXT_TOKENS) -> dict:
-    """Peak RSS of a training step of the rehearsal transformer with ``layers`` blocks of each kind (AdamW on the
-    LoRA), in MB above the RSS before it was built, per resolution (the high-water mark reset in between)."""
+    """Peak RSS of a training step of the rehearsal transformer with each of ``layer_counts`` blocks of each kind
+    (AdamW on the LoRA), in MB above the RSS before that model was built (the previous one freed), per resolution
+    (the high-water mark reset in between)."""
     import diffusers.models.transformers.transformer_flux  # noqa: F401  (the libraries' code is in the floor)
     import peft  # noqa: F401
 
     torch.set_num_threads(threads)
-    reset_peak()
-    floor = rss_mb()
-    transformer = lora_transformer(layers)
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-4)
     rows = []
-    for px in resolutions:
+    for layers in layer_counts:
         reset_peak()
-        t0 = time.perf_counter()
-        _model_step(transformer, optimizer, px, text_tokens)
-        rows.append({"px": px, "peak_mb": rss_mb("VmHWM") - floor, "seconds": time.perf_counter() - t0})
-    return {"layers": layers, "checkpointing": checkpointing, "rank": RANK, "threads": threads,
-            "text_tokens": text_tokens, "rows": rows}
+        floor = rss_mb()
+        transformer = lora_transformer(layers)
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-4)
+        for px in resolutions:
+            reset_peak()
+            t0 = time.perf_counter()
+            _model_step(transformer, optimizer, px, text_tokens)
+            rows.append({"layers": layers, "px": px, "peak_mb": rss_mb("VmHWM") - floor,
+                         "seconds": time.perf_counter() - t0})
+        del transformer, optimizer
+    return {"checkpointing": checkpointing, "rank": RANK, "threads": threads, "text_tokens": text_tokens,
+            "rows": rows}
 
 
 def main() -> None:
@@ -196,7 +200,7 @@ def main() -> None:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--derive", type=int, nargs="*", default=[],
                         help="resolutions whose checkpointed run is derived from the plain one, not run")
-    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1], help="model: blocks of each kind, per model")
     parser.add_argument("--quick", action="store_true", help="blocks at D = 256 with 16 text tokens (a code test)")
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=2)

@@ -7,7 +7,7 @@ the notebooks, and each imports only the modules above it:
     models        shared   device and dtype, moving encoders, the LoRA and its on/off switch
     figures       shared   sliders, pair grids, loss curves, previews, edit metrics
     tiny          shared   the offline tiny Kontext pipeline
-    rehearsal     shared   FLUX.1 Kontext [dev] at real width, random weights, few layers: a local Hub-layout folder
+    rehearsal     shared   FLUX.1 Kontext [dev] at real width, random weights, few layers: Hub folder, transformer
     pipeline      shared   load_pipeline (tiny, Hub id, local folder), environment print
     data          01       KontextPairs: the dataset folder, checked; your own pairs
     latents       02       VAE latents, 2x2 packing, position ids
@@ -15,7 +15,7 @@ the notebooks, and each imports only the modules above it:
     inference     05       sample_edit, compare_variants
     adapters      05       save / load an adapter, ComfyUI export
     config        04       TrainConfig and GPU presets
-    memory        04       what a training run keeps in memory, counted before anything is downloaded
+    memory        04       what a training run keeps in memory (counted before any download), its peak (estimated)
     checkpoints   04       atomic checkpoints, resume checks
     cache         04       constant work once per sample: the training cache
     training      04       the cache and the training loop

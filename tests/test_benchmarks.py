@@ -1,9 +1,11 @@
 """The benchmarks run and write what they promise: make bench's quick mode, the GPU script's CPU paths."""
 
+import contextlib
 import hashlib
+import importlib
+import io
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +15,13 @@ import kontext_helpers as kh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
-ENV = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}
+
+
+def _script(name):
+    """A benchmark script imported as a module (run here, not in a new process: the libraries are loaded)."""
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    return importlib.import_module(name)
 
 
 def _digest(path):
@@ -25,13 +33,14 @@ def _digest(path):
 def quick_bench(tmp_path_factory):
     """``benchmarks/bench.py --quick``'s JSON (64 px, 3 rounds, blocks at 64 px), and whether it left the
     committed calibration alone."""
+    bench = _script("bench")
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     before = _digest(kh.config.BLOCK_CALIBRATION_FILE)
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO)
-    assert proc.returncode == 0, f"bench.py --quick failed:\n{proc.stderr[-3000:]}"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        bench.print_table(bench.run(quick=True, out=str(out)))
     with open(out, encoding="utf-8") as fh:
-        return json.load(fh), proc.stdout, before == _digest(kh.config.BLOCK_CALIBRATION_FILE)
+        return json.load(fh), printed.getvalue(), before == _digest(kh.config.BLOCK_CALIBRATION_FILE)
 
 
 def test_quick_bench_times_every_variant_as_a_ratio(quick_bench):
@@ -60,17 +69,19 @@ def test_quick_bench_measures_both_blocks_and_estimates_every_gpu_preset(quick_b
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
-def test_gpu_script_without_cuda_says_so():
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_real_width.py")], capture_output=True,
-                          text=True, timeout=300, env=ENV, cwd=REPO)
-    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr, f"{proc.returncode}: {proc.stderr[-800:]}"
+def test_gpu_script_without_cuda_says_so(capsys, tmp_path):
+    code = _script("gpu_real_width").main(["--out", str(tmp_path / "gpu.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs a CUDA GPU" in err, f"exit status {code}, message: {err}"
+    assert not (tmp_path / "gpu.json").exists(), "without CUDA nothing is written"
 
 
 def test_gpu_script_dry_run_writes_its_json(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_real_width.py"), "--dry-run", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO)
-    assert proc.returncode == 0, f"the dry run failed:\n{proc.stderr[-3000:]}"
+    threads = torch.get_num_threads()
+    code = _script("gpu_real_width").main(["--dry-run", "--out", str(out)])
+    torch.set_num_threads(threads)
+    assert code == 0, "the dry run must succeed"
     with open(out, encoding="utf-8") as fh:
         result = json.load(fh)
     assert result["dry_run"] and result["runs"], f"the dry run records its runs: {result}"

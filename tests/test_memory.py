@@ -44,26 +44,25 @@ REAL_WIDTH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 @pytest.fixture(scope="module")
 def measured_rss():
     """Peak RSS of one training step (AdamW on a rank-16 LoRA) of the rehearsal transformer at real width with 1
-    and with 2 blocks of each kind, at 64 and 128 px with 64 text tokens; each block count in a fresh process."""
+    and with 2 blocks of each kind, at 32 and 64 px with 32 text tokens, in a fresh process."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.path.dirname(os.path.dirname(REAL_WIDTH))}
-    out = {}
-    for layers in (1, 2):
-        proc = subprocess.run([sys.executable, REAL_WIDTH, "model", "--layers", str(layers), "--resolutions", "64",
-                               "128", "--text-tokens", "64"], capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, f"real_width.py model failed:\n{proc.stderr[-3000:]}"
-        out[layers] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
+    proc = subprocess.run([sys.executable, REAL_WIDTH, "model", "--layers", "1", "2", "--resolutions", "32", "64",
+                           "--text-tokens", "32"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"real_width.py model failed:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_the_estimate_is_within_15_percent_of_the_measured_peak(measured_rss):
-    for layers, result in measured_rss.items():
-        for row in result["rows"]:
-            cfg = kh.TrainConfig(resolution=row["px"], max_sequence_length=result["text_tokens"], rank=16)
-            estimate = kh.estimate_peak(cfg, layers=(layers, layers), ip_adapter=False)["total_gb"]
-            measured = row["peak_mb"] * 2**20 / 1e9
-            assert abs(estimate - measured) < 0.15 * measured, (
-                f"{layers}+{layers} blocks at {row['px']} px: estimated {estimate:.2f} GB, measured {measured:.2f} GB")
+    assert {(r["layers"], r["px"]) for r in measured_rss["rows"]} == {(1, 32), (1, 64), (2, 32), (2, 64)}, (
+        f"two block counts at two resolutions: {measured_rss['rows']}")
+    for row in measured_rss["rows"]:
+        cfg = kh.TrainConfig(resolution=row["px"], max_sequence_length=measured_rss["text_tokens"], rank=16)
+        estimate = kh.estimate_peak(cfg, layers=(row["layers"], row["layers"]), ip_adapter=False)["total_gb"]
+        measured = row["peak_mb"] * 2**20 / 1e9
+        assert abs(estimate - measured) < 0.15 * measured, (
+            f"{row['layers']}+{row['layers']} blocks at {row['px']} px: estimated {estimate:.2f} GB, "
+            f"measured {measured:.2f} GB")
 
 
 def test_the_presets_peaks_are_the_estimate_from_the_calibration():
