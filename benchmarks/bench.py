@@ -1,6 +1,7 @@
 """make bench: step cost against a plain diffusers-style step, memory per block at real width, preset peaks.
 
-    .venv/bin/python benchmarks/bench.py [--quick] [--out outputs/bench/bench.json]
+    .venv/bin/python benchmarks/bench.py [--quick] [--out outputs/bench/bench.json] [--threads 1] [--block-threads 2]
+    .venv/bin/python benchmarks/bench.py --presets-only   # preset peaks again from the committed block figures
 
 Four parts, one JSON (``outputs/bench/bench.json``) and one printed table:
 
@@ -13,16 +14,18 @@ Four parts, one JSON (``outputs/bench/bench.json``) and one printed table:
    ``kh.training_loss`` with region token, depth and L2, clipping, AdamW, schedule); ``project_no_depth``,
    ``project_no_region``; ``original``, the original design's step as written (docs/design.md, correction
    2): reading and resizing the sample's files, encoding the prompt at 512 T5 tokens, both images through
-   the VAE and the depth map through CLIP vision, then the same update.
+   the VAE and the depth map through CLIP vision, then the same update. One thread by default: the tiny
+   model's small matrices gain little from more, and other processes' noise hits one thread least.
 2. ``rss``: peak RSS of each variant's set-up and steps, in its own process, net of the import floor.
 3. ``blocks``: one double and one single block of FLUX.1 Kontext [dev] at real width (D = 3072), forward +
    backward with a LoRA in bf16, at 256, 512 and 1024 px, with and without gradient checkpointing
    (``benchmarks/real_width.py``). At 1024 px the checkpointed run is not repeated (it would double the
    bench's time): its time is the plain run's plus one forward, its peak the plain run's, and it says
    ``"derived": true``; at 256 and 512 px both are measured, so the table shows how close that rule is.
-4. ``presets``: ``kh.memory.estimate_peak`` for every GPU preset, from these block figures. A full run
-   writes ``kontext_helpers/block_calibration.json`` (the figures and the preset peaks that
-   ``kh.GPU_PRESETS`` reads); ``--quick`` (64 px, a few repeats, for the tests) never does.
+4. ``presets``: ``kh.estimate_peak`` for every GPU preset, from these block figures. A full run writes
+   ``kontext_helpers/block_calibration.json`` (the figures and the preset peaks that ``kh.GPU_PRESETS``
+   reads); ``--quick`` (64 px, T5 length 64, 2 rounds, blocks at D = 256: a test of the code, not a
+   measurement) never does.
 
 Absolute times are for this machine and thread count only; read the ratios.
 """

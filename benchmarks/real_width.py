@@ -13,8 +13,10 @@ For each resolution, with and without gradient checkpointing (``torch.utils.chec
 diffusers' ``enable_gradient_checkpointing``), one forward + backward is timed and its RSS recorded:
 ``saved_mb`` (held between forward and backward) and ``peak_mb`` (the high-water mark), both above the RSS
 with the model and the inputs in place. ``model``: the rehearsal transformer with ``--layers`` blocks of
-each kind, one full training forward + backward (``kh.kontext_forward``, velocity MSE) per resolution, peak
-RSS above the RSS before the model was built: what :func:`kontext_helpers.memory.estimate_peak` predicts.
+each kind (several counts: one model after the other), one full training step (``kh.kontext_forward``,
+velocity MSE, backward, AdamW) per resolution, peak RSS above the RSS before the model was built: what
+``kh.estimate_peak`` predicts (``tests/test_memory.py`` holds it within 15%). ``--quick``: blocks at
+D = 256 with 16 text tokens, a test of the code, not a measurement.
 
 Run it in a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536`` (``bench.py`` does): large tensors then
 live in their own mappings and go back to the system when freed, so RSS follows the tensors.

@@ -209,9 +209,10 @@ def build_rehearsal_transformer(num_layers: int = 1, num_single_layers: int = 1,
     ``num_single_layers`` single blocks (real: 19 and 38), random weights, built in memory on ``device``.
     ``overrides`` replace configuration entries (e.g. ``{"num_attention_heads": 2}`` for a smoke test).
 
-    Built on the meta device, then allocated on ``device`` and drawn there with torch's generator (biases 0,
-    norm scales 1, other weights uniform in +-1/sqrt(fan_in)): no folder, no Hub, seconds even at full depth on a
-    GPU. For benchmarks and memory measurements; :func:`build_rehearsal_model` writes the loadable folder.
+    Built on the meta device, then drawn on ``device`` (biases 0, norm scales 1, other weights uniform in
+    +-1/sqrt(fan_in)): on the CPU as :func:`build_rehearsal_model` draws them (several threads), elsewhere with
+    torch's generator on the device itself, seconds even at full depth on a GPU. No folder, no Hub: for
+    benchmarks and memory measurements; :func:`build_rehearsal_model` writes the loadable folder.
     """
     from diffusers import FluxTransformer2DModel
 
@@ -224,6 +225,8 @@ def build_rehearsal_transformer(num_layers: int = 1, num_single_layers: int = 1,
             transformer = FluxTransformer2DModel(**config)
     finally:
         torch.set_default_dtype(default)
+    if torch.device(device).type == "cpu":
+        return _fill_random(transformer, "transformer", seed, dtype)
     transformer.to_empty(device=device)  # the model has no buffers to keep
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
