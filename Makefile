@@ -1,4 +1,4 @@
-# The two commands of the README. Both create .venv on a fresh machine and run with the Hub switched off.
+# The commands of the README. Each creates .venv on a fresh machine and runs with the Hub switched off.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: demo test lint sync-notebooks clean
+.PHONY: demo test bench lint sync-notebooks clean
 
 $(PY): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ sync-notebooks: $(PY)
 test: $(PY)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# Step cost against a plain diffusers-style step, memory per block at real width, the presets' peaks:
+# prints a table, writes outputs/bench/bench.json and kontext_helpers/block_calibration.json (about 5 minutes).
+bench: $(PY)
+	$(PY) benchmarks/bench.py
 
 lint: $(PY)
 	$(PY) -m ruff check .

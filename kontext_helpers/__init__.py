@@ -7,7 +7,7 @@ the notebooks, and each imports only the modules above it:
     models        shared   device and dtype, moving encoders, the LoRA and its on/off switch
     figures       shared   sliders, pair grids, loss curves, previews, edit metrics
     tiny          shared   the offline tiny Kontext pipeline
-    rehearsal     shared   FLUX.1 Kontext [dev] at real width, random weights, few layers: a local Hub-layout folder
+    rehearsal     shared   FLUX.1 Kontext [dev] at real width, random weights, few layers: Hub folder, transformer
     pipeline      shared   load_pipeline (tiny, Hub id, local folder), environment print
     data          01       KontextPairs: the dataset folder, checked; your own pairs
     latents       02       VAE latents, 2x2 packing, position ids
@@ -15,7 +15,7 @@ the notebooks, and each imports only the modules above it:
     inference     05       sample_edit, compare_variants
     adapters      05       save / load an adapter, ComfyUI export
     config        04       TrainConfig and GPU presets
-    memory        04       what a training run keeps in memory, counted before anything is downloaded
+    memory        04       what a training run keeps in memory (counted before any download), its peak (estimated)
     checkpoints   04       atomic checkpoints, resume checks
     cache         04       constant work once per sample: the training cache
     training      04       the cache and the training loop
@@ -102,7 +102,7 @@ from .latents import (
     to_latents,
     unpack_like_pipeline,
 )
-from .memory import memory_plan
+from .memory import estimate_peak, memory_plan
 from .models import (
     LORA_TARGET_PRESETS,
     add_lora,
@@ -120,7 +120,7 @@ from .pipeline import (
     load_pipeline,
     nf4_quantization_config,
 )
-from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model, depth_model_for
+from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model, build_rehearsal_transformer, depth_model_for
 from .tiny import build_tiny_pipeline, tiny_ip_adapter_state_dict
 from .training import (
     TrainResult,
@@ -163,6 +163,7 @@ __all__ = [
     # rehearsal
     "REHEARSAL_CONFIG",
     "build_rehearsal_model",
+    "build_rehearsal_transformer",
     "depth_model_for",
     # pipeline
     "add_transformer",
@@ -211,6 +212,7 @@ __all__ = [
     "detect_gpu_preset",
     "quick_config",
     # memory (04)
+    "estimate_peak",
     "memory_plan",
     # colab
     "colab_session",

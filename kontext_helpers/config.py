@@ -7,6 +7,9 @@ picks precision, quantisation, optimizer, resolution and rank for one GPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -71,7 +74,7 @@ class TrainConfig:
     preview_steps: int = 8  # denoising steps of a preview
     log_every: int = 1  # updates between progress-bar / callback updates
     expected_peak_memory_gb: float | None = field(default=None, repr=False)  # set by presets, informative only
-    peak_memory_source: str = field(default="", repr=False)  # "measured" or "estimated", set by presets
+    peak_memory_source: str = field(default="", repr=False)  # where the figure comes from, set by presets
 
     def validate(self, dataset=None) -> None:
         """Raise one ``ValueError`` listing every bad setting, before any model work."""
@@ -114,7 +117,9 @@ class TrainConfig:
         key = detect_gpu_preset() if name == "auto" else name.lower()
         if key not in GPU_PRESETS:
             raise ValueError(f"unknown GPU preset {name!r}; choose 'auto' or one of {sorted(GPU_PRESETS)}")
-        settings = {k: v for k, v in GPU_PRESETS[key].items() if k not in ("label", "note")}
+        preset = GPU_PRESETS[key]
+        settings = {k: v for k, v in preset.items() if k not in ("label", "note")}
+        settings.update({k: preset[k] for k in _ESTIMATED})  # read from the calibration file on first use
         settings.update(overrides)
         return cls(**settings)
 
@@ -122,27 +127,67 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Peak memory figures are estimates for FLUX.1 Kontext [dev] (12B transformer) with a LoRA of the given
-# rank at the given resolution, batch 1, encoders offloaded after caching; none was measured on that GPU here.
+# Where ``make bench`` writes the per-block figures measured at real width and the preset peaks estimated from
+# them (``kh.memory.estimate_peak``); the presets read their peak-memory figures from it, on first use.
+BLOCK_CALIBRATION_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "block_calibration.json")
+_ESTIMATED = ("expected_peak_memory_gb", "peak_memory_source")
+
+
+@functools.lru_cache(maxsize=1)
+def _estimated_peaks() -> dict:
+    """``{preset: {"total_gb": ...}}`` and where they come from, as the last full ``make bench`` wrote them."""
+    try:
+        with open(BLOCK_CALIBRATION_FILE, encoding="utf-8") as fh:
+            saved = json.load(fh)
+    except FileNotFoundError:
+        return {"presets": {}, "machine": {}}
+    return saved
+
+
+class _Preset(dict):
+    """One GPU preset (a dict); ``expected_peak_memory_gb`` and ``peak_memory_source`` are filled on first
+    use from :data:`BLOCK_CALIBRATION_FILE` (no work at import time)."""
+
+    def __init__(self, key: str, **fields):
+        super().__init__(**fields)
+        self.key = key
+
+    def __missing__(self, name: str):
+        if name not in _ESTIMATED:
+            raise KeyError(name)
+        saved = _estimated_peaks()
+        entry = saved["presets"].get(self.key)
+        if entry is None:
+            self.update(expected_peak_memory_gb=None, peak_memory_source="not estimated yet: run `make bench`")
+        else:
+            where = saved["machine"].get("cpu", "a CPU")
+            self.update(expected_peak_memory_gb=round(entry["total_gb"], 1),
+                        peak_memory_source=f"estimated from measured per-block figures (make bench on {where}; "
+                                           "weights, LoRA states and activations, not the CUDA context)")
+        return self[name]
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self or name in _ESTIMATED else default
+
+
+# FLUX.1 Kontext [dev] (12B transformer) with a LoRA of the given rank at the given resolution, batch 1,
+# encoders offloaded after caching. The GPU presets' peaks are estimates from per-block measurements (above);
+# none was measured on that GPU.
 GPU_PRESETS: dict[str, dict] = {
-    "cpu": dict(label="CPU (tiny model)", mixed_precision="no", gradient_checkpointing=False, optimizer="adamw",
-                quantize_base=None, resolution=512, rank=16, expected_peak_memory_gb=None,
-                peak_memory_source="not applicable: the tiny model needs well under 1 GB"),
-    "t4": dict(label="T4 16 GB", mixed_precision="fp16", gradient_checkpointing=True, optimizer="adamw8bit",
-               quantize_base="nf4", load_in_stages=True, resolution=512, rank=8, expected_peak_memory_gb=14.0,
-               peak_memory_source="estimated", note="no bf16 on T4: fp16 autocast, LoRA weights kept in fp32"),
-    "l4": dict(label="L4 24 GB", mixed_precision="bf16", gradient_checkpointing=True, optimizer="adamw8bit",
-               quantize_base="nf4", load_in_stages=True, resolution=768, rank=16, expected_peak_memory_gb=20.0,
-               peak_memory_source="estimated"),
-    "a100-40": dict(label="A100 40 GB", mixed_precision="bf16", gradient_checkpointing=True, optimizer="adamw",
-                    quantize_base=None, resolution=768, rank=16, expected_peak_memory_gb=36.0,
-                    peak_memory_source="estimated"),
-    "a100-80": dict(label="A100 80 GB", mixed_precision="bf16", gradient_checkpointing=False, optimizer="adamw",
-                    quantize_base=None, resolution=1024, rank=32, expected_peak_memory_gb=62.0,
-                    peak_memory_source="estimated"),
-    "h100": dict(label="H100 80 GB", mixed_precision="bf16", gradient_checkpointing=False, optimizer="adamw",
-                 quantize_base=None, resolution=1024, rank=32, expected_peak_memory_gb=60.0,
-                 peak_memory_source="estimated"),
+    "cpu": _Preset("cpu", label="CPU (tiny model)", mixed_precision="no", gradient_checkpointing=False,
+                   optimizer="adamw", quantize_base=None, resolution=512, rank=16, expected_peak_memory_gb=None,
+                   peak_memory_source="not applicable: the tiny model needs well under 1 GB"),
+    "t4": _Preset("t4", label="T4 16 GB", mixed_precision="fp16", gradient_checkpointing=True, optimizer="adamw8bit",
+                  quantize_base="nf4", load_in_stages=True, resolution=512, rank=8,
+                  note="no bf16 on T4: fp16 autocast, LoRA weights kept in fp32"),
+    "l4": _Preset("l4", label="L4 24 GB", mixed_precision="bf16", gradient_checkpointing=True, optimizer="adamw8bit",
+                  quantize_base="nf4", load_in_stages=True, resolution=768, rank=16),
+    "a100-40": _Preset("a100-40", label="A100 40 GB", mixed_precision="bf16", gradient_checkpointing=True,
+                       optimizer="adamw", quantize_base=None, resolution=768, rank=16),
+    "a100-80": _Preset("a100-80", label="A100 80 GB", mixed_precision="bf16", gradient_checkpointing=True,
+                       optimizer="adamw", quantize_base=None, resolution=1024, rank=32),
+    "h100": _Preset("h100", label="H100 80 GB", mixed_precision="bf16", gradient_checkpointing=True,
+                    optimizer="adamw", quantize_base=None, resolution=1024, rank=32),
 }
 
 

@@ -5,16 +5,22 @@ device (no memory, no download) and its parameters are counted. Bytes per parame
 (bf16 / fp16: 2, NF4: 4 bits plus one fp32 scale per 64 weights). What is not counted: activations, which
 depend on resolution and gradient checkpointing and are measured by the benchmarks, and the libraries'
 own overhead. So the totals are lower bounds, labelled as such.
+
+:func:`estimate_peak` adds the activations: ``make bench`` measures one double and one single block at real
+width (``benchmarks/real_width.py``) and writes ``block_calibration.json`` beside this module; the estimate
+scales those figures to 19 + 38 blocks. The GPU presets' peak figures are this estimate, written into the
+same file by the bench (``kh.GPU_PRESETS`` reads them there).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 
 import torch
 
-from .config import TrainConfig
+from .config import BLOCK_CALIBRATION_FILE, TrainConfig
 from .models import IP_ADAPTER_LORA_TARGETS, LORA_TARGET_PRESETS
 from .rehearsal import REHEARSAL_CONFIG
 from .tiny import tiny_ip_adapter_state_dict
@@ -152,3 +158,72 @@ def _print_plan(plan: dict, config: TrainConfig) -> None:
             print(f"    {name:<36} {gb:6.2f} GB")
         total = plan["gpu_weights_gb" if key == "gpu_gb" else "ram_weights_gb"]
         print(f"    {'at least':<36} {total:6.2f} GB (+ activations and overhead)")
+
+
+# --- the activations, from per-block measurements (make bench writes the calibration file)
+
+_MIB = 2**20
+
+
+@functools.lru_cache(maxsize=4)
+def load_calibration(path: str = BLOCK_CALIBRATION_FILE) -> dict:
+    """The per-block figures ``make bench`` measured (``benchmarks/real_width.py``), read once."""
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares line ``y = a + b x`` through ``points``."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    b = sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+    return my - b * mx, b
+
+
+def block_activations_mb(calibration: dict, kind: str, checkpointing: bool, tokens: int) -> tuple[float, float]:
+    """``(held, peak)`` MiB of one ``kind`` block (``"double"`` / ``"single"``) at ``tokens`` (text + image):
+    what it holds between forward and backward, and its high-water mark, each a line in the token count fitted
+    through the measured resolutions (activations grow linearly with the tokens under memory-efficient attention).
+    """
+    rows = [r for r in calibration["rows"] if r["kind"] == kind and r["checkpointing"] == checkpointing]
+    held = _fit([(r["tokens"], r["saved_mb"]) for r in rows])
+    peak = _fit([(r["tokens"], r["peak_mb"]) for r in rows])
+    return max(held[0] + held[1] * tokens, 0.0), max(peak[0] + peak[1] * tokens, 0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _transformer_counts(num_layers: int, num_single_layers: int, rank: int, targets: str) -> tuple[int, int, int]:
+    """``(Linear weights, other parameters, LoRA parameters)`` of the real-width transformer with these depths."""
+    config = real_model_config()
+    config["transformer"].update(num_layers=num_layers, num_single_layers=num_single_layers)
+    transformer = _meta_transformer(config)
+    return (*_linear_split(transformer), lora_parameters(transformer, rank, targets))
+
+
+def estimate_peak(config: TrainConfig | None = None, *, layers: tuple[int, int] = (19, 38), ip_adapter: bool = True,
+                  calibration: dict | None = None) -> dict:
+    """Peak training memory of FLUX.1 Kontext [dev]'s transformer for ``config``, estimated from measured
+    per-block figures: weights (16-bit or NF4) + IP-Adapter + LoRA weights, gradients and optimizer states
+    (counted on the meta device) + activations (:func:`block_activations_mb`: every block's held memory
+    plus the largest extra one block needs while it runs backward). ``layers``: (double, single) blocks.
+
+    Leaves out the CUDA context, the caching allocator's slack and the encoders (offloaded after caching).
+    Returns GB (1e9 bytes): ``{"weights_gb", "ip_adapter_gb", "lora_gb", "activations_gb", "total_gb", ...}``.
+    """
+    config = config or TrainConfig.for_gpu("auto")
+    calibration = calibration or load_calibration()
+    n_double, n_single = layers
+    linear, other, lora = _transformer_counts(n_double, n_single, config.rank, config.lora_targets)
+    weights = linear * (NF4_BYTES if config.quantize_base == "nf4" else 2) + other * 2
+    optimizer = 2 * (1 if config.optimizer == "adamw8bit" else 4)
+    tokens = 2 * (config.resolution // 16) ** 2 + 1 + config.max_sequence_length  # [target | context | region] + T
+    (held_d, peak_d), (held_s, peak_s) = (
+        block_activations_mb(calibration, kind, config.gradient_checkpointing, tokens) for kind in ("double", "single"))
+    running = max(peak_d - held_d if n_double else 0.0, peak_s - held_s if n_single else 0.0)  # the block in backward
+    activations = config.batch_size * _MIB * (n_double * held_d + n_single * held_s + running)
+    real, models = _real_meta_models()
+    ip = ip_adapter_parameters(real, models["transformer"]) * 2 if ip_adapter else 0
+    parts = {"weights_gb": weights / _GB, "ip_adapter_gb": ip / _GB, "lora_gb": lora * (4 + 4 + optimizer) / _GB,
+             "activations_gb": activations / _GB}
+    return {**parts, "total_gb": sum(parts.values()), "tokens": tokens, "layers": [n_double, n_single]}

@@ -211,6 +211,45 @@ def _rehearsal_transformer(seed: int, dtype: torch.dtype):
     return _fill_random(transformer, "transformer", seed, dtype)
 
 
+def build_rehearsal_transformer(num_layers: int = 1, num_single_layers: int = 1, *, seed: int = 0,
+                                dtype: torch.dtype = torch.bfloat16, device="cpu", overrides: dict | None = None):
+    """``FluxTransformer2DModel`` at FLUX.1 Kontext [dev]'s width (D = 3072) with ``num_layers`` double and
+    ``num_single_layers`` single blocks (real: 19 and 38), random weights, built in memory on ``device``.
+    ``overrides`` replace configuration entries (e.g. ``{"num_attention_heads": 2}`` for a smoke test).
+
+    Built on the meta device, then drawn on ``device`` (biases 0, norm scales 1, other weights uniform in
+    +-1/sqrt(fan_in)): on the CPU as :func:`build_rehearsal_model` draws them (several threads), elsewhere with
+    torch's generator on the device itself, seconds even at full depth on a GPU. No folder, no Hub: for
+    benchmarks and memory measurements; :func:`build_rehearsal_model` writes the loadable folder.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    config = dict(REHEARSAL_CONFIG["transformer"], num_layers=num_layers, num_single_layers=num_single_layers,
+                  **(overrides or {}))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters made in their final dtype: allocated once, no cast afterwards
+    try:
+        with _on_meta():
+            transformer = FluxTransformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(default)
+    if torch.device(device).type == "cpu":
+        return _fill_random(transformer, "transformer", seed, dtype)
+    transformer.to_empty(device=device)  # the model has no buffers to keep
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "bias":
+                param.zero_()
+            elif param.ndim == 1:  # LayerNorm / RMSNorm scale
+                param.fill_(1.0)
+            else:
+                bound = param.shape[1:].numel() ** -0.5  # torch's Linear bound, 1/sqrt(fan_in)
+                param.uniform_(-bound, bound, generator=generator)
+    return transformer.requires_grad_(False).eval()
+
+
 def _rehearsal_image_encoder(seed: int, dtype: torch.dtype):
     """CLIP ViT-L/14's vision tower with projection (``[B, 3, 224, 224] -> [B, 768]``) and its processor."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
