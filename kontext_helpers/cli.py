@@ -53,12 +53,14 @@ def _memory_plans(presets: list[str]) -> dict:
     """``python -m kontext_helpers memory-plan``: one plan per preset, then a Markdown table of them."""
     configs = {name: TrainConfig.for_gpu(name) for name in presets}
     plans = {name: memory_plan(cfg) for name, cfg in configs.items()}
-    print("\n| preset | GPU | LoRA | GPU weights + LoRA states, at least | encoders in system RAM, at least |")
-    print("|---|---|---|---|---|")
+    print("\n| preset | GPU | LoRA | GPU weights + LoRA states, at least | estimated training peak (GPU) | "
+          "encoders in system RAM, at least |")
+    print("|---|---|---|---|---|---|")
     for name, plan in plans.items():
         cfg = configs[name]
+        peak = "-" if cfg.expected_peak_memory_gb is None else f"{cfg.expected_peak_memory_gb:.1f} GB"
         print(f"| {name} | {GPU_PRESETS[name]['label']} | rank {cfg.rank}, {cfg.resolution} px | "
-              f"{plan['gpu_weights_gb']:.1f} GB | {plan['ram_weights_gb']:.1f} GB |")
+              f"{plan['gpu_weights_gb']:.1f} GB | {peak} | {plan['ram_weights_gb']:.1f} GB |")
     return plans
 
 

@@ -155,7 +155,7 @@ print("outputs go to", OUTPUT_DIR)
 # |  | `preview_steps` | `8` | denoising steps of a preview |
 # |  | `log_every` | `1` | updates between progress-bar / callback updates |
 # |  | `expected_peak_memory_gb` | `None` | set by presets, informative only |
-# |  | `peak_memory_source` | `""` | "measured" or "estimated", set by presets |
+# |  | `peak_memory_source` | `""` | where the preset's peak comes from (`kh.estimate_peak`), set by presets |
 #
 # The next cell prints this run's values, marking with `*` those that differ from the default.
 
@@ -172,7 +172,9 @@ for f in dataclasses.fields(kh.TrainConfig):
 # **GPU presets.** `kh.TrainConfig.for_gpu(name)` starts from a preset tuned for one kind of card, and any
 # keyword overrides a field. The smaller the card, the more memory tricks: fp16/bf16 autocast, an NF4
 # (4-bit) base transformer, 8-bit AdamW, gradient checkpointing, a lower resolution and rank. The peak-memory
-# column says whether its figure was measured or only estimated: trust it only as far as it says.
+# column is `kh.estimate_peak`'s: one double and one single block measured at real width on a CPU (`make bench`),
+# scaled to the 19 + 38 blocks, plus weights and optimizer states. It leaves out the CUDA context (about 0.5-1
+# GB) and has not been checked on these GPUs yet: trust it only as far as the source column says.
 
 # %%
 print(f"{'preset':<8} {'card':<18} {'precision':<9} {'base':<6} {'optimizer':<10} {'res':>5} {'rank':>4} "
@@ -181,7 +183,7 @@ for key, p in kh.GPU_PRESETS.items():
     peak = "-" if p["expected_peak_memory_gb"] is None else f"{p['expected_peak_memory_gb']:.0f}"
     print(f"{key:<8} {p['label']:<18} {p['mixed_precision']:<9} {str(p['quantize_base'] or 'full'):<6} "
           f"{p['optimizer']:<10} {p['resolution']:>5} {p['rank']:>4} {str(p['gradient_checkpointing']):<5} "
-          f"{peak:>7}  {p['peak_memory_source'][:40]}")
+          f"{peak:>7}  {p['peak_memory_source'][:60]}")
 print("\nthis machine's preset: kh.detect_gpu_preset() =", repr(kh.detect_gpu_preset()))
 
 # %%
@@ -192,13 +194,14 @@ card_gb = [float(re.search(r"(\d+) GB", p["label"]).group(1)) for p in gpu.value
 fig, ax = plt.subplots(figsize=(7.5, 3.4))
 x = range(len(gpu))
 ax.bar([i - 0.2 for i in x], card_gb, width=0.4, color="lightgrey", label="memory of the card")
+hatches = ["//" if p["peak_memory_source"].startswith("estimated") else "" for p in gpu.values()]
 bars = ax.bar([i + 0.2 for i in x], [p["expected_peak_memory_gb"] for p in gpu.values()], width=0.4,
-              color="tab:orange", hatch=["//" if p["peak_memory_source"] == "estimated" else "" for p in gpu.values()],
-              label="expected training peak (hatched: estimated)")
+              color="tab:orange", hatch=hatches, label="expected training peak (hatched: estimated)")
 ax.set_xticks(list(x), [f"{k}\n{p['mixed_precision']}, {p['quantize_base'] or 'full'}, {p['resolution']} px"
                         for k, p in gpu.items()], fontsize=8)
 ax.set_ylabel("GB")
-ax.set_title("Each preset is sized to fit its card with some headroom\n(the peaks are estimates, not measurements)")
+ax.set_title("Each preset is sized to fit its card with some headroom\n"
+             "(peaks estimated from blocks measured at real width on a CPU, not measured on the GPU)")
 ax.legend(fontsize=8, loc="upper left")
 plt.show()
 
@@ -262,9 +265,10 @@ print("loaded:", ", ".join(name for name, module in pipe.components.items() if m
 #
 # > **Why we differ from the original design ([design note 2](../docs/design.md#2-constant-work-every-step)).** The
 # > original design encoded the prompt with T5-XXL and the depth image with CLIP *at every step*. Both are constant per
-# > sample: here they are encoded once. On the tiny model a cached step takes 40 ms against 64 ms uncached
-# > (`benchmarks/bench_train_step.py`); on the real model the saving is larger still, and T5-XXL's memory is free for
-# > the transformer.
+# > sample: here they are encoded once. On the tiny model the original design's step costs 1.38x a plain
+# > diffusers-style LoRA step and ours 1.02x (`make bench`: 128 px, T5 length 512, one thread; the README's
+# > Performance section); on the real model the saving is larger still, and T5-XXL's memory is free for the
+# > transformer.
 
 # %%
 cache = kh.build_train_cache(pipe, dataset, max_sequence_length=cfg.max_sequence_length, device=DEVICE,
