@@ -1,4 +1,5 @@
-"""The command line: ``python -m kontext_helpers train --data DIR --out DIR [options]`` and ``memory-plan``.
+"""The command line: ``python -m kontext_helpers train --data DIR --out DIR [options]``, ``memory-plan`` and
+``pretrain-tiny`` (the shipped tiny weights).
 
 Every :class:`TrainConfig` field is a flag (``--rank 8``, ``--no-use-depth``); it also runs under
 ``accelerate launch`` for several GPUs.
@@ -16,6 +17,7 @@ from .config import GPU_PRESETS, TrainConfig
 from .data import KontextPairs
 from .memory import memory_plan
 from .pipeline import load_pipeline, nf4_quantization_config
+from .pretrain import PretrainConfig, pretrain_tiny
 from .training import TrainResult, checkpoint_to_resume, train
 
 
@@ -31,6 +33,7 @@ def _cli_parser():
     m = sub.add_parser("memory-plan", help="what FLUX.1 Kontext [dev] keeps in memory for each GPU preset")
     m.add_argument("--preset", nargs="*", default=["t4", "l4", "a100-40", "a100-80", "h100"],
                    help="GPU presets to plan (default: all but cpu)")
+    _pretrain_parser(sub)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("output_dir", "expected_peak_memory_gb", "peak_memory_source"):
@@ -43,6 +46,17 @@ def _cli_parser():
             base = next((t for t in (int, float, str) if t in typing.get_args(kind) or kind is t), str)
             p.add_argument(flag, type=base, default=None, help=f"default {f.default!r}")
     return parser
+
+
+def _pretrain_parser(sub) -> None:
+    """``pretrain-tiny``: every :class:`PretrainConfig` field is a flag (``--base-steps 3000``)."""
+    p = sub.add_parser("pretrain-tiny", help="pretrain the tiny model on drawn scenes; writes the shipped weights")
+    p.add_argument("--out", default="outputs/pretrain-tiny", help="run folder: rendered scenes, resumable state")
+    p.add_argument("--weights", default=None, help="where the fp16 weights go (default: the package's file)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    for f in dataclasses.fields(PretrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"default {f.default!r}")
 
 
 def _memory_plans(presets: list[str]) -> dict:
@@ -63,6 +77,9 @@ def main(argv: list[str] | None = None) -> TrainResult | dict:
     args = _cli_parser().parse_args(argv)
     if args.command == "memory-plan":
         return _memory_plans(args.preset)
+    if args.command == "pretrain-tiny":
+        cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+        return pretrain_tiny(cfg, args.out, args.weights, progress=not args.quiet)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
     overrides["output_dir"] = args.out

@@ -11,7 +11,7 @@ import os
 import torch
 
 from .models import default_device, default_dtype, dtype_argument, pipeline_modules
-from .tiny import build_tiny_pipeline
+from .tiny import TINY_WEIGHTS_FILE, build_tiny_pipeline
 
 
 def describe_environment(model: str | None = None) -> None:
@@ -123,14 +123,16 @@ def load_pipeline(
     image_encoder: str = IMAGE_ENCODER_REPO,
     quantization_config=None,
     vae_only: bool = False,
+    pretrained: bool = True,
 ):
     """A ready ``FluxKontextPipeline`` with image encoder and IP-Adapter attached.
 
     Args:
-        model: ``"tiny"`` builds the offline random pipeline (:func:`build_tiny_pipeline`, CPU, tests);
-            anything else is a Hub id (``"black-forest-labs/FLUX.1-Kontext-dev"``) or a local folder saved
-            with ``save_pretrained``, loaded with ``FluxKontextPipeline.from_pretrained``.
-        seed: weights of the tiny pipeline (ignored for a real model).
+        model: ``"tiny"`` builds the offline tiny pipeline (:func:`build_tiny_pipeline`) with the pretrained
+            weights shipped in the package (CPU previews show real edits); anything else is a Hub id
+            (``"black-forest-labs/FLUX.1-Kontext-dev"``) or a local folder saved with ``save_pretrained``,
+            loaded with ``FluxKontextPipeline.from_pretrained``.
+        seed: weights of the random tiny pipeline (ignored for a pretrained or real model).
         device: where the pipeline goes; default CUDA when available, else CPU (tiny: CPU).
         dtype: default bf16 on a recent GPU, fp16 on a T4, fp32 on a CPU (tiny: fp32).
         ip_adapter: an XLabs Flux IP-Adapter repo or folder (``None`` skips it).
@@ -138,10 +140,12 @@ def load_pipeline(
         quantization_config: optional diffusers ``BitsAndBytesConfig`` for the transformer (NF4 on small GPUs).
         vae_only: load the VAE and the scheduler alone (the transformer, text encoders and IP-Adapter are
             ``None``): what notebook 02 needs. The tiny pipeline is always complete.
+        pretrained: tiny only: ``False`` gives the same architecture with random weights from ``seed``, which
+            needs no file (tests that only check plumbing use it).
     """
     if model == "tiny":
         return build_tiny_pipeline(seed, with_ip_adapter=ip_adapter is not None, device=device,
-                                   dtype=dtype or torch.float32)
+                                   weights=TINY_WEIGHTS_FILE if pretrained else None, dtype=dtype or torch.float32)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     _check_model_name(model)
