@@ -213,7 +213,7 @@ def _run_phase(name: str, phase: int, steps: int, lr: float, params, loss_fn, ct
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
             state[name], state[f"{name}_seconds"] = step + 1, time.perf_counter() - t0
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
-                save_run_state(folder, pipe, optimizer if step + 1 < steps else None, state)
+                save_run_state(folder, pipe, optimizer, state)
 
 
 def train_vae(ctx: dict, data: dict) -> None:
