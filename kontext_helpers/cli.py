@@ -17,7 +17,7 @@ from .config import GPU_PRESETS, TrainConfig
 from .data import KontextPairs
 from .memory import memory_plan
 from .pipeline import load_pipeline, nf4_quantization_config
-from .pretrain import PretrainConfig, pretrain_tiny
+from .pretrain import PretrainConfig, export_run_state, pretrain_tiny
 from .training import TrainResult, checkpoint_to_resume, train
 
 
@@ -54,6 +54,7 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--out", default="outputs/pretrain-tiny", help="run folder: rendered scenes, resumable state")
     p.add_argument("--weights", default=None, help="where the fp16 weights go (default: the package's file)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--export-only", action="store_true", help="write --out's last saved state as weights")
     for f in dataclasses.fields(PretrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"default {f.default!r}")
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> TrainResult | dict:
     args = _cli_parser().parse_args(argv)
     if args.command == "memory-plan":
         return _memory_plans(args.preset)
+    if args.command == "pretrain-tiny" and args.export_only:
+        return export_run_state(args.out, args.weights)
     if args.command == "pretrain-tiny":
         cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
         return pretrain_tiny(cfg, args.out, args.weights, progress=not args.quiet)
