@@ -33,6 +33,12 @@ import kontext_helpers as kh  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 0
+WEIGHTS = None  # --weights: another weights file than the shipped one
+
+
+def tiny_pipe():
+    """The pretrained tiny pipeline: the shipped weights, or the file given with ``--weights``."""
+    return kh.load_pipeline("tiny") if WEIGHTS is None else kh.build_tiny_pipeline(weights=WEIGHTS)
 
 
 class OnePair(torch.utils.data.Dataset):
@@ -87,11 +93,11 @@ def lora_figures(pairs, index: int, config_overrides: dict) -> dict:
     """Train the ``cpu`` preset on one pair; metrics of base, LoRA (region + depth), and without each."""
     item = pairs[index]
     common = dict(max_sequence_length=kh.TrainConfig.for_gpu("cpu").max_sequence_length)
-    base_pipe = kh.load_pipeline("tiny")
+    base_pipe = tiny_pipe()
     metrics = lambda pred: kh.edit_metrics(pred, item["context"], item["target"], item["mask"], lpips=False)  # noqa: E731
     row = {"pair": pairs.names[index], "prompt": item["prompt"]}
     row["base"] = metrics(edit(base_pipe, item, item["prompt"], depth=item["depth"], **common))
-    pipe = kh.load_pipeline("tiny")
+    pipe = tiny_pipe()
     with tempfile.TemporaryDirectory(prefix="tiny_report_") as out:
         config = kh.TrainConfig.for_gpu("cpu", output_dir=out, **config_overrides)
         t0 = time.perf_counter()
@@ -128,13 +134,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-base", action="store_true", help="no base-model keep figures")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     parser.add_argument("--json", default=os.path.join(REPO, "outputs", "tiny_editor_report.json"))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    parser.add_argument("--weights", default=None, help="a weights file other than the shipped one")
     args = parser.parse_args(argv)
+    global WEIGHTS
+    WEIGHTS = args.weights
     torch.set_num_threads(args.threads)
     resolution = kh.TrainConfig.for_gpu("cpu").resolution
     pairs = kh.KontextPairs(os.path.join(REPO, "data_samples"), resolution=resolution)
-    pipe = kh.load_pipeline("tiny")
-    report = {"resolution": resolution, "weights": kh.TINY_WEIGHTS_FILE, "preset": kh.GPU_PRESETS["cpu"]}
+    pipe = tiny_pipe()
+    report = {"resolution": resolution, "weights": args.weights or kh.TINY_WEIGHTS_FILE,
+              "preset": kh.GPU_PRESETS["cpu"]}
     report["vae_db"] = vae_figures(pipe, pairs)
     if not args.skip_base:
         report["base_keep"] = base_keep_figures(pipe, pairs, report["vae_db"])

@@ -50,7 +50,10 @@ def _pretrain(out, weights, base_steps):
 
 
 def test_pretrain_command_writes_loadable_weights_and_resumes_exactly(tmp_path, capsys):
-    straight = _pretrain(tmp_path / "straight", tmp_path / "straight.safetensors", base_steps=3)
+    small = dict(pairs=6, resolution=32, vae_batch_size=4, batch_size=2, vae_crop_steps=2, vae_full_steps=1,
+                 base_steps=3, checkpoint_every=1, workers=1, threads=1)
+    straight = kh.pretrain_tiny(kh.PretrainConfig(**small), str(tmp_path / "straight"),
+                                str(tmp_path / "straight.safetensors"), progress=False)
     _pretrain(tmp_path / "resumed", tmp_path / "first.safetensors", base_steps=2)  # stopped after 2 updates
     resumed = _pretrain(tmp_path / "resumed", tmp_path / "resumed.safetensors", base_steps=3)
     assert "resuming from" in capsys.readouterr().out, "the second run must resume the saved state"
