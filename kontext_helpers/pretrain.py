@@ -7,7 +7,8 @@ Three phases on freshly drawn scenes (:mod:`kontext_helpers.scenes`, never the `
 2. the base transformer with the image encoder and the IP-Adapter: flow matching from the context and the
    prompt to the target, guidance drawn from ``[1, 4]``, a "keep" or empty prompt copying the context,
    depth through the IP-Adapter in half of the batches (in some of them the context is blank, so the
-   picture must come from the depth map).
+   picture must come from the depth map);
+3. the VAE's decoder alone on whole images: the encoder is frozen, so the base's latents do not change.
 
 Every random draw of a step derives from ``(seed, phase, step)``; the run state is one safetensors file
 written to a temporary name and moved into place (``os.replace``), so an interrupted run resumes.
@@ -47,6 +48,7 @@ class PretrainConfig:
     vae_full_steps: int = 250  # VAE updates on whole images
     vae_lr: float = 1e-3
     base_steps: int = 1500  # transformer + image encoder + IP-Adapter updates
+    decoder_steps: int = 1500  # then the VAE's decoder alone on whole images (the latents, and so the base, stay)
     base_lr: float = 8e-4
     batch_size: int = 8  # of the base phase
     long_text_fraction: float = 0.3  # batches with 512 T5 tokens (sample_edit's default), the others 32
@@ -68,6 +70,18 @@ def _render_chunk(args):
     return out
 
 
+class _InProcess:
+    """``ProcessPoolExecutor``'s ``map`` in this process (one worker: no process to start)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    map = staticmethod(map)
+
+
 def render_training_set(cfg: PretrainConfig, folder: str, progress: bool = True) -> dict:
     """The drawn scenes at ``cfg.resolution``: uint8 ``context`` / ``target`` ``[P, 3, H, W]``, depth
     ``[P, 1, H, W]`` float16, ``prompts``, ``kinds``; rendered once and kept in ``folder/scenes.safetensors``."""
@@ -84,7 +98,7 @@ def render_training_set(cfg: PretrainConfig, folder: str, progress: bool = True)
     chunk = 50
     jobs = [(cfg.seed, s, min(s + chunk, cfg.pairs), cfg.resolution) for s in range(0, cfg.pairs, chunk)]
     pairs = []
-    with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool, \
+    with ProcessPoolExecutor(max_workers=cfg.workers) if cfg.workers > 1 else _InProcess() as pool, \
             tqdm(total=cfg.pairs, desc="rendering scenes", disable=not progress) as bar:
         for part in pool.map(_render_chunk, jobs):
             pairs.extend(part)
@@ -229,6 +243,23 @@ def train_vae(ctx: dict, data: dict) -> None:
     vae.eval().requires_grad_(False)
 
 
+def _decoder_loss(vae, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean  # [B, C, H_l, W_l], the encoder is frozen
+    rec = vae.decode(z).sample  # [B, 3, H, W]
+    return F.l1_loss(rec, x) + F.mse_loss(rec, x)
+
+
+def train_decoder(ctx: dict, data: dict) -> None:
+    """Phase 3: the VAE's decoder alone on whole images; the encoder, and so every latent, is unchanged."""
+    cfg, vae = ctx["cfg"], ctx["pipe"].vae
+    vae.decoder.train().requires_grad_(True)
+    params = list(vae.decoder.parameters())
+    _run_phase("vae_decoder", 4, cfg.decoder_steps, cfg.vae_lr / 2, params,
+               lambda g, step: _decoder_loss(vae, _vae_batch(data, g, max(1, cfg.vae_batch_size // 4), None)), ctx)
+    vae.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def latent_stats(vae, data: dict, count: int = 256) -> dict:
     """``shift_factor`` (mean) and ``scaling_factor`` (1 / std) of the latents of ``count`` contexts."""
@@ -337,6 +368,7 @@ def train_base(ctx: dict, data: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 _MUST_MATCH = ("seed", "pairs", "resolution", "batch_size", "vae_batch_size")
+_PHASES = ("vae_crop", "vae_full", "base", "vae_decoder")
 
 
 def _resume_state(folder: str, pipe, cfg: PretrainConfig) -> tuple[dict, dict | None]:
@@ -349,8 +381,7 @@ def _resume_state(folder: str, pipe, cfg: PretrainConfig) -> tuple[dict, dict | 
     if differ:
         raise ValueError(f"{_state_path(folder)} belongs to a run with other settings ({'; '.join(differ)}): use "
                          "them, or another --out folder")
-    print(f"resuming from {_state_path(folder)}: " + ", ".join(f"{k} {state[k]}" for k in
-                                                               ("vae_crop", "vae_full", "base") if k in state))
+    print(f"resuming from {_state_path(folder)}: " + ", ".join(f"{k} {state[k]}" for k in _PHASES if k in state))
     state["config"] = dataclasses.asdict(cfg)
     return state, opt
 
@@ -362,7 +393,7 @@ def export_run_state(out_dir: str, weights_path: str | None = None) -> str:
     pipe = build_tiny_pipeline(0)
     state, _ = load_run_state(out_dir, pipe)
     weights_path = weights_path or TINY_WEIGHTS_FILE
-    progress = {k: state.get(k, 0) for k in ("vae_crop", "vae_full", "base")}
+    progress = {k: state.get(k, 0) for k in _PHASES}
     save_tiny_weights(pipe, weights_path, {"config": state.get("config"), "steps_done": progress})
     print(f"wrote {weights_path} from {_state_path(out_dir)} (updates done: {progress})")
     return weights_path
@@ -386,7 +417,8 @@ def pretrain_tiny(cfg: PretrainConfig, out_dir: str, weights_path: str | None = 
         _set_latent_stats(pipe.vae, state["latent_stats"])
         save_run_state(out_dir, pipe, None, state)
     train_base(ctx, data)
-    seconds = {k: round(state.get(f"{k}_seconds", 0.0), 1) for k in ("vae_crop", "vae_full", "base")}
+    train_decoder(ctx, data)
+    seconds = {k: round(state.get(f"{k}_seconds", 0.0), 1) for k in _PHASES}
     info = {"config": dataclasses.asdict(cfg), "train_seconds": seconds, "torch": torch.__version__}
     save_tiny_weights(pipe, weights_path, info)
     print(f"wrote {weights_path} ({os.path.getsize(weights_path) / 2**20:.1f} MiB) in "

@@ -41,21 +41,22 @@ def test_drawn_scenes_are_reproducible_and_keep_means_the_same_image():
     assert 0.0 <= float(pair["depth"].min()) and float(pair["depth"].max()) == 1.0, "depth min-max normalised"
 
 
-def _pretrain(out, weights, base_steps):
+def _pretrain(out, weights, base_steps, decoder_steps):
     args = ["pretrain-tiny", "--out", str(out), "--weights", str(weights), "--quiet", "--pairs", "6",
             "--resolution", "32", "--vae-batch-size", "4", "--batch-size", "2", "--vae-crop-steps", "2",
-            "--vae-full-steps", "1", "--base-steps", str(base_steps), "--checkpoint-every", "1", "--workers", "1",
-            "--threads", "1"]
+            "--vae-full-steps", "1", "--base-steps", str(base_steps), "--decoder-steps",
+            str(decoder_steps), "--checkpoint-every", "1", "--workers", "1", "--threads", "1"]
     return main(args)
 
 
 def test_pretrain_command_writes_loadable_weights_and_resumes_exactly(tmp_path, capsys):
     small = dict(pairs=6, resolution=32, vae_batch_size=4, batch_size=2, vae_crop_steps=2, vae_full_steps=1,
-                 base_steps=3, checkpoint_every=1, workers=1, threads=1)
+                 base_steps=3, decoder_steps=1, checkpoint_every=1, workers=1, threads=1)
     straight = kh.pretrain_tiny(kh.PretrainConfig(**small), str(tmp_path / "straight"),
                                 str(tmp_path / "straight.safetensors"), progress=False)
-    _pretrain(tmp_path / "resumed", tmp_path / "first.safetensors", base_steps=2)  # stopped after 2 updates
-    resumed = _pretrain(tmp_path / "resumed", tmp_path / "resumed.safetensors", base_steps=3)
+    # stopped in the base phase after 2 updates, then resumed
+    _pretrain(tmp_path / "resumed", tmp_path / "first.safetensors", base_steps=2, decoder_steps=0)
+    resumed = _pretrain(tmp_path / "resumed", tmp_path / "resumed.safetensors", base_steps=3, decoder_steps=1)
     assert "resuming from" in capsys.readouterr().out, "the second run must resume the saved state"
     assert not list((tmp_path / "resumed").glob("*.tmp")), "the run state is written to a temp file, then moved"
     a, b = load_file(straight), load_file(resumed)
