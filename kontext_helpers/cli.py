@@ -55,6 +55,7 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--weights", default=None, help="where the fp16 weights go (default: the package's file)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--export-only", action="store_true", help="write --out's last saved state as weights")
+    p.add_argument("--decoder-from", default=None, help="with --export-only: the VAE decoder of this run folder")
     for f in dataclasses.fields(PretrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"default {f.default!r}")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> TrainResult | dict:
     if args.command == "memory-plan":
         return _memory_plans(args.preset)
     if args.command == "pretrain-tiny" and args.export_only:
-        return export_run_state(args.out, args.weights)
+        return export_run_state(args.out, args.weights, args.decoder_from)
     if args.command == "pretrain-tiny":
         cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
         return pretrain_tiny(cfg, args.out, args.weights, progress=not args.quiet)

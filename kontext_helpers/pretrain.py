@@ -386,14 +386,26 @@ def _resume_state(folder: str, pipe, cfg: PretrainConfig) -> tuple[dict, dict | 
     return state, opt
 
 
-def export_run_state(out_dir: str, weights_path: str | None = None) -> str:
-    """Write the weights of a run's last saved state (e.g. of an interrupted run) as the tiny weights file."""
-    if not os.path.isfile(_state_path(out_dir)):
-        raise FileNotFoundError(f"{_state_path(out_dir)} does not exist: run pretrain-tiny with --out {out_dir} first")
+def export_run_state(out_dir: str, weights_path: str | None = None, decoder_from: str | None = None) -> str:
+    """Write the weights of a run's last saved state (e.g. of an interrupted run) as the tiny weights file.
+
+    ``decoder_from``: another run folder of the same run whose VAE decoder replaces this one's (the decoder
+    phase changes no latent, so it may run beside the base phase, from a copy of the state after the VAE).
+    """
+    for folder in (out_dir, decoder_from):
+        if folder is not None and not os.path.isfile(_state_path(folder)):
+            raise FileNotFoundError(f"{_state_path(folder)} does not exist: run pretrain-tiny with --out {folder}")
     pipe = build_tiny_pipeline(0)
     state, _ = load_run_state(out_dir, pipe)
-    weights_path = weights_path or TINY_WEIGHTS_FILE
     progress = {k: state.get(k, 0) for k in _PHASES}
+    if decoder_from is not None:
+        other = build_tiny_pipeline(0)
+        other_state, _ = load_run_state(decoder_from, other)
+        if other_state.get("latent_stats") != state.get("latent_stats"):
+            raise ValueError(f"{decoder_from} and {out_dir} have other VAE latents: not two parts of one run")
+        pipe.vae.decoder.load_state_dict(other.vae.decoder.state_dict())
+        progress["vae_decoder"] = other_state.get("vae_decoder", 0)
+    weights_path = weights_path or TINY_WEIGHTS_FILE
     save_tiny_weights(pipe, weights_path, {"config": state.get("config"), "steps_done": progress})
     print(f"wrote {weights_path} from {_state_path(out_dir)} (updates done: {progress})")
     return weights_path
