@@ -72,3 +72,19 @@ def test_pretrain_command_writes_loadable_weights_and_resumes_exactly(tmp_path, 
     loaded = pipe.transformer.state_dict()["proj_out.weight"]
     torch.testing.assert_close(loaded, b["transformer.proj_out.weight"].float(), rtol=0, atol=0,
                                msg="load_tiny_weights must load the file's transformer")
+
+
+def test_export_only_takes_the_decoder_of_another_run_folder(tmp_path):
+    small = dict(pairs=4, resolution=32, vae_batch_size=4, batch_size=2, vae_crop_steps=1, vae_full_steps=1,
+                 base_steps=1, decoder_steps=0, checkpoint_every=1, workers=1, threads=1)
+    kh.pretrain_tiny(kh.PretrainConfig(**small), str(tmp_path / "base"), str(tmp_path / "a.safetensors"),
+                     progress=False)
+    decoder = dict(small, base_steps=0, decoder_steps=2)
+    kh.pretrain_tiny(kh.PretrainConfig(**decoder), str(tmp_path / "decoder"), str(tmp_path / "b.safetensors"),
+                     progress=False)
+    out = main(["pretrain-tiny", "--export-only", "--out", str(tmp_path / "base"), "--decoder-from",
+                str(tmp_path / "decoder"), "--weights", str(tmp_path / "merged.safetensors")])
+    merged, base, dec = (load_file(tmp_path / n) for n in (out, "a.safetensors", "b.safetensors"))
+    for key in merged:
+        source = dec if key.startswith("vae.decoder.") else base
+        torch.testing.assert_close(merged[key], source[key], rtol=0, atol=0, msg=f"{key} comes from the wrong run")
