@@ -125,8 +125,8 @@ class TrainConfig:
 GPU_PRESETS: dict[str, dict] = {
     # the pretrained tiny model on one data_samples pair: about 3 minutes on 2 CPU cores
     "cpu": dict(label="CPU (tiny model)", mixed_precision="no", gradient_checkpointing=False, optimizer="adamw",
-                quantize_base=None, resolution=128, steps=300, learning_rate=3e-3, region_learning_rate=1e-2,
-                rank=8, lora_targets="attn_ff", max_sequence_length=32, checkpoint_every=100,
+                quantize_base=None, resolution=128, steps=800, learning_rate=3e-3, region_learning_rate=1e-2,
+                rank=8, lora_targets="attn_ff", max_sequence_length=32, checkpoint_every=200,
                 expected_peak_memory_gb=None,
                 peak_memory_source="not applicable: the tiny model needs well under 1 GB"),
     "t4": dict(label="T4 16 GB", mixed_precision="fp16", gradient_checkpointing=True, optimizer="adamw8bit",
