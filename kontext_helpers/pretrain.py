@@ -44,11 +44,11 @@ class PretrainConfig:
     pairs: int = 3000  # drawn scenes, rendered once (with 2 workers) and kept in the run folder
     resolution: int = 128  # the CPU resolution of the course
     vae_batch_size: int = 16  # on 64 px crops; a quarter of it on whole images
-    vae_crop_steps: int = 800  # VAE updates on 64 px crops (fast)
-    vae_full_steps: int = 250  # VAE updates on whole images
+    vae_crop_steps: int = 500  # VAE updates on 64 px crops (fast)
+    vae_full_steps: int = 150  # VAE updates on whole images
     vae_lr: float = 1e-3
     base_steps: int = 1500  # transformer + image encoder + IP-Adapter updates
-    decoder_steps: int = 1500  # then the VAE's decoder alone on whole images (the latents, and so the base, stay)
+    decoder_steps: int = 500  # then the VAE's decoder alone on whole images (the latents, and so the base, stay)
     base_lr: float = 8e-4
     batch_size: int = 8  # of the base phase
     long_text_fraction: float = 0.3  # batches with 512 T5 tokens (sample_edit's default), the others 32
