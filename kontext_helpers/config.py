@@ -123,7 +123,8 @@ class TrainConfig:
 # Peak memory figures are estimates for FLUX.1 Kontext [dev] (12B transformer) with a LoRA of the given
 # rank at the given resolution, batch 1, encoders offloaded after caching; none was measured on that GPU here.
 GPU_PRESETS: dict[str, dict] = {
-    # the pretrained tiny model on one data_samples pair: about 3 minutes on 2 CPU cores
+    # the pretrained tiny model on one data_samples pair at 128 px: 800 updates took 66-70 s on one thread of a
+    # shared 2-core machine (scripts/tiny_editor_report.py); steps could about double within 3 minutes
     "cpu": dict(label="CPU (tiny model)", mixed_precision="no", gradient_checkpointing=False, optimizer="adamw",
                 quantize_base=None, resolution=128, steps=800, learning_rate=3e-3, region_learning_rate=1e-2,
                 rank=8, lora_targets="attn_ff", max_sequence_length=32, checkpoint_every=200,
