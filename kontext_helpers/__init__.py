@@ -10,6 +10,7 @@ the notebooks, and each imports only the modules above it:
     rehearsal     shared   FLUX.1 Kontext [dev] at real width, random weights, few layers: Hub folder, transformer
     pipeline      shared   load_pipeline (tiny, Hub id, local folder), environment print
     data          01       KontextPairs: the dataset folder, checked; your own pairs
+    scenes        shared   fresh random scenes and edits drawn with the sample renderer (the tiny model's data)
     latents       02       VAE latents, 2x2 packing, position ids
     conditioning  03       the region token, depth through the IP-Adapter, the forward call, the loss
     inference     05       sample_edit, compare_variants
@@ -19,7 +20,8 @@ the notebooks, and each imports only the modules above it:
     checkpoints   04       atomic checkpoints, resume checks
     cache         04       constant work once per sample: the training cache
     training      04       the cache and the training loop
-    cli                    ``python -m kontext_helpers train``
+    pretrain               ``python -m kontext_helpers pretrain-tiny``: the tiny model's shipped weights
+    cli                    ``python -m kontext_helpers train`` (and ``pretrain-tiny``, ``memory-plan``)
     colab                  the notebooks' setup in Colab: Drive, Hub login, bitsandbytes when a preset needs it
 
 Training comes last because its previews sample with ``inference``. No import-time work: heavy libraries
@@ -120,8 +122,10 @@ from .pipeline import (
     load_pipeline,
     nf4_quantization_config,
 )
+from .pretrain import PretrainConfig, pretrain_tiny
 from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model, build_rehearsal_transformer, depth_model_for
-from .tiny import build_tiny_pipeline, tiny_ip_adapter_state_dict
+from .scenes import random_edit_spec, render_training_pair
+from .tiny import TINY_WEIGHTS_FILE, build_tiny_pipeline, load_tiny_weights, tiny_ip_adapter_state_dict
 from .training import (
     TrainResult,
     checkpoint_to_resume,
@@ -158,7 +162,9 @@ __all__ = [
     "preview_grid",
     "show_pairs",
     # tiny
+    "TINY_WEIGHTS_FILE",
     "build_tiny_pipeline",
+    "load_tiny_weights",
     "tiny_ip_adapter_state_dict",
     # rehearsal
     "REHEARSAL_CONFIG",
@@ -178,6 +184,9 @@ __all__ = [
     "estimate_depth",
     "mask_from_difference",
     "write_pair_folder",
+    # scenes
+    "random_edit_spec",
+    "render_training_pair",
     # latents (02)
     "REGION_ID",
     "img_ids_grid",
@@ -235,4 +244,7 @@ __all__ = [
     "sample_sigmas",
     "train",
     "training_loss",
+    # pretrain
+    "PretrainConfig",
+    "pretrain_tiny",
 ]

@@ -1,5 +1,5 @@
 """The command line: ``python -m kontext_helpers train --data DIR --out DIR [options]``, ``memory-plan`` and
-``rehearsal-model FOLDER``.
+``rehearsal-model FOLDER`` and ``pretrain-tiny`` (the shipped tiny weights).
 
 Every :class:`TrainConfig` field is a flag (``--rank 8``, ``--no-use-depth``); it also runs under
 ``accelerate launch`` for several GPUs.
@@ -16,6 +16,7 @@ from .adapters import save_adapter
 from .config import GPU_PRESETS, TrainConfig
 from .data import KontextPairs
 from .memory import memory_plan
+from .pretrain import PretrainConfig, export_run_state, pretrain_tiny
 from .rehearsal import build_rehearsal_model
 from .training import TrainResult, checkpoint_to_resume, load_for_training, train
 
@@ -35,6 +36,7 @@ def _cli_parser():
     r = sub.add_parser("rehearsal-model", help="write FLUX.1 Kontext [dev] at real width, one block each, random "
                        "weights (2.2 GB): the GPU path on a CPU")
     r.add_argument("folder", help="where to write it (reused when complete)")
+    _pretrain_parser(sub)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("output_dir", "expected_peak_memory_gb", "peak_memory_source"):
@@ -47,6 +49,19 @@ def _cli_parser():
             base = next((t for t in (int, float, str) if t in typing.get_args(kind) or kind is t), str)
             p.add_argument(flag, type=base, default=None, help=f"default {f.default!r}")
     return parser
+
+
+def _pretrain_parser(sub) -> None:
+    """``pretrain-tiny``: every :class:`PretrainConfig` field is a flag (``--base-steps 3000``)."""
+    p = sub.add_parser("pretrain-tiny", help="pretrain the tiny model on drawn scenes; writes the shipped weights")
+    p.add_argument("--out", default="outputs/pretrain-tiny", help="run folder: rendered scenes, resumable state")
+    p.add_argument("--weights", default=None, help="where the fp16 weights go (default: the package's file)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--export-only", action="store_true", help="write --out's last saved state as weights")
+    p.add_argument("--decoder-from", default=None, help="with --export-only: the VAE decoder of this run folder")
+    for f in dataclasses.fields(PretrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"default {f.default!r}")
 
 
 def _memory_plans(presets: list[str]) -> dict:
@@ -79,6 +94,11 @@ def main(argv: list[str] | None = None) -> TrainResult | dict:
         return _memory_plans(args.preset)
     if args.command == "rehearsal-model":
         return _rehearsal_model(args.folder)
+    if args.command == "pretrain-tiny" and args.export_only:
+        return export_run_state(args.out, args.weights, args.decoder_from)
+    if args.command == "pretrain-tiny":
+        cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+        return pretrain_tiny(cfg, args.out, args.weights, progress=not args.quiet)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
     overrides["output_dir"] = args.out

@@ -12,7 +12,7 @@ import torch
 
 from .models import default_device, default_dtype, dtype_argument, is_quantized, pipeline_modules
 from .rehearsal import _load_arguments, is_rehearsal_folder
-from .tiny import build_tiny_pipeline
+from .tiny import TINY_WEIGHTS_FILE, build_tiny_pipeline
 
 
 def describe_environment(model: str | None = None) -> None:
@@ -167,15 +167,17 @@ def load_pipeline(
     quantization_config=None,
     vae_only: bool = False,
     encoders_only: bool = False,
+    pretrained: bool = True,
 ):
     """A ready ``FluxKontextPipeline`` with image encoder and IP-Adapter attached.
 
     Args:
-        model: ``"tiny"`` builds the offline random pipeline (:func:`build_tiny_pipeline`, CPU, tests);
-            anything else is a Hub id (``"black-forest-labs/FLUX.1-Kontext-dev"``), a local folder saved
-            with ``save_pretrained``, or a folder written by :func:`build_rehearsal_model` (its pipeline,
-            IP-Adapter and image encoder), loaded with ``FluxKontextPipeline.from_pretrained``.
-        seed: weights of the tiny pipeline (ignored for a real model).
+        model: ``"tiny"`` builds the offline tiny pipeline (:func:`build_tiny_pipeline`) with the pretrained
+            weights shipped in the package (CPU previews show real edits); anything else is a Hub id
+            (``"black-forest-labs/FLUX.1-Kontext-dev"``), a local folder saved with ``save_pretrained``, or a
+            folder written by :func:`build_rehearsal_model` (its pipeline, IP-Adapter and image encoder), loaded
+            with ``FluxKontextPipeline.from_pretrained``.
+        seed: weights of the random tiny pipeline (ignored for a pretrained or real model).
         device: where the pipeline goes; default CUDA when available, else CPU (tiny: CPU).
         dtype: default bf16 on a recent GPU, fp16 on a T4, fp32 on a CPU (tiny: fp32).
         ip_adapter: an XLabs Flux IP-Adapter repo or folder (``None`` skips it).
@@ -186,12 +188,14 @@ def load_pipeline(
         encoders_only: everything but the transformer (text encoders, VAE, image encoder): what
             :func:`build_train_cache` needs. Then :func:`free_text_encoders` and :func:`add_transformer`:
             the way to train on a GPU whose system RAM cannot hold T5-XXL beside the transformer (T4, L4).
+        pretrained: tiny only: ``False`` gives the same architecture with random weights from ``seed``, which
+            needs no file (tests that only check plumbing use it).
     """
     if model == "tiny":
         if encoders_only:
             raise ValueError("encoders_only is for the real model's staged loading; the tiny pipeline is built whole")
         return build_tiny_pipeline(seed, with_ip_adapter=ip_adapter is not None, device=device,
-                                   dtype=dtype or torch.float32)
+                                   weights=TINY_WEIGHTS_FILE if pretrained else None, dtype=dtype or torch.float32)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     _check_model_name(model)

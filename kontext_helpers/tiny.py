@@ -6,11 +6,16 @@ encoder and an XLabs-format IP-Adapter), randomly initialised from a seed.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 from .models import pipeline_modules
+
+# The pretrained weights shipped with the package (written by ``python -m kontext_helpers pretrain-tiny``).
+TINY_WEIGHTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_weights", "tiny_kontext.safetensors")
+TINY_COMPONENTS = ("vae", "transformer", "text_encoder", "text_encoder_2", "image_encoder")
 
 # Words the tiny tokenizers know as whole tokens: the vocabulary of editing prompts. Unknown words still
 # tokenize (byte-level BPE for CLIP, character fallback for T5), just into more pieces.
@@ -107,7 +112,7 @@ TINY_CONFIG = {
                   "projection_dim": 32, "max_position_embeddings": 77},
     "t5": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4,
            "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu"},
-    "vae": {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8,
+    "vae": {"block_out_channels": (32, 32, 64, 64), "layers_per_block": 1, "norm_num_groups": 8,
             "latent_channels": 16, "shift_factor": 0.1159, "scaling_factor": 0.3611},
     "transformer": {"num_layers": 3, "num_single_layers": 4, "attention_head_dim": 32, "num_attention_heads": 4,
                     "axes_dims_rope": (8, 12, 12)},
@@ -196,9 +201,11 @@ def _tiny_image_encoder():
 
 
 def build_tiny_pipeline(
-    seed: int = 0, *, with_ip_adapter: bool = True, device=None, dtype: torch.dtype = torch.float32
+    seed: int = 0, *, with_ip_adapter: bool = True, weights: str | None = None, device=None,
+    dtype: torch.dtype = torch.float32
 ):
-    """A complete, randomly initialised ``FluxKontextPipeline`` built offline (about a second on a CPU).
+    """A complete ``FluxKontextPipeline`` built offline (about a second on a CPU): random weights from ``seed``,
+    or, with ``weights`` (a file of :func:`save_tiny_weights`, e.g. :data:`TINY_WEIGHTS_FILE`), pretrained ones.
 
     Same seed, same weights, on every call; the global torch RNG is left untouched. Every component is
     in eval mode (as ``from_pretrained`` leaves it), so two identical ``pipe(...)`` calls give identical
@@ -228,7 +235,68 @@ def build_tiny_pipeline(
     if with_ip_adapter:
         with tempfile.TemporaryDirectory(prefix="tiny_ip_adapter_") as folder:
             attach_ip_adapter(pipe, ip_sd, folder)
+    if weights is not None:
+        load_tiny_weights(pipe, weights)
     for module in pipeline_modules(pipe):
         module.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype) if (device is not None or dtype != torch.float32) else pipe
+
+
+def save_tiny_weights(pipe, path: str, info: dict | None = None) -> None:
+    """Every trained component of a tiny pipeline as one fp16 safetensors file (temp file, then ``os.replace``).
+
+    Keys are ``<component>.<parameter>``; the metadata holds the VAE's ``shift_factor`` / ``scaling_factor``
+    and ``info`` (how the weights were made).
+    """
+    from safetensors.torch import save_file
+
+    tensors = {f"{name}.{k}": v.detach().to("cpu", torch.float16).contiguous()
+               for name in TINY_COMPONENTS for k, v in getattr(pipe, name).state_dict().items()}
+    vae = {"shift_factor": pipe.vae.config.shift_factor, "scaling_factor": pipe.vae.config.scaling_factor}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(tensors, path + ".tmp", metadata={"vae": json.dumps(vae), "info": json.dumps(info or {})})
+    os.replace(path + ".tmp", path)
+
+
+def _read_tiny_weights(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of a tiny weights file, with an error that names the file and the fix."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    fix = ("reinstall the package (pip install -e .) or rebuild the file with `python -m kontext_helpers "
+           "pretrain-tiny`; load_pipeline('tiny', pretrained=False) builds the random-weight model without it")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the tiny model's weights {path} are missing: {fix}")
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        return tensors, meta
+    except Exception as err:  # a truncated or corrupt file: safetensors raises its own error types
+        raise RuntimeError(f"the tiny model's weights {path} cannot be read ({type(err).__name__}: {err}): "
+                           f"{fix}") from err
+
+
+def load_tiny_weights(pipe, path: str = TINY_WEIGHTS_FILE) -> None:
+    """Load :func:`save_tiny_weights`' file into a tiny pipeline built by :func:`build_tiny_pipeline` (in place).
+
+    Raises a ``FileNotFoundError`` / ``RuntimeError`` naming the file and the fix when it is missing, corrupt
+    or made for another architecture.
+    """
+    tensors, meta = _read_tiny_weights(path)
+    for name in TINY_COMPONENTS:
+        module = getattr(pipe, name)
+        if module is None:  # built without the image encoder (and IP-Adapter)
+            continue
+        prefix = name + "."
+        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        own = module.state_dict()
+        if name == "transformer" and pipe.image_encoder is None:  # the IP-Adapter's keys are not there
+            part = {k: v for k, v in part.items() if "encoder_hid_proj" not in k and ".processor." not in k}
+        if set(part) != set(own) or any(part[k].shape != own[k].shape for k in own):
+            raise RuntimeError(f"{path} does not fit the tiny {name} (other keys or shapes): it was written for "
+                               "another architecture; rebuild it with `python -m kontext_helpers pretrain-tiny`")
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in part.items()})
+    if "vae" in meta:
+        pipe.vae.register_to_config(**json.loads(meta["vae"]))

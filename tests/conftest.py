@@ -89,13 +89,16 @@ def rehearsal_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    """A shared tiny FluxKontextPipeline with IP-Adapter. Tests must not modify it; build a fresh one to do so."""
+    """A shared tiny FluxKontextPipeline with IP-Adapter and the shipped pretrained weights (what a CPU user gets;
+    the oracle tests compare it with diffusers' own functions, which hold for any weights). Tests must not modify
+    it; build a fresh one to do so. Tests of the random-weight variant use ``load_pipeline("tiny", pretrained=False)``.
+    """
     return kh.load_pipeline("tiny", seed=0)
 
 
 @pytest.fixture()
 def fresh_pipe():
-    """A tiny pipeline of its own (seed 0) that the test may modify: add a LoRA, train it, change scales."""
+    """A pretrained tiny pipeline of its own that the test may modify: add a LoRA, train it, change scales."""
     return kh.load_pipeline("tiny", seed=0)
 
 

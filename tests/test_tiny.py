@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
@@ -32,15 +33,16 @@ def test_tiny_pipeline_is_a_real_kontext_pipeline(tiny_pipe):
         assert not any(p.requires_grad for p in module.parameters()), f"{name} must be frozen"
 
 
-def test_tiny_pipeline_same_seed_same_weights_other_seed_other_weights(tiny_pipe):
-    again = kh.load_pipeline("tiny", seed=0)
-    other = kh.load_pipeline("tiny", seed=1)
+def test_random_tiny_pipeline_same_seed_same_weights_other_seed_other_weights():
+    first = kh.load_pipeline("tiny", seed=0, pretrained=False)
+    again = kh.load_pipeline("tiny", seed=0, pretrained=False)
+    other = kh.load_pipeline("tiny", seed=1, pretrained=False)
     for name in ("text_encoder", "text_encoder_2", "vae", "transformer", "image_encoder"):
-        a, b = getattr(tiny_pipe, name).state_dict(), getattr(again, name).state_dict()
+        a, b = getattr(first, name).state_dict(), getattr(again, name).state_dict()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0,
                                        msg=f"{name}.{key} differs between two seed-0 builds")
-    ta, to = tiny_pipe.transformer.state_dict(), other.transformer.state_dict()
+    ta, to = first.transformer.state_dict(), other.transformer.state_dict()
     assert any(not torch.equal(ta[k], to[k]) for k in ta), "seed 1 must give other weights"
 
 
@@ -48,7 +50,8 @@ def test_tiny_pipeline_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    kh.load_pipeline("tiny", seed=5)
+    kh.load_pipeline("tiny", seed=5, pretrained=False)
+    kh.load_pipeline("tiny")
     torch.testing.assert_close(torch.rand(3), expected, msg="building the tiny pipeline must not consume global RNG")
 
 
@@ -89,3 +92,26 @@ def test_tiny_tokenizers_know_the_prompt_words(tiny_pipe):
     for word in ("sphere", "cylinder", "remove", "glossy", "please"):
         assert len(tiny_pipe.tokenizer(word).input_ids) == 3, f"CLIP-style tokenizer must keep '{word}' whole"
         assert len(tiny_pipe.tokenizer_2(word).input_ids) == 2, f"T5-style tokenizer must keep '{word}' whole"
+
+
+def test_tiny_pipeline_loads_the_shipped_weights(tiny_pipe):
+    from safetensors.torch import load_file
+
+    shipped = load_file(kh.TINY_WEIGHTS_FILE)
+    assert all(v.dtype == torch.float16 for v in shipped.values()), "the shipped weights are stored in fp16"
+    for name in ("vae", "transformer", "text_encoder", "text_encoder_2", "image_encoder"):
+        own = getattr(tiny_pipe, name).state_dict()
+        for key, value in own.items():
+            torch.testing.assert_close(value, shipped[f"{name}.{key}"].float(), rtol=0, atol=0,
+                                       msg=f"{name}.{key} is not the shipped weight")
+    assert tiny_pipe.vae.config.shift_factor != 0.1159, "the VAE's shift comes from the pretraining's latents"
+
+
+def test_missing_or_corrupt_weights_file_names_the_file_and_the_fix(tmp_path):
+    missing = tmp_path / "nothing.safetensors"
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors.*pretrain-tiny"):
+        kh.build_tiny_pipeline(weights=str(missing))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a safetensors file")
+    with pytest.raises(RuntimeError, match="corrupt.safetensors.*pretrained=False"):
+        kh.build_tiny_pipeline(weights=str(corrupt))

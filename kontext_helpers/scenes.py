@@ -1,0 +1,150 @@
+"""Training scenes for the tiny model: fresh random layouts and edits drawn with the sample-scene renderer.
+
+``data_samples/make_samples.py`` renders the course's ten pairs from hand-written scenes. The functions
+here draw *other* scenes (random objects, positions, views and lights) with one edit each: recolour,
+remove, add, reshape or change material, each with its prompt, plus "keep" samples whose target is the
+context. No drawn scene equals a ``data_samples`` pair (:func:`random_edit_spec` rejects them), so those
+pairs stay held out for the course's LoRA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SAMPLES_SCRIPT = Path(__file__).resolve().parent.parent / "data_samples" / "make_samples.py"
+
+EDIT_KINDS = ("recolour", "remove", "add", "shape", "material", "keep")
+KEEP_PROMPTS = ("", "keep the scene", "keep it", "keep the image the same")
+_SHAPES = ("sphere", "box", "cylinder")
+_PROMPT_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "white", "pink")
+
+
+def sample_renderer():
+    """The module ``data_samples/make_samples.py`` (the renderer of the sample pairs), loaded from the checkout."""
+    if "kontext_make_samples" in sys.modules:
+        return sys.modules["kontext_make_samples"]
+    if not SAMPLES_SCRIPT.is_file():
+        raise FileNotFoundError(f"{SAMPLES_SCRIPT} is missing: the training scenes are drawn with the renderer of "
+                                "data_samples/, so run this from a checkout of the repository (git clone), not from "
+                                "an installed package")
+    spec = importlib.util.spec_from_file_location("kontext_make_samples", SAMPLES_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kontext_make_samples"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def _random_object(ms, rng, key: str, placed: list, colours: tuple[str, ...]):
+    """An object at a free spot (``None`` when 40 tries find none)."""
+    for _ in range(40):
+        shape = str(rng.choice(_SHAPES))
+        radius = float(rng.uniform(0.45, 0.85)) if shape == "sphere" else float(rng.uniform(0.4, 0.7))
+        x, z = float(rng.uniform(-2.3, 2.3)), float(rng.uniform(-2.6, 1.4))
+        if all(math.hypot(x - o.x, z - o.z) > radius + o.radius + 0.25 for o in placed):
+            height = 0.0 if shape == "sphere" else float(rng.uniform(0.8, 1.6))
+            return ms.Obj(key, shape, round(x, 3), round(z, 3), round(radius, 3), round(height, 3),
+                          str(rng.choice(colours)), str(rng.choice(["matte", "matte", "glossy"])),
+                          float(rng.uniform(-45, 45)) if shape == "box" else 0.0)
+    return None
+
+
+def _name(obj) -> str:
+    return f"{obj.colour} {obj.shape}"
+
+
+def _edit_recolour(ms, rng, objs, obj):
+    colour = str(rng.choice([c for c in _PROMPT_COLOURS if c != obj.colour]))
+    return f"make the {_name(obj)} {colour}", ms._replace(objs, obj.key, colour=colour)
+
+
+def _edit_remove(ms, rng, objs, obj):
+    return f"remove the {_name(obj)}", ms._remove(objs, obj.key)
+
+
+def _edit_shape(ms, rng, objs, obj):
+    shape = str(rng.choice([s for s in _SHAPES if s != obj.shape]))
+    height = 0.0 if shape == "sphere" else float(round(rng.uniform(0.9, 1.5), 3))
+    radius = float(round(rng.uniform(0.5, 0.75), 3))
+    changed = ms._replace(objs, obj.key, shape=shape, radius=radius, height=height, yaw_deg=0.0)
+    return f"turn the {_name(obj)} into a {shape}", changed
+
+
+def _edit_material(ms, rng, objs, obj):
+    if obj.material == "matte" and rng.random() < 0.5:
+        return f"make the matte {_name(obj)} glossy", ms._replace(objs, obj.key, material="glossy")
+    return f"make the {_name(obj)} shiny metal", ms._replace(objs, obj.key, material="metal")
+
+
+def _edit_add(ms, rng, objs, obj):
+    """A new object beside ``obj`` (left, right or in front of it), or ``None`` when there is no room."""
+    where, (dx, dz) = [("to the left of", (-1.5, 0.0)), ("to the right of", (1.5, 0.0)),
+                       ("in front of", (0.0, 1.5))][int(rng.integers(3))]
+    new = _random_object(ms, rng, "n", [], _PROMPT_COLOURS)
+    new = dataclasses.replace(new, x=round(obj.x + dx, 3), z=round(obj.z + dz, 3), material="matte")
+    if any(math.hypot(new.x - o.x, new.z - o.z) < new.radius + o.radius + 0.15 for o in objs):
+        return None
+    size = "small " if new.radius < 0.5 and rng.random() < 0.5 else ""
+    return f"add a {size}{_name(new)} {where} the {_name(obj)}", (*objs, new)
+
+
+_EDITS = {"recolour": _edit_recolour, "remove": _edit_remove, "add": _edit_add, "shape": _edit_shape,
+          "material": _edit_material}
+
+
+def _held_out_scenes(ms) -> set:
+    """The ``data_samples`` pairs as comparable keys ``(context objects, target objects)``."""
+    return {(tuple(s.context), tuple(s.target)) for s in ms.SCENES}
+
+
+def random_edit_spec(seed: int, index: int):
+    """Scene ``index`` of the stream ``seed``: a ``SceneSpec`` with one edit and its prompt (``kind`` first).
+
+    Returns ``(kind, spec)``; a "keep" sample's target equals its context. The same ``(seed, index)`` always
+    gives the same scene; a draw that equals a ``data_samples`` pair is replaced by the next draw.
+    """
+    ms = sample_renderer()
+    held_out = _held_out_scenes(ms)
+    rng = np.random.default_rng([seed, index])
+    while True:
+        objs: list = []
+        for key in "abc"[: int(rng.integers(1, 4))]:
+            obj = _random_object(ms, rng, key, objs, tuple(ms.COLOURS))
+            if obj is not None:
+                objs.append(obj)
+        objs_t = tuple(objs)
+        kind = EDIT_KINDS[int(rng.choice(len(EDIT_KINDS), p=[0.17, 0.17, 0.17, 0.17, 0.12, 0.2]))]
+        obj = objs[int(rng.integers(len(objs)))]
+        if kind == "keep":
+            prompt, target = str(rng.choice(KEEP_PROMPTS)), objs_t
+        else:
+            edited = _EDITS[kind](ms, rng, objs_t, obj)
+            if edited is None or (kind == "remove" and len(objs) == 1 and rng.random() < 0.5):
+                continue
+            prompt, target = edited
+        if (objs_t, tuple(target)) in held_out:
+            continue
+        view = dict(camera_azimuth_deg=float(rng.uniform(-22, 22)), sun_azimuth_deg=float(rng.uniform(-65, 65)),
+                    sun_elevation_deg=float(rng.uniform(35, 55)))
+        return kind, ms.SceneSpec(f"train_{seed}_{index}", prompt, objs_t, tuple(target), **view)
+
+
+def render_training_pair(spec, size: int = 128) -> dict:
+    """Render one drawn scene at ``size`` px: ``context`` / ``target`` ``[3, H, W]`` in ``[0, 1]``, ``depth``
+    ``[1, H, W]`` in ``[0, 1]`` (near = 1, min-max normalised as :class:`KontextPairs` reads it), ``prompt``."""
+    ms = sample_renderer()
+    context, _ = ms.render_scene(spec.context, spec, size=size)
+    same = tuple(spec.target) == tuple(spec.context)
+    target = context if same else ms.render_scene(spec.target, spec, size=size)[0]
+    depth = ms.render_depth(spec.context, spec, size=size).astype(np.float32)
+    lo, hi = depth.min(), depth.max()
+    depth = (depth - lo) / (hi - lo) if hi > lo else np.zeros_like(depth)
+    as_chw = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255.0  # noqa: E731
+    return {"context": as_chw(context), "target": as_chw(target),  # [H, W, 3] -> [3, H, W]
+            "depth": torch.from_numpy(depth)[None], "prompt": spec.prompt}  # [H, W] -> [1, H, W]
