@@ -65,7 +65,7 @@ kh.colab_session(use_drive=USE_DRIVE)  # Colab only: Drive, Hub login (the HF_TO
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
 MODEL = kh.default_model()  # the model: $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
 kh.describe_environment(MODEL)  # library versions, device and model
-TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+TINY = MODEL == "tiny"  # the tiny pretrained model: seconds on a CPU; the real model needs a GPU
 PRESET_NAME = os.environ.get("KONTEXT_PRESET", "auto")  # GPU preset (notebook 04): "auto" detects the GPU; or "t4", ...
 QUICK = os.environ.get("KONTEXT_QUICK") == "1"  # a smoke run of the GPU path (the tests set it): few steps, 64 px
 PRESET = kh.TrainConfig.for_gpu(PRESET_NAME)  # this GPU's preset: resolution, precision, NF4 or not

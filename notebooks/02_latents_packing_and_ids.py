@@ -63,7 +63,7 @@ kh.colab_session(use_drive=USE_DRIVE)  # Colab only: Drive, Hub login (the HF_TO
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
 MODEL = kh.default_model()  # the model: $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
 kh.describe_environment(MODEL)  # library versions, device and model
-TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+TINY = MODEL == "tiny"  # the tiny pretrained model: seconds on a CPU; the real model needs a GPU
 PRESET_NAME = os.environ.get("KONTEXT_PRESET", "auto")  # GPU preset (notebook 04): "auto" detects the GPU; or "t4", ...
 QUICK = os.environ.get("KONTEXT_QUICK") == "1"  # a smoke run of the GPU path (the tests set it): few steps, 64 px
 PRESET = kh.TrainConfig.for_gpu(PRESET_NAME)  # this GPU's preset: resolution, precision, NF4 or not
@@ -81,11 +81,12 @@ torch.manual_seed(SEED)
 os.makedirs(OUTPUT_DIR, exist_ok=True)
 
 # %% [markdown]
-# We load the pipeline once. On the tiny path this builds a complete, randomly initialised
-# `FluxKontextPipeline` offline in about a second; on a GPU it is FLUX.1 Kontext [dev] from the Hub. This
-# notebook only needs its VAE and a few of its (static) helper functions, but they are the pipeline's own, so
-# everything we compute can be checked against it. On the real model `vae_only=True` loads the VAE and the
-# scheduler alone (about 170 MB), not the 12B transformer and T5-XXL: the notebook runs on any GPU.
+# We load the pipeline once. On the tiny path this builds a complete, small `FluxKontextPipeline` offline in about a
+# second, with the weights shipped in the package (`docs/tiny_model.md` says how they were trained); on a GPU it is
+# FLUX.1 Kontext [dev] from the Hub. This notebook only needs its VAE and a few of its (static) helper functions, but
+# they are the pipeline's own, so everything we compute can be checked against it. On the real model `vae_only=True`
+# loads the VAE and the scheduler alone (about 170 MB), not the 12B transformer and T5-XXL: the notebook runs on any
+# GPU.
 
 # %%
 pipe = kh.load_pipeline(MODEL, vae_only=not TINY)  # the real model: VAE and scheduler only
@@ -167,12 +168,13 @@ axes[-1].hist(lat_np.ravel(), bins=bins, alpha=0.6, label="ours = pipeline")
 axes[-1].set_title(f"all latent values: offset {offset.mean().item():+.3f}")
 axes[-1].legend(fontsize="small")
 fig.suptitle(f"Latents: {lat_np.shape[0]} channels at 1/8 of the image side; the original design's values all sit "
-             f"{-offset.mean().item():.3f} higher than the pipeline's" + (" (tiny model: random VAE)" if TINY else ""))
+             f"{-offset.mean().item():.3f} higher than the pipeline's"
+             + (f" (tiny model, {RESOLUTION} px)" if TINY else ""))
 plt.show()
 
 # %% [markdown]
-# On the tiny model the VAE is random, so the channels show scrambled structure; on the real model they look
-# like blurred, recoloured versions of the image. Either way the lesson is the shape `[B, C, H/8, W/8]` and
+# The channels look like blurred, recoloured versions of the image (on the tiny model too: its small VAE was
+# trained on scenes like these, and it is soft, about 24 dB). The lesson is the shape `[B, C, H/8, W/8]` and
 # that our latents are the pipeline's, bit for bit.
 #
 # ## 2. Packing: 2x2 latent patches become tokens
@@ -442,12 +444,9 @@ for ax, (image, title) in zip(axes, [(x01, "original"), (ours_img, f"decode(our 
     ax.imshow(image[0].permute(1, 2, 0).numpy())
     ax.set_title(title)
     ax.set_axis_off()
-if TINY:
-    fig.suptitle("Round trip on the tiny model: its VAE is random, so the decoded pictures are noise; the lesson is "
-                 f"the shapes [1, 3, {RESOLUTION}, {RESOLUTION}] -> tokens {tuple(tokens.shape)} -> back")
-else:
-    fig.suptitle("Round trip: our latents decode back to the image; the original design's, decoded as the pipeline "
-                 "does, are off by the forgotten shift (compare the PSNR)")
+fig.suptitle((f"Round trip (tiny model, {RESOLUTION} px): " if TINY else "Round trip: ")
+             + "our latents decode back to the image; the original design's, decoded as the pipeline "
+             "does, are off by the forgotten shift (compare the PSNR)")
 plt.show()
 
 # %% [markdown]

@@ -65,7 +65,7 @@ kh.colab_session(use_drive=USE_DRIVE)  # Colab only: Drive, Hub login (the HF_TO
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
 MODEL = kh.default_model()  # the model: $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
 kh.describe_environment(MODEL)  # library versions, device and model
-TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+TINY = MODEL == "tiny"  # the tiny pretrained model: seconds on a CPU; the real model needs a GPU
 PRESET_NAME = os.environ.get("KONTEXT_PRESET", "auto")  # GPU preset (notebook 04): "auto" detects the GPU; or "t4", ...
 QUICK = os.environ.get("KONTEXT_QUICK") == "1"  # a smoke run of the GPU path (the tests set it): few steps, 64 px
 PRESET = kh.TrainConfig.for_gpu(PRESET_NAME)  # this GPU's preset: resolution, precision, NF4 or not
@@ -90,7 +90,8 @@ SEED = 0  # every random draw of this notebook
 # about 33 GB of bf16 weights: on a GPU whose preset says `quantize_base == "nf4"` (T4, L4) the transformer
 # is loaded in 4 bits and every model visits the GPU only while it runs (`enable_model_cpu_offload`, which
 # `load_pipeline` switches on with a quantization config); on an A100 or H100 the whole pipeline sits on the
-# GPU. On the tiny model every weight is random: the pictures mean nothing, the mechanics are the lesson.
+# GPU. The tiny model is small and was pretrained briefly on scenes like these (`docs/tiny_model.md`): its
+# pictures are soft, but real.
 
 # %%
 import numpy as np
@@ -536,8 +537,7 @@ print(f"encoding every step adds {(t_depth + t_prompt) / t_step:.0%} of a forwar
 #
 # The IP-Adapter's contribution is multiplied by a scale (`proc.scale` above; `pipe.set_ip_adapter_scale`).
 # `kh.sample_edit(..., ip_adapter_scale=s)` sets it for one call. We sample the same edit with the same noise
-# at several scales and measure how far the final latents move from the `s = 0` result. We compare
-# latents rather than pictures: on the tiny model the random VAE decodes anything to noise.
+# at several scales and measure how far the final latents move from the `s = 0` result.
 
 # %%
 sample_kw = dict(height=RESOLUTION, width=RESOLUTION, num_inference_steps=NUM_INFERENCE_STEPS,
@@ -569,9 +569,10 @@ fig.suptitle("The scale sets how much depth steers the result; s = 0 is exactly 
 plt.show()
 
 # %% [markdown]
-# `s = 0` gives bit for bit the result without depth: the adapter's output is multiplied by zero. With the
-# random tiny adapter the size of the move means nothing; on the real model, pick the scale by looking at
-# the pictures (notebook 05 samples and compares edits).
+# `s = 0` gives bit for bit the result without depth: the adapter's output is multiplied by zero. How far the
+# result moves depends on how much the model learned to use depth: the tiny model learned it only where the
+# context alone could not tell (`docs/tiny_model.md`); on the real model, pick the scale by looking at the
+# pictures (notebook 05 samples and compares edits).
 
 # %% [markdown]
 # ## 6. The loss in pictures

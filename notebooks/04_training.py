@@ -26,8 +26,8 @@
 #
 # Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
 #
-# On the tiny model every weight is random, so the run teaches the *mechanics* (tensors, losses, files),
-# not a useful edit. The same cells train a real editing LoRA on a GPU.
+# On a CPU the tiny model (pretrained in the package, `docs/tiny_model.md`) learns one pair's edit in about a
+# minute with the `cpu` preset; the same cells train a real editing LoRA on a GPU.
 #
 # **The code behind it:** [`kontext_helpers/training.py`](../kontext_helpers/training.py) (the loop, in named steps),
 # [`config.py`](../kontext_helpers/config.py) (settings and GPU presets) and
@@ -67,7 +67,7 @@ kh.colab_session(use_drive=USE_DRIVE)  # Colab only: Drive, Hub login (the HF_TO
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
 MODEL = kh.default_model()  # the model: $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
 kh.describe_environment(MODEL)  # library versions, device and model
-TINY = MODEL == "tiny"  # the tiny random model: seconds on a CPU; the real model needs a GPU
+TINY = MODEL == "tiny"  # the tiny pretrained model: seconds on a CPU; the real model needs a GPU
 PRESET_NAME = os.environ.get("KONTEXT_PRESET", "auto")  # GPU preset (section 1): "auto" detects the GPU; or "t4", ...
 QUICK = os.environ.get("KONTEXT_QUICK") == "1"  # a smoke run of the GPU path (the tests set it): few steps, 64 px
 DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this at your own folder (notebook 01)
@@ -78,15 +78,8 @@ RUN_DIR = os.path.join(OUTPUT_DIR, "run")  # this run's checkpoints/
 RESUME = False  # True after a disconnect: continue from the newest checkpoint in RUN_DIR instead of starting over
 RESUME_EXTRA_STEPS = 1 if QUICK else 30  # section 6 resumes the finished run for this many more steps
 if TINY:
-    cfg = kh.TrainConfig(
-        resolution=128,  # training side in pixels (multiple of 16): an 8x8 token grid, seconds per run
-        steps=150,  # optimizer updates
-        rank=16,  # LoRA rank
-        lora_targets="attn_ff",  # attention + feed-forward layers (diffusers' Kontext script's list)
-        learning_rate=3e-3,  # LoRA; far above the real model's 1e-4 so that 150 steps show a clear effect
-        region_learning_rate=1e-2,  # the region module is a fresh linear layer: it may move faster
-        max_sequence_length=64,  # T5 tokens; the tiny prompts are short
-        checkpoint_every=50,  # a checkpoint every 50 updates (and at the end)
+    cfg = kh.TrainConfig.for_gpu(
+        "cpu",  # the tiny model's preset: 128 px, 800 updates, rank 8, lr 3e-3 (attention + feed-forward), 32 tokens
         output_dir=RUN_DIR,  # where checkpoints go
         resume=RESUME,  # continue from RUN_DIR's newest checkpoint
         seed=SEED,  # reproducible and exactly resumable
@@ -503,7 +496,8 @@ plt.show()
 # so judge the moving mean. The in-mask curve should keep falling; the out-of-mask curve should fall early (the
 # model learns to copy the context) and then stay low. An out-of-mask curve that climbs while in-mask falls means
 # the LoRA is changing the whole image: lower the learning rate, raise `w_out`, or try `preservation="prior"`.
-# On the tiny random model both parts start equally bad and fall together.
+# On the tiny model the out-of-mask part starts low (the base model already copies the context) and the
+# in-mask part carries the learning.
 
 # %% [markdown]
 # The history has one record per update: the loss and its two parts, the learning rate and the seconds since
