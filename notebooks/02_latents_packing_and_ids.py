@@ -365,8 +365,11 @@ plt.show()
 # %%
 txt_ids = torch.zeros(MAX_SEQUENCE_LENGTH, 3)  # [T, 3], what pipe.encode_prompt returns as text_ids
 if TINY:  # cheap on the tiny model: check it against the pipeline's own text encoding
-    _, _, pipe_txt_ids = kh.encode_prompts(pipe, item["prompt"], max_sequence_length=MAX_SEQUENCE_LENGTH)
+    t5_embeds, pooled, pipe_txt_ids = kh.encode_prompts(pipe, item["prompt"], max_sequence_length=MAX_SEQUENCE_LENGTH)
     print("txt_ids == pipe.encode_prompt's text_ids:", torch.equal(txt_ids, pipe_txt_ids.cpu().float()))
+    print("T5 tokens", tuple(t5_embeds.shape), "-> context_embedder:", pipe.transformer.context_embedder,
+          "\npooled CLIP", tuple(pooled.shape), "-> time_text_embed's text part:",
+          pipe.transformer.time_text_embed.text_embedder.linear_1)
 all_ids = torch.cat([txt_ids, ids])  # [T + 2N + 1, 3]
 t_len = txt_ids.shape[0]
 print("text", tuple(txt_ids.shape), "+ image", tuple(ids.shape), "->", tuple(all_ids.shape), " # [T + 2N + 1, 3]")

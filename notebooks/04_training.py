@@ -258,8 +258,8 @@ print("loaded:", ", ".join(name for name, module in pipe.components.items() if m
 #
 # > **Why we differ from the original design ([design note 2](../docs/design.md#2-constant-work-every-step)).** The
 # > original design encoded the prompt with T5-XXL and the depth image with CLIP *at every step*. Both are constant per
-# > sample: here they are encoded once. On the tiny model the original design's step costs 1.38x a plain
-# > diffusers-style LoRA step and ours 1.02x (`make bench`: 128 px, T5 length 512, one thread; the README's
+# > sample: here they are encoded once. On the tiny model the original design's step costs 1.71x a plain
+# > diffusers-style LoRA step and ours 1.07x (`make bench`: 128 px, T5 length 512, one thread; the README's
 # > Performance section); on the real model the saving is larger still, and T5-XXL's memory is free for the
 # > transformer.
 
@@ -411,6 +411,8 @@ hidden = torch.cat([x_t, sample["ctx_tok"], region_tok], dim=1).to(dtype)  # [1,
 img_ids = kh.kontext_img_ids(cache.h_tok, cache.w_tok, with_region=True, device=DEVICE, dtype=dtype)  # [2N+1, 3]
 # 4. the forward pass: the transformer's own call, as FluxKontextPipeline.__call__ makes it
 guidance = torch.full([1], cfg.guidance, device=DEVICE) if pipe.transformer.config.guidance_embeds else None
+print("timestep, guidance and pooled CLIP become one temb [B, D] in", type(pipe.transformer.time_text_embed).__name__,
+      "with", [name for name, _ in pipe.transformer.time_text_embed.named_children()])
 depth = {"ip_adapter_image_embeds": [sample["ip_embeds"].to(dtype)]} if sample["ip_embeds"] is not None else None
 out = pipe.transformer(hidden_states=hidden, timestep=sigma.to(dtype), guidance=guidance,
                        pooled_projections=sample["pooled_prompt_embeds"].to(dtype),
