@@ -434,5 +434,5 @@ def pretrain_tiny(cfg: PretrainConfig, out_dir: str, weights_path: str | None = 
     info = {"config": dataclasses.asdict(cfg), "train_seconds": seconds, "torch": torch.__version__}
     save_tiny_weights(pipe, weights_path, info)
     print(f"wrote {weights_path} ({os.path.getsize(weights_path) / 2**20:.1f} MiB) in "
-          f"{time.perf_counter() - t0:.0f} s this session; phase seconds {seconds}")
+          f"{time.perf_counter() - t0:.0f} s in this run; phase seconds {seconds}")
     return weights_path
