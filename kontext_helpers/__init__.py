@@ -78,6 +78,7 @@ from .data import KontextPairs, estimate_depth, mask_from_difference, write_pair
 from .figures import (
     LiveLossPlot,
     denoising_figure,
+    depth_precision_figure,
     edit_metrics,
     interactive_figure,
     metrics_table,
@@ -155,6 +156,7 @@ __all__ = [
     # figures
     "LiveLossPlot",
     "denoising_figure",
+    "depth_precision_figure",
     "edit_metrics",
     "interactive_figure",
     "metrics_table",

@@ -458,3 +458,39 @@ def denoising_figure(frames: list, labels: list[str], steps: list[int], distance
     ax.set_xlabel("denoising step")
     ax.set_ylabel("relative distance\nto the final latents")
     return fig
+
+
+def depth_precision_figure(v16, v8, window: tuple[int, int, int]):
+    """Notebook 01's picture of 16-bit vs 8-bit depth: the map, a zoom ``(y0, x0, side)`` at both precisions, one
+    row as a curve vs a staircase, and the slope (|gradient|) of each. ``v16``: 0-65535, ``v8``: 0-255 arrays."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    y0, x0, side = window
+    win16 = v16[y0 : y0 + side, x0 : x0 + side].astype(np.float64)
+    win8 = v8[y0 : y0 + side, x0 : x0 + side] * 257.0  # back on the 16-bit scale for a fair comparison
+    lo, hi = win16.min(), win16.max()  # contrast stretched to the window
+    slope16, slope8 = (np.hypot(*np.gradient(w)) for w in (win16, win8))  # how steeply depth changes: the shape
+    fig, axes = plt.subplots(2, 3, figsize=(14, 9.5))
+    shown = axes[0, 0].imshow(v16 / 65535, cmap="magma", vmin=0, vmax=1)
+    fig.colorbar(shown, ax=axes[0, 0], fraction=0.046, label="depth value (1 = near)")
+    axes[0, 0].add_patch(Rectangle((x0, y0), side, side, fill=False, color="cyan", lw=2))
+    axes[0, 0].set_title("full map: bright = near, sky = 0")
+    for ax, win, bits in ((axes[0, 1], win16, 16), (axes[0, 2], win8, 8)):
+        ax.imshow(win, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(f"{bits}-bit zoom: {len(np.unique(win))} levels")
+    axes[1, 0].plot(win16[side // 2], label="16-bit", lw=2)
+    axes[1, 0].step(np.arange(side), win8[side // 2], where="mid", label="8-bit", lw=1.2)
+    axes[1, 0].set_xlabel("pixel along the middle row of the zoom")
+    axes[1, 0].set_ylabel("depth value (16-bit scale)")
+    axes[1, 0].set_title("one row: a curve vs a staircase")
+    axes[1, 0].legend()
+    top = np.percentile(slope16, 95)
+    axes[1, 1].imshow(slope16, cmap="gray", vmin=0, vmax=top)
+    axes[1, 1].set_title("16-bit slope |gradient|: smooth")
+    axes[1, 2].imshow(slope8, cmap="gray", vmin=0, vmax=top)
+    axes[1, 2].set_title("8-bit slope: 0 on terraces, lines at steps")
+    for ax in (axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 1], axes[1, 2]):
+        ax.set_axis_off()
+    return fig

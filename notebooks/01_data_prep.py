@@ -280,38 +280,9 @@ print(f"brightest pixel: z = {z[scene].min():.2f} units (the nearest floor);  "
 # shows bands that are not in the scene.
 
 # %%
-from matplotlib.patches import Rectangle
-
 size = v16.shape[0]
-y0, x0, side = int(0.41 * size), int(0.17 * size), int(0.17 * size)  # a window inside the sphere of pair 0
-win16 = v16[y0 : y0 + side, x0 : x0 + side].astype(np.float64)
-win8 = v8[y0 : y0 + side, x0 : x0 + side] * 257.0  # back on the 16-bit scale for a fair comparison
-lo, hi = win16.min(), win16.max()  # contrast stretched to the window
-slope16, slope8 = (np.hypot(*np.gradient(w)) for w in (win16, win8))  # how steeply depth changes: the shape
-top = np.percentile(slope16, 95)
-
-fig, axes = plt.subplots(2, 3, figsize=(14, 9.5))
-shown = axes[0, 0].imshow(v16 / 65535, cmap="magma", vmin=0, vmax=1)
-fig.colorbar(shown, ax=axes[0, 0], fraction=0.046, label="depth value (1 = near)")
-axes[0, 0].add_patch(Rectangle((x0, y0), side, side, fill=False, color="cyan", lw=2))
-axes[0, 0].set_title("full map: bright = near, sky = 0")
-axes[0, 1].imshow(win16, cmap="gray", vmin=lo, vmax=hi)
-axes[0, 1].set_title(f"16-bit zoom: {len(np.unique(win16))} levels")
-axes[0, 2].imshow(win8, cmap="gray", vmin=lo, vmax=hi)
-axes[0, 2].set_title(f"8-bit zoom: {len(np.unique(win8))} levels")
-row = side // 2
-axes[1, 0].plot(win16[row], label="16-bit", lw=2)
-axes[1, 0].step(np.arange(side), win8[row], where="mid", label="8-bit", lw=1.2)
-axes[1, 0].set_xlabel("pixel along the middle row of the zoom")
-axes[1, 0].set_ylabel("depth value (16-bit scale)")
-axes[1, 0].set_title("one row: a curve vs a staircase")
-axes[1, 0].legend()
-axes[1, 1].imshow(slope16, cmap="gray", vmin=0, vmax=top)
-axes[1, 1].set_title("16-bit slope |gradient|: smooth")
-axes[1, 2].imshow(slope8, cmap="gray", vmin=0, vmax=top)
-axes[1, 2].set_title("8-bit slope: 0 on terraces, lines at steps")
-for ax in (axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 1], axes[1, 2]):
-    ax.set_axis_off()
+window = (int(0.41 * size), int(0.17 * size), int(0.17 * size))  # (y0, x0, side): inside the sphere of pair 0
+fig = kh.depth_precision_figure(v16, v8, window)  # kontext_helpers/figures.py
 fig.suptitle("Depth precision: 8 bits turn the sphere's smooth surface into terraces (the slope shows the rings)",
              fontsize="x-large")
 plt.show()
@@ -500,6 +471,8 @@ for policy, one in variants.items():
     print(f"resize={policy!r}: context {tuple(one['context'].shape)}, mask {tuple(one['mask'].shape)}")
 
 # %%
+from matplotlib.patches import Rectangle
+
 original = np.asarray(Image.open(wide / "context" / f"{name}.png").convert("RGB"))
 original_mask = np.asarray(Image.open(wide / "masks" / f"{name}.png")) > 127
 fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), gridspec_kw={"width_ratios": [4 / 3, 1, 1]})

@@ -121,3 +121,11 @@ def test_denoising_figure_has_one_frame_per_step_and_the_distance_curve():
     fig = kh.denoising_figure(frames, ["a", "b", "c"], [1, 2, 3], [1.0, 0.5, 0.0])
     assert len(fig.axes) == 4, f"3 frames and 1 curve, got {len(fig.axes)}"
     assert [ax.get_title() for ax in fig.axes[:3]] == ["a", "b", "c"], "each frame titled by its label"
+
+
+def test_depth_precision_figure_counts_the_levels_of_both_precisions():
+    ramp16 = (torch.linspace(0, 1, 64)[None, :].expand(64, 64) * 65535).round().numpy()  # [H, W], 64 levels
+    fig = kh.depth_precision_figure(ramp16, (ramp16 / 257).round(), (16, 16, 32))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "16-bit zoom: 32 levels" in titles, f"the zoom keeps every 16-bit level: {titles}"
+    assert len(fig.axes) == 7, f"six panels and a colour bar, got {len(fig.axes)}"
