@@ -85,6 +85,8 @@ from .figures import (
     packing_figure,
     preview_grid,
     show_pairs,
+    show_token_grid,
+    token_grid_lines,
 )
 from .images import (
     depth_to_array,
@@ -163,6 +165,8 @@ __all__ = [
     "packing_figure",
     "preview_grid",
     "show_pairs",
+    "show_token_grid",
+    "token_grid_lines",
     # tiny
     "TINY_WEIGHTS_FILE",
     "build_tiny_pipeline",

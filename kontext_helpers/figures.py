@@ -494,3 +494,21 @@ def depth_precision_figure(v16, v8, window: tuple[int, int, int]):
     for ax in (axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 1], axes[1, 2]):
         ax.set_axis_off()
     return fig
+
+
+def token_grid_lines(ax, size: int, cell: int = 16, color: str = "white") -> None:
+    """Draw the token grid (one cell = 16x16 pixels) over an image of ``size`` pixels shown in pixel coordinates."""
+    for p in range(0, size + 1, cell):
+        ax.axhline(p - 0.5, color=color, lw=0.5, alpha=0.6)
+        ax.axvline(p - 0.5, color=color, lw=0.5, alpha=0.6)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def show_token_grid(ax, grid, title: str, *, size: int, cmap: str = "gray", vmin=0.0, vmax=1.0, **kw):
+    """Show an ``[H', W']`` token-grid map stretched over a ``size``-pixel frame, with the token grid on top."""
+    im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, extent=(-0.5, size - 0.5, size - 0.5, -0.5),
+                   interpolation="nearest", **kw)
+    token_grid_lines(ax, size)
+    ax.set_title(title, fontsize=9)
+    return im

@@ -136,23 +136,11 @@ print(f"{boundary} of {h_tok * w_tok} tokens are partly editable (0 < area < 1):
 
 
 # %%
-def token_grid_lines(ax, size=RESOLUTION, cell=16, color="white"):
-    """Draw the token grid (one cell = 16x16 pixels) over an image shown in pixel coordinates."""
-    for p in range(0, size + 1, cell):
-        ax.axhline(p - 0.5, color=color, lw=0.5, alpha=0.6)
-        ax.axvline(p - 0.5, color=color, lw=0.5, alpha=0.6)
-    ax.set_xticks([])
-    ax.set_yticks([])
+import functools
 
-
-def show_grid(ax, grid, title, cmap="gray", vmin=0.0, vmax=1.0, **kw):
-    """Show an [H', W'] token-grid map stretched over the pixel frame, with the token grid on top."""
-    im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, extent=(-0.5, RESOLUTION - 0.5, RESOLUTION - 0.5, -0.5),
-                   interpolation="nearest", **kw)
-    token_grid_lines(ax)
-    ax.set_title(title, fontsize=9)
-    return im
-
+# kontext_helpers/figures.py: a token-grid map over the pixel frame, and the grid lines alone
+show_grid = functools.partial(kh.show_token_grid, size=RESOLUTION)
+token_grid_lines = functools.partial(kh.token_grid_lines, size=RESOLUTION)
 
 fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), layout="constrained")
 axes[0].imshow(item["context"].permute(1, 2, 0))  # [3, H, W] -> [H, W, 3]

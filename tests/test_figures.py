@@ -129,3 +129,13 @@ def test_depth_precision_figure_counts_the_levels_of_both_precisions():
     titles = [ax.get_title() for ax in fig.axes]
     assert "16-bit zoom: 32 levels" in titles, f"the zoom keeps every 16-bit level: {titles}"
     assert len(fig.axes) == 7, f"six panels and a colour bar, got {len(fig.axes)}"
+
+
+def test_show_token_grid_stretches_the_grid_over_the_pixel_frame():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    im = kh.show_token_grid(ax, torch.eye(4).numpy(), "grid", size=64)
+    assert im.get_extent() == [-0.5, 63.5, 63.5, -0.5], f"a 4x4 grid over 64 px, got {im.get_extent()}"
+    assert len(ax.lines) == 2 * (64 // 16 + 1), f"one horizontal and one vertical line per token edge: {len(ax.lines)}"
+    plt.close(fig)
