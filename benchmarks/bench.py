@@ -63,6 +63,15 @@ def _constant_schedule(opt):
     return get_scheduler("constant", optimizer=opt)
 
 
+def _update(loss, params, opt, schedule, max_grad_norm: float) -> None:
+    """The update both loops end with: backward, clip, optimizer and schedule step, zero the gradients."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    schedule.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def _project_step(pipe, cache, region, lora, opt, cfg):
     """``kh.train``'s update with the public functions: batch, noise, sigma, loss, backward, clip, step."""
     params = [p for _, p in lora] + (list(region.parameters()) if region is not None else [])
@@ -76,11 +85,7 @@ def _project_step(pipe, cache, region, lora, opt, cfg):
         sigma = kh.sample_sigmas(1, cfg, g)  # [1]
         loss, _ = kh.training_loss(pipe.transformer, region, batch, cache.txt_ids, cache.h_tok, cache.w_tok,
                                    noise, sigma, cfg, lora_named_params=lora)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        schedule.step()
-        opt.zero_grad(set_to_none=True)
+        _update(loss, params, opt, schedule, cfg.max_grad_norm)
 
     return step
 
@@ -111,11 +116,7 @@ def _reference_step(plain, cache, lora, opt, cfg):
                                  encoder_hidden_states=batch["prompt_embeds"], txt_ids=cache.txt_ids, img_ids=img_ids,
                                  return_dict=False)[0][:, : h * w]  # -> [1, N, 4C], the target part
         loss = torch.nn.functional.mse_loss(pred.float(), (noise - tgt).float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        schedule.step()
-        opt.zero_grad(set_to_none=True)
+        _update(loss, params, opt, schedule, cfg.max_grad_norm)
 
     return step
 
