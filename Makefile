@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: demo test bench lint sync-notebooks clean
+.PHONY: demo test bench lint sync-notebooks clean tiny-weights
 
 $(PY): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ test: $(PY)
 # prints a table, writes outputs/bench/bench.json and kontext_helpers/block_calibration.json (about 5 minutes).
 bench: $(PY)
 	$(PY) benchmarks/bench.py
+
+# The shipped tiny weights (docs/tiny_model.md), resumable: the VAE on both cores, then the base transformer (and its
+# depth phases) beside the VAE decoder on one core each, then one file with both (about 75 minutes on 2 idle cores).
+RUN := outputs/pretrain-tiny
+tiny-weights: $(PY)
+	$(PY) -m kontext_helpers pretrain-tiny --out $(RUN) --threads 2 --base-steps 0 --decoder-steps 0 \
+		--weights $(RUN)/vae-only.safetensors
+	test -d $(RUN)-decoder || cp -r $(RUN) $(RUN)-decoder
+	$(PY) -m kontext_helpers pretrain-tiny --out $(RUN)-decoder --base-steps 0 --probe-steps 0 --depth-steps 0 --quiet \
+		--weights $(RUN)-decoder/decoder-only.safetensors & decoder=$$!; \
+	$(PY) -m kontext_helpers pretrain-tiny --out $(RUN) --decoder-steps 0 --weights $(RUN)/base-only.safetensors; \
+	base=$$?; wait $$decoder && test $$base -eq 0
+	$(PY) -m kontext_helpers pretrain-tiny --export-only --out $(RUN) --decoder-from $(RUN)-decoder
 
 lint: $(PY)
 	$(PY) -m ruff check .

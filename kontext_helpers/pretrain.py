@@ -1,6 +1,6 @@
 """Pretraining the tiny model: ``python -m kontext_helpers pretrain-tiny`` writes the weights it ships with.
 
-Three phases on freshly drawn scenes (:mod:`kontext_helpers.scenes`, never the ``data_samples`` pairs):
+Four phases on freshly drawn scenes (:mod:`kontext_helpers.scenes`, never the ``data_samples`` pairs):
 
 1. the VAE on 64 px crops, then on whole images (L1 + MSE), after which the latents' mean and spread set
    the VAE's ``shift_factor`` and ``scaling_factor``;
@@ -8,7 +8,9 @@ Three phases on freshly drawn scenes (:mod:`kontext_helpers.scenes`, never the `
    prompt to the target, guidance drawn from ``[1, 4]``, a "keep" or empty prompt copying the context,
    depth through the IP-Adapter in half of the batches (in some of them the context is blank, so the
    picture must come from the depth map);
-3. the VAE's decoder alone on whole images: the encoder is frozen, so the base's latents do not change.
+3. depth: the image encoder with a linear probe that redraws the depth map from its embedding (training
+   only), then the IP-Adapter and the image encoder alone, the transformer frozen, every batch with depth;
+4. the VAE's decoder alone on whole images: the encoder is frozen, so the base's latents do not change.
 
 Every random draw of a step derives from ``(seed, phase, step)``; the run state is one safetensors file
 written to a temporary name and moved into place (``os.replace``), so an interrupted run resumes.
@@ -43,15 +45,20 @@ class PretrainConfig:
     seed: int = 0
     pairs: int = 3000  # drawn scenes, rendered once (with 2 workers) and kept in the run folder
     resolution: int = 128  # the CPU resolution of the course
-    vae_batch_size: int = 16  # on 64 px crops; a quarter of it on whole images
-    vae_crop_steps: int = 500  # VAE updates on 64 px crops (fast)
-    vae_full_steps: int = 150  # VAE updates on whole images
+    vae_batch_size: int = 4  # on 64 px crops (small batches: more updates per minute learned faster, measured)
+    vae_full_batch_size: int = 2  # on whole images, in the whole-image and decoder phases
+    vae_crop_steps: int = 4000  # VAE updates on 64 px crops (fast)
+    vae_full_steps: int = 1000  # VAE updates on whole images
     vae_lr: float = 1e-3
-    base_steps: int = 1500  # transformer + image encoder + IP-Adapter updates
-    decoder_steps: int = 500  # then the VAE's decoder alone on whole images (the latents, and so the base, stay)
+    base_steps: int = 4000  # transformer + image encoder + IP-Adapter updates
+    probe_steps: int = 4000  # the image encoder alone: its embedding must let a fixed linear probe redraw depth
+    probe_lr: float = 3e-3
+    depth_steps: int = 1500  # then the IP-Adapter and the image encoder alone, every batch with depth
+    depth_blank_fraction: float = 0.5  # of those samples: blank context and empty prompt, the picture from depth
+    decoder_steps: int = 8000  # then the VAE's decoder alone on whole images (the latents, and so the base, stay)
     base_lr: float = 8e-4
     batch_size: int = 8  # of the base phase
-    long_text_fraction: float = 0.3  # batches with 512 T5 tokens (sample_edit's default), the others 32
+    long_text_fraction: float = 0.2  # batches with 512 T5 tokens (sample_edit's default), the others 32
     depth_fraction: float = 0.5  # batches that see the depth map through the IP-Adapter
     blank_context_fraction: float = 0.25  # of the depth batches' samples: blank context, picture from depth
     edit_weight: float = 3.0  # extra loss weight on the tokens an edit changes
@@ -163,7 +170,11 @@ def load_run_state(folder: str, pipe) -> tuple[dict, dict | None]:
     for name in _COMPONENTS:
         module = getattr(pipe, name)
         prefix = name + "."
-        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        missing, unexpected = module.load_state_dict(
+            {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
+        wrong = [k for k in missing + unexpected if not k.startswith("depth_probe.")]  # the probe is training-only
+        if wrong:
+            raise ValueError(f"{path} does not fit the tiny {name}: {wrong[:5]}")
     _set_latent_stats(pipe.vae, state.get("latent_stats"))
     opt = None
     if "optimizer" in meta:
@@ -239,7 +250,7 @@ def train_vae(ctx: dict, data: dict) -> None:
     _run_phase("vae_crop", 1, cfg.vae_crop_steps, cfg.vae_lr, params,
                lambda g, step: _vae_loss(vae, _vae_batch(data, g, cfg.vae_batch_size, crop)), ctx)
     _run_phase("vae_full", 2, cfg.vae_full_steps, cfg.vae_lr / 2, params,
-               lambda g, step: _vae_loss(vae, _vae_batch(data, g, max(1, cfg.vae_batch_size // 4), None)), ctx)
+               lambda g, step: _vae_loss(vae, _vae_batch(data, g, cfg.vae_full_batch_size, None)), ctx)
     vae.eval().requires_grad_(False)
 
 
@@ -256,7 +267,7 @@ def train_decoder(ctx: dict, data: dict) -> None:
     vae.decoder.train().requires_grad_(True)
     params = list(vae.decoder.parameters())
     _run_phase("vae_decoder", 4, cfg.decoder_steps, cfg.vae_lr / 2, params,
-               lambda g, step: _decoder_loss(vae, _vae_batch(data, g, max(1, cfg.vae_batch_size // 4), None)), ctx)
+               lambda g, step: _decoder_loss(vae, _vae_batch(data, g, cfg.vae_full_batch_size, None)), ctx)
     vae.eval().requires_grad_(False)
 
 
@@ -353,7 +364,7 @@ def train_base(ctx: dict, data: dict) -> None:
     cfg, pipe = ctx["cfg"], ctx["pipe"]
     if ctx["state"].get("base", 0) >= cfg.base_steps:
         return
-    cache = build_base_cache(pipe, data)
+    cache = _shared_cache(ctx, data)
     modules = (pipe.transformer, pipe.image_encoder)
     for module in modules:
         module.train().requires_grad_(True)
@@ -363,12 +374,79 @@ def train_base(ctx: dict, data: dict) -> None:
         module.eval().requires_grad_(False)
 
 
+def _shared_cache(ctx: dict, data: dict) -> dict:
+    if "cache" not in ctx:
+        ctx["cache"] = build_base_cache(ctx["pipe"], data)
+    return ctx["cache"]
+
+
+# ------------------------------------------------------------------------------------------------
+# phase 3b: depth through the IP-Adapter (the image embedding must tell depth maps apart)
+# ------------------------------------------------------------------------------------------------
+
+
+def add_depth_probe(pipe, seed: int) -> None:
+    """A fixed linear probe ``image_embeds [B, E] -> depth at 8 x 8 [B, 64]`` with orthonormal columns and no bias,
+    inside the image encoder, for training only: the embedding itself must carry the depth map, centred."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own initialisation draws from the global generator
+        probe = torch.nn.Linear(pipe.image_encoder.config.projection_dim, 64, bias=False)
+    with torch.no_grad():
+        probe.weight.copy_(torch.linalg.qr(torch.randn(64, probe.in_features, generator=g))[0])  # [64, E]
+    pipe.image_encoder.add_module("depth_probe", probe.requires_grad_(False))
+
+
+def remove_depth_probe(pipe) -> None:
+    if hasattr(pipe.image_encoder, "depth_probe"):
+        del pipe.image_encoder.depth_probe
+
+
+def _depth_8x8(pixels: torch.Tensor) -> torch.Tensor:
+    return F.adaptive_avg_pool2d(pixels[:, :1].float(), 8).flatten(1)  # [B, 3, S, S] -> [B, 64]
+
+
+def _probe_loss(pipe, cache: dict, mean_depth: torch.Tensor, g: torch.Generator, batch: int = 32) -> torch.Tensor:
+    """The depth map at 8 x 8, minus the mean map, redrawn from the image embedding by the fixed probe (MSE)."""
+    idx = torch.randint(0, cache["pixels"].shape[0], (batch,), generator=g)
+    pixels = cache["pixels"][idx].float()  # [B, 3, S, S]
+    embeds = pipe.image_encoder(pixels).image_embeds  # [B, E]
+    return F.mse_loss(pipe.image_encoder.depth_probe(embeds), _depth_8x8(pixels) - mean_depth)
+
+
+def _ip_adapter_parameters(transformer) -> list:
+    return [p for name, p in transformer.named_parameters() if "_ip" in name or name.startswith("encoder_hid_proj")]
+
+
+def train_depth(ctx: dict, data: dict) -> None:
+    """The image encoder with the probe, then the IP-Adapter and image encoder with the transformer frozen (so
+    every call without depth is unchanged): every batch sees depth, half of its samples from a blank context."""
+    cfg, pipe, state = ctx["cfg"], ctx["pipe"], ctx["state"]
+    if state.get("probe", 0) >= cfg.probe_steps and state.get("depth", 0) >= cfg.depth_steps:
+        return
+    cache = _shared_cache(ctx, data)
+    encoder = pipe.image_encoder.train().requires_grad_(True)
+    encoder.depth_probe.requires_grad_(False)
+    mean_depth = _depth_8x8(cache["pixels"]).mean(0)  # [64]
+    encoder_params = [p for name, p in encoder.named_parameters() if not name.startswith("depth_probe.")]
+    _run_phase("probe", 5, cfg.probe_steps, cfg.probe_lr, encoder_params,
+               lambda g, step: _probe_loss(pipe, cache, mean_depth, g), ctx)
+    pipe.transformer.train().requires_grad_(False)
+    params = _ip_adapter_parameters(pipe.transformer)
+    for p in params:
+        p.requires_grad_(True)
+    depth_cfg = dataclasses.replace(cfg, depth_fraction=1.0, blank_context_fraction=cfg.depth_blank_fraction)
+    _run_phase("depth", 6, cfg.depth_steps, cfg.base_lr, params + encoder_params,
+               lambda g, step: _base_loss(pipe, cache, depth_cfg, g), ctx)
+    for module in (pipe.transformer, encoder):
+        module.eval().requires_grad_(False)
+
+
 # ------------------------------------------------------------------------------------------------
 # the command
 # ------------------------------------------------------------------------------------------------
 
-_MUST_MATCH = ("seed", "pairs", "resolution", "batch_size", "vae_batch_size")
-_PHASES = ("vae_crop", "vae_full", "base", "vae_decoder")
+_MUST_MATCH = ("seed", "pairs", "resolution", "batch_size", "vae_batch_size", "vae_full_batch_size")
+_PHASES = ("vae_crop", "vae_full", "base", "probe", "depth", "vae_decoder")
 
 
 def _resume_state(folder: str, pipe, cfg: PretrainConfig) -> tuple[dict, dict | None]:
@@ -396,17 +474,24 @@ def export_run_state(out_dir: str, weights_path: str | None = None, decoder_from
         if folder is not None and not os.path.isfile(_state_path(folder)):
             raise FileNotFoundError(f"{_state_path(folder)} does not exist: run pretrain-tiny with --out {folder}")
     pipe = build_tiny_pipeline(0)
+    add_depth_probe(pipe, 0)
     state, _ = load_run_state(out_dir, pipe)
-    progress = {k: state.get(k, 0) for k in _PHASES}
+    remove_depth_probe(pipe)
+    config = dict(state.get("config") or {})
     if decoder_from is not None:
         other = build_tiny_pipeline(0)
+        add_depth_probe(other, 0)
         other_state, _ = load_run_state(decoder_from, other)
         if other_state.get("latent_stats") != state.get("latent_stats"):
             raise ValueError(f"{decoder_from} and {out_dir} have other VAE latents: not two parts of one run")
         pipe.vae.decoder.load_state_dict(other.vae.decoder.state_dict())
-        progress["vae_decoder"] = other_state.get("vae_decoder", 0)
+        for key in ("vae_decoder", "vae_decoder_seconds"):
+            state[key] = other_state.get(key, 0)
+        config["decoder_steps"] = other_state.get("config", {}).get("decoder_steps", state["vae_decoder"])
+    progress = {k: state.get(k, 0) for k in _PHASES}
+    seconds = {k: round(state.get(f"{k}_seconds", 0.0), 1) for k in _PHASES}
     weights_path = weights_path or TINY_WEIGHTS_FILE
-    save_tiny_weights(pipe, weights_path, {"config": state.get("config"), "steps_done": progress})
+    save_tiny_weights(pipe, weights_path, {"config": config, "steps_done": progress, "train_seconds": seconds})
     print(f"wrote {weights_path} from {_state_path(out_dir)} (updates done: {progress})")
     return weights_path
 
@@ -421,6 +506,7 @@ def pretrain_tiny(cfg: PretrainConfig, out_dir: str, weights_path: str | None = 
     t0 = time.perf_counter()
     data = render_training_set(cfg, out_dir, progress)
     pipe = build_tiny_pipeline(cfg.seed)
+    add_depth_probe(pipe, cfg.seed)
     state, opt = _resume_state(out_dir, pipe, cfg)
     ctx = {"cfg": cfg, "pipe": pipe, "state": state, "folder": out_dir, "optimizer_state": opt, "progress": progress}
     train_vae(ctx, data)
@@ -429,7 +515,9 @@ def pretrain_tiny(cfg: PretrainConfig, out_dir: str, weights_path: str | None = 
         _set_latent_stats(pipe.vae, state["latent_stats"])
         save_run_state(out_dir, pipe, None, state)
     train_base(ctx, data)
+    train_depth(ctx, data)
     train_decoder(ctx, data)
+    remove_depth_probe(pipe)
     seconds = {k: round(state.get(f"{k}_seconds", 0.0), 1) for k in _PHASES}
     info = {"config": dataclasses.asdict(cfg), "train_seconds": seconds, "torch": torch.__version__}
     save_tiny_weights(pipe, weights_path, info)

@@ -26,9 +26,10 @@
 #
 # Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
 #
-# **On the tiny model the pictures are real but soft.** Its weights were pretrained in the package on drawn
-# scenes (`docs/tiny_model.md`); its VAE reconstructs the sample scenes at about 24 dB, which caps every
-# figure here. The LoRA from notebook 04 does learn its pair's edit; on a GPU the same cells show FLUX.1 Kontext.
+# **On the tiny model the pictures are real but small.** Its weights were pretrained in the package on drawn
+# scenes (`docs/tiny_model.md`): its VAE reconstructs the sample scenes at about 32 dB, and with an empty
+# prompt the base model gives the context back at 26 to 30 dB, which caps every figure here. The LoRA from
+# notebook 04 does learn the edits; on a GPU the same cells show FLUX.1 Kontext.
 #
 # **The code behind it:** [`kontext_helpers/inference.py`](../kontext_helpers/inference.py) (`sample_edit` in named
 # steps, `compare_variants`) and [`kontext_helpers/adapters.py`](../kontext_helpers/adapters.py) (save, load, ComfyUI).
@@ -366,7 +367,7 @@ plt.show()
 # learned the edit); `psnr_out_vs_context` should stay high for every variant that uses the mask (the rest of
 # the image is kept). The inpainting baseline keeps the outside by construction (it puts the noised context
 # latents back outside the mask at every step) but knows nothing of your edit; a trained region token should
-# match its outside and beat its inside. On the tiny model every number compares noise with noise.
+# match its outside and beat its inside. On the tiny model every figure is capped by its small VAE and base.
 
 # %%
 comparison = kh.compare_variants(pipe, context, prompt, item["mask"], region=region, depth=depth_image,
@@ -424,6 +425,35 @@ def scale_figure(scale):
 
 _ = kh.interactive_figure(scale_figure, scale=FloatSlider(value=1.0, min=0.0, max=1.5, step=0.25,
                                                           continuous_update=False, description="scale"))
+
+# %% [markdown]
+# **What the depth map carries on its own.** A blank grey context and an empty prompt leave the model nothing
+# to copy; whatever scene comes out must come from the depth embedding. The tiny model was pretrained on such
+# samples (`docs/tiny_model.md`), so with the LoRA off it should draw the layout of the depth map, and without
+# depth some average scene. FLUX.1 Kontext's IP-Adapter was trained on RGB references, not depth maps, so on a
+# GPU this cell shows what a general adapter makes of a depth map; read it as a probe, not as a feature.
+
+# %%
+grey = torch.full_like(item["context"], 0.5)  # [3, H, W], mid grey
+everywhere = torch.zeros(1, *item["context"].shape[-2:])  # [1, H, W]: no mask, so "outside" is the whole image
+with kh.lora_off(pipe.transformer):
+    blank_runs = {name: kh.sample_edit(pipe, grey, "", depth=d, generator=noise(), output_type="pt", **common)[0]
+                  for name, d in (("no depth", None), ("depth", depth_image))}  # [3, H, W] each
+blank_psnr = {name: kh.edit_metrics(img.float().cpu(), item["context"], None, everywhere)["psnr_out_vs_context"]
+              for name, img in blank_runs.items()}
+fig, axes = plt.subplots(1, 4, figsize=(11, 3.2), layout="constrained")
+panels = [(item["context"], "the context (never shown to the model here)"), (depth_image, "depth map given")]
+panels += [(img, f"grey context, {name}: {blank_psnr[name]:.1f} dB to the context") for name, img in blank_runs.items()]
+for ax, (img, title) in zip(axes, panels):
+    ax.imshow(img if not torch.is_tensor(img) else img.permute(1, 2, 0).float().cpu().numpy())  # [3, H, W] -> [H, W, 3]
+    ax.set_title(title, fontsize=8)
+    ax.set_axis_off()
+fig.suptitle(f"Base model from a blank context and an empty prompt ({'tiny model' if TINY else 'FLUX.1 Kontext'}, "
+             f"{h} px): with depth it {'draws' if blank_psnr['depth'] > blank_psnr['no depth'] else 'does not draw'}"
+             " the scene's layout", fontsize=10)
+plt.show()
+print(f"from a blank context: PSNR to the real context {blank_psnr['no depth']:.1f} dB without depth, "
+      f"{blank_psnr['depth']:.1f} dB with it")
 
 # %% [markdown]
 # ## 6. Adapters that travel

@@ -9,6 +9,8 @@ Every figure is measured on the held-out ``data_samples`` pairs at the ``cpu`` p
 * ``vae``: PSNR of each context after encode + decode;
 * ``base_keep``: ``sample_edit`` with its defaults (28 steps, guidance 2.5, 512 T5 tokens) and an empty
   prompt: PSNR of the output against the context, next to the VAE's own PSNR;
+* ``depth_alone``: the same from a blank grey context, without and with the pair's depth map: how much of
+  the scene the depth path alone carries;
 * ``lora``: for each pair, ``kh.train`` with ``TrainConfig.for_gpu("cpu")`` on that pair alone, then
   ``kh.edit_metrics`` of the edit with the LoRA, the region token and depth, against the base model with the
   same seed and prompt; and with the region token or depth left out.
@@ -89,6 +91,26 @@ def base_keep_figures(pipe, pairs, vae_psnr: list[float]) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def embedding_spread(pipe, pairs) -> float:
+    """How far the image embeddings of the depth maps lie from their mean, relative to their length."""
+    maps = [kh.depth_to_pil(pairs[i]["depth"]) for i in range(len(pairs))]
+    pixels = pipe.feature_extractor(maps, return_tensors="pt").pixel_values  # [P, 3, S, S]
+    embeds = pipe.image_encoder(pixels).image_embeds  # [P, E]
+    return float((embeds - embeds.mean(0)).norm(dim=1).mean() / embeds.norm(dim=1).mean())
+
+
+def depth_alone_figures(pipe, pairs) -> list[dict]:
+    """From a blank grey context and an empty prompt: PSNR to the real context without and with its depth map."""
+    rows = []
+    for i in range(len(pairs)):
+        item = pairs[i]
+        blank = dict(item, context=torch.full_like(item["context"], 0.5))  # [3, H, W], mid grey
+        rows.append({"pair": pairs.names[i], "no_depth_db": psnr(edit(pipe, blank, ""), item["context"]),
+                     "depth_db": psnr(edit(pipe, blank, "", depth=item["depth"]), item["context"])})
+    return rows
+
+
 def lora_figures(pairs, index: int, config_overrides: dict) -> dict:
     """Train the ``cpu`` preset on one pair; metrics of base, LoRA (region + depth), and without each."""
     item = pairs[index]
@@ -117,6 +139,11 @@ def summary_lines(report: dict) -> list[str]:
     for row in report.get("base_keep", []):
         lines.append(f"base keep {row['pair']}: VAE {row['vae_db']:.2f}  empty prompt {row['empty_prompt_db']:.2f}  "
                      f"'keep the scene' {row['keep_prompt_db']:.2f} dB")
+    lines.append(f"image embeddings of the depth maps: spread {100 * report['depth_embedding_spread']:.1f}% of "
+                 "their length")
+    for row in report.get("depth_alone", []):
+        lines.append(f"blank context {row['pair']}: to the context without depth {row['no_depth_db']:.2f} dB, "
+                     f"with depth {row['depth_db']:.2f} dB")
     for row in report.get("lora", []):
         b, lo, nr, nd = row["base"], row["lora"], row["lora_no_region"], row["lora_no_depth"]
         lines.append(f"LoRA {row['pair']} ({row['train_seconds']} s): in-mask to target base "
@@ -148,6 +175,8 @@ def main(argv=None) -> dict:
     report["vae_db"] = vae_figures(pipe, pairs)
     if not args.skip_base:
         report["base_keep"] = base_keep_figures(pipe, pairs, report["vae_db"])
+        report["depth_alone"] = depth_alone_figures(pipe, pairs)
+    report["depth_embedding_spread"] = embedding_spread(pipe, pairs)
     if not args.skip_lora:
         overrides = {"steps": args.steps} if args.steps else {}
         report["lora"] = [lora_figures(pairs, i, overrides) for i in args.pairs]

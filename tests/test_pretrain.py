@@ -41,22 +41,24 @@ def test_drawn_scenes_are_reproducible_and_keep_means_the_same_image():
     assert 0.0 <= float(pair["depth"].min()) and float(pair["depth"].max()) == 1.0, "depth min-max normalised"
 
 
-def _pretrain(out, weights, base_steps, decoder_steps):
+def _pretrain(out, weights, base_steps, depth_steps, decoder_steps):
     args = ["pretrain-tiny", "--out", str(out), "--weights", str(weights), "--quiet", "--pairs", "6",
             "--resolution", "32", "--vae-batch-size", "4", "--batch-size", "2", "--vae-crop-steps", "2",
-            "--vae-full-steps", "1", "--base-steps", str(base_steps), "--decoder-steps",
-            str(decoder_steps), "--checkpoint-every", "1", "--workers", "1", "--threads", "1"]
+            "--vae-full-steps", "1", "--base-steps", str(base_steps), "--probe-steps", str(depth_steps),
+            "--depth-steps", str(depth_steps), "--decoder-steps", str(decoder_steps), "--checkpoint-every", "1",
+            "--workers", "1", "--threads", "1"]
     return main(args)
 
 
 def test_pretrain_command_writes_loadable_weights_and_resumes_exactly(tmp_path, capsys):
     small = dict(pairs=6, resolution=32, vae_batch_size=4, batch_size=2, vae_crop_steps=2, vae_full_steps=1,
-                 base_steps=3, decoder_steps=1, checkpoint_every=1, workers=1, threads=1)
+                 base_steps=3, probe_steps=1, depth_steps=1, decoder_steps=1, checkpoint_every=1, workers=1, threads=1)
     straight = kh.pretrain_tiny(kh.PretrainConfig(**small), str(tmp_path / "straight"),
                                 str(tmp_path / "straight.safetensors"), progress=False)
     # stopped in the base phase after 2 updates, then resumed
-    _pretrain(tmp_path / "resumed", tmp_path / "first.safetensors", base_steps=2, decoder_steps=0)
-    resumed = _pretrain(tmp_path / "resumed", tmp_path / "resumed.safetensors", base_steps=3, decoder_steps=1)
+    _pretrain(tmp_path / "resumed", tmp_path / "first.safetensors", base_steps=2, depth_steps=0, decoder_steps=0)
+    resumed = _pretrain(tmp_path / "resumed", tmp_path / "resumed.safetensors", base_steps=3, depth_steps=1,
+                        decoder_steps=1)
     assert "resuming from" in capsys.readouterr().out, "the second run must resume the saved state"
     assert not list((tmp_path / "resumed").glob("*.tmp")), "the run state is written to a temp file, then moved"
     a, b = load_file(straight), load_file(resumed)
@@ -76,10 +78,10 @@ def test_pretrain_command_writes_loadable_weights_and_resumes_exactly(tmp_path, 
 
 def test_export_only_takes_the_decoder_of_another_run_folder(tmp_path):
     small = dict(pairs=4, resolution=32, vae_batch_size=4, batch_size=2, vae_crop_steps=1, vae_full_steps=1,
-                 base_steps=1, decoder_steps=0, checkpoint_every=1, workers=1, threads=1)
+                 base_steps=1, probe_steps=1, depth_steps=1, decoder_steps=0, checkpoint_every=1, workers=1, threads=1)
     kh.pretrain_tiny(kh.PretrainConfig(**small), str(tmp_path / "base"), str(tmp_path / "a.safetensors"),
                      progress=False)
-    decoder = dict(small, base_steps=0, decoder_steps=2)
+    decoder = dict(small, base_steps=0, probe_steps=0, depth_steps=0, decoder_steps=2)
     kh.pretrain_tiny(kh.PretrainConfig(**decoder), str(tmp_path / "decoder"), str(tmp_path / "b.safetensors"),
                      progress=False)
     out = main(["pretrain-tiny", "--export-only", "--out", str(tmp_path / "base"), "--decoder-from",
@@ -88,3 +90,8 @@ def test_export_only_takes_the_decoder_of_another_run_folder(tmp_path):
     for key in merged:
         source = dec if key.startswith("vae.decoder.") else base
         torch.testing.assert_close(merged[key], source[key], rtol=0, atol=0, msg=f"{key} comes from the wrong run")
+    with safe_open(str(tmp_path / out), "pt") as f:
+        info = json.loads(f.metadata()["info"])
+    assert info["config"]["decoder_steps"] == 2 and info["steps_done"]["vae_decoder"] == 2, \
+        f"the merged file must record the decoder run's updates, got {info['config']} / {info['steps_done']}"
+    assert info["steps_done"]["base"] == 1, f"the base updates come from the base run, got {info['steps_done']}"

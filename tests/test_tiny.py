@@ -115,3 +115,48 @@ def test_missing_or_corrupt_weights_file_names_the_file_and_the_fix(tmp_path):
     corrupt.write_bytes(b"not a safetensors file")
     with pytest.raises(RuntimeError, match="corrupt.safetensors.*pretrained=False"):
         kh.build_tiny_pipeline(weights=str(corrupt))
+
+
+# The shipped weights' quality on the held-out data_samples pairs at the cpu preset's resolution. The floors sit
+# a little under what scripts/tiny_editor_report.py measured (docs/tiny_model.md), so a worse file fails.
+VAE_MEAN_FLOOR_DB, BASE_KEEP_FLOOR_DB, EMBEDDING_SPREAD_FLOOR = 31.0, 27.0, 0.015
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1.0 / ((a - b) ** 2).mean()))
+
+
+@pytest.fixture(scope="module")
+def held_out(sample_data):
+    return kh.KontextPairs(str(sample_data), resolution=kh.TrainConfig.for_gpu("cpu").resolution)
+
+
+def _sample(pipe, context, prompt: str, depth=None) -> torch.Tensor:
+    out = kh.sample_edit(pipe, context, prompt, depth=depth, generator=torch.Generator().manual_seed(0),
+                         output_type="pt")  # sample_edit's defaults: 28 steps, guidance 2.5, 512 T5 tokens
+    return out[0].float()  # [1, 3, H, W] -> [3, H, W]
+
+
+@torch.no_grad()
+def test_shipped_vae_reconstructs_the_held_out_contexts(tiny_pipe, held_out):
+    contexts = torch.stack([held_out[i]["context"] for i in range(len(held_out))])  # [P, 3, H, W]
+    latents = tiny_pipe.vae.encode(kh.normalize_01_to_m11(contexts)).latent_dist.mode()
+    decoded = (tiny_pipe.vae.decode(latents).sample.clamp(-1, 1) + 1) / 2  # [P, 3, H, W] in [0, 1]
+    psnr = [_psnr(d, c) for d, c in zip(decoded, contexts)]
+    assert sum(psnr) / len(psnr) >= VAE_MEAN_FLOOR_DB, f"VAE PSNR on the data_samples contexts: {psnr}"
+
+
+def test_shipped_base_model_keeps_the_context_for_an_empty_prompt(tiny_pipe, held_out):
+    context = held_out[0]["context"]
+    kept = _psnr(_sample(tiny_pipe, context, ""), context)
+    assert kept >= BASE_KEEP_FLOOR_DB, f"empty prompt, sample_edit's defaults: {kept:.2f} dB to the context"
+
+
+@torch.no_grad()
+def test_shipped_image_encoder_tells_the_depth_maps_apart(tiny_pipe, held_out):
+    maps = [kh.depth_to_pil(held_out[i]["depth"]) for i in range(len(held_out))]
+    pixels = tiny_pipe.feature_extractor(maps, return_tensors="pt").pixel_values  # [P, 3, S, S]
+    embeds = tiny_pipe.image_encoder(pixels).image_embeds  # [P, E]
+    spread = float((embeds - embeds.mean(0)).norm(dim=1).mean() / embeds.norm(dim=1).mean())
+    assert spread >= EMBEDDING_SPREAD_FLOOR, (
+        f"the depth maps' image embeddings must differ, not be one vector: spread {spread:.3f} of their length")
