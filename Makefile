@@ -33,7 +33,8 @@ bench: $(PY)
 # depth phases) beside the VAE decoder on one core each, then one file with both (about 75 minutes on 2 idle cores).
 RUN := outputs/pretrain-tiny
 tiny-weights: $(PY)
-	$(PY) -m kontext_helpers pretrain-tiny --out $(RUN) --threads 2 --base-steps 0 --decoder-steps 0 \
+	$(PY) -m kontext_helpers pretrain-tiny --out $(RUN) --threads 2 --base-steps 0 --probe-steps 0 --depth-steps 0 \
+		--decoder-steps 0 \
 		--weights $(RUN)/vae-only.safetensors
 	test -d $(RUN)-decoder || cp -r $(RUN) $(RUN)-decoder
 	$(PY) -m kontext_helpers pretrain-tiny --out $(RUN)-decoder --base-steps 0 --probe-steps 0 --depth-steps 0 --quiet \

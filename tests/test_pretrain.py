@@ -95,3 +95,18 @@ def test_export_only_takes_the_decoder_of_another_run_folder(tmp_path):
     assert info["config"]["decoder_steps"] == 2 and info["steps_done"]["vae_decoder"] == 2, \
         f"the merged file must record the decoder run's updates, got {info['config']} / {info['steps_done']}"
     assert info["steps_done"]["base"] == 1, f"the base updates come from the base run, got {info['steps_done']}"
+
+
+def test_make_tiny_weights_runs_the_phases_in_the_shipped_order(repo_root):
+    import subprocess
+
+    dry = subprocess.run(["make", "-n", "tiny-weights"], cwd=repo_root, capture_output=True, text=True, check=True)
+    runs = [line for line in dry.stdout.replace("\\\n", " ").splitlines() if "kontext_helpers pretrain-tiny" in line]
+    vae, both, export = runs[0], runs[1], runs[2]
+    for flag in ("--base-steps 0", "--probe-steps 0", "--depth-steps 0", "--decoder-steps 0"):
+        assert flag in vae, f"the first run must train the VAE alone ({flag}): {vae}"
+    decoder, base = both.split("& decoder=")
+    for flag in ("--base-steps 0", "--probe-steps 0", "--depth-steps 0"):
+        assert flag in decoder, f"the decoder run must skip {flag}: {decoder}"
+    assert "--decoder-steps 0" in base and "--base-steps 0" not in base, f"the base run: base and depth only: {base}"
+    assert "--export-only" in export and "--decoder-from" in export, f"the last step merges the two runs: {export}"
