@@ -125,7 +125,7 @@ from .pipeline import (
     load_pipeline,
     nf4_quantization_config,
 )
-from .pretrain import PretrainConfig, pretrain_tiny
+from .pretrain import PretrainConfig, depth_embedding_spread, pretrain_tiny
 from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model, build_rehearsal_transformer, depth_model_for
 from .scenes import random_edit_spec, render_training_pair
 from .tiny import TINY_WEIGHTS_FILE, build_tiny_pipeline, load_tiny_weights, tiny_ip_adapter_state_dict
@@ -253,4 +253,5 @@ __all__ = [
     # pretrain
     "PretrainConfig",
     "pretrain_tiny",
+    "depth_embedding_spread",
 ]

@@ -170,11 +170,7 @@ def load_run_state(folder: str, pipe) -> tuple[dict, dict | None]:
     for name in _COMPONENTS:
         module = getattr(pipe, name)
         prefix = name + "."
-        missing, unexpected = module.load_state_dict(
-            {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
-        wrong = [k for k in missing + unexpected if not k.startswith("depth_probe.")]  # the probe is training-only
-        if wrong:
-            raise ValueError(f"{path} does not fit the tiny {name}: {wrong[:5]}")
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     _set_latent_stats(pipe.vae, state.get("latent_stats"))
     opt = None
     if "optimizer" in meta:
@@ -385,32 +381,33 @@ def _shared_cache(ctx: dict, data: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def add_depth_probe(pipe, seed: int) -> None:
-    """A fixed linear probe ``image_embeds [B, E] -> depth at 8 x 8 [B, 64]`` with orthonormal columns and no bias,
-    inside the image encoder, for training only: the embedding itself must carry the depth map, centred."""
+def _depth_probe(seed: int, embed_dim: int) -> torch.Tensor:
+    """A fixed linear probe ``[64, E]`` with orthonormal columns (``image_embeds [B, E] -> depth at 8 x 8 [B, 64]``,
+    no bias), for training only: the embedding itself must carry the depth map, centred."""
     g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # nn.Linear's own initialisation draws from the global generator
-        probe = torch.nn.Linear(pipe.image_encoder.config.projection_dim, 64, bias=False)
-    with torch.no_grad():
-        probe.weight.copy_(torch.linalg.qr(torch.randn(64, probe.in_features, generator=g))[0])  # [64, E]
-    pipe.image_encoder.add_module("depth_probe", probe.requires_grad_(False))
+    return torch.linalg.qr(torch.randn(64, embed_dim, generator=g))[0]  # [64, E]
 
 
-def remove_depth_probe(pipe) -> None:
-    if hasattr(pipe.image_encoder, "depth_probe"):
-        del pipe.image_encoder.depth_probe
+@torch.no_grad()
+def depth_embedding_spread(pipe, depth_maps) -> float:
+    """How far the image embeddings of ``depth_maps`` (PIL images) lie from their mean, relative to their length:
+    near 0 when the image encoder maps every depth map to the same vector."""
+    pixels = pipe.feature_extractor(list(depth_maps), return_tensors="pt").pixel_values  # [P, 3, S, S]
+    embeds = pipe.image_encoder(pixels.to(pipe.image_encoder.device, pipe.image_encoder.dtype)).image_embeds
+    return float((embeds - embeds.mean(0)).norm(dim=1).mean() / embeds.norm(dim=1).mean())  # embeds: [P, E]
 
 
 def _depth_8x8(pixels: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(pixels[:, :1].float(), 8).flatten(1)  # [B, 3, S, S] -> [B, 64]
 
 
-def _probe_loss(pipe, cache: dict, mean_depth: torch.Tensor, g: torch.Generator, batch: int = 32) -> torch.Tensor:
+def _probe_loss(pipe, cache: dict, probe: torch.Tensor, mean_depth: torch.Tensor, g: torch.Generator,
+                batch: int = 32) -> torch.Tensor:
     """The depth map at 8 x 8, minus the mean map, redrawn from the image embedding by the fixed probe (MSE)."""
     idx = torch.randint(0, cache["pixels"].shape[0], (batch,), generator=g)
     pixels = cache["pixels"][idx].float()  # [B, 3, S, S]
     embeds = pipe.image_encoder(pixels).image_embeds  # [B, E]
-    return F.mse_loss(pipe.image_encoder.depth_probe(embeds), _depth_8x8(pixels) - mean_depth)
+    return F.mse_loss(embeds @ probe.T, _depth_8x8(pixels) - mean_depth)  # [B, E] -> [B, 64]
 
 
 def _ip_adapter_parameters(transformer) -> list:
@@ -425,11 +422,11 @@ def train_depth(ctx: dict, data: dict) -> None:
         return
     cache = _shared_cache(ctx, data)
     encoder = pipe.image_encoder.train().requires_grad_(True)
-    encoder.depth_probe.requires_grad_(False)
+    probe = _depth_probe(cfg.seed, encoder.config.projection_dim)  # [64, E]
     mean_depth = _depth_8x8(cache["pixels"]).mean(0)  # [64]
-    encoder_params = [p for name, p in encoder.named_parameters() if not name.startswith("depth_probe.")]
+    encoder_params = list(encoder.parameters())
     _run_phase("probe", 5, cfg.probe_steps, cfg.probe_lr, encoder_params,
-               lambda g, step: _probe_loss(pipe, cache, mean_depth, g), ctx)
+               lambda g, step: _probe_loss(pipe, cache, probe, mean_depth, g), ctx)
     pipe.transformer.train().requires_grad_(False)
     params = _ip_adapter_parameters(pipe.transformer)
     for p in params:
@@ -474,13 +471,10 @@ def export_run_state(out_dir: str, weights_path: str | None = None, decoder_from
         if folder is not None and not os.path.isfile(_state_path(folder)):
             raise FileNotFoundError(f"{_state_path(folder)} does not exist: run pretrain-tiny with --out {folder}")
     pipe = build_tiny_pipeline(0)
-    add_depth_probe(pipe, 0)
     state, _ = load_run_state(out_dir, pipe)
-    remove_depth_probe(pipe)
     config = dict(state.get("config") or {})
     if decoder_from is not None:
         other = build_tiny_pipeline(0)
-        add_depth_probe(other, 0)
         other_state, _ = load_run_state(decoder_from, other)
         if other_state.get("latent_stats") != state.get("latent_stats"):
             raise ValueError(f"{decoder_from} and {out_dir} have other VAE latents: not two parts of one run")
@@ -506,7 +500,6 @@ def pretrain_tiny(cfg: PretrainConfig, out_dir: str, weights_path: str | None = 
     t0 = time.perf_counter()
     data = render_training_set(cfg, out_dir, progress)
     pipe = build_tiny_pipeline(cfg.seed)
-    add_depth_probe(pipe, cfg.seed)
     state, opt = _resume_state(out_dir, pipe, cfg)
     ctx = {"cfg": cfg, "pipe": pipe, "state": state, "folder": out_dir, "optimizer_state": opt, "progress": progress}
     train_vae(ctx, data)
@@ -517,7 +510,6 @@ def pretrain_tiny(cfg: PretrainConfig, out_dir: str, weights_path: str | None = 
     train_base(ctx, data)
     train_depth(ctx, data)
     train_decoder(ctx, data)
-    remove_depth_probe(pipe)
     seconds = {k: round(state.get(f"{k}_seconds", 0.0), 1) for k in _PHASES}
     info = {"config": dataclasses.asdict(cfg), "train_seconds": seconds, "torch": torch.__version__}
     save_tiny_weights(pipe, weights_path, info)

@@ -91,15 +91,6 @@ def base_keep_figures(pipe, pairs, vae_psnr: list[float]) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def embedding_spread(pipe, pairs) -> float:
-    """How far the image embeddings of the depth maps lie from their mean, relative to their length."""
-    maps = [kh.depth_to_pil(pairs[i]["depth"]) for i in range(len(pairs))]
-    pixels = pipe.feature_extractor(maps, return_tensors="pt").pixel_values  # [P, 3, S, S]
-    embeds = pipe.image_encoder(pixels).image_embeds  # [P, E]
-    return float((embeds - embeds.mean(0)).norm(dim=1).mean() / embeds.norm(dim=1).mean())
-
-
 def depth_alone_figures(pipe, pairs) -> list[dict]:
     """From a blank grey context and an empty prompt: PSNR to the real context without and with its depth map."""
     rows = []
@@ -176,7 +167,8 @@ def main(argv=None) -> dict:
     if not args.skip_base:
         report["base_keep"] = base_keep_figures(pipe, pairs, report["vae_db"])
         report["depth_alone"] = depth_alone_figures(pipe, pairs)
-    report["depth_embedding_spread"] = embedding_spread(pipe, pairs)
+    report["depth_embedding_spread"] = kh.depth_embedding_spread(
+        pipe, [kh.depth_to_pil(pairs[i]["depth"]) for i in range(len(pairs))])
     if not args.skip_lora:
         overrides = {"steps": args.steps} if args.steps else {}
         report["lora"] = [lora_figures(pairs, i, overrides) for i in args.pairs]

@@ -152,11 +152,8 @@ def test_shipped_base_model_keeps_the_context_for_an_empty_prompt(tiny_pipe, hel
     assert kept >= BASE_KEEP_FLOOR_DB, f"empty prompt, sample_edit's defaults: {kept:.2f} dB to the context"
 
 
-@torch.no_grad()
 def test_shipped_image_encoder_tells_the_depth_maps_apart(tiny_pipe, held_out):
     maps = [kh.depth_to_pil(held_out[i]["depth"]) for i in range(len(held_out))]
-    pixels = tiny_pipe.feature_extractor(maps, return_tensors="pt").pixel_values  # [P, 3, S, S]
-    embeds = tiny_pipe.image_encoder(pixels).image_embeds  # [P, E]
-    spread = float((embeds - embeds.mean(0)).norm(dim=1).mean() / embeds.norm(dim=1).mean())
+    spread = kh.depth_embedding_spread(tiny_pipe, maps)
     assert spread >= EMBEDDING_SPREAD_FLOOR, (
         f"the depth maps' image embeddings must differ, not be one vector: spread {spread:.3f} of their length")
