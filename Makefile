@@ -29,15 +29,14 @@ test: $(PY)
 bench: $(PY)
 	$(PY) benchmarks/bench.py
 
-# The shipped tiny weights (docs/tiny_model.md), resumable: the VAE on both cores, then the base transformer (and its
-# depth phases) beside the VAE decoder on one core each, then one file with both (about 75 minutes on 2 idle cores).
+# The shipped tiny weights (docs/tiny_model.md), resumable: the VAE on both cores, then the depth probe and the base
+# transformer beside the VAE decoder on one core each, then one file with both (about 95 minutes on 2 idle cores).
 RUN := outputs/pretrain-tiny
 tiny-weights: $(PY)
-	$(PY) -m kontext_helpers pretrain-tiny --out $(RUN) --threads 2 --base-steps 0 --probe-steps 0 --depth-steps 0 \
-		--decoder-steps 0 \
+	$(PY) -m kontext_helpers pretrain-tiny --out $(RUN) --threads 2 --probe-steps 0 --base-steps 0 --decoder-steps 0 \
 		--weights $(RUN)/vae-only.safetensors
 	test -d $(RUN)-decoder || cp -r $(RUN) $(RUN)-decoder
-	$(PY) -m kontext_helpers pretrain-tiny --out $(RUN)-decoder --base-steps 0 --probe-steps 0 --depth-steps 0 --quiet \
+	$(PY) -m kontext_helpers pretrain-tiny --out $(RUN)-decoder --probe-steps 0 --base-steps 0 --quiet \
 		--weights $(RUN)-decoder/decoder-only.safetensors & decoder=$$!; \
 	$(PY) -m kontext_helpers pretrain-tiny --out $(RUN) --decoder-steps 0 --weights $(RUN)/base-only.safetensors; \
 	base=$$?; wait $$decoder && test $$base -eq 0

@@ -4,12 +4,12 @@ Four phases on freshly drawn scenes (:mod:`kontext_helpers.scenes`, never the ``
 
 1. the VAE on 64 px crops, then on whole images (L1 + MSE), after which the latents' mean and spread set
    the VAE's ``shift_factor`` and ``scaling_factor``;
-2. the base transformer with the image encoder and the IP-Adapter: flow matching from the context and the
-   prompt to the target, guidance drawn from ``[1, 4]``, a "keep" or empty prompt copying the context,
-   depth through the IP-Adapter in half of the batches (in some of them the context is blank, so the
-   picture must come from the depth map);
-3. depth: the image encoder with a linear probe that redraws the depth map from its embedding (training
-   only), then the IP-Adapter and the image encoder alone, the transformer frozen, every batch with depth;
+2. the image encoder alone, with a fixed linear probe (training only) that must redraw the depth map from
+   its embedding, so that different depth maps give different embeddings; then the encoder is frozen;
+3. the base transformer with its IP-Adapter: flow matching from the context and the prompt to the target,
+   guidance drawn from ``[1, 4]``, a "keep" or empty prompt copying the context, depth through the
+   IP-Adapter in half of the batches (in some of them the context is blank, so the picture must come from
+   the depth map);
 4. the VAE's decoder alone on whole images: the encoder is frozen, so the base's latents do not change.
 
 Every random draw of a step derives from ``(seed, phase, step)``; the run state is one safetensors file
@@ -32,7 +32,7 @@ from .checkpoints import _optimizer_to_files, optimizer_state_from_files
 from .conditioning import kontext_forward
 from .images import depth_to_pil
 from .latents import normalize_01_to_m11, pack_like_pipeline
-from .scenes import random_edit_spec, render_training_pair
+from .scenes import KEEP_PROMPTS, random_edit_spec, render_training_pair
 from .tiny import TINY_WEIGHTS_FILE, build_tiny_pipeline, save_tiny_weights
 
 _COMPONENTS = ("vae", "transformer", "image_encoder")
@@ -50,17 +50,16 @@ class PretrainConfig:
     vae_crop_steps: int = 4000  # VAE updates on 64 px crops (fast)
     vae_full_steps: int = 1000  # VAE updates on whole images
     vae_lr: float = 1e-3
-    base_steps: int = 4000  # transformer + image encoder + IP-Adapter updates
     probe_steps: int = 4000  # the image encoder alone: its embedding must let a fixed linear probe redraw depth
     probe_lr: float = 3e-3
-    depth_steps: int = 1500  # then the IP-Adapter and the image encoder alone, every batch with depth
-    depth_blank_fraction: float = 0.5  # of those samples: blank context and empty prompt, the picture from depth
+    base_steps: int = 6000  # transformer + IP-Adapter updates (the image encoder stays as the probe left it)
     decoder_steps: int = 8000  # then the VAE's decoder alone on whole images (the latents, and so the base, stay)
     base_lr: float = 8e-4
     batch_size: int = 8  # of the base phase
     long_text_fraction: float = 0.2  # batches with 512 T5 tokens (sample_edit's default), the others 32
     depth_fraction: float = 0.5  # batches that see the depth map through the IP-Adapter
-    blank_context_fraction: float = 0.25  # of the depth batches' samples: blank context, picture from depth
+    blank_context_fraction: float = 0.3  # of the depth batches' samples: blank context, picture from depth
+    keep_fraction: float = 0.15  # samples turned into copies (empty or "keep" prompt), besides the drawn ones
     edit_weight: float = 3.0  # extra loss weight on the tokens an edit changes
     checkpoint_every: int = 50
     workers: int = 2
@@ -258,7 +257,7 @@ def _decoder_loss(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_decoder(ctx: dict, data: dict) -> None:
-    """Phase 3: the VAE's decoder alone on whole images; the encoder, and so every latent, is unchanged."""
+    """Phase 4: the VAE's decoder alone on whole images; the encoder, and so every latent, is unchanged."""
     cfg, vae = ctx["cfg"], ctx["pipe"].vae
     vae.decoder.train().requires_grad_(True)
     params = list(vae.decoder.parameters())
@@ -276,7 +275,7 @@ def latent_stats(vae, data: dict, count: int = 256) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# phase 2: the base transformer, the image encoder and the IP-Adapter
+# the tokens and depth pixels of every pair, shared by phases 2 and 3
 # ------------------------------------------------------------------------------------------------
 
 
@@ -308,68 +307,6 @@ def build_base_cache(pipe, data: dict) -> dict:
             "prompts": data["prompts"]}
 
 
-def _sigmas(g: torch.Generator, batch: int, shift: float = 1.6) -> torch.Tensor:
-    """``[B]`` flow-matching times: logit-normal, shifted towards noise as the sampler's schedule is."""
-    u = torch.sigmoid(torch.randn(batch, generator=g))
-    return (shift * u / (1 + (shift - 1) * u)).clamp(1e-3, 1.0)
-
-
-def _base_batch(cache: dict, cfg: PretrainConfig, g: torch.Generator) -> dict:
-    """One batch: indices, prompts, tokens, loss weights, and whether it sees depth (blank contexts among them)."""
-    b = cfg.batch_size
-    idx = torch.randint(0, cache["ctx_tok"].shape[0], (b,), generator=g)
-    ctx, tgt = cache["ctx_tok"][idx].clone(), cache["tgt_tok"][idx].clone()
-    weight = 1.0 + cfg.edit_weight * cache["edited"][idx]  # [B, N, 1]
-    prompts = [cache["prompts"][i] for i in idx.tolist()]
-    long_text = bool(torch.rand(1, generator=g) < cfg.long_text_fraction)
-    use_depth = bool(torch.rand(1, generator=g) < cfg.depth_fraction)
-    blank = (torch.rand(b, generator=g) < cfg.blank_context_fraction) & use_depth
-    if blank.any():  # the picture must come from the depth map: blank context, empty prompt, the context as target
-        tgt[blank] = cache["ctx_tok"][idx][blank]
-        ctx[blank] = cache["blank_tok"].expand(int(blank.sum()), -1, -1)
-        weight[blank] = 1.0
-        prompts = ["" if k else p for k, p in zip(blank.tolist(), prompts)]
-    return {"idx": idx, "ctx": ctx, "tgt": tgt, "weight": weight, "prompts": prompts,
-            "max_sequence_length": 512 if long_text else 32, "use_depth": use_depth,
-            "sigma": _sigmas(g, b), "noise": torch.randn(tgt.shape, generator=g),
-            "guidance": 1.0 + 3.0 * torch.rand(b, generator=g)}
-
-
-def _base_loss(pipe, cache: dict, cfg: PretrainConfig, g: torch.Generator) -> torch.Tensor:
-    """Weighted flow-matching loss of one batch (velocity ``noise - target``)."""
-    batch = _base_batch(cache, cfg, g)
-    with torch.no_grad():
-        embeds, pooled, txt_ids = pipe.encode_prompt(prompt=batch["prompts"], prompt_2=None, device="cpu",
-                                                     max_sequence_length=batch["max_sequence_length"])
-    ip = None
-    if batch["use_depth"]:
-        pixels = cache["pixels"][batch["idx"]].float()  # [B, 3, S, S]
-        ip = [pipe.image_encoder(pixels).image_embeds[:, None, :]]  # [B, E] -> [B, 1, E]
-    s = batch["sigma"][:, None, None]  # [B] -> [B, 1, 1]
-    noisy = (1.0 - s) * batch["tgt"] + s * batch["noise"]
-    h_tok = cache["h_tok"]
-    pred = kontext_forward(pipe.transformer, noisy, batch["ctx"], None, sigma=batch["sigma"], prompt_embeds=embeds,
-                           pooled_prompt_embeds=pooled, txt_ids=txt_ids, h_tok=h_tok, w_tok=h_tok,
-                           guidance=batch["guidance"], ip_adapter_image_embeds=ip)
-    se = (pred.float() - (batch["noise"] - batch["tgt"])) ** 2 * batch["weight"]  # [B, N, 4C]
-    return se.mean() / batch["weight"].mean()
-
-
-def train_base(ctx: dict, data: dict) -> None:
-    """Phase 2: the transformer (with its IP-Adapter) and the image encoder; text encoders and VAE frozen."""
-    cfg, pipe = ctx["cfg"], ctx["pipe"]
-    if ctx["state"].get("base", 0) >= cfg.base_steps:
-        return
-    cache = _shared_cache(ctx, data)
-    modules = (pipe.transformer, pipe.image_encoder)
-    for module in modules:
-        module.train().requires_grad_(True)
-    params = [p for module in modules for p in module.parameters()]
-    _run_phase("base", 3, cfg.base_steps, cfg.base_lr, params, lambda g, step: _base_loss(pipe, cache, cfg, g), ctx)
-    for module in modules:
-        module.eval().requires_grad_(False)
-
-
 def _shared_cache(ctx: dict, data: dict) -> dict:
     if "cache" not in ctx:
         ctx["cache"] = build_base_cache(ctx["pipe"], data)
@@ -377,7 +314,7 @@ def _shared_cache(ctx: dict, data: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# phase 3b: depth through the IP-Adapter (the image embedding must tell depth maps apart)
+# phase 2: the image encoder must tell depth maps apart (before the base learns to read its embedding)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -410,32 +347,88 @@ def _probe_loss(pipe, cache: dict, probe: torch.Tensor, mean_depth: torch.Tensor
     return F.mse_loss(embeds @ probe.T, _depth_8x8(pixels) - mean_depth)  # [B, E] -> [B, 64]
 
 
-def _ip_adapter_parameters(transformer) -> list:
-    return [p for name, p in transformer.named_parameters() if "_ip" in name or name.startswith("encoder_hid_proj")]
-
-
-def train_depth(ctx: dict, data: dict) -> None:
-    """The image encoder with the probe, then the IP-Adapter and image encoder with the transformer frozen (so
-    every call without depth is unchanged): every batch sees depth, half of its samples from a blank context."""
-    cfg, pipe, state = ctx["cfg"], ctx["pipe"], ctx["state"]
-    if state.get("probe", 0) >= cfg.probe_steps and state.get("depth", 0) >= cfg.depth_steps:
+def train_probe(ctx: dict, data: dict) -> None:
+    """Phase 2: the image encoder alone, its embedding through a fixed linear probe must give the centred depth
+    map; the encoder then stays frozen, so the base learns to read an embedding that differs between maps."""
+    cfg, pipe = ctx["cfg"], ctx["pipe"]
+    if ctx["state"].get("probe", 0) >= cfg.probe_steps:
         return
     cache = _shared_cache(ctx, data)
     encoder = pipe.image_encoder.train().requires_grad_(True)
     probe = _depth_probe(cfg.seed, encoder.config.projection_dim)  # [64, E]
     mean_depth = _depth_8x8(cache["pixels"]).mean(0)  # [64]
-    encoder_params = list(encoder.parameters())
-    _run_phase("probe", 5, cfg.probe_steps, cfg.probe_lr, encoder_params,
+    _run_phase("probe", 5, cfg.probe_steps, cfg.probe_lr, list(encoder.parameters()),
                lambda g, step: _probe_loss(pipe, cache, probe, mean_depth, g), ctx)
-    pipe.transformer.train().requires_grad_(False)
-    params = _ip_adapter_parameters(pipe.transformer)
-    for p in params:
-        p.requires_grad_(True)
-    depth_cfg = dataclasses.replace(cfg, depth_fraction=1.0, blank_context_fraction=cfg.depth_blank_fraction)
-    _run_phase("depth", 6, cfg.depth_steps, cfg.base_lr, params + encoder_params,
-               lambda g, step: _base_loss(pipe, cache, depth_cfg, g), ctx)
-    for module in (pipe.transformer, encoder):
-        module.eval().requires_grad_(False)
+    encoder.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# phase 3: the base transformer with its IP-Adapter
+# ------------------------------------------------------------------------------------------------
+
+
+def _sigmas(g: torch.Generator, batch: int, shift: float = 1.6) -> torch.Tensor:
+    """``[B]`` flow-matching times: logit-normal, shifted towards noise as the sampler's schedule is."""
+    u = torch.sigmoid(torch.randn(batch, generator=g))
+    return (shift * u / (1 + (shift - 1) * u)).clamp(1e-3, 1.0)
+
+
+def _base_batch(cache: dict, cfg: PretrainConfig, g: torch.Generator) -> dict:
+    """One batch: indices, prompts, tokens, loss weights, and whether it sees depth (blank contexts among them)."""
+    b = cfg.batch_size
+    idx = torch.randint(0, cache["ctx_tok"].shape[0], (b,), generator=g)
+    ctx, tgt = cache["ctx_tok"][idx].clone(), cache["tgt_tok"][idx].clone()
+    weight = 1.0 + cfg.edit_weight * cache["edited"][idx]  # [B, N, 1]
+    prompts = [cache["prompts"][i] for i in idx.tolist()]
+    long_text = bool(torch.rand(1, generator=g) < cfg.long_text_fraction)
+    use_depth = bool(torch.rand(1, generator=g) < cfg.depth_fraction)
+    blank = (torch.rand(b, generator=g) < cfg.blank_context_fraction) & use_depth
+    keep = torch.rand(b, generator=g) < cfg.keep_fraction
+    keep_prompt = torch.randint(0, len(KEEP_PROMPTS), (b,), generator=g).tolist()
+    if keep.any():  # more copies: the context is the target, with an empty or "keep" prompt
+        tgt[keep], weight[keep] = ctx[keep], 1.0
+        prompts = [KEEP_PROMPTS[k] if c else p for c, k, p in zip(keep.tolist(), keep_prompt, prompts)]
+    if blank.any():  # the picture must come from the depth map: blank context, empty prompt, the context as target
+        tgt[blank] = cache["ctx_tok"][idx][blank]
+        ctx[blank] = cache["blank_tok"].expand(int(blank.sum()), -1, -1)
+        weight[blank] = 1.0
+        prompts = ["" if k else p for k, p in zip(blank.tolist(), prompts)]
+    return {"idx": idx, "ctx": ctx, "tgt": tgt, "weight": weight, "prompts": prompts,
+            "max_sequence_length": 512 if long_text else 32, "use_depth": use_depth,
+            "sigma": _sigmas(g, b), "noise": torch.randn(tgt.shape, generator=g),
+            "guidance": 1.0 + 3.0 * torch.rand(b, generator=g)}
+
+
+def _base_loss(pipe, cache: dict, cfg: PretrainConfig, g: torch.Generator) -> torch.Tensor:
+    """Weighted flow-matching loss of one batch (velocity ``noise - target``)."""
+    batch = _base_batch(cache, cfg, g)
+    with torch.no_grad():
+        embeds, pooled, txt_ids = pipe.encode_prompt(prompt=batch["prompts"], prompt_2=None, device="cpu",
+                                                     max_sequence_length=batch["max_sequence_length"])
+    ip = None
+    if batch["use_depth"]:
+        pixels = cache["pixels"][batch["idx"]].float()  # [B, 3, S, S]
+        ip = [pipe.image_encoder(pixels).image_embeds[:, None, :]]  # [B, E] -> [B, 1, E]
+    s = batch["sigma"][:, None, None]  # [B] -> [B, 1, 1]
+    noisy = (1.0 - s) * batch["tgt"] + s * batch["noise"]
+    h_tok = cache["h_tok"]
+    pred = kontext_forward(pipe.transformer, noisy, batch["ctx"], None, sigma=batch["sigma"], prompt_embeds=embeds,
+                           pooled_prompt_embeds=pooled, txt_ids=txt_ids, h_tok=h_tok, w_tok=h_tok,
+                           guidance=batch["guidance"], ip_adapter_image_embeds=ip)
+    se = (pred.float() - (batch["noise"] - batch["tgt"])) ** 2 * batch["weight"]  # [B, N, 4C]
+    return se.mean() / batch["weight"].mean()
+
+
+def train_base(ctx: dict, data: dict) -> None:
+    """Phase 3: the transformer with its IP-Adapter; the text encoders, the VAE and the image encoder frozen."""
+    cfg, pipe = ctx["cfg"], ctx["pipe"]
+    if ctx["state"].get("base", 0) >= cfg.base_steps:
+        return
+    cache = _shared_cache(ctx, data)
+    pipe.transformer.train().requires_grad_(True)
+    params = list(pipe.transformer.parameters())
+    _run_phase("base", 3, cfg.base_steps, cfg.base_lr, params, lambda g, step: _base_loss(pipe, cache, cfg, g), ctx)
+    pipe.transformer.eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -443,7 +436,7 @@ def train_depth(ctx: dict, data: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 _MUST_MATCH = ("seed", "pairs", "resolution", "batch_size", "vae_batch_size", "vae_full_batch_size")
-_PHASES = ("vae_crop", "vae_full", "base", "probe", "depth", "vae_decoder")
+_PHASES = ("vae_crop", "vae_full", "probe", "base", "vae_decoder")
 
 
 def _resume_state(folder: str, pipe, cfg: PretrainConfig) -> tuple[dict, dict | None]:
@@ -507,8 +500,8 @@ def pretrain_tiny(cfg: PretrainConfig, out_dir: str, weights_path: str | None = 
         state["latent_stats"] = latent_stats(pipe.vae, data)
         _set_latent_stats(pipe.vae, state["latent_stats"])
         save_run_state(out_dir, pipe, None, state)
+    train_probe(ctx, data)
     train_base(ctx, data)
-    train_depth(ctx, data)
     train_decoder(ctx, data)
     seconds = {k: round(state.get(f"{k}_seconds", 0.0), 1) for k in _PHASES}
     info = {"config": dataclasses.asdict(cfg), "train_seconds": seconds, "torch": torch.__version__}

@@ -41,28 +41,29 @@ def test_drawn_scenes_are_reproducible_and_keep_means_the_same_image():
     assert 0.0 <= float(pair["depth"].min()) and float(pair["depth"].max()) == 1.0, "depth min-max normalised"
 
 
-def _pretrain(out, weights, base_steps, depth_steps, decoder_steps):
+def _pretrain(out, weights, base_steps, decoder_steps):
     args = ["pretrain-tiny", "--out", str(out), "--weights", str(weights), "--quiet", "--pairs", "6",
             "--resolution", "32", "--vae-batch-size", "4", "--batch-size", "2", "--vae-crop-steps", "2",
-            "--vae-full-steps", "1", "--base-steps", str(base_steps), "--probe-steps", str(depth_steps),
-            "--depth-steps", str(depth_steps), "--decoder-steps", str(decoder_steps), "--checkpoint-every", "1",
-            "--workers", "1", "--threads", "1"]
+            "--vae-full-steps", "1", "--probe-steps", "1", "--base-steps", str(base_steps),
+            "--decoder-steps", str(decoder_steps), "--checkpoint-every", "1", "--workers", "1", "--threads", "1"]
     return main(args)
 
 
 def test_pretrain_command_writes_loadable_weights_and_resumes_exactly(tmp_path, capsys):
     small = dict(pairs=6, resolution=32, vae_batch_size=4, batch_size=2, vae_crop_steps=2, vae_full_steps=1,
-                 base_steps=3, probe_steps=1, depth_steps=1, decoder_steps=1, checkpoint_every=1, workers=1, threads=1)
+                 probe_steps=1, base_steps=3, decoder_steps=1, checkpoint_every=1, workers=1, threads=1)
     straight = kh.pretrain_tiny(kh.PretrainConfig(**small), str(tmp_path / "straight"),
                                 str(tmp_path / "straight.safetensors"), progress=False)
     # stopped in the base phase after 2 updates, then resumed
-    _pretrain(tmp_path / "resumed", tmp_path / "first.safetensors", base_steps=2, depth_steps=0, decoder_steps=0)
-    resumed = _pretrain(tmp_path / "resumed", tmp_path / "resumed.safetensors", base_steps=3, depth_steps=1,
-                        decoder_steps=1)
+    first = _pretrain(tmp_path / "resumed", tmp_path / "first.safetensors", base_steps=2, decoder_steps=0)
+    resumed = _pretrain(tmp_path / "resumed", tmp_path / "resumed.safetensors", base_steps=3, decoder_steps=1)
     assert "resuming from" in capsys.readouterr().out, "the second run must resume the saved state"
     assert not list((tmp_path / "resumed").glob("*.tmp")), "the run state is written to a temp file, then moved"
-    a, b = load_file(straight), load_file(resumed)
+    a, b, after_two = load_file(straight), load_file(resumed), load_file(first)
     assert a.keys() == b.keys(), "the same components in both files"
+    for key in (k for k in a if k.startswith("image_encoder.")):
+        torch.testing.assert_close(after_two[key], b[key], rtol=0, atol=0,
+                                   msg=f"{key}: the base phase must leave the image encoder as the probe left it")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0,
                                    msg=f"{key}: a resumed run must equal a straight one")
@@ -78,10 +79,10 @@ def test_pretrain_command_writes_loadable_weights_and_resumes_exactly(tmp_path, 
 
 def test_export_only_takes_the_decoder_of_another_run_folder(tmp_path):
     small = dict(pairs=4, resolution=32, vae_batch_size=4, batch_size=2, vae_crop_steps=1, vae_full_steps=1,
-                 base_steps=1, probe_steps=1, depth_steps=1, decoder_steps=0, checkpoint_every=1, workers=1, threads=1)
+                 probe_steps=1, base_steps=1, decoder_steps=0, checkpoint_every=1, workers=1, threads=1)
     kh.pretrain_tiny(kh.PretrainConfig(**small), str(tmp_path / "base"), str(tmp_path / "a.safetensors"),
                      progress=False)
-    decoder = dict(small, base_steps=0, probe_steps=0, depth_steps=0, decoder_steps=2)
+    decoder = dict(small, probe_steps=0, base_steps=0, decoder_steps=2)
     kh.pretrain_tiny(kh.PretrainConfig(**decoder), str(tmp_path / "decoder"), str(tmp_path / "b.safetensors"),
                      progress=False)
     out = main(["pretrain-tiny", "--export-only", "--out", str(tmp_path / "base"), "--decoder-from",
@@ -103,10 +104,12 @@ def test_make_tiny_weights_runs_the_phases_in_the_shipped_order(repo_root):
     dry = subprocess.run(["make", "-n", "tiny-weights"], cwd=repo_root, capture_output=True, text=True, check=True)
     runs = [line for line in dry.stdout.replace("\\\n", " ").splitlines() if "kontext_helpers pretrain-tiny" in line]
     vae, both, export = runs[0], runs[1], runs[2]
-    for flag in ("--base-steps 0", "--probe-steps 0", "--depth-steps 0", "--decoder-steps 0"):
+    for flag in ("--probe-steps 0", "--base-steps 0", "--decoder-steps 0"):
         assert flag in vae, f"the first run must train the VAE alone ({flag}): {vae}"
     decoder, base = both.split("& decoder=")
-    for flag in ("--base-steps 0", "--probe-steps 0", "--depth-steps 0"):
+    for flag in ("--probe-steps 0", "--base-steps 0"):
         assert flag in decoder, f"the decoder run must skip {flag}: {decoder}"
-    assert "--decoder-steps 0" in base and "--base-steps 0" not in base, f"the base run: base and depth only: {base}"
+    for flag in ("--probe-steps 0", "--base-steps 0"):
+        assert flag not in base, f"the base run must run the probe, then the base ({flag}): {base}"
+    assert "--decoder-steps 0" in base, f"the base run leaves the decoder to the other run: {base}"
     assert "--export-only" in export and "--decoder-from" in export, f"the last step merges the two runs: {export}"
