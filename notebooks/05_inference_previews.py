@@ -28,7 +28,7 @@
 #
 # **On the tiny model the pictures are real but small.** Its weights were pretrained in the package on drawn
 # scenes (`docs/tiny_model.md`): its VAE reconstructs the sample scenes at about 32 dB, and with an empty
-# prompt the base model gives the context back at 26 to 30 dB, which caps every figure here. The LoRA from
+# prompt the base model gives the context back at 25 to 33 dB, which caps every figure here. The LoRA from
 # notebook 04 does learn the edits; on a GPU the same cells show FLUX.1 Kontext.
 #
 # **The code behind it:** [`kontext_helpers/inference.py`](../kontext_helpers/inference.py) (`sample_edit` in named
@@ -428,10 +428,14 @@ _ = kh.interactive_figure(scale_figure, scale=FloatSlider(value=1.0, min=0.0, ma
 
 # %% [markdown]
 # **What the depth map carries on its own.** A blank grey context and an empty prompt leave the model nothing
-# to copy; whatever scene comes out must come from the depth embedding. The tiny model was pretrained on such
-# samples (`docs/tiny_model.md`), so with the LoRA off it should draw the layout of the depth map, and without
-# depth some average scene. FLUX.1 Kontext's IP-Adapter was trained on RGB references, not depth maps, so on a
-# GPU this cell shows what a general adapter makes of a depth map; read it as a probe, not as a feature.
+# to copy: any scene that appears must come from the depth embedding. Notebook 03 (section 4) says why little
+# can: the depth tokens carry no position (`FluxIPAdapterAttnProcessor` takes its queries before RoPE;
+# `tests/test_conditioning.py` checks it), and on a grey canvas the image tokens have no features that differ
+# from place to place either, so nothing can tell the adapter *where* the near sphere goes. The tiny model's
+# image encoder does tell depth maps apart (it was pretrained for that, `docs/tiny_model.md`), and its base
+# saw such samples in pretraining; look at whether the picture with depth follows the depth map at all.
+# FLUX.1 Kontext's IP-Adapter was trained on RGB references, not depth maps, so on a GPU this cell shows what a
+# general adapter makes of a depth map; read it as a probe, not as a feature.
 
 # %%
 grey = torch.full_like(item["context"], 0.5)  # [3, H, W], mid grey
@@ -448,12 +452,13 @@ for ax, (img, title) in zip(axes, panels):
     ax.imshow(img if not torch.is_tensor(img) else img.permute(1, 2, 0).float().cpu().numpy())  # [3, H, W] -> [H, W, 3]
     ax.set_title(title, fontsize=8)
     ax.set_axis_off()
+change = float((blank_runs["depth"] - blank_runs["no depth"]).abs().mean())  # mean |difference| in [0, 1]
 fig.suptitle(f"Base model from a blank context and an empty prompt ({'tiny model' if TINY else 'FLUX.1 Kontext'}, "
-             f"{h} px): with depth it {'draws' if blank_psnr['depth'] > blank_psnr['no depth'] else 'does not draw'}"
-             " the scene's layout", fontsize=10)
+             f"{h} px): depth changes the picture by {change:.3f} on average; does it follow the depth map?",
+             fontsize=10)
 plt.show()
 print(f"from a blank context: PSNR to the real context {blank_psnr['no depth']:.1f} dB without depth, "
-      f"{blank_psnr['depth']:.1f} dB with it")
+      f"{blank_psnr['depth']:.1f} dB with it; mean change {change:.3f}")
 
 # %% [markdown]
 # ## 6. Adapters that travel

@@ -10,7 +10,7 @@ Every figure is measured on the held-out ``data_samples`` pairs at the ``cpu`` p
 * ``base_keep``: ``sample_edit`` with its defaults (28 steps, guidance 2.5, 512 T5 tokens) and an empty
   prompt: PSNR of the output against the context, next to the VAE's own PSNR;
 * ``depth_alone``: the same from a blank grey context, without and with the pair's depth map: how much of
-  the scene the depth path alone carries;
+  the scene the depth path alone carries, and which of the ten contexts each output lies nearest;
 * ``lora``: for each pair, ``kh.train`` with ``TrainConfig.for_gpu("cpu")`` on that pair alone, then
   ``kh.edit_metrics`` of the edit with the LoRA, the region token and depth, against the base model with the
   same seed and prompt; and with the region token or depth left out.
@@ -92,13 +92,19 @@ def base_keep_figures(pipe, pairs, vae_psnr: list[float]) -> list[dict]:
 
 
 def depth_alone_figures(pipe, pairs) -> list[dict]:
-    """From a blank grey context and an empty prompt: PSNR to the real context without and with its depth map."""
+    """From a blank grey context and an empty prompt: PSNR to the real context without and with its depth map,
+    and which of the contexts each output lies nearest (the depth map is all that tells the scenes apart)."""
+    contexts = [pairs[i]["context"] for i in range(len(pairs))]
     rows = []
-    for i in range(len(pairs)):
-        item = pairs[i]
-        blank = dict(item, context=torch.full_like(item["context"], 0.5))  # [3, H, W], mid grey
-        rows.append({"pair": pairs.names[i], "no_depth_db": psnr(edit(pipe, blank, ""), item["context"]),
-                     "depth_db": psnr(edit(pipe, blank, "", depth=item["depth"]), item["context"])})
+    for i, item in enumerate(contexts):
+        blank = dict(pairs[i], context=torch.full_like(item, 0.5))  # [3, H, W], mid grey
+        outs = {"no_depth": edit(pipe, blank, ""), "depth": edit(pipe, blank, "", depth=pairs[i]["depth"])}
+        row = {"pair": pairs.names[i]}
+        for name, out in outs.items():
+            scores = [psnr(out, c) for c in contexts]
+            row[f"{name}_db"] = scores[i]
+            row[f"{name}_nearest"] = pairs.names[max(range(len(scores)), key=scores.__getitem__)]
+        rows.append(row)
     return rows
 
 
@@ -134,7 +140,12 @@ def summary_lines(report: dict) -> list[str]:
                  "their length")
     for row in report.get("depth_alone", []):
         lines.append(f"blank context {row['pair']}: to the context without depth {row['no_depth_db']:.2f} dB, "
-                     f"with depth {row['depth_db']:.2f} dB")
+                     f"with depth {row['depth_db']:.2f} dB; nearest context without depth {row['no_depth_nearest']}, "
+                     f"with depth {row['depth_nearest']}")
+    if report.get("depth_alone"):
+        own = {k: sum(r[f"{k}_nearest"] == r["pair"] for r in report["depth_alone"]) for k in ("no_depth", "depth")}
+        lines.append(f"blank context: the output lies nearest its own scene in {own['depth']} of "
+                     f"{len(report['depth_alone'])} with depth, {own['no_depth']} without")
     for row in report.get("lora", []):
         b, lo, nr, nd = row["base"], row["lora"], row["lora_no_region"], row["lora_no_depth"]
         lines.append(f"LoRA {row['pair']} ({row['train_seconds']} s): in-mask to target base "

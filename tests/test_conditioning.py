@@ -253,3 +253,25 @@ def test_forward_without_depth_equals_zero_ip_scale(fresh_pipe, edit_batch):
                                   ip_adapter_image_embeds=kh.encode_depth_for_ip_adapter(pipe, depth), **kw)
         pipe.set_ip_adapter_scale(1.0)
     torch.testing.assert_close(none, zero, msg="no depth must equal an IP-Adapter at scale 0")
+
+
+def test_ip_adapter_branch_ignores_token_positions(tiny_pipe):
+    """notebooks 03 and 05: FluxIPAdapterAttnProcessor takes its queries before RoPE, so the depth tokens' output
+    at an image token depends on that token's features alone, never on its position id."""
+    block = tiny_pipe.transformer.transformer_blocks[0]
+    width, n_img, n_txt = block.attn.to_q.in_features, 16, 4
+    g = torch.Generator().manual_seed(0)
+    hidden, text = torch.randn(1, n_img, width, generator=g), torch.randn(1, n_txt, width, generator=g)
+    ip_width = block.attn.processor.to_k_ip[0].in_features
+    ip_tokens = [torch.randn(1, 4, ip_width, generator=g)]  # what encoder_hid_proj makes of one image embedding
+
+    def run(rows):
+        img_ids = torch.stack([torch.zeros(n_img), rows, torch.arange(n_img) % 4.0], dim=1)  # [N, 3]
+        ids = torch.cat([torch.zeros(n_txt, 3), img_ids])  # [T + N, 3]
+        with torch.no_grad():
+            return block.attn.processor(block.attn, hidden, text, image_rotary_emb=tiny_pipe.transformer.pos_embed(ids),
+                                        ip_hidden_states=ip_tokens)
+
+    near, far = run(torch.arange(n_img) // 4.0), run(torch.arange(n_img) // 4.0 + 40)
+    assert not torch.allclose(near[0], far[0]), "the image attention must depend on the position ids (RoPE)"
+    torch.testing.assert_close(near[2], far[2], msg="the IP-Adapter branch must not depend on the position ids")

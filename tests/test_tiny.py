@@ -119,7 +119,7 @@ def test_missing_or_corrupt_weights_file_names_the_file_and_the_fix(tmp_path):
 
 # The shipped weights' quality on the held-out data_samples pairs at the cpu preset's resolution. The floors sit
 # a little under what scripts/tiny_editor_report.py measured (docs/tiny_model.md), so a worse file fails.
-VAE_MEAN_FLOOR_DB, BASE_KEEP_FLOOR_DB, EMBEDDING_SPREAD_FLOOR = 31.0, 27.0, 0.015
+VAE_MEAN_FLOOR_DB, BASE_KEEP_FLOOR_DB, EMBEDDING_SPREAD_FLOOR = 31.0, 28.5, 0.5
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
