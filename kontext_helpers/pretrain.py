@@ -58,7 +58,7 @@ class PretrainConfig:
     batch_size: int = 8  # of the base phase
     long_text_fraction: float = 0.2  # batches with 512 T5 tokens (sample_edit's default), the others 32
     depth_fraction: float = 0.5  # batches that see the depth map through the IP-Adapter
-    blank_context_fraction: float = 0.3  # of the depth batches' samples: blank context, picture from depth
+    blank_context_fraction: float = 0.3  # of the depth batches' samples: blank context (measured: no gain, see docs)
     keep_fraction: float = 0.15  # samples turned into copies (empty or "keep" prompt), besides the drawn ones
     edit_weight: float = 3.0  # extra loss weight on the tokens an edit changes
     checkpoint_every: int = 50
