@@ -389,7 +389,7 @@ def _base_batch(cache: dict, cfg: PretrainConfig, g: torch.Generator) -> dict:
         tgt[keep], weight[keep] = ctx[keep], 1.0
         prompts = [KEEP_PROMPTS[k] if c else p for c, k, p in zip(keep.tolist(), keep_prompt, prompts)]
     if blank.any():  # the picture must come from the depth map: blank context, empty prompt, the context as target
-        tgt[blank] = cache["ctx_tok"][idx][blank]
+        tgt[blank] = ctx[blank]
         ctx[blank] = cache["blank_tok"].expand(int(blank.sum()), -1, -1)
         weight[blank] = 1.0
         prompts = ["" if k else p for k, p in zip(blank.tolist(), prompts)]
@@ -439,6 +439,10 @@ _MUST_MATCH = ("seed", "pairs", "resolution", "batch_size", "vae_batch_size", "v
 _PHASES = ("vae_crop", "vae_full", "probe", "base", "vae_decoder")
 
 
+def _phase_seconds(state: dict) -> dict:
+    return {k: round(state.get(f"{k}_seconds", 0.0), 1) for k in _PHASES}
+
+
 def _resume_state(folder: str, pipe, cfg: PretrainConfig) -> tuple[dict, dict | None]:
     """The saved run in ``folder`` (or a fresh state), refused when it was made with other data or batch."""
     if not os.path.isfile(_state_path(folder)):
@@ -476,7 +480,7 @@ def export_run_state(out_dir: str, weights_path: str | None = None, decoder_from
             state[key] = other_state.get(key, 0)
         config["decoder_steps"] = other_state.get("config", {}).get("decoder_steps", state["vae_decoder"])
     progress = {k: state.get(k, 0) for k in _PHASES}
-    seconds = {k: round(state.get(f"{k}_seconds", 0.0), 1) for k in _PHASES}
+    seconds = _phase_seconds(state)
     weights_path = weights_path or TINY_WEIGHTS_FILE
     save_tiny_weights(pipe, weights_path, {"config": config, "steps_done": progress, "train_seconds": seconds})
     print(f"wrote {weights_path} from {_state_path(out_dir)} (updates done: {progress})")
@@ -503,7 +507,7 @@ def pretrain_tiny(cfg: PretrainConfig, out_dir: str, weights_path: str | None = 
     train_probe(ctx, data)
     train_base(ctx, data)
     train_decoder(ctx, data)
-    seconds = {k: round(state.get(f"{k}_seconds", 0.0), 1) for k in _PHASES}
+    seconds = _phase_seconds(state)
     info = {"config": dataclasses.asdict(cfg), "train_seconds": seconds, "torch": torch.__version__}
     save_tiny_weights(pipe, weights_path, info)
     print(f"wrote {weights_path} ({os.path.getsize(weights_path) / 2**20:.1f} MiB) in "

@@ -94,11 +94,12 @@ def base_keep_figures(pipe, pairs, vae_psnr: list[float]) -> list[dict]:
 def depth_alone_figures(pipe, pairs) -> list[dict]:
     """From a blank grey context and an empty prompt: PSNR to the real context without and with its depth map,
     and which of the contexts each output lies nearest (the depth map is all that tells the scenes apart)."""
-    contexts = [pairs[i]["context"] for i in range(len(pairs))]
+    items = [pairs[i] for i in range(len(pairs))]
+    contexts = [item["context"] for item in items]
     rows = []
-    for i, item in enumerate(contexts):
-        blank = dict(pairs[i], context=torch.full_like(item, 0.5))  # [3, H, W], mid grey
-        outs = {"no_depth": edit(pipe, blank, ""), "depth": edit(pipe, blank, "", depth=pairs[i]["depth"])}
+    for i, item in enumerate(items):
+        blank = dict(item, context=torch.full_like(item["context"], 0.5))  # [3, H, W], mid grey
+        outs = {"no_depth": edit(pipe, blank, ""), "depth": edit(pipe, blank, "", depth=item["depth"])}
         row = {"pair": pairs.names[i]}
         for name, out in outs.items():
             scores = [psnr(out, c) for c in contexts]

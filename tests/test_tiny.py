@@ -131,8 +131,8 @@ def held_out(sample_data):
     return kh.KontextPairs(str(sample_data), resolution=kh.TrainConfig.for_gpu("cpu").resolution)
 
 
-def _sample(pipe, context, prompt: str, depth=None) -> torch.Tensor:
-    out = kh.sample_edit(pipe, context, prompt, depth=depth, generator=torch.Generator().manual_seed(0),
+def _sample(pipe, context, prompt: str) -> torch.Tensor:
+    out = kh.sample_edit(pipe, context, prompt, generator=torch.Generator().manual_seed(0),
                          output_type="pt")  # sample_edit's defaults: 28 steps, guidance 2.5, 512 T5 tokens
     return out[0].float()  # [1, 3, H, W] -> [3, H, W]
 
