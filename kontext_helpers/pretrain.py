@@ -8,8 +8,7 @@ Four phases on freshly drawn scenes (:mod:`kontext_helpers.scenes`, never the ``
    its embedding, so that different depth maps give different embeddings; then the encoder is frozen;
 3. the base transformer with its IP-Adapter: flow matching from the context and the prompt to the target,
    guidance drawn from ``[1, 4]``, a "keep" or empty prompt copying the context, depth through the
-   IP-Adapter in half of the batches (in some of them the context is blank, so the picture must come from
-   the depth map);
+   IP-Adapter in half of the batches;
 4. the VAE's decoder alone on whole images: the encoder is frozen, so the base's latents do not change.
 
 Every random draw of a step derives from ``(seed, phase, step)``; the run state is one safetensors file
@@ -52,14 +51,13 @@ class PretrainConfig:
     vae_lr: float = 1e-3
     probe_steps: int = 4000  # the image encoder alone: its embedding must let a fixed linear probe redraw depth
     probe_lr: float = 3e-3
-    base_steps: int = 6000  # transformer + IP-Adapter updates (the image encoder stays as the probe left it)
+    base_steps: int = 10000  # transformer + IP-Adapter updates (the image encoder stays as the probe left it)
     decoder_steps: int = 8000  # then the VAE's decoder alone on whole images (the latents, and so the base, stay)
     base_lr: float = 8e-4
     batch_size: int = 8  # of the base phase
     long_text_fraction: float = 0.2  # batches with 512 T5 tokens (sample_edit's default), the others 32
     depth_fraction: float = 0.5  # batches that see the depth map through the IP-Adapter
-    blank_context_fraction: float = 0.3  # of the depth batches' samples: blank context (measured: no gain, see docs)
-    keep_fraction: float = 0.15  # samples turned into copies (empty or "keep" prompt), besides the drawn ones
+    keep_fraction: float = 0.3  # samples turned into copies (empty or "keep" prompt), besides the drawn ones
     edit_weight: float = 3.0  # extra loss weight on the tokens an edit changes
     checkpoint_every: int = 50
     workers: int = 2
@@ -294,16 +292,15 @@ def _tokens(vae, images_u8: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def build_base_cache(pipe, data: dict) -> dict:
     """Constant per pair: context / target tokens ``[P, N, 4C]``, edited tokens ``[P, N, 1]``, the depth maps as
-    the image encoder's ``pixel_values`` ``[P, 3, S, S]`` and the tokens of a blank (grey) context ``[1, N, 4C]``."""
+    the image encoder's ``pixel_values`` ``[P, 3, S, S]``."""
     ctx_tok, tgt_tok = _tokens(pipe.vae, data["context"]), _tokens(pipe.vae, data["target"])
     changed = (data["context"].int() - data["target"].int()).abs().amax(1, keepdim=True) > 6  # [P, 1, H, W]
     h_tok = data["context"].shape[-1] // 16
     edited = F.adaptive_max_pool2d(changed.float(), (h_tok, h_tok))  # [P, 1, H', W']
     pixels = [pipe.feature_extractor([depth_to_pil(d.float()) for d in chunk], return_tensors="pt").pixel_values
               for chunk in data["depth"].split(256)]
-    grey = torch.full((1, 3, *data["context"].shape[-2:]), 128, dtype=torch.uint8)
     return {"ctx_tok": ctx_tok, "tgt_tok": tgt_tok, "edited": edited.flatten(1)[:, :, None],  # -> [P, N, 1]
-            "pixels": torch.cat(pixels).half(), "blank_tok": _tokens(pipe.vae, grey), "h_tok": h_tok,
+            "pixels": torch.cat(pixels).half(), "h_tok": h_tok,
             "prompts": data["prompts"]}
 
 
@@ -374,7 +371,7 @@ def _sigmas(g: torch.Generator, batch: int, shift: float = 1.6) -> torch.Tensor:
 
 
 def _base_batch(cache: dict, cfg: PretrainConfig, g: torch.Generator) -> dict:
-    """One batch: indices, prompts, tokens, loss weights, and whether it sees depth (blank contexts among them)."""
+    """One batch: indices, prompts, tokens, loss weights, and whether it sees depth."""
     b = cfg.batch_size
     idx = torch.randint(0, cache["ctx_tok"].shape[0], (b,), generator=g)
     ctx, tgt = cache["ctx_tok"][idx].clone(), cache["tgt_tok"][idx].clone()
@@ -382,17 +379,11 @@ def _base_batch(cache: dict, cfg: PretrainConfig, g: torch.Generator) -> dict:
     prompts = [cache["prompts"][i] for i in idx.tolist()]
     long_text = bool(torch.rand(1, generator=g) < cfg.long_text_fraction)
     use_depth = bool(torch.rand(1, generator=g) < cfg.depth_fraction)
-    blank = (torch.rand(b, generator=g) < cfg.blank_context_fraction) & use_depth
     keep = torch.rand(b, generator=g) < cfg.keep_fraction
     keep_prompt = torch.randint(0, len(KEEP_PROMPTS), (b,), generator=g).tolist()
     if keep.any():  # more copies: the context is the target, with an empty or "keep" prompt
         tgt[keep], weight[keep] = ctx[keep], 1.0
         prompts = [KEEP_PROMPTS[k] if c else p for c, k, p in zip(keep.tolist(), keep_prompt, prompts)]
-    if blank.any():  # the picture must come from the depth map: blank context, empty prompt, the context as target
-        tgt[blank] = ctx[blank]
-        ctx[blank] = cache["blank_tok"].expand(int(blank.sum()), -1, -1)
-        weight[blank] = 1.0
-        prompts = ["" if k else p for k, p in zip(blank.tolist(), prompts)]
     return {"idx": idx, "ctx": ctx, "tgt": tgt, "weight": weight, "prompts": prompts,
             "max_sequence_length": 512 if long_text else 32, "use_depth": use_depth,
             "sigma": _sigmas(g, b), "noise": torch.randn(tgt.shape, generator=g),
