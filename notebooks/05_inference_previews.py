@@ -430,8 +430,9 @@ _ = kh.interactive_figure(scale_figure, scale=FloatSlider(value=1.0, min=0.0, ma
 # **What the depth map carries on its own.** A blank grey context and an empty prompt leave the model nothing
 # to copy: any scene that appears must come from the depth embedding. Notebook 03 (section 4) says why little
 # can: the depth tokens carry no position (`FluxIPAdapterAttnProcessor` takes its queries before RoPE;
-# `tests/test_conditioning.py` checks it), and on a grey canvas the image tokens have no features that differ
-# from place to place either, so nothing can tell the adapter *where* the near sphere goes. The tiny model's
+# `tests/test_conditioning.py` checks it), so the adapter itself cannot say *where* the near sphere goes. A
+# placement would have to come from what each image token learns of its own position in the RoPE attention,
+# and on a uniform grey canvas under noise there is almost nothing there to anchor it to. The tiny model's
 # image encoder does tell depth maps apart (it was pretrained for that, `docs/tiny_model.md`), and its base
 # saw such samples in pretraining; look at whether the picture with depth follows the depth map at all.
 # FLUX.1 Kontext's IP-Adapter was trained on RGB references, not depth maps, so on a GPU this cell shows what a
