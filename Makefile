@@ -30,7 +30,7 @@ bench: $(PY)
 	$(PY) benchmarks/bench.py
 
 # The shipped tiny weights (docs/tiny_model.md), resumable: the VAE on both cores, then the depth probe and the base
-# transformer beside the VAE decoder on one core each, then one file with both (about 80 minutes on 2 idle cores).
+# transformer beside the VAE decoder on one core each, then one file with both (about 2 hours on 2 idle cores).
 RUN := outputs/pretrain-tiny
 tiny-weights: $(PY)
 	$(PY) -m kontext_helpers pretrain-tiny --out $(RUN) --threads 2 --probe-steps 0 --base-steps 0 --decoder-steps 0 \

@@ -267,7 +267,8 @@ def format_db(x: float) -> str:
     return "n/a" if math.isnan(x) else ("inf" if math.isinf(x) else f"{x:.1f} dB")
 
 
-def preview_grid(context, mask, depth, target, prediction, *, prompt: str | None = None, figsize_per_panel=2.6):
+def preview_grid(context, mask, depth, target, prediction, *, prompt: str | None = None, label: str | None = None,
+                 figsize_per_panel=2.6):
     """One sample as one matplotlib figure: context | mask overlay | depth | target | prediction | error map.
 
     The titles say what to look for: the prediction should follow the target inside the red region and
@@ -279,7 +280,7 @@ def preview_grid(context, mask, depth, target, prediction, *, prompt: str | None
             size for display when they differ).
         mask: PIL ``L`` or ``[1, H, W]`` in ``{0, 1}``; depth: PIL or ``[1, H, W]`` in ``[0, 1]``, or ``None``;
         target: the expected result, or ``None``.
-        prompt: shown in the title.
+        prompt: shown in the title; label: which model made it, e.g. ``"tiny model, 128 px"`` (title, end).
     Returns:
         a ``matplotlib.figure.Figure`` (headless: no pyplot state; ``fig.savefig(...)`` or display it).
     """
@@ -322,8 +323,13 @@ def preview_grid(context, mask, depth, target, prediction, *, prompt: str | None
         ax.set_yticks([])
     head = f"“{prompt}”   " if prompt else ""
     fig.suptitle(f"{head}PSNR in mask vs target {format_db(metrics['psnr_in_vs_target'])}, "
-                 f"outside mask vs context {format_db(metrics['psnr_out_vs_context'])}", fontsize=10)
+                 f"outside mask vs context {format_db(metrics['psnr_out_vs_context'])}{_label_tail(label)}",
+                 fontsize=10)
     return fig
+
+
+def _label_tail(label: str | None) -> str:
+    return f"   ({label})" if label else ""
 
 
 def metrics_table(metrics: dict[str, dict[str, float]], columns: Iterable[str] | None = None) -> str:
@@ -353,12 +359,13 @@ def _blank_axes(axes) -> None:
 
 
 def variants_figure(context: torch.Tensor, inside: torch.Tensor, depth, target: torch.Tensor | None,
-                    images: dict, metrics: dict, *, prompt: str, seed: int):
+                    images: dict, metrics: dict, *, prompt: str, seed: int, label: str | None = None):
     """The figure of ``compare_variants``: inputs on top, one column per variant, its error map below.
 
     Args:
         context ``[3, H, W]``, inside ``[H, W]`` bool, target ``[3, H, W]`` or ``None``; depth: any depth map or
-        ``None``; images ``{variant: image}`` and metrics ``{variant: edit_metrics}``.
+        ``None``; images ``{variant: image}`` and metrics ``{variant: edit_metrics}``; label: as in
+        :func:`preview_grid`.
     """
     from matplotlib.figure import Figure
 
@@ -385,7 +392,7 @@ def variants_figure(context: torch.Tensor, inside: torch.Tensor, depth, target: 
             axes[2, j].contour(inside.numpy().astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
         axes[2, j].set_title(f"|{name} - context|\nout vs context {format_db(m['psnr_out_vs_context'])}", fontsize=9)
     fig.suptitle(f"“{prompt}”: same noise (seed {seed}) through every variant. Edits belong inside the cyan "
-                 "outline; outside it the error map should stay dark.", fontsize=10)
+                 f"outline; outside it the error map should stay dark.{_label_tail(label)}", fontsize=10)
     return fig
 
 

@@ -306,6 +306,7 @@ def compare_variants(
     seed: int = 0,
     max_sequence_length: int = 512,
     inpaint: bool = True,
+    label: str | None = None,
 ) -> Comparison:
     """Run the same inputs and the same noise through every variant, into one figure and one metrics table.
 
@@ -317,6 +318,7 @@ def compare_variants(
         image, prompt, mask, region, depth: as in :func:`sample_edit`; ``target``: the expected edit.
         seed: every variant starts from ``torch.Generator().manual_seed(seed)``.
         inpaint: include the inpainting baseline.
+        label: which model made the figure, e.g. ``"tiny model, 128 px"`` (end of its title).
     Returns:
         :class:`Comparison` ``(figure, metrics, images)``; ``metrics_table(result.metrics)`` prints the table.
     """
@@ -330,5 +332,5 @@ def compare_variants(
     inside = mask_at_size(mask, height, width)  # [H, W] bool
     metrics = {name: edit_metrics(image_to_rgb_tensor(img, name), ctx, tgt, inside[None].float())
                for name, img in images.items()}
-    figure = variants_figure(ctx, inside, depth, tgt, images, metrics, prompt=prompt, seed=seed)
+    figure = variants_figure(ctx, inside, depth, tgt, images, metrics, prompt=prompt, seed=seed, label=label)
     return Comparison(figure, metrics, images)

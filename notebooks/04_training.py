@@ -99,6 +99,7 @@ else:
 # %%
 os.makedirs(OUTPUT_DIR, exist_ok=True)
 print("outputs go to", OUTPUT_DIR)
+MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {cfg.resolution} px"  # in the result figures' titles
 
 # %% [markdown]
 # ## 1. The configuration and the GPU presets
@@ -489,8 +490,8 @@ if DEVICE.type == "cuda":  # how close did the preset's estimate come?
 
 # %%
 fig = plot.figure()
-fig.axes[0].set_title("Training loss, moving mean of 10 steps: the in-mask part (learning the edit) and\n"
-                      "the out-of-mask part (keeping the context) both fall; the total is their sum")
+fig.axes[0].set_title(f"Training loss ({MODEL_LABEL}), moving mean of 10 steps: the in-mask part (learning\n"
+                      "the edit) and the out-of-mask part (keeping the context) both fall; the total is their sum")
 plt.show()
 
 # %% [markdown]
@@ -529,7 +530,7 @@ ax.bar([i - 0.2 for i in range(3)], [before[k] for k in keys], width=0.4, color=
 ax.bar([i + 0.2 for i in range(3)], [after[k] for k in keys], width=0.4, color="tab:green", label="after training")
 ax.set_xticks(range(3), ["loss (in + out)", "err_in (edit vs target)", "err_out (rest vs context)"], fontsize=8)
 ax.set_ylabel("velocity MSE")
-ax.set_title(f"Fixed evaluation loss of pair 0: {before['loss']:.2f} -> {after['loss']:.2f} "
+ax.set_title(f"Fixed evaluation loss of pair 0 ({MODEL_LABEL}): {before['loss']:.2f} -> {after['loss']:.2f} "
              f"({after['loss'] / before['loss'] - 1:+.0%})")
 ax.legend(fontsize=8)
 plt.show()

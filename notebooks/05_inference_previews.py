@@ -176,6 +176,7 @@ context = to_pil_image(item["context"])  # the pipeline takes PIL images
 depth_image = kh.depth_to_pil(item["depth"])  # 8-bit RGB, what the IP-Adapter's CLIP image encoder takes
 prompt = item["prompt"]
 h = w = RESOLUTION
+MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {h} px"  # in every picture's title: model and size
 common = dict(height=h, width=w, num_inference_steps=NUM_STEPS, guidance_scale=GUIDANCE,
               max_sequence_length=MAX_SEQUENCE_LENGTH)
 
@@ -259,7 +260,7 @@ print("prediction:", type(pred).__name__, pred.size, "(W, H)")
 from IPython.display import display
 
 fig = kh.preview_grid(item["context"], item["mask"], item["depth"], item["target"], pred, prompt=prompt,
-                      figsize_per_panel=3.0)
+                      label=MODEL_LABEL, figsize_per_panel=3.0)
 display(fig)
 
 # %% [markdown]
@@ -346,7 +347,7 @@ schedule = pipe.scheduler.sigmas  # the run's sigmas, ending at 0
 fig = kh.denoising_figure([decode(lat) for _, _, lat in recorded],
                           [f"after step {step + 1}\nsigma {sigma:.2f} -> {float(schedule[step + 1]):.2f}"
                            for step, sigma, _ in recorded], [step + 1 for step, _, _ in recorded], distance)
-fig.suptitle(f"Denoising, step by step ({'tiny model' if TINY else 'FLUX.1 Kontext'}, {h} px): each Euler step "
+fig.suptitle(f"Denoising, step by step ({MODEL_LABEL}): each Euler step "
              "moves the latents towards the final image", fontsize=10)
 plt.show()
 
@@ -371,7 +372,7 @@ plt.show()
 
 # %%
 comparison = kh.compare_variants(pipe, context, prompt, item["mask"], region=region, depth=depth_image,
-                                 target=item["target"], seed=SEED, **common)
+                                 target=item["target"], seed=SEED, label=MODEL_LABEL, **common)
 display(comparison.figure)
 print(kh.metrics_table(comparison.metrics))
 with_all, no_region = comparison.metrics["LoRA + region + depth"], comparison.metrics["LoRA"]
@@ -385,9 +386,9 @@ print(f"region token and depth on vs off: in-mask {with_all['psnr_in_vs_target']
 # embedding (one global vector, notebook 03) carry nothing the LoRA needs to reproduce its training pairs.
 # Where they could help is on *new* images, where the mask says where and the depth says what is near; that
 # needs many varied pairs, and the region token only knows mask places it saw in training (notebook 04). On
-# the tiny model the LoRA's edit also spills outside the mask (look at the error maps): a global colour shift
-# is the cheapest way to lower the in-mask loss, and the region token alone does not stop it; `w_out`,
-# `preservation="prior"` or more pairs do.
+# the tiny model the LoRA also costs a little outside the mask (compare `psnr_out_vs_context` of `base` and
+# `LoRA`): changing more than the mask is a cheap way to lower the in-mask loss, and the region token alone
+# does not stop it; `w_out`, `preservation="prior"` or more pairs do.
 
 # %% [markdown]
 # ## 5. How strongly should depth steer? The IP-Adapter scale
@@ -418,8 +419,8 @@ def scale_figure(scale):
     fig.colorbar(im, ax=axes[2], fraction=0.046)
     for ax in axes:
         ax.set_axis_off()
-    fig.suptitle(f"IP-Adapter scale {scale:.2f}: 0 ignores depth; the larger the scale, the more the depth map "
-                 "reshapes the result", fontsize=10)
+    fig.suptitle(f"IP-Adapter scale {scale:.2f} ({MODEL_LABEL}): 0 ignores depth; the larger the scale, the more "
+                 "the depth map reshapes the result", fontsize=10)
     return fig
 
 
@@ -433,8 +434,9 @@ _ = kh.interactive_figure(scale_figure, scale=FloatSlider(value=1.0, min=0.0, ma
 # `tests/test_conditioning.py` checks it), so the adapter itself cannot say *where* the near sphere goes. A
 # placement would have to come from what each image token learns of its own position in the RoPE attention,
 # and on a uniform grey canvas under noise there is almost nothing there to anchor it to. The tiny model's
-# image encoder does tell depth maps apart (it was pretrained for that, `docs/tiny_model.md`), and its base
-# saw such samples in pretraining; look at whether the picture with depth follows the depth map at all.
+# image encoder does tell depth maps apart (it was pretrained for that; `docs/tiny_model.md` also measures that
+# training the base on such blank-context samples did not help); look at whether the picture with depth
+# follows the depth map at all.
 # FLUX.1 Kontext's IP-Adapter was trained on RGB references, not depth maps, so on a GPU this cell shows what a
 # general adapter makes of a depth map; read it as a probe, not as a feature.
 
@@ -454,8 +456,8 @@ for ax, (img, title) in zip(axes, panels):
     ax.set_title(title, fontsize=8)
     ax.set_axis_off()
 change = float((blank_runs["depth"] - blank_runs["no depth"]).abs().mean())  # mean |difference| in [0, 1]
-fig.suptitle(f"Base model from a blank context and an empty prompt ({'tiny model' if TINY else 'FLUX.1 Kontext'}, "
-             f"{h} px): depth changes the picture by {change:.3f} on average; does it follow the depth map?",
+fig.suptitle(f"Base model from a blank context and an empty prompt ({MODEL_LABEL}): depth changes the picture "
+             f"by {change:.3f} on average; does it follow the depth map?",
              fontsize=10)
 plt.show()
 print(f"from a blank context: PSNR to the real context {blank_psnr['no depth']:.1f} dB without depth, "

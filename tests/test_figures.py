@@ -96,8 +96,10 @@ def test_preview_grid_is_one_headless_figure_with_six_panels(random_image, rando
     from matplotlib.figure import Figure
 
     ctx, tgt = random_image(32, 48, 0), random_image(32, 48, 1)
-    fig = kh.preview_grid(ctx, quadrant_mask(32, 48), random_depth(32, 48), tgt, tgt, prompt=edit_prompt)
+    fig = kh.preview_grid(ctx, quadrant_mask(32, 48), random_depth(32, 48), tgt, tgt, prompt=edit_prompt,
+                          label="tiny model, 48 px")
     assert isinstance(fig, Figure), "preview_grid must return a matplotlib Figure"
+    assert fig.get_suptitle().endswith("(tiny model, 48 px)"), f"the label ends the title: {fig.get_suptitle()!r}"
     titles = [ax.get_title() for ax in fig.axes]
     for word in ("context", "mask", "depth", "target", "prediction", "|prediction - context|"):
         assert any(word in t for t in titles), f"a panel title must mention {word!r}: {titles}"

@@ -179,11 +179,12 @@ def test_compare_variants_runs_every_variant_into_one_figure_and_table(trained, 
     before = edit_latents(pipe, region)
     grads = [p.requires_grad for n, p in pipe.transformer.named_parameters() if "lora_" in n]
     result = kh.compare_variants(pipe, image, edit_prompt, mask, region=region, depth=depth, target=target, seed=4,
-                                 **fast)
+                                 label="tiny model, 64 px", **fast)
     assert isinstance(result, kh.Comparison), "compare_variants returns a Comparison"
     names = ["base", "LoRA", "LoRA + region", "LoRA + region + depth", "inpaint (base)"]
     assert list(result.metrics) == names and list(result.images) == names, f"variants: {list(result.metrics)}"
     assert isinstance(result.figure, Figure), "one matplotlib figure"
+    assert "(tiny model, 64 px)" in result.figure.get_suptitle(), f"labelled: {result.figure.get_suptitle()!r}"
     assert all(isinstance(v["psnr_out_vs_context"], float) for v in result.metrics.values()), "metrics are floats"
     base = kh.sample_edit(kh.load_pipeline("tiny"), image, edit_prompt, height=64, width=64,
                           generator=torch.Generator().manual_seed(4), **fast)
