@@ -1,6 +1,6 @@
 """The tiny model's figures, recomputed from the shipped weights: VAE, base model, and the ``cpu`` preset's LoRA.
 
-    python scripts/tiny_editor_report.py                      # all figures, pairs 0 1 7 (about 12 min, 2 cores)
+    python scripts/tiny_editor_report.py                      # all figures, pairs 0 1 7 (about 6 min, one thread)
     python scripts/tiny_editor_report.py --pairs 0 5 --skip-lora
     python scripts/tiny_editor_report.py --json outputs/tiny_editor_report.json
 
@@ -8,7 +8,8 @@ Every figure is measured on the held-out ``data_samples`` pairs at the ``cpu`` p
 
 * ``vae``: PSNR of each context after encode + decode;
 * ``base_keep``: ``sample_edit`` with its defaults (28 steps, guidance 2.5, 512 T5 tokens) and an empty
-  prompt: PSNR of the output against the context, next to the VAE's own PSNR;
+  prompt: PSNR of the output against the context, next to the VAE's own PSNR (for seeds 0 to 3, to show how
+  much the noise alone moves it);
 * ``depth_alone``: the same from a blank grey context, without and with the pair's depth map: how much of
   the scene the depth path alone carries, and which of the ten contexts each output lies nearest;
 * ``lora``: for each pair, ``kh.train`` with ``TrainConfig.for_gpu("cpu")`` on that pair alone, then
@@ -35,6 +36,7 @@ import kontext_helpers as kh  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 0
+KEEP_SEEDS = (0, 1, 2, 3)  # base_keep: the empty-prompt figure from several noises
 WEIGHTS = None  # --weights: another weights file than the shipped one
 
 
@@ -74,9 +76,9 @@ def vae_figures(pipe, pairs) -> list[float]:
     return out
 
 
-def edit(pipe, item, prompt, **kw):
+def edit(pipe, item, prompt, seed: int = SEED, **kw):
     """``kh.sample_edit`` as a ``[3, H, W]`` tensor, seed fixed."""
-    out = kh.sample_edit(pipe, item["context"], prompt, generator=torch.Generator().manual_seed(SEED),
+    out = kh.sample_edit(pipe, item["context"], prompt, generator=torch.Generator().manual_seed(seed),
                          output_type="pt", **kw)
     return out[0].float().cpu()  # [1, 3, H, W] -> [3, H, W]
 
@@ -85,8 +87,9 @@ def base_keep_figures(pipe, pairs, vae_psnr: list[float]) -> list[dict]:
     rows = []
     for i in range(len(pairs)):
         item = pairs[i]
-        rows.append({"pair": pairs.names[i], "vae_db": vae_psnr[i],
-                     "empty_prompt_db": psnr(edit(pipe, item, ""), item["context"]),
+        by_seed = [psnr(edit(pipe, item, "", seed=s), item["context"]) for s in KEEP_SEEDS]
+        rows.append({"pair": pairs.names[i], "vae_db": vae_psnr[i], "empty_prompt_db": by_seed[0],
+                     "empty_prompt_db_by_seed": by_seed,
                      "keep_prompt_db": psnr(edit(pipe, item, "keep the scene"), item["context"])})
     return rows
 
@@ -130,6 +133,19 @@ def lora_figures(pairs, index: int, config_overrides: dict) -> dict:
     return row
 
 
+def keep_gap_lines(rows: list[dict]) -> list[str]:
+    """How far under the VAE the empty-prompt output lies, for seed 0 and for every seed."""
+    if not rows:
+        return []
+    first = [r["vae_db"] - r["empty_prompt_db"] for r in rows]
+    every = [r["vae_db"] - db for r in rows for db in r["empty_prompt_db_by_seed"]]
+    worst = max(rows, key=lambda r: r["vae_db"] - min(r["empty_prompt_db_by_seed"]))
+    return [f"base keep, seed {SEED}: {sum(g <= 1.0 for g in first)} of {len(first)} within 1 dB of the VAE, "
+            f"gap mean {sum(first) / len(first):.2f}, max {max(first):.2f} dB",
+            f"base keep, seeds {KEEP_SEEDS[0]}-{KEEP_SEEDS[-1]}: {sum(g <= 1.0 for g in every)} of {len(every)} "
+            f"within 1 dB, gap mean {sum(every) / len(every):.2f}, max {max(every):.2f} dB ({worst['pair']})"]
+
+
 def summary_lines(report: dict) -> list[str]:
     lines = []
     vae = report["vae_db"]
@@ -137,6 +153,7 @@ def summary_lines(report: dict) -> list[str]:
     for row in report.get("base_keep", []):
         lines.append(f"base keep {row['pair']}: VAE {row['vae_db']:.2f}  empty prompt {row['empty_prompt_db']:.2f}  "
                      f"'keep the scene' {row['keep_prompt_db']:.2f} dB")
+    lines += keep_gap_lines(report.get("base_keep", []))
     lines.append(f"image embeddings of the depth maps: spread {100 * report['depth_embedding_spread']:.1f}% of "
                  "their length")
     for row in report.get("depth_alone", []):
