@@ -28,8 +28,8 @@
 #
 # **On the tiny model the pictures are real but small.** Its weights were pretrained in the package on drawn
 # scenes (`docs/tiny_model.md`): its VAE reconstructs the sample scenes at about 32 dB, and with an empty
-# prompt the base model gives the context back at 25 to 33 dB, which caps every figure here. The LoRA from
-# notebook 04 does learn the edits; on a GPU the same cells show FLUX.1 Kontext.
+# prompt the base model gives the context back at 29 to 36 dB, within about 1 dB of the VAE: that caps every
+# figure here. The LoRA from notebook 04 does learn the edits; on a GPU the same cells show FLUX.1 Kontext.
 #
 # **The code behind it:** [`kontext_helpers/inference.py`](../kontext_helpers/inference.py) (`sample_edit` in named
 # steps, `compare_variants`) and [`kontext_helpers/adapters.py`](../kontext_helpers/adapters.py) (save, load, ComfyUI).
