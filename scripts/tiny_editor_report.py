@@ -36,7 +36,7 @@ import kontext_helpers as kh  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 0
-KEEP_SEEDS = (0, 1, 2, 3)  # base_keep: the empty-prompt figure from several noises
+KEEP_SEEDS = tuple(range(SEED, SEED + 4))  # base_keep: the empty-prompt figure from several noises, SEED first
 WEIGHTS = None  # --weights: another weights file than the shipped one
 
 
@@ -88,7 +88,7 @@ def base_keep_figures(pipe, pairs, vae_psnr: list[float]) -> list[dict]:
     for i in range(len(pairs)):
         item = pairs[i]
         by_seed = [psnr(edit(pipe, item, "", seed=s), item["context"]) for s in KEEP_SEEDS]
-        rows.append({"pair": pairs.names[i], "vae_db": vae_psnr[i], "empty_prompt_db": by_seed[0],
+        rows.append({"pair": pairs.names[i], "vae_db": vae_psnr[i], "empty_prompt_db": by_seed[0],  # SEED's
                      "empty_prompt_db_by_seed": by_seed,
                      "keep_prompt_db": psnr(edit(pipe, item, "keep the scene"), item["context"])})
     return rows

@@ -139,19 +139,21 @@ def _sample(pipe, context, prompt: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _vae_psnr(pipe, contexts: torch.Tensor) -> list[float]:
+    """PSNR of each context ``[P, 3, H, W]`` in ``[0, 1]`` after the VAE's encode + decode."""
+    latents = pipe.vae.encode(kh.normalize_01_to_m11(contexts)).latent_dist.mode()
+    decoded = (pipe.vae.decode(latents).sample.clamp(-1, 1) + 1) / 2  # [P, 3, H, W] in [0, 1]
+    return [_psnr(d, c) for d, c in zip(decoded, contexts)]
+
+
 def test_shipped_vae_reconstructs_the_held_out_contexts(tiny_pipe, held_out):
-    contexts = torch.stack([held_out[i]["context"] for i in range(len(held_out))])  # [P, 3, H, W]
-    latents = tiny_pipe.vae.encode(kh.normalize_01_to_m11(contexts)).latent_dist.mode()
-    decoded = (tiny_pipe.vae.decode(latents).sample.clamp(-1, 1) + 1) / 2  # [P, 3, H, W] in [0, 1]
-    psnr = [_psnr(d, c) for d, c in zip(decoded, contexts)]
+    psnr = _vae_psnr(tiny_pipe, torch.stack([held_out[i]["context"] for i in range(len(held_out))]))
     assert sum(psnr) / len(psnr) >= VAE_MEAN_FLOOR_DB, f"VAE PSNR on the data_samples contexts: {psnr}"
 
 
-@torch.no_grad()
 def test_shipped_base_model_keeps_the_context_within_a_db_of_the_vae(tiny_pipe, held_out):
     context = held_out[0]["context"]
-    latents = tiny_pipe.vae.encode(kh.normalize_01_to_m11(context[None])).latent_dist.mode()
-    vae = _psnr((tiny_pipe.vae.decode(latents).sample[0].clamp(-1, 1) + 1) / 2, context)
+    vae = _vae_psnr(tiny_pipe, context[None])[0]
     kept = _psnr(_sample(tiny_pipe, context, ""), context)
     assert kept >= vae - BASE_KEEP_GAP_DB, (
         f"empty prompt, sample_edit's defaults: {kept:.2f} dB to the context, the VAE alone {vae:.2f} dB")
