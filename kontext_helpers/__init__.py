@@ -65,11 +65,17 @@ from .checkpoints import (
 )
 from .colab import colab_session
 from .conditioning import (
+    DEFAULT_REGION_KIND,
+    REGION_KINDS,
+    MaskedContextEmbedding,
     MaskRegionToken,
+    RegionCellTokens,
+    apply_region,
     encode_depth_for_ip_adapter,
     encode_prompts,
     fm_masked_dual_loss_with_l2,
     kontext_forward,
+    make_region_module,
     mask_to_token_grid,
     mean_square,
 )
@@ -96,7 +102,7 @@ from .images import (
     pil_to_depth_array,
     pil_to_rgb,
 )
-from .inference import Comparison, compare_variants, sample_edit
+from .inference import Comparison, RegionHook, blend_latents, blend_mask_tokens, compare_variants, sample_edit
 from .latents import (
     REGION_ID,
     img_ids_grid,
@@ -127,7 +133,7 @@ from .pipeline import (
 )
 from .pretrain import PretrainConfig, depth_embedding_spread, pretrain_tiny
 from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model, build_rehearsal_transformer, depth_model_for
-from .scenes import random_edit_spec, render_training_pair
+from .scenes import TwinPairs, random_edit_spec, render_training_pair, render_twin_scene, twin_edit_spec
 from .tiny import TINY_WEIGHTS_FILE, build_tiny_pipeline, load_tiny_weights, tiny_ip_adapter_state_dict
 from .training import (
     TrainResult,
@@ -193,6 +199,9 @@ __all__ = [
     # scenes
     "random_edit_spec",
     "render_training_pair",
+    "TwinPairs",
+    "render_twin_scene",
+    "twin_edit_spec",
     # latents (02)
     "REGION_ID",
     "img_ids_grid",
@@ -203,7 +212,13 @@ __all__ = [
     "to_latents",
     "unpack_like_pipeline",
     # conditioning (03)
+    "DEFAULT_REGION_KIND",
+    "REGION_KINDS",
     "MaskRegionToken",
+    "MaskedContextEmbedding",
+    "RegionCellTokens",
+    "apply_region",
+    "make_region_module",
     "encode_depth_for_ip_adapter",
     "encode_prompts",
     "fm_masked_dual_loss_with_l2",
@@ -212,6 +227,9 @@ __all__ = [
     "mean_square",
     # inference (05)
     "Comparison",
+    "RegionHook",
+    "blend_latents",
+    "blend_mask_tokens",
     "compare_variants",
     "sample_edit",
     # adapters (05)

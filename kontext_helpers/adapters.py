@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch import nn
 
-from .conditioning import MaskRegionToken
+from .conditioning import REGION_KINDS, make_region_module
 from .models import has_ip_adapter, load_lora_state_dict, lora_state_dict
 
 # Files of a saved adapter folder (save_adapter / load_adapter).
@@ -62,8 +62,9 @@ def _adapter_to_save(transformer, region, adapter_name: str | None) -> str:
         adapter_name = next(iter(peft_config))
     elif adapter_name not in peft_config:
         raise ValueError(f"no adapter named {adapter_name!r}; the transformer has {sorted(peft_config)}")
-    if region is not None and not all(hasattr(region, a) for a in ("h_tok", "w_tok", "c_in")):
-        raise TypeError(f"region must be a MaskRegionToken (h_tok, w_tok, c_in), got {type(region).__name__}")
+    if region is not None and getattr(region, "kind", None) not in REGION_KINDS:
+        raise TypeError(f"region must be a region module of kh.REGION_KINDS ({sorted(REGION_KINDS)}), "
+                        f"got {type(region).__name__}")
     if region is not None and region.c_in != transformer.config.in_channels:
         raise ValueError(f"the region module was built for c_in={region.c_in} but this transformer takes "
                          f"{transformer.config.in_channels}-channel tokens: it does not belong to this LoRA's model")
@@ -79,11 +80,11 @@ def _save_region(region, path: str) -> dict | None:
         if os.path.exists(region_file):
             os.remove(region_file)  # a stale region module of an earlier save must not pair with this LoRA
         return None
-    info = {"file": REGION_WEIGHT_FILE, "h_tok": int(region.h_tok), "w_tok": int(region.w_tok),
+    info = {"file": REGION_WEIGHT_FILE, "kind": region.kind, "h_tok": int(region.h_tok), "w_tok": int(region.w_tok),
             "c_in": int(region.c_in), "grid": f"{region.h_tok}x{region.w_tok}",
             "pixels_at_build_grid": f"{region.h_tok * 16}x{region.w_tok * 16}"}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in region.state_dict().items()}
-    meta = {k: str(info[k]) for k in ("h_tok", "w_tok", "c_in")}
+    meta = {k: str(info[k]) for k in ("kind", "h_tok", "w_tok", "c_in")}
     save_file(tensors, region_file, metadata={"format": "pt", **meta})
     return info
 
@@ -156,7 +157,7 @@ def save_adapter(pipe, region: nn.Module | None, path: str, config=None, *, adap
     return path
 
 
-def _read_region(region_file: str, in_channels: int) -> MaskRegionToken | None:
+def _read_region(region_file: str, in_channels: int) -> nn.Module | None:
     """The region module of an adapter folder (``None`` without one), checked before the pipeline is touched."""
     from safetensors import safe_open
 
@@ -172,7 +173,11 @@ def _read_region(region_file: str, in_channels: int) -> MaskRegionToken | None:
     if c_in != in_channels:
         raise ValueError(f"the region module in {region_file} was built for c_in={c_in} but this transformer "
                          f"takes {in_channels}-channel tokens: it belongs to another model")
-    region = MaskRegionToken(int(meta["h_tok"]), int(meta["w_tok"]), c_in)
+    kind = meta.get("kind", "linear")  # files written before the region kinds hold the linear token
+    if kind not in REGION_KINDS:
+        raise ValueError(f"{region_file} holds a region module of kind {kind!r}, which this version does not know "
+                         f"({sorted(REGION_KINDS)}): upgrade kontext_helpers")
+    region = make_region_module(kind, int(meta["h_tok"]), int(meta["w_tok"]), c_in)
     region.load_state_dict(state)
     return region
 
@@ -208,7 +213,7 @@ def load_adapter(pipe, path: str, *, adapter_name: str = "default", replace: boo
     adapter gives exactly the trained pipeline's results.
 
     Returns:
-        the :class:`MaskRegionToken` in eval mode, or ``None`` when the folder holds a LoRA alone.
+        the region module (its kind from the file) in eval mode, or ``None`` when the folder holds a LoRA alone.
     """
 
     lora_file = os.path.join(path, LORA_WEIGHT_FILE)

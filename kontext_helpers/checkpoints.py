@@ -20,8 +20,9 @@ from torch import nn
 _CKPT_RE = re.compile(r"^step-(\d{6,})$")
 
 # Config fields that shape the saved tensors: a checkpoint cannot continue a run where any of them differs.
-# (resolution sets the region module's token grid; optimizer sets the layout of the optimizer state.)
-RESUME_MUST_MATCH = ("rank", "alpha", "lora_targets", "lora_ip_adapter", "resolution", "optimizer")
+# (resolution sets the region module's token grid, region_kind its tensors; optimizer sets the layout of the
+# optimizer state.)
+RESUME_MUST_MATCH = ("rank", "alpha", "lora_targets", "lora_ip_adapter", "resolution", "optimizer", "region_kind")
 # Fields that say where or whether to resume, not how to train: never compared.
 _RESUME_IGNORED = ("resume", "output_dir", "expected_peak_memory_gb", "peak_memory_source")
 
@@ -121,15 +122,18 @@ def _write_checkpoint_files(folder: str, step: int, *, lora_state, region_module
 
     save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()},
               os.path.join(folder, "lora.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in region_module.state_dict().items()},
-              os.path.join(folder, "region.safetensors"))
+    if region_module is not None:  # region_kind="none": a LoRA alone
+        save_file({k: v.detach().cpu().contiguous() for k, v in region_module.state_dict().items()},
+                  os.path.join(folder, "region.safetensors"))
     opt_tensors, opt_meta = _optimizer_to_files(optimizer)
     save_file(opt_tensors, os.path.join(folder, "optimizer.safetensors"))
     with open(os.path.join(folder, "optimizer.json"), "w") as f:
         json.dump(opt_meta, f)
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     state = {"step": step, "lr_scheduler": lr_scheduler.state_dict(), "history": history, "config": config_dict,
-             "region": {"h_tok": region_module.h_tok, "w_tok": region_module.w_tok, "c_in": region_module.c_in}}
+             "region": None if region_module is None else {
+                 "kind": region_module.kind, "h_tok": region_module.h_tok, "w_tok": region_module.w_tok,
+                 "c_in": region_module.c_in}}
     with open(os.path.join(folder, "state.json"), "w") as f:
         json.dump(state, f, default=str)
         f.flush()
@@ -148,13 +152,13 @@ def _write_failed(output_dir: str, step: int, tmp: str, err: Exception) -> Check
         + ("" if isinstance(err, TypeError | ValueError) else " Free disk space (or reconnect the drive) first."))
 
 
-def save_checkpoint(output_dir: str, step: int, *, lora_state: dict[str, torch.Tensor], region_module: nn.Module,
+def save_checkpoint(output_dir: str, step: int, *, lora_state: dict[str, torch.Tensor], region_module: nn.Module | None,
                     optimizer, lr_scheduler, history: list[dict], config, keep: int = 3) -> str:
     """Write ``output_dir/checkpoints/step-NNNNNN/`` atomically: a temporary folder, fsync, then rename.
 
     Holds ``lora.safetensors`` (PEFT keys, as :func:`kontext_helpers.models.lora_state_dict`),
-    ``region.safetensors``, ``optimizer.safetensors`` + ``optimizer.json`` and ``state.json`` (step, scheduler,
-    history, config; written last). Keeps the newest ``keep`` complete checkpoints.
+    ``region.safetensors`` (absent without a region module), ``optimizer.safetensors`` + ``optimizer.json`` and
+    ``state.json`` (step, scheduler, history, config; written last). Keeps the newest ``keep`` complete checkpoints.
 
     Raises:
         CheckpointWriteError: the write failed (disk full, storage gone); the temporary folder is removed and
@@ -195,6 +199,7 @@ def load_checkpoint(path: str) -> dict:
         opt_meta = json.load(f)
     opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     state.update(lora=load_file(os.path.join(path, "lora.safetensors")),
-                 region=dict(state["region"], state_dict=load_file(os.path.join(path, "region.safetensors"))),
+                 region=None if state["region"] is None else dict(
+                     state["region"], state_dict=load_file(os.path.join(path, "region.safetensors"))),
                  optimizer=optimizer_state_from_files(opt_tensors, opt_meta), path=path)
     return state

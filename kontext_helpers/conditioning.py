@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .images import depth_to_pil
-from .latents import kontext_img_ids
+from .latents import REGION_ID, kontext_img_ids, region_token_id
 from .models import has_ip_adapter
 
 
@@ -36,16 +36,19 @@ def mask_to_token_grid(mask: torch.Tensor, h_tok: int, w_tok: int, *, mode: str 
 
 
 class MaskRegionToken(nn.Module):
-    """Project a token-grid mask to one learned region token: ``[B, 1, H', W'] -> [B, 1, c_in]``.
+    """Project a token-grid mask to one learned region token: ``[B, 1, H', W'] -> [B, 1, c_in]`` (``"linear"``).
 
     The original design's ``Linear(H'*W' -> c_in)`` only accepts the grid it was built for (docs/design.md,
     correction 3). Here a mask on any other grid is area-pooled to ``(h_tok, w_tok)`` first, so one module serves
-    every resolution.
+    every resolution. The token's id is ``(2, 0, 0)``: where the mask lies is only in the learned weights.
 
     Args:
         h_tok, w_tok: the grid the projection is built for (e.g. 32x32 for 512 px images).
         c_in: channels of one packed token, ``transformer.config.in_channels`` (64 for Flux).
     """
+
+    kind = "linear"
+    appends = True  # forward's tokens go after the context tokens (False: they are added to them)
 
     def __init__(self, h_tok: int, w_tok: int, c_in: int):
         super().__init__()
@@ -53,15 +56,116 @@ class MaskRegionToken(nn.Module):
         self.proj = nn.Linear(self.h_tok * self.w_tok, self.c_in)
 
     def forward(self, m_small: torch.Tensor) -> torch.Tensor:
-        if m_small.ndim != 4 or m_small.shape[1] != 1:
-            raise ValueError(f"MaskRegionToken expects a mask [B, 1, H', W'], got shape {tuple(m_small.shape)}")
+        _check_grid_mask(m_small, type(self).__name__)
         if m_small.shape[-2:] != (self.h_tok, self.w_tok):
             m_small = F.adaptive_avg_pool2d(m_small.float(), (self.h_tok, self.w_tok))  # -> [B, 1, h_tok, w_tok]
         flat = m_small.flatten(1).to(self.proj.weight.dtype)  # [B, 1, H', W'] -> [B, H'*W']
         return self.proj(flat)[:, None, :]  # [B, c_in] -> [B, 1, c_in]
 
+    def token_ids(self, h_tok: int, w_tok: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+        """The id of the appended token: ``(2, 0, 0)`` -> ``[1, 3]``."""
+        return region_token_id(device=device, dtype=dtype)
+
     def extra_repr(self) -> str:
         return f"grid={self.h_tok}x{self.w_tok}, c_in={self.c_in}"
+
+
+class MaskedContextEmbedding(nn.Module):
+    """A learned embedding added to the context tokens the mask covers (``"marked_context"``).
+
+    ``[B, 1, H', W'] -> [B, H'W', c_in]``: ``m * e`` per context token, ``e`` a learned ``[c_in]`` vector that
+    starts at zero (so training starts from the base model). The marked tokens keep their own ids ``(1, row,
+    col)``, so RoPE lines each mark up with the target token at the same place. Works on any grid; ``h_tok`` and
+    ``w_tok`` only record the grid it was trained on.
+    """
+
+    kind = "marked_context"
+    appends = False
+
+    def __init__(self, h_tok: int, w_tok: int, c_in: int):
+        super().__init__()
+        self.h_tok, self.w_tok, self.c_in = int(h_tok), int(w_tok), int(c_in)
+        self.embedding = nn.Parameter(torch.zeros(self.c_in))
+
+    def forward(self, m_small: torch.Tensor) -> torch.Tensor:
+        _check_grid_mask(m_small, type(self).__name__)
+        m = m_small.flatten(2).transpose(1, 2).to(self.embedding.dtype)  # [B, 1, H', W'] -> [B, N, 1]
+        return m * self.embedding  # [B, N, 1] * [c_in] -> [B, N, c_in]
+
+    def extra_repr(self) -> str:
+        return f"trained grid={self.h_tok}x{self.w_tok}, c_in={self.c_in}"
+
+
+class RegionCellTokens(nn.Module):
+    """One token per cell of a coarse grid over the mask, each at its cell's own place (``"cells"``).
+
+    ``[B, 1, H', W'] -> [B, K, c_in]`` with ``K = ceil(H'/cell) * ceil(W'/cell)``: cell ``k`` gets
+    ``a_k * e_on + (1 - a_k) * e_off`` (``a_k`` the cell's masked fraction) and the id ``(2, row, col)`` of its
+    centre in target-token units, so RoPE aligns it with the target tokens it covers.
+    """
+
+    kind = "cells"
+    appends = True
+
+    def __init__(self, h_tok: int, w_tok: int, c_in: int, cell: int = 2):
+        super().__init__()
+        self.h_tok, self.w_tok, self.c_in, self.cell = int(h_tok), int(w_tok), int(c_in), int(cell)
+        self.on = nn.Parameter(torch.randn(self.c_in) * 0.1)
+        self.off = nn.Parameter(torch.randn(self.c_in) * 0.1)
+
+    def _cells(self, h_tok: int, w_tok: int) -> tuple[int, int]:
+        return -(-h_tok // self.cell), -(-w_tok // self.cell)
+
+    def forward(self, m_small: torch.Tensor) -> torch.Tensor:
+        _check_grid_mask(m_small, type(self).__name__)
+        a = F.adaptive_avg_pool2d(m_small.float(), self._cells(*m_small.shape[-2:]))  # -> [B, 1, H'/cell, W'/cell]
+        a = a.flatten(2).transpose(1, 2).to(self.on.dtype)  # [B, 1, h_c, w_c] -> [B, K, 1]
+        return a * self.on + (1.0 - a) * self.off  # -> [B, K, c_in]
+
+    def token_ids(self, h_tok: int, w_tok: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+        """``(2, row, col)`` of each cell's centre on the ``h_tok x w_tok`` token grid -> ``[K, 3]``."""
+        h_c, w_c = self._cells(h_tok, w_tok)
+        rows = ((torch.arange(h_c) + 0.5) * h_tok / h_c - 0.5)[:, None].expand(h_c, w_c)  # [h_c, w_c]
+        cols = ((torch.arange(w_c) + 0.5) * w_tok / w_c - 0.5)[None, :].expand(h_c, w_c)  # [h_c, w_c]
+        ids = torch.stack([torch.full_like(rows, REGION_ID), rows, cols], dim=-1)  # -> [h_c, w_c, 3]
+        return ids.reshape(-1, 3).to(device=device, dtype=dtype)  # [h_c, w_c, 3] -> [K, 3]
+
+    def extra_repr(self) -> str:
+        return f"trained grid={self.h_tok}x{self.w_tok}, cell={self.cell}, c_in={self.c_in}"
+
+
+REGION_KINDS = {"marked_context": MaskedContextEmbedding, "cells": RegionCellTokens, "linear": MaskRegionToken}
+DEFAULT_REGION_KIND = "marked_context"  # the best of REGION_KINDS on the held-out test (scripts/region_heldout.py)
+
+
+def make_region_module(kind: str, h_tok: int, w_tok: int, c_in: int) -> nn.Module:
+    """A fresh region module of ``kind`` (one of :data:`REGION_KINDS`) for a ``h_tok x w_tok`` grid."""
+    if kind not in REGION_KINDS:
+        raise ValueError(f"region kind {kind!r} is unknown: choose one of {sorted(REGION_KINDS)}")
+    return REGION_KINDS[kind](h_tok, w_tok, c_in)
+
+
+def _check_grid_mask(m_small: torch.Tensor, who: str) -> None:
+    if m_small.ndim != 4 or m_small.shape[1] != 1:
+        raise ValueError(f"{who} expects a mask [B, 1, H', W'], got shape {tuple(m_small.shape)}")
+
+
+def apply_region(region: nn.Module | None, ctx_tok: torch.Tensor, m_small: torch.Tensor | None, h_tok: int,
+                 w_tok: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The context part of the sequence with the region signal in it, and the ids of any appended tokens.
+
+    ``ctx_tok [B, N, 4C]`` and the mask on the same ``h_tok x w_tok`` grid ``[B, 1, H', W']`` ->
+    ``([B, N + K, 4C], [K, 3])`` for a module that appends ``K`` tokens, ``([B, N, 4C], None)`` for one that
+    marks the context tokens (and for ``region=None``).
+    """
+    if region is None:
+        return ctx_tok, None
+    base = getattr(region, "module", region)  # unwrap DistributedDataParallel for its attributes
+    signal = region(m_small)  # through the wrapper, so gradients synchronise
+    if not base.appends:
+        return ctx_tok + signal.to(device=ctx_tok.device, dtype=ctx_tok.dtype), None  # [B, N, 4C]
+    ids = base.token_ids(h_tok, w_tok, device=ctx_tok.device, dtype=ctx_tok.dtype)  # [K, 3]
+    return torch.cat([ctx_tok, signal.to(device=ctx_tok.device, dtype=ctx_tok.dtype)], dim=1), ids  # -> [B, N + K, 4C]
 
 
 def mean_square(params: list[torch.Tensor]) -> torch.Tensor:
@@ -199,19 +303,22 @@ def kontext_forward(
     guidance: float | torch.Tensor | None = 1.0,
     ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     joint_attention_kwargs: dict | None = None,
+    region_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One transformer call on ``[noisy target | clean context | region]``; returns the target velocity.
 
     The same call ``FluxKontextPipeline.__call__`` makes (``timestep = sigma = t / 1000``, ids ``[S, 3]``),
-    plus the region token with its own id row.
+    plus the appended region tokens with their own id rows.
 
     Args:
-        noisy_tok, ctx_tok: ``[B, N, 4C]``; region_tok: ``[B, 1, 4C]`` or ``None``.
+        noisy_tok, ctx_tok: ``[B, N, 4C]``; region_tok: appended tokens ``[B, K, 4C]`` or ``None``
+            (:func:`apply_region` builds both; a marked context comes in as ``ctx_tok``).
         sigma: ``[B]`` in ``(0, 1]``, the flow-matching time (docs/design.md, correction 5).
         prompt_embeds ``[B, T, D_t5]``, pooled_prompt_embeds ``[B, D_clip]``, txt_ids ``[T, 3]``.
         guidance: the distilled guidance value (a float, or ``[B]``); ignored when the model has no
             guidance embedding.
         ip_adapter_image_embeds: ``[[B, 1, E]]`` from :func:`encode_depth_for_ip_adapter`.
+        region_ids: ``[K, 3]`` ids of ``region_tok``; default ``(2, 0, 0)`` for one token.
     Returns:
         ``pred_v [B, N, 4C]``: the velocity predicted on the target tokens.
     """
@@ -219,8 +326,13 @@ def kontext_forward(
     parts = [noisy_tok, ctx_tok] + ([region_tok] if region_tok is not None else [])
     base = getattr(transformer, "module", transformer)  # unwrap DistributedDataParallel for config/dtype
     dtype = base.dtype
-    hidden = torch.cat([p.to(dtype) for p in parts], dim=1)  # -> [B, 2N(+1), 4C]
-    img_ids = kontext_img_ids(h_tok, w_tok, with_region=region_tok is not None, device=hidden.device, dtype=dtype)
+    hidden = torch.cat([p.to(dtype) for p in parts], dim=1)  # -> [B, 2N(+K), 4C]
+    img_ids = kontext_img_ids(h_tok, w_tok, with_region=False, device=hidden.device, dtype=dtype)  # [2N, 3]
+    if region_tok is not None:
+        extra = region_ids if region_ids is not None else region_token_id()  # [K, 3]
+        if extra.shape[0] != region_tok.shape[1]:
+            raise ValueError(f"{region_tok.shape[1]} region tokens but {extra.shape[0]} region id rows")
+        img_ids = torch.cat([img_ids, extra.to(device=hidden.device, dtype=dtype)], dim=0)  # -> [2N + K, 3]
     sigma = sigma.to(device=hidden.device, dtype=dtype).reshape(b)  # [B]
     guidance_t = None
     if base.config.guidance_embeds and guidance is not None:
@@ -240,5 +352,5 @@ def kontext_forward(
         img_ids=img_ids,
         joint_attention_kwargs=kwargs or None,
         return_dict=False,
-    )[0]  # [B, 2N(+1), 4C]
+    )[0]  # [B, 2N(+K), 4C]
     return out[:, :n]  # -> [B, N, 4C], the target part

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .conditioning import mask_to_token_grid
+from .conditioning import apply_region, mask_to_token_grid
 from .figures import edit_metrics, mask_at_size, resize_rgb, variants_figure
 from .images import depth_to_pil, image_to_pil_rgb, image_to_rgb_tensor, mask_to_pil, mask_to_tensor, pil_to_rgb
-from .latents import region_token_id
+from .latents import CONTEXT_ID, TARGET_ID, pack_like_pipeline
 from .models import has_ip_adapter, ip_adapter_processors, lora_layers, lora_off, modules_visiting
 
 
@@ -38,7 +38,7 @@ def image_for_pipeline(image, what: str = "image"):
 
 
 def _check_edit_inputs(transformer, prompt, mask, depth, region, output_type, num_inference_steps,
-                       ip_adapter_scale) -> None:
+                       ip_adapter_scale, blend=False) -> None:
     """Every argument problem of :func:`sample_edit`, raised before any model work."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be one string (sample_edit edits one image), got {type(prompt).__name__}")
@@ -47,11 +47,15 @@ def _check_edit_inputs(transformer, prompt, mask, depth, region, output_type, nu
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     c_in = transformer.config.in_channels
-    if mask is not None and region is None:
-        raise ValueError("a mask reaches the model only through a trained region module: pass region=... "
-                         "(load_adapter returns it, train returns it) or leave mask=None")
+    if mask is not None and region is None and not blend:
+        raise ValueError("a mask reaches the model only through a trained region module or blending: pass "
+                         "region=... (load_adapter returns it, train returns it), blend=True, or leave mask=None")
+    if blend and mask is None:
+        raise ValueError("blend=True keeps the context outside the mask: pass mask=... (white / 1 = editable)")
     if region is not None and mask is None:
         raise ValueError("region=... needs the edit mask it was trained with: pass mask=... (white / 1 = editable)")
+    if region is not None and not hasattr(region, "appends"):
+        raise TypeError(f"region must be a region module of kh.REGION_KINDS, got {type(region).__name__}")
     if region is not None and getattr(region, "c_in", None) != c_in:
         raise ValueError(f"the region module was built for c_in={getattr(region, 'c_in', None)} but this "
                          f"transformer takes {c_in}-channel tokens (transformer.config.in_channels): "
@@ -97,13 +101,35 @@ def _noise_and_context(pipe, image, sizes, dtype, device, generator):
     return latents, image_latents, torch.cat([latent_ids, image_ids], dim=0)  # ids: [N + N_c, 3]
 
 
-def _append_region_token(region, mask, cond, img_ids, grid: tuple[int, int]):
-    """``[context | region]`` tokens ``[1, N_c + 1, 4C]`` and ids ``[N + N_c + 1, 3]``; the region's id is (2, 0, 0)."""
+def _region_context(region, mask, cond, grid: tuple[int, int]):
+    """The context tokens with the region signal (:func:`apply_region`) ``[1, N_c (+K), 4C]`` and the ids of any
+    appended tokens ``[K, 3]`` (``None`` for a module that marks the context tokens)."""
     m_small = mask_to_token_grid(mask_to_tensor(mask), *grid)  # [1, 1, H, W] -> [1, 1, H', W']
-    region_tok = region(m_small.to(next(region.parameters()).device))  # [1, 1, 4C]
-    cond = torch.cat([cond, region_tok.to(device=cond.device, dtype=cond.dtype)], dim=1)  # -> [1, N_c + 1, 4C]
-    region_id = region_token_id(device=img_ids.device, dtype=img_ids.dtype)  # [1, 3]
-    return cond, torch.cat([img_ids, region_id], dim=0)  # -> [N + N_c + 1, 3]
+    m_small = m_small.to(next(region.parameters()).device)
+    return apply_region(region, cond, m_small, *grid)
+
+
+def blend_mask_tokens(mask, height: int, width: int, latent_channels: int = 16, *, device=None,
+                      dtype=torch.float32) -> torch.Tensor:
+    """The mask as ``FluxKontextInpaintPipeline`` blends with it: binarised at 0.5, resized to ``height x width``,
+    nearest to the latent grid, repeated over the channels and packed -> ``[1, N, 4C]`` in ``{0, 1}``."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=16, vae_latent_channels=latent_channels, do_normalize=False,
+                                  do_binarize=True, do_convert_grayscale=True)  # the inpaint pipeline's mask_processor
+    m = processor.preprocess(mask_to_pil(mask), height=height, width=width)  # [1, 1, H, W] in {0, 1}
+    m = torch.nn.functional.interpolate(m, size=(height // 8, width // 8))  # -> [1, 1, H_l, W_l], nearest
+    tokens, _ = pack_like_pipeline(m.repeat(1, latent_channels, 1, 1))  # [1, C, H_l, W_l] -> [1, N, 4C]
+    return tokens.to(device=device, dtype=dtype)
+
+
+def blend_latents(scheduler, latents, context_latents, noise, mask_tok, timesteps, step: int) -> torch.Tensor:
+    """``FluxKontextInpaintPipeline``'s hard constraint after Euler step ``step``: outside the mask the latents
+    become the context noised to the next timestep (the clean context after the last step)."""
+    proper = context_latents
+    if step < len(timesteps) - 1:
+        proper = scheduler.scale_noise(context_latents, torch.tensor([timesteps[step + 1]]), noise)
+    return (1 - mask_tok) * proper + mask_tok * latents  # [1, N, 4C]
 
 
 def _edit_timesteps(pipe, num_inference_steps: int, image_seq_len: int, device):
@@ -137,8 +163,10 @@ def _ip_adapter_scale(pipe, scale):
             proc.scale = old
 
 
-def _denoise(pipe, latents, cond, img_ids, text, timesteps, guidance_scale, image_embeds, callback):
-    """The Euler loop of ``__call__`` on ``[noisy target | context (| region)]``; returns latents ``[1, N, 4C]``."""
+def _denoise(pipe, latents, cond, img_ids, text, timesteps, guidance_scale, image_embeds, callback, blend=None):
+    """The Euler loop of ``__call__`` on ``[noisy target | context (| region)]``; returns latents ``[1, N, 4C]``.
+
+    ``blend``: ``(context_latents, noise, mask_tok)`` for :func:`blend_latents` after every step, or ``None``."""
     transformer = pipe.transformer
     prompt_embeds, pooled_prompt_embeds, text_ids = text
     guidance = None
@@ -161,6 +189,8 @@ def _denoise(pipe, latents, cond, img_ids, text, timesteps, guidance_scale, imag
             )[0]
             noise_pred = noise_pred[:, : latents.shape[1]]  # [1, N, 4C]: the target part
             latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if blend is not None:
+                latents = blend_latents(pipe.scheduler, latents, *blend, timesteps, i)
             if callback is not None:
                 replaced = callback(i, t, latents)
                 latents = latents if replaced is None else replaced
@@ -197,14 +227,18 @@ def sample_edit(
     max_sequence_length: int = 512,
     ip_adapter_scale: float | list | None = None,
     callback=None,
+    blend: bool = False,
 ):
-    """Edit one image with the Kontext sampling loop plus the region token and depth through the IP-Adapter.
+    """Edit one image with the Kontext sampling loop plus the region signal and depth through the IP-Adapter.
 
     ``FluxKontextPipeline.__call__`` step for step (same prompt encoding, image preprocessing,
     ``prepare_latents``, timesteps and ``mu`` shift, guidance and Euler steps), plus:
 
-    * the **region token** ``region(mask on the token grid)`` ``[1, 1, 4C]`` appended after the context
-      tokens, with its own id row ``(2, 0, 0)``: the sequence is ``[noisy target | context | region]``;
+    * the **region signal** from ``region(mask on the context's token grid)`` (:func:`apply_region`): tokens
+      appended after the context with their own ids (``"linear"``: one token, id ``(2, 0, 0)``; ``"cells"``),
+      or an embedding added to the masked context tokens (``"marked_context"``);
+    * ``blend=True``: ``FluxKontextInpaintPipeline``'s hard constraint, outside the mask the latents are reset to
+      the context noised to the next step (:func:`blend_latents`); needs ``mask``;
     * ``depth=None`` on a pipeline that has an IP-Adapter: the adapter gets no image tokens and adds exactly
       zero. (``pipe(...)`` itself crashes there.)
 
@@ -215,36 +249,112 @@ def sample_edit(
     Args:
         image: the context image: PIL, or a ``[3, H, W]`` / ``[1, 3, H, W]`` tensor in ``[0, 1]``. It keeps its
             own size, rounded down to a multiple of 16 (as the pipeline with ``_auto_resize=False``).
-        mask: where the edit may happen (white / 1 = editable), any size; needs ``region``.
+        mask: where the edit may happen (white / 1 = editable), any size; needs ``region`` or ``blend=True``.
         depth: depth map for the IP-Adapter: a PIL image of any bit depth (8-bit, 16-bit, float), or a
             ``[1, H, W]`` float tensor in ``[0, 1]``; the same map in any of these forms gives the same result.
-        region: a trained :class:`MaskRegionToken` (``train`` and ``load_adapter`` return it); needs ``mask``.
+        region: a trained region module (``train`` and ``load_adapter`` return it); needs ``mask``.
         height, width: the exact output size, multiples of 16; default: the context image's size.
         output_type: ``"pil"``, ``"latent"`` (packed ``[1, N, 4C]``, as ``pipe(..., output_type="latent")``),
             ``"pt"`` (``[1, 3, H, W]``) or ``"np"`` (``[1, H, W, 3]``).
         ip_adapter_scale: IP-Adapter strength for this call only; ``None`` keeps the pipeline's.
         callback: ``callback(step, t, latents)`` after every step; a returned tensor replaces the latents.
+        blend: keep the latents outside the mask on the context's noising path (the inpaint pipeline's blend).
     Returns:
         the edited image in ``output_type``.
     """
     _check_edit_inputs(pipe.transformer, prompt, mask, depth, region, output_type, num_inference_steps,
-                       ip_adapter_scale)
+                       ip_adapter_scale, blend)
     image = image_for_pipeline(image)
     sizes = _edit_sizes(pipe, image, height, width)
     height, width = sizes[2:]
+    if blend and sizes[:2] != sizes[2:]:
+        raise ValueError(f"blend=True keeps the context outside the mask, so the output must have the context's size "
+                         f"{sizes[0]}x{sizes[1]} (H x W), got height={height}, width={width}")
     device = pipe._execution_device
     text = _encode_edit_prompt(pipe, prompt, device, max_sequence_length)
     latents, cond, img_ids = _noise_and_context(pipe, image, sizes, text[0].dtype, device, generator)
+    blend_parts = None
+    if blend:
+        mask_tok = blend_mask_tokens(mask, height, width, pipe.transformer.config.in_channels // 4,
+                                     device=device, dtype=latents.dtype)  # [1, N, 4C]
+        blend_parts = (cond, latents.clone(), mask_tok)  # context latents, the starting noise, the mask
     if region is not None:
         multiple = pipe.vae_scale_factor * 2
-        cond, img_ids = _append_region_token(region, mask, cond, img_ids, (height // multiple, width // multiple))
+        cond, extra_ids = _region_context(region, mask, cond, (sizes[0] // multiple, sizes[1] // multiple))
+        if extra_ids is not None:
+            img_ids = torch.cat([img_ids, extra_ids.to(img_ids)], dim=0)  # -> [N + N_c + K, 3]
     timesteps = _edit_timesteps(pipe, num_inference_steps, latents.shape[1], device)
     image_embeds = _depth_embeds(pipe, depth, device) if depth is not None else None
     with _ip_adapter_scale(pipe, ip_adapter_scale):
-        latents = _denoise(pipe, latents, cond, img_ids, text, timesteps, guidance_scale, image_embeds, callback)
+        latents = _denoise(pipe, latents, cond, img_ids, text, timesteps, guidance_scale, image_embeds, callback,
+                           blend_parts)
     out = _decode(pipe, latents, height, width, output_type)
     pipe.maybe_free_model_hooks()
     return out
+
+
+class RegionHook:
+    """The region signal (and blending) inside diffusers' own ``FluxKontextPipeline.__call__``.
+
+    A forward pre-hook on ``pipe.transformer`` finds the context tokens by their ids (type 1), applies
+    ``region`` to them exactly as :func:`sample_edit` does (appended tokens and their ids, or the marked
+    context); the pipeline keeps only the target part of the output. With ``blend=True``, pass
+    ``callback_on_step_end=hook.callback`` to get :func:`blend_latents` after every step. Use it as a context
+    manager, or call :meth:`remove`::
+
+        with kh.RegionHook(pipe, region, mask) as hook:
+            image = pipe(image=context, prompt=prompt, ip_adapter_image=depth,
+                         callback_on_step_end=hook.callback).images[0]
+    """
+
+    def __init__(self, pipe, region: nn.Module | None, mask, *, blend: bool = False):
+        if region is None and not blend:
+            raise ValueError("RegionHook needs a region module, blend=True, or both")
+        if mask is None:
+            raise ValueError("RegionHook needs the edit mask (white / 1 = editable)")
+        self.pipe, self.region, self.mask, self.blend = pipe, region, mask_to_tensor(mask), blend
+        self._blend_parts = None  # (context latents, noise, mask tokens), captured at the first call of a run
+        self._handle = pipe.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+
+    def _pre_hook(self, module, args, kwargs):
+        hidden, ids = kwargs["hidden_states"], kwargs["img_ids"]  # [B, N + N_c, 4C], [N + N_c, 3]
+        n, n_c = int((ids[:, 0] == TARGET_ID).sum()), int((ids[:, 0] == CONTEXT_ID).sum())
+        ctx_ids = ids[n: n + n_c]  # [N_c, 3]
+        h_c, w_c = int(ctx_ids[:, 1].max()) + 1, int(ctx_ids[:, 2].max()) + 1
+        if self.blend and self._blend_parts is None:
+            h, w = int(ids[:n, 1].max()) + 1, int(ids[:n, 2].max()) + 1
+            if (h, w) != (h_c, w_c):
+                raise ValueError(f"blending needs the output on the context's token grid {h_c}x{w_c}, got {h}x{w}")
+            mask_tok = blend_mask_tokens(self.mask, 16 * h, 16 * w, hidden.shape[-1] // 4, device=hidden.device,
+                                         dtype=hidden.dtype)  # [1, N, 4C]
+            self._blend_parts = (hidden[:, n: n + n_c].clone(), hidden[:, :n].clone(), mask_tok)
+        if self.region is None:
+            return args, kwargs
+        cond, extra_ids = _region_context(self.region, self.mask, hidden[:, n: n + n_c], (h_c, w_c))
+        kwargs["hidden_states"] = torch.cat([hidden[:, :n], cond, hidden[:, n + n_c:]], dim=1)  # [B, N + N_c + K, 4C]
+        if extra_ids is not None:
+            kwargs["img_ids"] = torch.cat([ids, extra_ids.to(ids)], dim=0)  # -> [N + N_c + K, 3]
+        return args, kwargs
+
+    def callback(self, pipe, step: int, t, callback_kwargs: dict) -> dict:
+        """``callback_on_step_end`` for ``pipe(...)``: the blend after each step (nothing without ``blend``)."""
+        if not self.blend:
+            return {}
+        timesteps = pipe.scheduler.timesteps
+        latents = blend_latents(pipe.scheduler, callback_kwargs["latents"], *self._blend_parts, timesteps, step)
+        if step == len(timesteps) - 1:
+            self._blend_parts = None  # the next pipe(...) call starts from its own noise
+        return {"latents": latents}
+
+    def remove(self) -> None:
+        """Detach the hook: the transformer is as before."""
+        self._handle.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
 
 
 class Comparison(NamedTuple):

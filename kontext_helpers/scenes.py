@@ -148,3 +148,99 @@ def render_training_pair(spec, size: int = 128) -> dict:
     as_chw = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255.0  # noqa: E731
     return {"context": as_chw(context), "target": as_chw(target),  # [H, W, 3] -> [3, H, W]
             "depth": torch.from_numpy(depth)[None], "prompt": spec.prompt}  # [H, W] -> [1, H, W]
+
+
+# --------------------------------------------------------------------------------------------------
+# twin scenes: two identical objects, one prompt; only the mask says which one to edit
+# --------------------------------------------------------------------------------------------------
+
+TWIN_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink")
+
+
+def _twin_objects(ms, rng):
+    """Two identical matte objects, one in each half of the view, or ``None`` when they would touch."""
+    shape = str(rng.choice(_SHAPES))
+    radius = float(rng.uniform(0.6, 0.85)) if shape == "sphere" else float(rng.uniform(0.5, 0.7))
+    height = 0.0 if shape == "sphere" else float(rng.uniform(1.0, 1.6))
+    colour = str(rng.choice(TWIN_COLOURS))
+    xs = [float(rng.uniform(-2.3, -0.9)), float(rng.uniform(0.9, 2.3))]
+    zs = [float(rng.uniform(-2.4, 1.2)) for _ in xs]
+    if math.hypot(xs[0] - xs[1], zs[0] - zs[1]) < 2 * radius + 0.8:
+        return None
+    return tuple(ms.Obj(key, shape, round(x, 3), round(z, 3), round(radius, 3), round(height, 3), colour, "matte")
+                 for key, x, z in zip("ab", xs, zs))
+
+
+def twin_edit_spec(seed: int, index: int):
+    """Twin scene ``index`` of the stream ``seed``: ``(context, [target_a, target_b], prompt, view)``.
+
+    Two identical matte objects (and, half the time, a third of another colour); the prompt ("make the red
+    sphere blue") fits both, and target ``k`` recolours object ``k`` alone, so only a mask can say which.
+    """
+    ms = sample_renderer()
+    rng = np.random.default_rng([seed, index, 2])
+    while True:
+        twins = _twin_objects(ms, rng)
+        if twins is None:
+            continue
+        objs = list(twins)
+        if rng.random() < 0.5:
+            other = _random_object(ms, rng, "c", objs, tuple(c for c in TWIN_COLOURS if c != twins[0].colour))
+            objs += [dataclasses.replace(other, material="matte")] if other is not None else []
+        new = str(rng.choice([c for c in TWIN_COLOURS if c != twins[0].colour]))
+        targets = [ms._replace(tuple(objs), key, colour=new) for key in "ab"]
+        view = dict(camera_azimuth_deg=float(rng.uniform(-15, 15)), sun_azimuth_deg=float(rng.uniform(-65, 65)),
+                    sun_elevation_deg=float(rng.uniform(35, 55)))
+        return tuple(objs), targets, f"make the {_name(twins[0])} {new}", view
+
+
+def _box(mask: np.ndarray, pad: int) -> np.ndarray:
+    """The bounding box of ``mask`` grown by ``pad`` px, as a mask."""
+    rows, cols = np.nonzero(mask)
+    box = np.zeros_like(mask)
+    box[max(rows.min() - pad, 0): rows.max() + pad + 1, max(cols.min() - pad, 0): cols.max() + pad + 1] = True
+    return box
+
+
+def render_twin_scene(seed: int, index: int, size: int = 128) -> dict:
+    """One twin scene at ``size`` px: ``context`` ``[3, H, W]``, ``targets`` ``[2, 3, H, W]`` (object a, object b
+    recoloured), ``masks`` ``[2, 1, H, W]`` (each object's silhouette, dilated by ``size // 64`` px), ``boxes``
+    ``[2, 1, H, W]`` (each silhouette's bounding box grown by ``size // 32`` px: a rough mask), ``objects``
+    ``[2, 1, H, W]`` (the bare silhouettes, to score each object), ``depth`` ``[1, H, W]`` and ``prompt``."""
+    ms = sample_renderer()
+    objs, targets, prompt, view = twin_edit_spec(seed, index)
+    spec = ms.SceneSpec(f"twin_{seed}_{index}", prompt, objs, targets[0], **view)
+    context, ids = ms.render_scene(objs, spec, size=size)
+    rendered = [ms.render_scene(t, spec, size=size)[0] for t in targets]
+    silhouettes = [ms._silhouette(ids, objs, {key}) for key in "ab"]
+    masks = [ms._dilate(s, max(size // 64, 1)) for s in silhouettes]
+    boxes = [_box(s, max(size // 32, 1)) for s in silhouettes]
+    depth = ms.render_depth(objs, spec, size=size).astype(np.float32)
+    lo, hi = depth.min(), depth.max()
+    depth = (depth - lo) / (hi - lo) if hi > lo else np.zeros_like(depth)
+    as_chw = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255.0  # noqa: E731
+    as_mask = lambda ms_: torch.from_numpy(np.stack(ms_)).float()[:, None]  # noqa: E731  [2, H, W] -> [2, 1, H, W]
+    return {"context": as_chw(context), "targets": torch.stack([as_chw(t) for t in rendered]),  # [2, 3, H, W]
+            "masks": as_mask(masks), "boxes": as_mask(boxes), "objects": as_mask(silhouettes),
+            "depth": torch.from_numpy(depth)[None], "prompt": prompt, "name": f"twin_{seed}_{index}"}
+
+
+class TwinPairs(torch.utils.data.Dataset):
+    """Twin scenes as training pairs, two per scene (the mask on object a, then on object b), in the item layout
+    of :class:`~kontext_helpers.data.KontextPairs` (``context``, ``target``, ``mask``, ``depth``, ``prompt``,
+    ``name``). ``mask="box"`` gives the rough masks instead of the silhouettes."""
+
+    def __init__(self, seed: int, indices, resolution: int = 128, *, mask: str = "tight"):
+        if mask not in ("tight", "box"):
+            raise ValueError(f"mask must be 'tight' or 'box', got {mask!r}")
+        self.resolution, self.mask_kind = int(resolution), mask
+        self.scenes = [render_twin_scene(seed, i, self.resolution) for i in indices]
+
+    def __len__(self):
+        return 2 * len(self.scenes)
+
+    def __getitem__(self, i: int) -> dict:
+        scene, k = self.scenes[i // 2], i % 2
+        masks = scene["masks"] if self.mask_kind == "tight" else scene["boxes"]
+        return {"context": scene["context"], "target": scene["targets"][k], "mask": masks[k],
+                "depth": scene["depth"], "prompt": scene["prompt"], "name": f"{scene['name']}_{'ab'[k]}"}

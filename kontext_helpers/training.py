@@ -23,7 +23,7 @@ from .checkpoints import (
     resume_config_changes,
     save_checkpoint,
 )
-from .conditioning import MaskRegionToken, fm_masked_dual_loss_with_l2, kontext_forward
+from .conditioning import apply_region, fm_masked_dual_loss_with_l2, kontext_forward, make_region_module
 from .config import TrainConfig
 from .images import image_to_pil_rgb
 from .inference import sample_edit
@@ -77,11 +77,13 @@ def training_loss(transformer, region_module, batch: dict, txt_ids: torch.Tensor
     tgt, ctx = batch["tgt_tok"], batch["ctx_tok"]
     s = sigma.to(tgt.dtype)[:, None, None]  # [B] -> [B, 1, 1]
     noisy = (1.0 - s) * tgt + s * noise  # x_t = (1 - s) x_0 + s e
-    region_tok = region_module(batch["mask_small"]) if region_module is not None else None  # [B, 1, 4C]
+    n = ctx.shape[1]
+    ctx_in, region_ids = apply_region(region_module, ctx, batch["mask_small"], h_tok, w_tok)  # [B, N(+K), 4C]
+    ctx_in, region_tok = ctx_in[:, :n], (ctx_in[:, n:] if region_ids is not None else None)
     ip = [batch["ip_embeds"]] if batch.get("ip_embeds") is not None else None
     kw = dict(sigma=sigma, prompt_embeds=batch["prompt_embeds"], pooled_prompt_embeds=batch["pooled_prompt_embeds"],
               txt_ids=txt_ids, h_tok=h_tok, w_tok=w_tok, guidance=config.guidance, ip_adapter_image_embeds=ip)
-    pred = kontext_forward(transformer, noisy, ctx, region_tok, **kw)
+    pred = kontext_forward(transformer, noisy, ctx_in, region_tok, region_ids=region_ids, **kw)
     outside_ref = ctx
     if config.preservation == "prior":
         # inverted_mask_prior: outside the mask, match the base model (LoRA off, no region token).
@@ -126,7 +128,8 @@ class TrainResult:
 
     history: list[dict]  # one record per logged update: step, loss (the total), loss_in, loss_out, l2_lora and
     #   l2_region (mean squares, before their lambdas), lr, seconds
-    region: MaskRegionToken  # the trained region module (unwrapped, on the training device)
+    region: nn.Module | None  # the trained region module of config.region_kind (unwrapped, on the training
+    #   device); None for region_kind="none"
     output_dir: str
     config: TrainConfig
     resumed_from: int | None = None  # step of the checkpoint the run continued from
@@ -185,17 +188,22 @@ def _attach_lora(transformer, config: TrainConfig) -> list[tuple[str, nn.Paramet
     return lora
 
 
-def _new_region_module(cache: TrainCache, transformer, config: TrainConfig, device) -> MaskRegionToken:
-    """The region module for the cache's token grid; its random init depends on the seed only."""
+def _new_region_module(cache: TrainCache, transformer, config: TrainConfig, device) -> nn.Module | None:
+    """The ``config.region_kind`` module for the cache's token grid (``None`` for ``"none"``: a LoRA alone, the mask
+    only weighting the loss); its random init depends on the seed only."""
+    if config.region_kind == "none":
+        return None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return MaskRegionToken(cache.h_tok, cache.w_tok, transformer.config.in_channels).to(device)
+        region = make_region_module(config.region_kind, cache.h_tok, cache.w_tok, transformer.config.in_channels)
+    return region.to(device)
 
 
 def _make_optimizer(config: TrainConfig, lora_params: list[nn.Parameter], region_params: list[nn.Parameter]):
     """AdamW (or bitsandbytes' 8-bit AdamW) with the LoRA and the region module as two parameter groups."""
-    groups = [{"params": lora_params, "lr": config.learning_rate},
-              {"params": region_params, "lr": config.region_learning_rate}]
+    groups = [{"params": lora_params, "lr": config.learning_rate}]
+    if region_params:
+        groups.append({"params": region_params, "lr": config.region_learning_rate})
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -223,11 +231,12 @@ def _restore_checkpoint(path: str, transformer, region, optimizer, lr_scheduler,
     ckpt = load_checkpoint(path)
     load_lora_state_dict(transformer, ckpt["lora"], adapter_name=lora_adapter_name(transformer),
                          source=os.path.join(path, "lora.safetensors"))
-    region.load_state_dict(ckpt["region"]["state_dict"])
+    if region is not None:
+        region.load_state_dict(ckpt["region"]["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     if hasattr(lr_scheduler, "lr_lambdas"):  # every diffusers schedule is a LambdaLR
-        lr_scheduler.base_lrs = [config.learning_rate, config.region_learning_rate]
+        lr_scheduler.base_lrs = [config.learning_rate, config.region_learning_rate][:len(optimizer.param_groups)]
         for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
             group["initial_lr"], group["lr"] = base, base * factor(lr_scheduler.last_epoch)
     return ckpt["step"], ckpt["history"]
@@ -243,7 +252,7 @@ class _Run:
     accelerator: object
     cache: TrainCache
     model: nn.Module  # the transformer as accelerate prepared it
-    region: nn.Module  # the region module as accelerate prepared it
+    region: nn.Module | None  # the region module as accelerate prepared it (None: a LoRA alone)
     optimizer: object
     lr_scheduler: object
     lora: list
@@ -254,7 +263,8 @@ def _one_update(run: _Run, step: int) -> dict[str, float]:
     """One optimizer update (``gradient_accumulation_steps`` micro-batches); returns the mean loss parts."""
     acc, cfg, cache = run.accelerator, run.config, run.cache
     accum, procs, b, device = cfg.gradient_accumulation_steps, acc.num_processes, cfg.batch_size, acc.device
-    trainable = [p for _, p in run.lora] + list(run.region.parameters())
+    trainable = [p for _, p in run.lora] + (list(run.region.parameters()) if run.region is not None else [])
+    trained_modules = [m for m in (run.model, run.region) if m is not None]
     totals = {"loss": 0.0, "loss_in": 0.0, "loss_out": 0.0, "l2_lora": 0.0, "l2_region": 0.0}
     for micro in range(accum):
         first = ((step * accum + micro) * procs + acc.process_index) * b
@@ -263,7 +273,7 @@ def _one_update(run: _Run, step: int) -> dict[str, float]:
         batch = cache.batch(idx, device=device)
         noise = torch.randn(batch["tgt_tok"].shape, generator=g).to(device=device, dtype=batch["tgt_tok"].dtype)
         sigma = sample_sigmas(b, cfg, g).to(device)
-        with acc.accumulate(run.model, run.region), acc.autocast():
+        with acc.accumulate(*trained_modules), acc.autocast():
             loss, parts = training_loss(run.model, run.region, batch, cache.txt_ids.to(device), cache.h_tok,
                                         cache.w_tok, noise, sigma, cfg, lora_named_params=run.lora)
             if not torch.isfinite(loss):
@@ -297,10 +307,10 @@ def _after_update(run: _Run, done: int, history: list[dict], callback) -> None:
             transformer = run.pipe.transformer
             run.last_good = save_checkpoint(
                 cfg.output_dir, done, lora_state=lora_state_dict(transformer, lora_adapter_name(transformer)),
-                region_module=acc.unwrap_model(run.region), optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
+                region_module=_unwrapped(acc, run.region), optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
                 history=history, config=cfg, keep=cfg.keep_checkpoints)
     if cfg.preview_every and done % cfg.preview_every == 0 and acc.is_main_process:
-        path = _training_preview(run.pipe, acc.unwrap_model(run.region), run.dataset, cfg, done)
+        path = _training_preview(run.pipe, _unwrapped(acc, run.region), run.dataset, cfg, done)
         if callback is not None:
             callback({"step": done, "preview": path})
 
@@ -322,7 +332,7 @@ def _prepare_run(pipe, dataset, config: TrainConfig, accelerator, cache, progres
         transformer.enable_gradient_checkpointing()
     transformer.train()  # no dropout in Flux; LoRA dropout is 0
     region = _new_region_module(cache, transformer, config, device)
-    optimizer = _make_optimizer(config, [p for _, p in lora], list(region.parameters()))
+    optimizer = _make_optimizer(config, [p for _, p in lora], list(region.parameters()) if region is not None else [])
     lr_scheduler = _make_lr_scheduler(config, optimizer, accelerator.num_processes)
     return cache, lora, region, optimizer, lr_scheduler
 
@@ -393,7 +403,12 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
         start, history = _restore_checkpoint(resume_path, pipe.transformer, region, optimizer, lr_scheduler, config)
         if accelerator.is_main_process:
             print(f"resumed from {resume_path} (step {start})")
-    model, region_p, optimizer, lr_scheduler = accelerator.prepare(pipe.transformer, region, optimizer, lr_scheduler)
+    if region is not None:
+        model, region_p, optimizer, lr_scheduler = accelerator.prepare(pipe.transformer, region, optimizer,
+                                                                       lr_scheduler)
+    else:
+        model, optimizer, lr_scheduler = accelerator.prepare(pipe.transformer, optimizer, lr_scheduler)
+        region_p = None
     run = _Run(pipe, dataset, config, accelerator, cache, model, region_p, optimizer, lr_scheduler, lora,
                last_good=resume_path)
     bar = tqdm(total=config.steps, initial=start, desc="training", mininterval=0.5,
@@ -415,11 +430,16 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
                        resumed_from=start if resume_path is not None else None)
 
 
-def _unwrap_after_training(accelerator, model, region_p) -> MaskRegionToken:
+def _unwrapped(accelerator, module):
+    """``accelerator.unwrap_model`` that passes ``None`` (no region module) through."""
+    return None if module is None else accelerator.unwrap_model(module)
+
+
+def _unwrap_after_training(accelerator, model, region_p) -> nn.Module | None:
     """Undo ``accelerator.prepare``: its mixed-precision wrapper leaves ``forward`` (``keep_fp32_wrapper=False``),
     so the pipeline afterwards behaves exactly like a fresh one with the same adapter; eval mode for both."""
     accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
-    return accelerator.unwrap_model(region_p, keep_fp32_wrapper=False).eval()
+    return None if region_p is None else accelerator.unwrap_model(region_p, keep_fp32_wrapper=False).eval()
 
 
 def _training_preview(pipe, region, dataset, config: TrainConfig, step: int) -> str:
@@ -433,7 +453,7 @@ def _training_preview(pipe, region, dataset, config: TrainConfig, step: int) -> 
     use_depth = config.use_depth and has_ip_adapter(pipe.transformer)
     try:
         image = sample_edit(
-            pipe, image_to_pil_rgb(item["context"]), item["prompt"], mask=item["mask"],
+            pipe, image_to_pil_rgb(item["context"]), item["prompt"], mask=item["mask"] if region is not None else None,
             depth=item["depth"] if use_depth else None, region=region, height=config.resolution,
             width=config.resolution, num_inference_steps=config.preview_steps, guidance_scale=2.5,
             generator=torch.Generator().manual_seed(config.seed), max_sequence_length=config.max_sequence_length)

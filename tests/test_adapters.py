@@ -52,6 +52,36 @@ def test_round_trip_gives_the_same_latents(trained, edit_latents):
         "the loaded LoRA + region must change the base model's result")
 
 
+@pytest.mark.parametrize("kind", ["marked_context", "cells", "linear"])
+def test_every_region_kind_round_trips_through_an_adapter_folder(attn_targets, edit_latents, tmp_path, kind):
+    pipe = kh.load_pipeline("tiny")
+    kh.add_lora(pipe.transformer, rank=2, targets=attn_targets)
+    region = kh.make_region_module(kind, 4, 4, 64)
+    with torch.no_grad():
+        for p in region.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    path = kh.save_adapter(pipe, region.eval(), str(tmp_path / kind))
+    with safe_open(os.path.join(path, kh.REGION_WEIGHT_FILE), framework="pt") as fh:
+        assert fh.metadata()["kind"] == kind, "the region file records its kind"
+    assert json.load(open(os.path.join(path, kh.ADAPTER_CONFIG_FILE)))["region"]["kind"] == kind, (
+        "adapter_config.json records the region kind")
+    loaded = kh.load_adapter(kh.load_pipeline("tiny"), path)
+    assert loaded.kind == kind, f"load_adapter must rebuild a {kind!r} module, got {loaded.kind!r}"
+    for (name, a), b in zip(region.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=f"{kind}: {name} must round-trip")
+
+
+def test_a_region_file_without_kind_loads_as_the_linear_token(trained, tmp_path):
+    pipe, region, path = trained
+    old = str(tmp_path / "old")
+    kh.save_adapter(pipe, region, old)
+    save_file({k: v.contiguous() for k, v in region.state_dict().items()}, os.path.join(old, kh.REGION_WEIGHT_FILE),
+              metadata={"h_tok": "4", "w_tok": "4", "c_in": "64"})  # written before the region kinds
+    loaded = kh.load_adapter(kh.load_pipeline("tiny"), old)
+    assert isinstance(loaded, kh.MaskRegionToken), "a file without 'kind' holds the original linear token"
+    torch.testing.assert_close(loaded.proj.weight, region.proj.weight, msg="its weights load")
+
+
 def test_diffusers_load_lora_weights_alone_loads_the_lora(trained, edit_latents, monkeypatch):
     pipe, _, path = trained
     fresh = kh.load_pipeline("tiny")

@@ -73,6 +73,63 @@ def test_region_token_shapes_and_other_resolutions():
         module(torch.ones(4, 4))
 
 
+def _randomised(module, seed=0):
+    """The module with every parameter drawn at random (a marked context starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return module
+
+
+def test_make_region_module_builds_every_kind_and_refuses_others():
+    for kind, cls in kh.REGION_KINDS.items():
+        module = kh.make_region_module(kind, 4, 4, 64)
+        assert isinstance(module, cls) and module.kind == kind, f"{kind!r} must build a {cls.__name__}"
+    assert kh.DEFAULT_REGION_KIND in kh.REGION_KINDS, "the default must be one of the kinds"
+    with pytest.raises(ValueError, match="marked_context"):
+        kh.make_region_module("gaussian", 4, 4, 64)
+
+
+def test_marked_context_adds_the_embedding_on_masked_context_tokens_only():
+    module = _randomised(kh.MaskedContextEmbedding(4, 4, 8))
+    ctx = torch.randn(2, 16, 8)
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, 1, 2] = 1.0  # token 1 * 4 + 2 = 6 of sample 0
+    mask[1, 0, 3, 0] = 0.5  # token 12 of sample 1, half
+    out, ids = kh.apply_region(module, ctx, mask, 4, 4)
+    assert ids is None and out.shape == ctx.shape, "a marked context appends no tokens"
+    expected = ctx.clone()
+    expected[0, 6] += module.embedding.detach()
+    expected[1, 12] += 0.5 * module.embedding.detach()
+    torch.testing.assert_close(out.detach(), expected, msg="m * e is added to the masked tokens, in packing order")
+    fresh = kh.MaskedContextEmbedding(4, 4, 8)
+    torch.testing.assert_close(kh.apply_region(fresh, ctx, mask, 4, 4)[0], ctx,
+                               msg="an untrained marked context leaves the context as it is")
+    other_grid, _ = kh.apply_region(module, torch.randn(1, 60, 8), torch.ones(1, 1, 6, 10), 6, 10)
+    assert other_grid.shape == (1, 60, 8), "a marked context works on any grid"
+
+
+def test_cell_tokens_sit_at_their_cells_centres():
+    module = _randomised(kh.RegionCellTokens(4, 4, 8))
+    mask = torch.zeros(1, 1, 4, 6)
+    mask[..., :2, 4:] = 1.0  # the top-right 2x2 cell
+    out, ids = kh.apply_region(module, torch.zeros(1, 24, 8), mask, 4, 6)
+    assert out.shape == (1, 24 + 6, 8) and ids.shape == (6, 3), "one token per 2x2 cell: 2 x 3 cells"
+    torch.testing.assert_close(ids[2], torch.tensor([kh.REGION_ID, 0.5, 4.5]),
+                               msg="cell (0, 2) covers rows 0-1 and columns 4-5")
+    torch.testing.assert_close(out[0, 24 + 2].detach(), module.on.detach(), msg="a fully masked cell carries e_on")
+    torch.testing.assert_close(out[0, 24 + 0].detach(), module.off.detach(), msg="an unmasked cell carries e_off")
+
+
+def test_linear_kind_is_the_original_single_token_with_id_2_0_0():
+    module = _randomised(kh.MaskRegionToken(4, 4, 8))
+    mask = torch.rand(1, 1, 4, 4)
+    out, ids = kh.apply_region(module, torch.zeros(1, 16, 8), mask, 4, 4)
+    torch.testing.assert_close(out[:, 16:].detach(), module(mask).detach(), msg="the appended token is module(mask)")
+    torch.testing.assert_close(ids, kh.region_token_id(), msg="its id is (2, 0, 0)")
+
+
 def test_region_token_pools_with_area_average():
     module = kh.MaskRegionToken(2, 2, 8)
     fine = torch.zeros(1, 1, 4, 4)
@@ -231,12 +288,18 @@ def test_region_token_changes_the_prediction(fresh_pipe, edit_batch):
         noisy = torch.randn_like(ctx_tok)
         kw = dict(sigma=torch.tensor([0.5]), prompt_embeds=pe, pooled_prompt_embeds=pooled, txt_ids=txt_ids,
                   h_tok=h_tok, w_tok=w_tok, ip_adapter_image_embeds=kh.encode_depth_for_ip_adapter(pipe, depth))
-        region = kh.MaskRegionToken(h_tok, w_tok, 64)
-        a = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, region(mask[:, :, ::16, ::16]), **kw)
-        b = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, region(torch.zeros(1, 1, h_tok, w_tok)), **kw)
         c = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, None, **kw)
-    assert not torch.allclose(a, b), "a different mask must change the prediction through the region token"
-    assert a.shape == c.shape, "the region token must not change the output length"
+        m_small = kh.mask_to_token_grid(mask, h_tok, w_tok)
+        for kind in kh.REGION_KINDS:
+            region = _randomised(kh.make_region_module(kind, h_tok, w_tok, 64))
+            outs = []
+            for m in (m_small, torch.zeros_like(m_small)):
+                cond, ids = kh.apply_region(region, ctx_tok, m, h_tok, w_tok)
+                extra = cond[:, ctx_tok.shape[1]:] if ids is not None else None
+                outs.append(kh.kontext_forward(pipe.transformer, noisy, cond[:, :ctx_tok.shape[1]], extra,
+                                               region_ids=ids, **kw))
+            assert not torch.allclose(*outs), f"{kind}: a different mask must change the prediction"
+            assert outs[0].shape == c.shape, f"{kind}: the region signal must not change the output length"
 
 
 def test_forward_without_depth_equals_zero_ip_scale(fresh_pipe, edit_batch):

@@ -146,11 +146,68 @@ def test_region_token_is_appended_after_context_with_its_own_id(fresh_pipe, samp
     torch.testing.assert_close(again, with_region, msg="a PIL mask must act like the same tensor mask")
 
 
+def _random_region(kind, h_tok, w_tok, seed=0):
+    region = kh.make_region_module(kind, h_tok, w_tok, 64)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in region.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return region.eval()
+
+
+@pytest.mark.parametrize("kind", ["marked_context", "cells", "linear"])
+@pytest.mark.parametrize("blend", [False, True])
+def test_pipeline_call_with_region_hook_equals_sample_edit(tiny_pipe, random_image, random_depth, quadrant_mask,
+                                                           edit_prompt, fast, kind, blend):
+    h, w = 64, 48
+    image, depth, mask = random_image(h, w, 3), random_depth(h, w), quadrant_mask(h, w)
+    region = _random_region(kind, h // 16, w // 16)
+    ours = kh.sample_edit(tiny_pipe, image, edit_prompt, mask=mask, region=region, depth=depth, blend=blend,
+                          generator=torch.Generator().manual_seed(5), output_type="latent", **fast)
+    with kh.RegionHook(tiny_pipe, region, mask, blend=blend) as hook:
+        theirs = tiny_pipe(image=image, prompt=edit_prompt, ip_adapter_image=depth, height=h, width=w,
+                           max_area=h * w, _auto_resize=False, generator=torch.Generator().manual_seed(5),
+                           output_type="latent", callback_on_step_end=hook.callback, **fast).images
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"pipe(...) with RegionHook ({kind}, blend={blend}) != sample_edit: {m}")
+    plain = tiny_pipe(image=image, prompt=edit_prompt, ip_adapter_image=depth, height=h, width=w, max_area=h * w,
+                      _auto_resize=False, generator=torch.Generator().manual_seed(5), output_type="latent",
+                      **fast).images
+    assert (plain - ours).abs().max() > 1e-4, "after the with-block the pipeline is plain again, and differs"
+
+
+def test_blend_alone_equals_the_inpaint_pipeline(plain_pipe, random_image, quadrant_mask, edit_prompt, fast):
+    from diffusers import FluxKontextInpaintPipeline
+
+    h = w = 64
+    image, mask = random_image(h, w, 4), quadrant_mask(h, w)
+    ours = kh.sample_edit(plain_pipe, image, edit_prompt, mask=mask, blend=True,
+                          generator=torch.Generator().manual_seed(2), output_type="latent", **fast)
+    inpainter = FluxKontextInpaintPipeline(**plain_pipe.components)
+    pil_mask = Image.fromarray((mask[0].numpy() * 255).astype(np.uint8), mode="L")
+    theirs = inpainter(image=image, mask_image=pil_mask, prompt=edit_prompt, strength=1.0, height=h, width=w,
+                       max_area=h * w, _auto_resize=False, generator=torch.Generator().manual_seed(2),
+                       output_type="latent", **fast).images
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5,
+                               msg=lambda m: f"sample_edit(blend=True) must be the inpaint pipeline's blend: {m}")
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]  # [1, 3, H, W]
+    with torch.no_grad():
+        ctx_tok, _ = kh.pack_like_pipeline(kh.to_latents(kh.normalize_01_to_m11(pixels), plain_pipe.vae))
+    outside = 1 - kh.blend_mask_tokens(mask, h, w)  # [1, N, 4C]
+    assert 0 < outside.mean() < 1, "the quadrant mask leaves part of the latents outside"
+    torch.testing.assert_close(ours * outside, ctx_tok * outside, rtol=0, atol=1e-5,
+                               msg="after the last step the latents outside the mask are the context's")
+
+
 def test_sample_edit_rejects_bad_input_clearly(tiny_pipe, plain_pipe, random_image, random_depth, quadrant_mask,
                                                edit_prompt, fast):
     image = random_image(64, 64, 0)
-    with pytest.raises(ValueError, match="region module"):
+    with pytest.raises(ValueError, match="region module or blending"):
         kh.sample_edit(tiny_pipe, image, edit_prompt, mask=quadrant_mask(64, 64), **fast)
+    with pytest.raises(ValueError, match="blend=True keeps the context"):
+        kh.sample_edit(tiny_pipe, image, edit_prompt, blend=True, **fast)
+    with pytest.raises(ValueError, match="context's size"):
+        kh.sample_edit(tiny_pipe, image, edit_prompt, mask=quadrant_mask(64, 64), blend=True, height=32, **fast)
     with pytest.raises(ValueError, match="needs the edit mask"):
         kh.sample_edit(tiny_pipe, image, edit_prompt, region=kh.MaskRegionToken(4, 4, 64), **fast)
     with pytest.raises(ValueError, match="c_in=32"):

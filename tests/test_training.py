@@ -1,5 +1,6 @@
 """Training: the loop learns, keeps the base frozen, batches, samples sigmas, stops on NaN, previews, precision."""
 
+import dataclasses
 import os
 
 import pytest
@@ -15,7 +16,7 @@ def test_training_lowers_the_fixed_evaluation_loss(fresh_pipe, one_pair, train_c
     cache = kh.build_train_cache(pipe, data, max_sequence_length=32, progress=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        untrained_region = kh.MaskRegionToken(cache.h_tok, cache.w_tok, 64)  # what train() starts from
+        untrained_region = kh.make_region_module(cfg.region_kind, cache.h_tok, cache.w_tok, 64)  # train()'s start
     before = kh.evaluation_loss(pipe, untrained_region, cache)
     result = kh.train(pipe, data, cfg, cache=cache, progress=False)
     after = kh.evaluation_loss(pipe, result.region, cache)
@@ -41,8 +42,29 @@ def test_only_lora_and_region_are_trained_base_is_bit_identical(fresh_pipe, one_
                                    msg=f"base parameter {name} changed during training")
     lora_b = [p for n, p in kh.collect_lora_named_params(pipe.transformer) if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b), "LoRA B matrices must move away from their zero init"
-    fresh = kh.MaskRegionToken(result.region.h_tok, result.region.w_tok, 64)
-    assert result.region.proj.weight.shape == fresh.proj.weight.shape, "region module on the training grid"
+    assert result.region.kind == kh.DEFAULT_REGION_KIND == kh.TrainConfig().region_kind, (
+        "train builds the default region kind")
+    assert (result.region.h_tok, result.region.w_tok) == (4, 4), "region module on the training grid (64 px)"
+    assert any(p.abs().sum() > 0 for p in result.region.parameters()), "the region module must be trained"
+
+
+@pytest.mark.parametrize("kind", ["none", "linear", "cells", "marked_context"])
+def test_every_region_kind_trains_checkpoints_and_resumes(fresh_pipe, one_pair, train_config, tmp_path, kind):
+    cfg = train_config(tmp_path, steps=2, region_kind=kind, checkpoint_every=1)
+    result = kh.train(fresh_pipe, one_pair(), cfg, progress=False)
+    if kind == "none":
+        assert result.region is None, "region_kind='none' trains a LoRA alone"
+    else:
+        assert result.region.kind == kind, f"train must build a {kind!r} region module, got {result.region.kind!r}"
+    ckpt = kh.load_checkpoint(kh.list_checkpoints(cfg.output_dir)[-1][1])
+    assert (ckpt["region"] is None) == (kind == "none"), "the checkpoint holds the region module exactly when trained"
+    other = "linear" if kind != "linear" else "cells"
+    with pytest.raises(ValueError, match="region_kind"):
+        kh.train(kh.load_pipeline("tiny"), one_pair(),
+                 dataclasses.replace(cfg, steps=3, resume=True, region_kind=other), progress=False)
+    resumed = kh.train(kh.load_pipeline("tiny"), one_pair(), dataclasses.replace(cfg, steps=3, resume=True),
+                       progress=False)
+    assert resumed.resumed_from == 2 and len(resumed.history) == 3, "the same kind resumes where it stopped"
 
 
 def test_batch_and_accumulation_and_prior_preservation_run(fresh_pipe, one_pair, train_config, tmp_path):
