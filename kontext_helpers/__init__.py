@@ -68,8 +68,10 @@ from .conditioning import (
     DEFAULT_REGION_KIND,
     REGION_KINDS,
     MaskedContextEmbedding,
+    MaskedTokenEmbedding,
     MaskRegionToken,
     RegionCellTokens,
+    RegionInputs,
     apply_region,
     encode_depth_for_ip_adapter,
     encode_prompts,
@@ -78,6 +80,7 @@ from .conditioning import (
     make_region_module,
     mask_to_token_grid,
     mean_square,
+    region_inputs,
 )
 from .config import GPU_PRESETS, TrainConfig, detect_gpu_preset, quick_config
 from .data import KontextPairs, estimate_depth, mask_from_difference, write_pair_folder
@@ -216,6 +219,9 @@ __all__ = [
     "REGION_KINDS",
     "MaskRegionToken",
     "MaskedContextEmbedding",
+    "MaskedTokenEmbedding",
+    "RegionInputs",
+    "region_inputs",
     "RegionCellTokens",
     "apply_region",
     "make_region_module",

@@ -7,6 +7,7 @@ target's velocity inside the mask and the context outside it (docs/design.md, co
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,7 @@ class MaskRegionToken(nn.Module):
 
     kind = "linear"
     appends = True  # forward's tokens go after the context tokens (False: they are added to them)
+    marks_target = False  # forward's output is also added to the noisy target tokens (MaskedTokenEmbedding)
 
     def __init__(self, h_tok: int, w_tok: int, c_in: int):
         super().__init__()
@@ -81,6 +83,7 @@ class MaskedContextEmbedding(nn.Module):
 
     kind = "marked_context"
     appends = False
+    marks_target = False
 
     def __init__(self, h_tok: int, w_tok: int, c_in: int):
         super().__init__()
@@ -96,6 +99,19 @@ class MaskedContextEmbedding(nn.Module):
         return f"trained grid={self.h_tok}x{self.w_tok}, c_in={self.c_in}"
 
 
+class MaskedTokenEmbedding(MaskedContextEmbedding):
+    """A learned embedding added to the masked **target and context** tokens (``"marked"``).
+
+    ``[B, 1, H', W'] -> [B, N, c_in]``, ``m * e``, added to the context tokens and, at every step, to the noisy
+    target tokens on the same grid: each target token is told directly whether it lies in the mask. Through the
+    transformer's linear ``x_embedder`` this is a learned mask channel, the way FLUX.1 Fill feeds its mask.
+    Needs the target and the context on the same token grid.
+    """
+
+    kind = "marked"
+    marks_target = True
+
+
 class RegionCellTokens(nn.Module):
     """One token per cell of a coarse grid over the mask, each at its cell's own place (``"cells"``).
 
@@ -106,6 +122,7 @@ class RegionCellTokens(nn.Module):
 
     kind = "cells"
     appends = True
+    marks_target = False
 
     def __init__(self, h_tok: int, w_tok: int, c_in: int, cell: int = 2):
         super().__init__()
@@ -134,7 +151,8 @@ class RegionCellTokens(nn.Module):
         return f"trained grid={self.h_tok}x{self.w_tok}, cell={self.cell}, c_in={self.c_in}"
 
 
-REGION_KINDS = {"marked_context": MaskedContextEmbedding, "cells": RegionCellTokens, "linear": MaskRegionToken}
+REGION_KINDS = {"marked": MaskedTokenEmbedding, "marked_context": MaskedContextEmbedding, "cells": RegionCellTokens,
+                "linear": MaskRegionToken}
 DEFAULT_REGION_KIND = "marked_context"  # the best of REGION_KINDS on the held-out test (scripts/region_heldout.py)
 
 
@@ -150,22 +168,43 @@ def _check_grid_mask(m_small: torch.Tensor, who: str) -> None:
         raise ValueError(f"{who} expects a mask [B, 1, H', W'], got shape {tuple(m_small.shape)}")
 
 
+class RegionInputs(NamedTuple):
+    """What a region module puts into the sequence (:func:`region_inputs`)."""
+
+    context: torch.Tensor  # [B, N + K, 4C]: the context tokens, marked or followed by K appended tokens
+    ids: torch.Tensor | None  # [K, 3] ids of the appended tokens, None when nothing is appended
+    target_offset: torch.Tensor | None  # [B, N, 4C] added to the noisy target tokens at every step, or None
+
+
+def region_inputs(region: nn.Module | None, ctx_tok: torch.Tensor, m_small: torch.Tensor | None, h_tok: int,
+                  w_tok: int) -> RegionInputs:
+    """The region signal in the sequence: the context tokens with it, the ids of any appended tokens, and the offset
+    for the noisy target tokens (``"marked"`` only; the target must be on the context's grid).
+
+    ``ctx_tok [B, N, 4C]`` and the mask on the same ``h_tok x w_tok`` grid ``[B, 1, H', W']``. The module runs once
+    (through any DistributedDataParallel wrapper, so its gradients synchronise).
+    """
+    if region is None:
+        return RegionInputs(ctx_tok, None, None)
+    base = getattr(region, "module", region)  # unwrap DistributedDataParallel for its attributes
+    signal = region(m_small).to(device=ctx_tok.device, dtype=ctx_tok.dtype)
+    if not base.appends:
+        return RegionInputs(ctx_tok + signal, None, signal if base.marks_target else None)  # [B, N, 4C]
+    ids = base.token_ids(h_tok, w_tok, device=ctx_tok.device, dtype=ctx_tok.dtype)  # [K, 3]
+    return RegionInputs(torch.cat([ctx_tok, signal], dim=1), ids, None)  # -> [B, N + K, 4C]
+
+
 def apply_region(region: nn.Module | None, ctx_tok: torch.Tensor, m_small: torch.Tensor | None, h_tok: int,
                  w_tok: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The context part of the sequence with the region signal in it, and the ids of any appended tokens.
 
     ``ctx_tok [B, N, 4C]`` and the mask on the same ``h_tok x w_tok`` grid ``[B, 1, H', W']`` ->
     ``([B, N + K, 4C], [K, 3])`` for a module that appends ``K`` tokens, ``([B, N, 4C], None)`` for one that
-    marks the context tokens (and for ``region=None``).
+    marks the context tokens (and for ``region=None``). A ``"marked"`` module also marks the noisy target
+    tokens: :func:`region_inputs` returns that offset too.
     """
-    if region is None:
-        return ctx_tok, None
-    base = getattr(region, "module", region)  # unwrap DistributedDataParallel for its attributes
-    signal = region(m_small)  # through the wrapper, so gradients synchronise
-    if not base.appends:
-        return ctx_tok + signal.to(device=ctx_tok.device, dtype=ctx_tok.dtype), None  # [B, N, 4C]
-    ids = base.token_ids(h_tok, w_tok, device=ctx_tok.device, dtype=ctx_tok.dtype)  # [K, 3]
-    return torch.cat([ctx_tok, signal.to(device=ctx_tok.device, dtype=ctx_tok.dtype)], dim=1), ids  # -> [B, N + K, 4C]
+    parts = region_inputs(region, ctx_tok, m_small, h_tok, w_tok)
+    return parts.context, parts.ids
 
 
 def mean_square(params: list[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .conditioning import apply_region, mask_to_token_grid
+from .conditioning import mask_to_token_grid, region_inputs
 from .figures import edit_metrics, mask_at_size, resize_rgb, variants_figure
 from .images import depth_to_pil, image_to_pil_rgb, image_to_rgb_tensor, mask_to_pil, mask_to_tensor, pil_to_rgb
 from .latents import CONTEXT_ID, TARGET_ID, pack_like_pipeline
@@ -102,11 +102,11 @@ def _noise_and_context(pipe, image, sizes, dtype, device, generator):
 
 
 def _region_context(region, mask, cond, grid: tuple[int, int]):
-    """The context tokens with the region signal (:func:`apply_region`) ``[1, N_c (+K), 4C]`` and the ids of any
-    appended tokens ``[K, 3]`` (``None`` for a module that marks the context tokens)."""
+    """:func:`region_inputs` of the mask on the context's grid: the context with the region signal
+    ``[1, N_c (+K), 4C]``, the ids of appended tokens ``[K, 3]`` (or ``None``) and the target offset (or ``None``)."""
     m_small = mask_to_token_grid(mask_to_tensor(mask), *grid)  # [1, 1, H, W] -> [1, 1, H', W']
     m_small = m_small.to(next(region.parameters()).device)
-    return apply_region(region, cond, m_small, *grid)
+    return region_inputs(region, cond, m_small, *grid)
 
 
 def blend_mask_tokens(mask, height: int, width: int, latent_channels: int = 16, *, device=None,
@@ -163,10 +163,12 @@ def _ip_adapter_scale(pipe, scale):
             proc.scale = old
 
 
-def _denoise(pipe, latents, cond, img_ids, text, timesteps, guidance_scale, image_embeds, callback, blend=None):
+def _denoise(pipe, latents, cond, img_ids, text, timesteps, guidance_scale, image_embeds, callback, blend=None,
+             target_offset=None):
     """The Euler loop of ``__call__`` on ``[noisy target | context (| region)]``; returns latents ``[1, N, 4C]``.
 
-    ``blend``: ``(context_latents, noise, mask_tok)`` for :func:`blend_latents` after every step, or ``None``."""
+    ``blend``: ``(context_latents, noise, mask_tok)`` for :func:`blend_latents` after every step, or ``None``;
+    ``target_offset``: ``[1, N, 4C]`` added to the noisy target tokens in the transformer's input (``"marked"``)."""
     transformer = pipe.transformer
     prompt_embeds, pooled_prompt_embeds, text_ids = text
     guidance = None
@@ -180,7 +182,8 @@ def _denoise(pipe, latents, cond, img_ids, text, timesteps, guidance_scale, imag
                 attn_kwargs = {"ip_adapter_image_embeds": image_embeds}
             else:  # no IP tokens: an attached adapter adds exactly zero
                 attn_kwargs = {"ip_hidden_states": []} if has_ip_adapter(transformer) else None
-            hidden = torch.cat([latents, cond], dim=1)  # [1, N + N_c (+1), 4C]
+            noisy = latents if target_offset is None else latents + target_offset  # [1, N, 4C]
+            hidden = torch.cat([noisy, cond], dim=1)  # [1, N + N_c (+K), 4C]
             timestep = t.expand(latents.shape[0]).to(latents.dtype)  # [1], as the pipeline casts it
             noise_pred = transformer(
                 hidden_states=hidden, timestep=timestep / 1000, guidance=guidance,
@@ -236,7 +239,8 @@ def sample_edit(
 
     * the **region signal** from ``region(mask on the context's token grid)`` (:func:`apply_region`): tokens
       appended after the context with their own ids (``"linear"``: one token, id ``(2, 0, 0)``; ``"cells"``),
-      or an embedding added to the masked context tokens (``"marked_context"``);
+      or an embedding added to the masked context tokens (``"marked_context"``) and, at every step, to the
+      masked noisy target tokens (``"marked"``);
     * ``blend=True``: ``FluxKontextInpaintPipeline``'s hard constraint, outside the mask the latents are reset to
       the context noised to the next step (:func:`blend_latents`); needs ``mask``;
     * ``depth=None`` on a pipeline that has an IP-Adapter: the adapter gets no image tokens and adds exactly
@@ -278,16 +282,21 @@ def sample_edit(
         mask_tok = blend_mask_tokens(mask, height, width, pipe.transformer.config.in_channels // 4,
                                      device=device, dtype=latents.dtype)  # [1, N, 4C]
         blend_parts = (cond, latents.clone(), mask_tok)  # context latents, the starting noise, the mask
+    target_offset = None
     if region is not None:
         multiple = pipe.vae_scale_factor * 2
-        cond, extra_ids = _region_context(region, mask, cond, (sizes[0] // multiple, sizes[1] // multiple))
+        cond, extra_ids, target_offset = _region_context(region, mask, cond,
+                                                         (sizes[0] // multiple, sizes[1] // multiple))
+        if target_offset is not None and sizes[:2] != sizes[2:]:
+            raise ValueError(f"a {region.kind!r} region marks the target tokens on the context's grid, so the output "
+                             f"must have the context's size {sizes[0]}x{sizes[1]} (H x W), got {height}x{width}")
         if extra_ids is not None:
             img_ids = torch.cat([img_ids, extra_ids.to(img_ids)], dim=0)  # -> [N + N_c + K, 3]
     timesteps = _edit_timesteps(pipe, num_inference_steps, latents.shape[1], device)
     image_embeds = _depth_embeds(pipe, depth, device) if depth is not None else None
     with _ip_adapter_scale(pipe, ip_adapter_scale):
         latents = _denoise(pipe, latents, cond, img_ids, text, timesteps, guidance_scale, image_embeds, callback,
-                           blend_parts)
+                           blend_parts, target_offset)
     out = _decode(pipe, latents, height, width, output_type)
     pipe.maybe_free_model_hooks()
     return out
@@ -330,8 +339,14 @@ class RegionHook:
             self._blend_parts = (hidden[:, n: n + n_c].clone(), hidden[:, :n].clone(), mask_tok)
         if self.region is None:
             return args, kwargs
-        cond, extra_ids = _region_context(self.region, self.mask, hidden[:, n: n + n_c], (h_c, w_c))
-        kwargs["hidden_states"] = torch.cat([hidden[:, :n], cond, hidden[:, n + n_c:]], dim=1)  # [B, N + N_c + K, 4C]
+        cond, extra_ids, target_offset = _region_context(self.region, self.mask, hidden[:, n: n + n_c], (h_c, w_c))
+        noisy = hidden[:, :n]  # [B, N, 4C]
+        if target_offset is not None:  # "marked": the target tokens too, on the context's grid
+            if n != n_c:
+                raise ValueError(f"a {self.region.kind!r} region needs the output on the context's token grid "
+                                 f"({n_c} tokens), got {n} target tokens")
+            noisy = noisy + target_offset
+        kwargs["hidden_states"] = torch.cat([noisy, cond, hidden[:, n + n_c:]], dim=1)  # [B, N + N_c + K, 4C]
         if extra_ids is not None:
             kwargs["img_ids"] = torch.cat([ids, extra_ids.to(ids)], dim=0)  # -> [N + N_c + K, 3]
         return args, kwargs

@@ -154,7 +154,8 @@ def render_training_pair(spec, size: int = 128) -> dict:
 # twin scenes: two identical objects, one prompt; only the mask says which one to edit
 # --------------------------------------------------------------------------------------------------
 
-TWIN_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink")
+TWIN_EDIT = ("red", "blue")  # every twin pair turns a red object blue: the prompt never says which of the two
+TWIN_OTHER_COLOURS = ("green", "yellow", "orange", "purple", "pink", "white")  # the third object's colours
 
 
 def _twin_objects(ms, rng):
@@ -162,7 +163,7 @@ def _twin_objects(ms, rng):
     shape = str(rng.choice(_SHAPES))
     radius = float(rng.uniform(0.6, 0.85)) if shape == "sphere" else float(rng.uniform(0.5, 0.7))
     height = 0.0 if shape == "sphere" else float(rng.uniform(1.0, 1.6))
-    colour = str(rng.choice(TWIN_COLOURS))
+    colour = TWIN_EDIT[0]
     xs = [float(rng.uniform(-2.3, -0.9)), float(rng.uniform(0.9, 2.3))]
     zs = [float(rng.uniform(-2.4, 1.2)) for _ in xs]
     if math.hypot(xs[0] - xs[1], zs[0] - zs[1]) < 2 * radius + 0.8:
@@ -174,7 +175,7 @@ def _twin_objects(ms, rng):
 def twin_edit_spec(seed: int, index: int):
     """Twin scene ``index`` of the stream ``seed``: ``(context, [target_a, target_b], prompt, view)``.
 
-    Two identical matte objects (and, half the time, a third of another colour); the prompt ("make the red
+    Two identical red matte objects (and, half the time, a third of another colour); the prompt ("make the red
     sphere blue") fits both, and target ``k`` recolours object ``k`` alone, so only a mask can say which.
     """
     ms = sample_renderer()
@@ -185,9 +186,9 @@ def twin_edit_spec(seed: int, index: int):
             continue
         objs = list(twins)
         if rng.random() < 0.5:
-            other = _random_object(ms, rng, "c", objs, tuple(c for c in TWIN_COLOURS if c != twins[0].colour))
+            other = _random_object(ms, rng, "c", objs, TWIN_OTHER_COLOURS)
             objs += [dataclasses.replace(other, material="matte")] if other is not None else []
-        new = str(rng.choice([c for c in TWIN_COLOURS if c != twins[0].colour]))
+        new = TWIN_EDIT[1]
         targets = [ms._replace(tuple(objs), key, colour=new) for key in "ab"]
         view = dict(camera_azimuth_deg=float(rng.uniform(-15, 15)), sun_azimuth_deg=float(rng.uniform(-65, 65)),
                     sun_elevation_deg=float(rng.uniform(35, 55)))

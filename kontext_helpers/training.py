@@ -23,7 +23,7 @@ from .checkpoints import (
     resume_config_changes,
     save_checkpoint,
 )
-from .conditioning import apply_region, fm_masked_dual_loss_with_l2, kontext_forward, make_region_module
+from .conditioning import fm_masked_dual_loss_with_l2, kontext_forward, make_region_module, region_inputs
 from .config import TrainConfig
 from .images import image_to_pil_rgb
 from .inference import sample_edit
@@ -78,12 +78,14 @@ def training_loss(transformer, region_module, batch: dict, txt_ids: torch.Tensor
     s = sigma.to(tgt.dtype)[:, None, None]  # [B] -> [B, 1, 1]
     noisy = (1.0 - s) * tgt + s * noise  # x_t = (1 - s) x_0 + s e
     n = ctx.shape[1]
-    ctx_in, region_ids = apply_region(region_module, ctx, batch["mask_small"], h_tok, w_tok)  # [B, N(+K), 4C]
-    ctx_in, region_tok = ctx_in[:, :n], (ctx_in[:, n:] if region_ids is not None else None)
+    region = region_inputs(region_module, ctx, batch["mask_small"], h_tok, w_tok)  # context [B, N(+K), 4C]
+    ctx_in, region_tok, region_ids = region.context[:, :n], region.context[:, n:], region.ids
+    region_tok = region_tok if region_ids is not None else None
+    noisy_in = noisy + region.target_offset if region.target_offset is not None else noisy  # "marked"
     ip = [batch["ip_embeds"]] if batch.get("ip_embeds") is not None else None
     kw = dict(sigma=sigma, prompt_embeds=batch["prompt_embeds"], pooled_prompt_embeds=batch["pooled_prompt_embeds"],
               txt_ids=txt_ids, h_tok=h_tok, w_tok=w_tok, guidance=config.guidance, ip_adapter_image_embeds=ip)
-    pred = kontext_forward(transformer, noisy, ctx_in, region_tok, region_ids=region_ids, **kw)
+    pred = kontext_forward(transformer, noisy_in, ctx_in, region_tok, region_ids=region_ids, **kw)
     outside_ref = ctx
     if config.preservation == "prior":
         # inverted_mask_prior: outside the mask, match the base model (LoRA off, no region token).

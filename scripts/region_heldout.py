@@ -38,11 +38,11 @@ import torch  # noqa: E402
 import kontext_helpers as kh  # noqa: E402
 from kontext_helpers.images import depth_to_pil, image_to_pil_rgb, mask_to_pil  # noqa: E402
 
-KINDS = ("none", "linear", "cells", "marked_context")
+KINDS = ("none", "linear", "cells", "marked_context", "marked")
 TRAIN_SEED, HELD_OUT_SEED = 0, 1  # twin-scene streams: training scenes and held-out scenes never overlap
 SAMPLE_SEED = 0
 STEPS = 1500  # LoRA updates per kind
-TRAIN_SCENES, HELD_OUT_SCENES = 24, 8
+TRAIN_SCENES, HELD_OUT_SCENES = 24, 12
 NUM_INFERENCE_STEPS = 28  # sample_edit's default
 
 

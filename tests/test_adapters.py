@@ -52,7 +52,7 @@ def test_round_trip_gives_the_same_latents(trained, edit_latents):
         "the loaded LoRA + region must change the base model's result")
 
 
-@pytest.mark.parametrize("kind", ["marked_context", "cells", "linear"])
+@pytest.mark.parametrize("kind", ["marked", "marked_context", "cells", "linear"])
 def test_every_region_kind_round_trips_through_an_adapter_folder(attn_targets, edit_latents, tmp_path, kind):
     pipe = kh.load_pipeline("tiny")
     kh.add_lora(pipe.transformer, rank=2, targets=attn_targets)

@@ -110,6 +110,19 @@ def test_marked_context_adds_the_embedding_on_masked_context_tokens_only():
     assert other_grid.shape == (1, 60, 8), "a marked context works on any grid"
 
 
+def test_marked_kind_marks_the_target_tokens_with_the_same_offset():
+    module = _randomised(kh.MaskedTokenEmbedding(4, 4, 8))
+    ctx, mask = torch.randn(1, 16, 8), (torch.rand(1, 1, 4, 4) > 0.5).float()
+    parts = kh.region_inputs(module, ctx, mask, 4, 4)
+    offset = mask.flatten(2).transpose(1, 2) * module.embedding.detach()  # [1, 1, 4, 4] -> [1, 16, 1] -> [1, 16, 8]
+    torch.testing.assert_close(parts.target_offset.detach(), offset, msg="the noisy target gets m * e")
+    torch.testing.assert_close(parts.context.detach(), ctx + offset, msg="and so does the context")
+    assert parts.ids is None, "nothing is appended"
+    for kind in ("marked_context", "cells", "linear"):
+        assert kh.region_inputs(_randomised(kh.make_region_module(kind, 4, 4, 8)), ctx, mask, 4, 4).target_offset \
+            is None, f"{kind!r} leaves the target tokens alone"
+
+
 def test_cell_tokens_sit_at_their_cells_centres():
     module = _randomised(kh.RegionCellTokens(4, 4, 8))
     mask = torch.zeros(1, 1, 4, 6)

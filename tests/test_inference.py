@@ -155,7 +155,7 @@ def _random_region(kind, h_tok, w_tok, seed=0):
     return region.eval()
 
 
-@pytest.mark.parametrize("kind", ["marked_context", "cells", "linear"])
+@pytest.mark.parametrize("kind", ["marked", "marked_context", "cells", "linear"])
 @pytest.mark.parametrize("blend", [False, True])
 def test_pipeline_call_with_region_hook_equals_sample_edit(tiny_pipe, random_image, random_depth, quadrant_mask,
                                                            edit_prompt, fast, kind, blend):

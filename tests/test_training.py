@@ -48,7 +48,7 @@ def test_only_lora_and_region_are_trained_base_is_bit_identical(fresh_pipe, one_
     assert any(p.abs().sum() > 0 for p in result.region.parameters()), "the region module must be trained"
 
 
-@pytest.mark.parametrize("kind", ["none", "linear", "cells", "marked_context"])
+@pytest.mark.parametrize("kind", ["none", "linear", "cells", "marked_context", "marked"])
 def test_every_region_kind_trains_checkpoints_and_resumes(fresh_pipe, one_pair, train_config, tmp_path, kind):
     cfg = train_config(tmp_path, steps=2, region_kind=kind, checkpoint_every=1)
     result = kh.train(fresh_pipe, one_pair(), cfg, progress=False)
