@@ -385,8 +385,8 @@ def export_comfyui(path: str, out_file: str, *, dtype: torch.dtype | None = None
     ``.lora_up.weight`` ``[out, r]`` and ``.alpha`` (a scalar; ComfyUI applies ``alpha / r * up @ down``).
     diffusers' separate ``to_q`` / ``to_k`` / ``to_v`` (and ``proj_mlp`` in single blocks) are fused exactly.
     Layers ComfyUI's Flux model does not have (the IP-Adapter's ``to_k_ip`` / ``to_v_ip``) are left out with a
-    warning. The region token is **not** in this file: ComfyUI's Flux sampler cannot append an extra token,
-    so there the LoRA works as a plain Kontext LoRA, without mask guidance.
+    warning. The region module is **not** in this file: the custom node in ``comfyui/kontext_region/`` applies
+    ``region_token.safetensors`` with a mask; without it the LoRA works as a plain Kontext LoRA.
 
     Args:
         path: an adapter folder from :func:`save_adapter` (or a diffusers LoRA ``.safetensors`` file).

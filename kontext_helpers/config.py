@@ -57,10 +57,10 @@ class TrainConfig:
     logit_std: float = 1.0  # logit-normal scale
     guidance: float = 1.0  # distilled guidance value fed to Kontext while training, as the established trainers do
     use_depth: bool = True  # feed the depth map through the IP-Adapter when the pipeline has one
-    region_kind: str = "marked_context"  # how the mask reaches the model (kh.REGION_KINDS): "marked_context" (a
-    #   learned embedding added to the masked context tokens; the best on scripts/region_heldout.py), "cells"
-    #   (coarse-grid tokens at their own positions), "linear" (the original design's single token) or "none" (a LoRA
-    #   alone: the mask only weights the loss, as other trainers do)
+    region_kind: str = "marked"  # how the mask reaches the model (kh.REGION_KINDS): "marked" (a learned embedding on
+    #   the masked target and context tokens; the best on scripts/region_heldout.py), "marked_context" (context only),
+    #   "cells" (coarse-grid tokens at their own positions), "linear" (the original design's single token) or "none"
+    #   (a LoRA alone: the mask only weights the loss, as other trainers do)
     # --- hardware
     mixed_precision: str = "no"  # "no", "fp16" (T4) or "bf16" (L4, A100, H100)
     gradient_checkpointing: bool = False  # trade compute for activation memory on big models

@@ -18,10 +18,12 @@
 #
 # **What you will learn**
 # - how a pixel mask becomes a mask on the token grid, and why the loss uses max pooling;
-# - how `MaskRegionToken` turns that mask into one extra token `[B, 1, 4C]`, and how one module serves
-#   every resolution;
-# - where the region token sits in the sequence `[noisy target | context | region]` and that it changes
-#   the prediction;
+# - how the default region signal marks the masked tokens in place (`MaskedTokenEmbedding`), and why place
+#   matters;
+# - how the original design's `MaskRegionToken` turns that mask into one extra token `[B, 1, 4C]`, and how one
+#   module serves every resolution;
+# - where each signal sits in the sequence `[noisy target | context (| region)]`, and where it changes the
+#   prediction;
 # - how a depth map reaches the transformer through the IP-Adapter: CLIP image encoder, image projection,
 #   `to_k_ip` / `to_v_ip` in each double block, and the adapter's scale;
 # - what the loss measures inside and outside the mask, and which timesteps we train on.
@@ -75,12 +77,12 @@ DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this a
 RESOLUTION = 128 if TINY else PRESET.resolution  # training side in pixels, a multiple of 16 (tiny: an 8x8 token grid)
 PAIR_INDEX = 0  # which pair of the dataset to look at (0: "make the red sphere blue")
 MAX_SEQUENCE_LENGTH = 64 if TINY else PRESET.max_sequence_length  # T5 tokens of the prompt (Kontext: 512)
-SIGMA = 0.5  # the flow-matching time of the single forward passes in sections 3 and 6, in (0, 1]
-SQUARE_TOKENS = 3 if TINY or QUICK else 8  # side, in tokens, of the square mask the slider in section 2 moves
-NUM_INFERENCE_STEPS = 4 if TINY else 2 if QUICK else 28  # denoising steps of the IP-Adapter comparison (section 5)
-IP_SCALES = (0.0, 0.5, 1.0)  # IP-Adapter strengths compared in section 5
-TIMING_REPEATS = 5  # timed runs per measurement in section 4 (the median is reported)
-SIGMA_DRAWS = 20_000  # training sigmas drawn for the histograms of section 6
+SIGMA = 0.5  # the flow-matching time of the single forward passes in sections 4 and 7, in (0, 1]
+SQUARE_TOKENS = 3 if TINY or QUICK else 8  # side, in tokens, of the square mask the slider in section 3 moves
+NUM_INFERENCE_STEPS = 4 if TINY else 2 if QUICK else 28  # denoising steps of the IP-Adapter comparison (section 6)
+IP_SCALES = (0.0, 0.5, 1.0)  # IP-Adapter strengths compared in section 6
+TIMING_REPEATS = 5  # timed runs per measurement in section 5 (the median is reported)
+SIGMA_DRAWS = 20_000  # training sigmas drawn for the histograms of section 7
 OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))  # the series' results folder;
 #   this notebook only reads: notebook 04 writes the trained adapter there
 SEED = 0  # every random draw of this notebook
@@ -160,19 +162,67 @@ plt.show()
 
 # %% [markdown]
 # **Why "max" for the loss.** The loss asks every token with mask 0 to stay exactly like the context
-# (section 6). With area pooling a boundary token that is 30% edit would get weight 0.7 on "stay like the
+# (section 7). With area pooling a boundary token that is 30% edit would get weight 0.7 on "stay like the
 # context": the loss would partly ask edited pixels not to change, and the model would learn a ragged,
 # half-done edge. Max pooling is conservative: a token touching the edit is editable, so the loss never asks
 # an edited pixel to stay unchanged. The price is a slightly larger editable area (a margin of at most one
-# token, 16 px), which shrinks in relative terms as the resolution grows. The region token in section 2 is
-# fed the same max-pooled grid.
+# token, 16 px), which shrinks in relative terms as the resolution grows. The region signals of sections 2 and
+# 3 are fed the same max-pooled grid.
 
 # %% [markdown]
-# ## 2. `MaskRegionToken`: the mask as one learned token
+# ## 2. The region signal: marking the masked tokens
 #
-# `kh.MaskRegionToken(h_tok, w_tok, c_in)` is one linear layer from the flattened token-grid mask to one
-# token with the width of an image token: `[B, 1, H', W'] -> [B, H'*W'] -> [B, 1, 4C]`. Its weights are
-# trained together with the LoRA (notebook 04); here it is freshly initialised.
+# How should the mask reach the transformer? The model must learn *where* to edit, at every place, also where
+# no training mask lay. The default (`TrainConfig.region_kind = "marked"`, `kh.MaskedTokenEmbedding`) is the
+# simplest signal that carries place: **one learned vector `e` of `4C` numbers, added to every masked token**,
+# of the noisy target and of the context, `x + m * e` with `m` the max-pooled grid mask. The tokens keep their
+# own ids `(type, row, col)`, so the mark sits exactly where the edit goes. Through the transformer's first
+# linear layer (`x_embedder`, weight `W`) it is `W x + b + m (W e)`: a learned mask channel. FLUX.1 Fill feeds
+# its inpainting mask the same way, as extra input channels concatenated to the noisy latents before that layer
+# (diffusers' `FluxFillPipeline.__call__` concatenates `latents` and `masked_image_latents` on the channel axis).
+# `e` starts at zero, so training starts from the base model exactly.
+
+# %%
+marked = kh.MaskedTokenEmbedding(h_tok, w_tok, C_IN).to(DEVICE)
+print(marked, " parameters", {n: tuple(p.shape) for n, p in marked.named_parameters()})  # e: [4C]
+mark = marked(m_max.to(DEVICE))  # [B, 1, H', W'] -> [B, N, 4C]: m * e per token, in packing order
+print("mark per token", tuple(mark.shape), f" all zero at the start: {bool((mark == 0).all())}")
+demo_tokens = torch.randn(1, h_tok * w_tok, C_IN, device=DEVICE)  # stand-in context tokens [B, N, 4C]
+parts = kh.region_inputs(marked, demo_tokens, m_max.to(DEVICE), h_tok, w_tok)
+print("region_inputs: context", tuple(parts.context.shape), " ids of appended tokens", parts.ids,
+      " target offset", tuple(parts.target_offset.shape))  # [B, N, 4C], None, [B, N, 4C]
+with torch.no_grad():
+    marked.embedding.copy_(torch.randn(C_IN, generator=torch.Generator().manual_seed(SEED)))  # a demo e, not trained
+mark = marked(m_max.to(DEVICE)).detach()  # [B, N, 4C]
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), layout="constrained")
+show_grid(axes[0], m_max[0, 0], "the mask on the token grid (max)")
+mark_norm = mark[0].norm(dim=-1).reshape(h_tok, w_tok).cpu()  # [N] -> [H', W']
+im = show_grid(axes[1], mark_norm, "|m * e| per token (demo e)", cmap="magma", vmin=0, vmax=mark_norm.max().item())
+fig.colorbar(im, ax=axes[1], shrink=0.8)
+axes[2].bar(range(C_IN), marked.embedding.detach().float().cpu().numpy(), color="tab:red")
+axes[2].set_title(f"e: one vector of {C_IN} channels, the same at every masked place", fontsize=9)
+fig.suptitle("The default region signal marks each masked token in place; unmasked tokens are untouched")
+plt.show()
+
+# %% [markdown]
+# `kh.REGION_KINDS` holds three other signals, all trained and measured the same way: `"marked_context"` (the mark
+# on the context tokens only), `"cells"` (one extra token per 2x2 cell of the grid, at that cell's own position
+# `(2, row, col)`), and `"linear"`, the original design's single token (next section). Which one makes the mask
+# decide the edit was measured, not assumed: `scripts/region_heldout.py` trains each on scenes with two identical
+# objects and one prompt that fits both, where only the mask can say which object to change, and edits held-out
+# scenes with the mask on each object in turn (docs/design.md has the table and the figure; notebook 05 shows it).
+
+# %% [markdown]
+# ## 3. The original design's region token: `MaskRegionToken`
+#
+# The original design's region signal (`region_kind="linear"`): `kh.MaskRegionToken(h_tok, w_tok, c_in)` is one
+# linear layer from the flattened token-grid mask to **one** token with the width of an image token:
+# `[B, 1, H', W'] -> [B, H'*W'] -> [B, 1, 4C]`, appended after the context with the id `(2, 0, 0)`. Its weights
+# are trained together with the LoRA (notebook 04); here it is freshly initialised. Where the mask lies is in the
+# learned weights only (one weight column per grid cell), not in any position the model sees: on the held-out
+# twin scenes it makes the mask decide in about half of the cases, the marked tokens in all of them.
 
 # %%
 region = kh.MaskRegionToken(h_tok, w_tok, C_IN).to(DEVICE)
@@ -279,7 +329,7 @@ _ = kh.interactive_figure(plot_region_token, top=IntSlider(1, 0, h_tok - SQUARE_
                           left=IntSlider(2, 0, w_tok - SQUARE_TOKENS, description="column"))
 
 # %% [markdown]
-# ## 3. Where the token goes: `[noisy target | context | region]`
+# ## 4. Where the signal goes: `[noisy target | context (| region)]`
 #
 # Kontext already puts two images in one sequence: the noisy target tokens (what is being denoised) and
 # the clean context tokens (the image to edit). We append the region token as a third part, so the
@@ -324,7 +374,7 @@ print("region id       ", ids[-1].tolist())
 # %% [markdown]
 # Now one transformer call with and without the region token (`kh.kontext_forward` builds the sequence
 # and the ids, calls the transformer and returns the velocity on the target tokens only, `[B, N, 4C]`).
-# Depth comes in section 4, so here the IP-Adapter gets no image tokens: `{"ip_hidden_states": []}` makes
+# Depth comes in section 5, so here the IP-Adapter gets no image tokens: `{"ip_hidden_states": []}` makes
 # it add exactly zero, as `kh.sample_edit` does without depth. (Without that, a transformer with an
 # IP-Adapter loaded fails when no depth is given.) A third call with the region token of an **empty** mask
 # separates "a token is there" from "what the mask says".
@@ -362,12 +412,27 @@ plt.show()
 
 # %% [markdown]
 # The region token reaches every target token, because every token attends to every other one. Untrained,
-# the change is small (one token among `2N` image tokens and the text) and spread over the whole grid;
-# training teaches the LoRA and the region module to make the token count, so that the edit happens inside
-# the mask and the rest flows to the context (section 6).
+# the change is small (one token among `2N` image tokens and the text) and spread over the whole grid: nothing
+# in it says *where*. The marked tokens of section 2 act the other way round: the next cell gives the same call
+# the demo mark `m * e` on the target and context tokens instead of the token, and the change sits on the mask.
+
+# %%
+with torch.no_grad():
+    pred_marked = kh.kontext_forward(pipe.transformer, noisy + mark.to(noisy), ctx_tok + mark.to(ctx_tok), None,
+                                     **fwd, joint_attention_kwargs=no_depth)  # [B, N, 4C]
+d_marked = (pred_marked - pred_plain).abs().float().mean(-1).reshape(h_tok, w_tok).cpu()  # [N] -> [H', W']
+inside = m_max[0, 0].bool()
+print(f"mean |difference| inside the mask {d_marked[inside].mean():.4f}, outside {d_marked[~inside].mean():.4f}")
+fig, ax = plt.subplots(figsize=(4.6, 4), layout="constrained")
+im = show_grid(ax, d_marked, "|prediction difference| per token:\nmarked tokens (demo e) vs none", cmap="magma",
+               vmin=0, vmax=d_marked.max().item())
+ax.contour(np.arange(RESOLUTION), np.arange(RESOLUTION), mask[0, 0], levels=[0.5], colors="cyan", linewidths=1)
+fig.colorbar(im, ax=ax, shrink=0.8)
+ax.set_title("The mark changes the prediction where the mask is (cyan)", fontsize=9)
+plt.show()
 
 # %% [markdown]
-# ## 4. Depth through the IP-Adapter
+# ## 5. Depth through the IP-Adapter
 #
 # The depth map reaches the transformer by a different road than the mask: through an **IP-Adapter**, an
 # image prompt. The path, step by step:
@@ -518,10 +583,10 @@ print(f"encoding every step adds {(t_depth + t_prompt) / t_step:.0%} of a forwar
 # > picture, and the LoRA (with `lora_ip_adapter=True`, its `to_k_ip` / `to_v_ip` too) has to learn what it
 # > means. And the depth map describes the *context* scene, not the target: for "add a box" edits the box is not
 # > in it. A depth ControlNet or depth tokens in the sequence would be spatial; this course keeps the original
-# > design's IP-Adapter and shows its effect honestly (section 5 here, notebook 05's variants).
+# > design's IP-Adapter and shows its effect honestly (section 6 here, notebook 05's variants).
 
 # %% [markdown]
-# ## 5. The IP-Adapter scale
+# ## 6. The IP-Adapter scale
 #
 # The IP-Adapter's contribution is multiplied by a scale (`proc.scale` above; `pipe.set_ip_adapter_scale`).
 # `kh.sample_edit(..., ip_adapter_scale=s)` sets it for one call. We sample the same edit with the same noise
@@ -553,17 +618,20 @@ move_map = (latents[top_scale] - ref).abs().float().mean(-1).reshape(h_tok, w_to
 im = show_grid(axes[1], move_map, f"per token, s = {top_scale:g} vs s = 0", cmap="magma", vmin=0,
                vmax=move_map.max().item())
 fig.colorbar(im, ax=axes[1], shrink=0.8)
-fig.suptitle("The scale sets how much depth steers the result; s = 0 is exactly 'no depth'")
+fig.suptitle("The scale multiplies the adapter's output: s = 0 is exactly 'no depth'; how far the result moves is "
+             "measured, not promised")
 plt.show()
 
 # %% [markdown]
 # `s = 0` gives bit for bit the result without depth: the adapter's output is multiplied by zero. How far the
-# result moves depends on how much the model learned to use depth: the tiny model learned it only where the
-# context alone could not tell (`docs/tiny_model.md`); on the real model, pick the scale by looking at the
-# pictures (notebook 05 samples and compares edits).
+# result moves depends on how much the model learned to use depth, and on the tiny model that is very little:
+# `docs/tiny_model.md` measures depth on vs off at -0.04 to +0.01 dB inside the mask and +0.02 to +0.09 dB outside
+# (`python scripts/tiny_editor_report.py`), and from a blank context the depth map does not bring its scene back.
+# Section 5 says why (one position-free embedding that repeats what the context shows). Read this figure as the
+# size of the adapter's push, not as proof that depth steers the edit.
 
 # %% [markdown]
-# ## 6. The loss in pictures
+# ## 7. The loss in pictures
 #
 # With `x_t = (1 - sigma) x_0 + sigma * noise`, flow matching predicts the velocity `v = noise - x_0`.
 # `kh.fm_masked_dual_loss_with_l2` splits the tokens by the max-pooled mask:
@@ -700,10 +768,11 @@ assert by_max.sum() >= by_area.sum(), "max pooling never counts fewer editable t
 #
 # - The pixel mask goes onto the `H' x W'` token grid with **max pooling**: a token touching the edit is
 #   editable, so the loss never asks an edited pixel to stay like the context.
-# - `MaskRegionToken` is one linear layer, `[B, 1, H', W'] -> [B, 1, 4C]`; unlike the original design's fixed
-#   `Linear(H'*W' -> C)` it pools a mask from any resolution to its own grid.
-# - The region token is appended to `[noisy target | context]` with id `(2, 0, 0)`: the sequence is
-#   `[B, 2N+1, 4C]`, and the token changes the prediction of every target token.
+# - The default region signal adds one learned vector `m * e` to every masked target and context token, in
+#   place: a learned mask channel (as FLUX.1 Fill feeds its mask), zero at the start, any resolution.
+# - The original design's `MaskRegionToken` is one linear layer, `[B, 1, H', W'] -> [B, 1, 4C]`, appended with
+#   id `(2, 0, 0)`; unlike its fixed `Linear(H'*W' -> C)` it pools a mask from any resolution to its own grid,
+#   and it changes every target token a little, not the masked ones in particular.
 # - Depth travels depth map -> CLIP image processor -> CLIP image encoder `[B, E]` -> `[[B, 1, E]]` ->
 #   image projection (a few text-width tokens) -> `to_k_ip` / `to_v_ip` in each double block, times a scale
 #   (`0` = no depth). Encoders stay frozen, and the embeddings are computed once per sample and cached.

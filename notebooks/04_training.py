@@ -22,7 +22,7 @@
 # - how training sigmas are drawn, and how a fixed evaluation loss tells you whether training helped
 # - how to run a real training, watch its loss, and see which weights actually moved
 # - how checkpoints survive a crash or a Colab disconnect, and how a run resumes
-# - how the trained LoRA and region token are saved for notebook 05 (and for diffusers or ComfyUI)
+# - how the trained LoRA and region module are saved for notebook 05 (and for diffusers or ComfyUI)
 #
 # Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
 #
@@ -115,7 +115,7 @@ MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {cfg.resolution} p
 # |  | `gradient_accumulation_steps` | `1` | micro-batches per update: a larger effective batch, same memory |
 # |  | `max_sequence_length` | `512` | T5 tokens; 512 is Kontext's default, shorter prompts are padded to it |
 # | optimisation | `learning_rate` | `1e-4` | LoRA learning rate, the value diffusers' Kontext script uses |
-# |  | `region_learning_rate` | `1e-3` | region module: a fresh linear layer, it can move faster than the LoRA |
+# |  | `region_learning_rate` | `1e-3` | region module: a few fresh weights, they can move faster than the LoRA |
 # |  | `optimizer` | `"adamw"` | "adamw" (torch) or "adamw8bit" (bitsandbytes, saves optimizer memory on GPUs) |
 # |  | `weight_decay` | `0.0` | AdamW decay; the L2 terms below already regularise |
 # |  | `lr_scheduler` | `"constant"` | any diffusers.optimization.get_scheduler name ("cosine", "linear", ...) |
@@ -135,6 +135,7 @@ MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {cfg.resolution} p
 # |  | `logit_std` | `1.0` | logit-normal scale |
 # |  | `guidance` | `1.0` | distilled guidance value fed to Kontext while training, as the established trainers do |
 # |  | `use_depth` | `True` | feed the depth map through the IP-Adapter when the pipeline has one |
+# |  | `region_kind` | `"marked"` | how the mask reaches the model (`kh.REGION_KINDS`, notebook 03; or "none") |
 # | hardware | `mixed_precision` | `"no"` | "no", "fp16" (T4) or "bf16" (L4, A100, H100) |
 # |  | `gradient_checkpointing` | `False` | trade compute for activation memory on big models |
 # |  | `quantize_base` | `None` | "nf4": load the transformer 4-bit (bitsandbytes) via load_pipeline |
@@ -358,15 +359,15 @@ plt.show()
 # whether training helped, `kh.evaluation_loss` measures one pair with **fixed** noise at **fixed** sigmas
 # (0.2, 0.4, 0.6, 0.8), split into `err_in` (velocity error inside the mask, against the target) and
 # `err_out` (outside, against the context). We measure it now, with the untrained region module built exactly
-# as `train()` builds it (same seed, so the same random start).
+# as `train()` builds it (`cfg.region_kind`, the same seed, so the same start).
 
 # %%
 c_in = pipe.transformer.config.in_channels  # 4C = 64 channels of one packed token
 with torch.random.fork_rng(devices=[]):
     torch.manual_seed(cfg.seed)
-    untrained_region = kh.MaskRegionToken(cache.h_tok, cache.w_tok, c_in).to(DEVICE)
+    untrained_region = kh.make_region_module(cfg.region_kind, cache.h_tok, cache.w_tok, c_in).to(DEVICE)
 before = kh.evaluation_loss(pipe, untrained_region, cache)
-print(untrained_region, "  weight", tuple(untrained_region.proj.weight.shape), " # [4C, H'*W']")
+print(untrained_region, " parameters", {n: tuple(p.shape) for n, p in untrained_region.named_parameters()})
 print("evaluation loss before training:", {k: round(v, 4) for k, v in before.items()})
 
 # %% [markdown]
@@ -392,7 +393,7 @@ hand_lora = kh.add_lora(pipe.transformer, rank=cfg.rank, alpha=cfg.alpha, target
                         adapter_name="by_hand", init_lora_weights=True)  # [(name, parameter)], B starts at 0
 with torch.random.fork_rng(devices=[]):
     torch.manual_seed(cfg.seed)
-    hand_region = kh.MaskRegionToken(cache.h_tok, cache.w_tok, pipe.transformer.config.in_channels).to(DEVICE)
+    hand_region = kh.MaskedTokenEmbedding(cache.h_tok, cache.w_tok, pipe.transformer.config.in_channels).to(DEVICE)
 trainable = [p for _, p in hand_lora] + list(hand_region.parameters())
 for p in trainable:  # train() keeps them in fp32 over a 16-bit base (diffusers' cast_training_params)
     p.data = p.data.float()
@@ -405,11 +406,11 @@ dtype = pipe.transformer.dtype
 # 1. the noisy target on the straight line from the clean target (sigma 0) to the noise (sigma 1)
 s = sigma[:, None, None]  # [B] -> [B, 1, 1]
 x_t = (1 - s) * sample["tgt_tok"] + s * noise  # [1, N, 4C]
-# 2. the region token from the mask on the token grid
-region_tok = hand_region(sample["mask_small"])  # [1, 1, H', W'] -> [1, 1, 4C]
-# 3. the sequence [noisy target | clean context | region] and one id per token
-hidden = torch.cat([x_t, sample["ctx_tok"], region_tok], dim=1).to(dtype)  # [1, 2N+1, 4C]
-img_ids = kh.kontext_img_ids(cache.h_tok, cache.w_tok, with_region=True, device=DEVICE, dtype=dtype)  # [2N+1, 3]
+# 2. the region signal from the mask on the token grid ("marked": m * e on every masked token, notebook 03)
+mark = hand_region(sample["mask_small"])  # [1, 1, H', W'] -> [1, N, 4C]; zero where the mask is 0
+# 3. the sequence [noisy target | clean context], the masked tokens of both marked, and one id per token
+hidden = torch.cat([x_t + mark, sample["ctx_tok"] + mark], dim=1).to(dtype)  # [1, 2N, 4C]
+img_ids = kh.kontext_img_ids(cache.h_tok, cache.w_tok, with_region=False, device=DEVICE, dtype=dtype)  # [2N, 3]
 # 4. the forward pass: the transformer's own call, as FluxKontextPipeline.__call__ makes it
 guidance = torch.full([1], cfg.guidance, device=DEVICE) if pipe.transformer.config.guidance_embeds else None
 print("timestep, guidance and pooled CLIP become one temb [B, D] in", type(pipe.transformer.time_text_embed).__name__,
@@ -418,7 +419,7 @@ depth = {"ip_adapter_image_embeds": [sample["ip_embeds"].to(dtype)]} if sample["
 out = pipe.transformer(hidden_states=hidden, timestep=sigma.to(dtype), guidance=guidance,
                        pooled_projections=sample["pooled_prompt_embeds"].to(dtype),
                        encoder_hidden_states=sample["prompt_embeds"].to(dtype), txt_ids=cache.txt_ids.to(DEVICE, dtype),
-                       img_ids=img_ids, joint_attention_kwargs=depth, return_dict=False)[0]  # [1, 2N+1, 4C]
+                       img_ids=img_ids, joint_attention_kwargs=depth, return_dict=False)[0]  # [1, 2N, 4C]
 pred_v = out[:, :N_TOK].float()  # the target part: [1, N, 4C]
 # 5. the two loss terms: the velocity to the target inside the mask, the context kept outside
 m = sample["mask_small"].reshape(1, N_TOK, 1)  # [1, 1, H', W'] -> [1, N, 1], in packing order
@@ -444,7 +445,7 @@ module_loss, parts = kh.training_loss(pipe.transformer, hand_region, sample, cac
                                       cache.w_tok, noise, sigma, cfg, lora_named_params=hand_lora)
 module_loss.backward()
 torch.testing.assert_close(loss, module_loss, msg="the hand-written loss must equal kh.training_loss")
-for (name, _), mine, p in zip(hand_lora + [("region", None)] * 2, hand_grads, trainable):
+for (name, _), mine, p in zip(hand_lora + list(hand_region.named_parameters()), hand_grads, trainable):
     torch.testing.assert_close(mine, p.grad, msg=f"gradient of {name}")
 print("hand-written step == kh.training_loss: same loss and same gradients for", len(trainable), "tensors")
 
@@ -463,11 +464,11 @@ del hand_lora, hand_region, trainable, optimizer, hand_grads
 # ## 5. Train
 #
 # `kh.train` attaches the LoRA (its `B` matrices start at zero, so at step 0 the LoRA adds nothing), builds
-# the region module (randomly initialised: its token is already in the sequence at step 0, so the model at step
-# 0 is the base model *plus one random token*, not the base model), and runs `cfg.steps` updates of LoRA + region
-# through `accelerate`, writing a checkpoint every `cfg.checkpoint_every` updates. `kh.LiveLossPlot` redraws the three
-# loss curves every 25 steps while it runs. Old checkpoints of an earlier run of this notebook are removed first, unless
-# you are resuming (`RESUME = True`).
+# the region module of `cfg.region_kind` (the default `"marked"` starts at zero too, so the model at step 0 is the
+# base model; the original design's `"linear"` token starts random, one random token more), and runs `cfg.steps`
+# updates of LoRA + region through `accelerate`, writing a checkpoint every `cfg.checkpoint_every` updates.
+# `kh.LiveLossPlot` redraws the three loss curves every 25 steps while it runs. Old checkpoints of an earlier run
+# of this notebook are removed first, unless you are resuming (`RESUME = True`).
 
 # %%
 import shutil
@@ -559,42 +560,37 @@ ax.set_title("LoRA B norms per layer (blue: double blocks dN, purple: single blo
 plt.show()
 
 # %% [markdown]
-# The region module is one linear layer `Linear(H'*W' -> 4C)`: one weight column per token-grid cell, and the
-# region token is the sum of the columns of the cells inside the mask (plus a bias). A cell's column gets
-# gradient from the loss only when that cell is inside the sample's mask; everywhere else only the small L2
-# stabiliser acts, and Adam turns even that tiny, steady pull into full-size steps towards zero. Reshaping the
-# column norms back to the grid shows the result.
+# The default region module (`cfg.region_kind = "marked"`, notebook 03) is one learned vector `e` of `4C`
+# numbers, added to every masked token of the noisy target and of the context. It starts at zero, so at step 0
+# the model is exactly the base model plus the LoRA's zero update. Through the transformer's first linear layer
+# (`x_embedder`) `e` becomes a direction in the model's width that says "this place is in the mask": the same
+# vector at every place, which is why a mask anywhere works, also where no training mask lay. Below: the learned
+# `e` per channel, beside the typical size of a context token's channel.
 
 # %%
-w0 = untrained_region.proj.weight.detach().cpu()  # [4C, H'*W']
-w1 = result.region.proj.weight.detach().cpu()  # [4C, H'*W']
-norm0 = w0.norm(dim=0).reshape(cache.h_tok, cache.w_tok)  # [H'*W'] -> [H', W']: one norm per grid cell
-norm1 = w1.norm(dim=0).reshape(cache.h_tok, cache.w_tok)  # [H', W']
-coverage = torch.cat([s.mask_small.cpu() for s in cache.samples]).mean(0)[0]  # [n, 1, H', W'] -> [H', W']
-print("region weight", tuple(w1.shape), "-> column norm per cell", tuple(norm1.shape), " # [H', W']")
-print(f"cells no mask covers: mean norm {norm0[coverage == 0].mean():.3f} -> {norm1[coverage == 0].mean():.5f}; "
-      f"covered cells: {norm0[coverage > 0].mean():.3f} -> {norm1[coverage > 0].mean():.3f}")
-
-fig, axes = plt.subplots(1, 3, figsize=(11, 4), layout="constrained")
-vmax = float(max(norm0.max(), norm1.max()))
-for ax, img, title, cmap, top in ((axes[0], norm0, "before: random init", "viridis", vmax),
-                                  (axes[1], norm1, "after training", "viridis", vmax),
-                                  (axes[2], coverage, "share of training masks\ncovering each cell", "gray", 1.0)):
-    im = ax.imshow(img, cmap=cmap, vmin=0, vmax=top)
-    ax.set_title(title, fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    fig.colorbar(im, ax=ax, fraction=0.046)
-fig.suptitle(f"Region weight norm per cell of the {cache.h_tok}x{cache.w_tok} grid: after training only the cells "
-             "some mask covers keep weight;\nthe others (never inside a mask) decayed to zero under the L2 term")
+e = result.region.embedding.detach().float().cpu()  # [4C]
+typical = cache.samples[0].ctx_tok.float().abs().mean().item()  # mean |channel| of a context token
+print(f"learned mark e: {tuple(e.shape)}, norm {e.norm():.3f}; mean |e| {e.abs().mean():.3f} against a context "
+      f"token's mean |channel| {typical:.3f}")
+fig, ax = plt.subplots(figsize=(10, 3))
+ax.bar(range(len(e)), e.numpy(), color=["tab:red" if v >= 0 else "tab:blue" for v in e.numpy()])
+ax.axhline(typical, color="grey", ls="--", lw=0.8, label="a context token's mean |channel|")
+ax.axhline(-typical, color="grey", ls="--", lw=0.8)
+ax.set_xlabel("channel of a packed token (4C)")
+ax.set_ylabel("e")
+ax.legend(fontsize=8)
+ax.set_title(f"The learned mark e after training ({MODEL_LABEL}): it started at zero; the dashed lines show the\n"
+             "typical size of a context token's channel, for scale", fontsize=10)
 plt.show()
 
 # %% [markdown]
-# > **What the region token cannot do: masks in new places.** A grid cell's weight column learns only from
-# > samples whose mask covers that cell. Cells no training mask covered keep their random start (or decay to
-# > zero under the L2 term), so a mask placed there at sampling time produces a token the model never saw in
-# > training: the region token does not generalise to new mask positions. Train with masks that cover the
-# > places you will edit, or vary them (augmentation) so that every cell is seen.
+# > **The original design's region token, and why it is not the default.** The original design projects the
+# > whole token-grid mask to *one* extra token with `Linear(H'*W' -> 4C)` (`region_kind="linear"`, notebook 03).
+# > One weight column per grid cell learns only from samples whose mask covers that cell, and the token's id is
+# > `(2, 0, 0)`, so *where* the mask lies lives only in those learned columns. On held-out scenes where only the
+# > mask can say which of two identical objects to edit (`scripts/region_heldout.py`, docs/design.md), the
+# > linear token edits the masked object alone in about half of the cases; the marked tokens and the
+# > cell tokens (`"cells"`, one token per 2x2 cell at that cell's own position) do it in all of them.
 
 # %% [markdown]
 # ## 6. Nothing lost: checkpoints and resume
@@ -758,7 +754,8 @@ for g in (1.0, 3.5):
 #   sample index, so reshuffled epochs can never pair an image with another image's cache.
 # - Sigmas come from the scheduler's training levels and never hit 0; a fixed evaluation loss (fixed pair, noise,
 #   sigmas) is the honest before/after yardstick, split into in-mask and out-of-mask error.
-# - Only the LoRA `A`/`B` matrices and the region module move; region weights survive only where masks are.
+# - Only the LoRA `A`/`B` matrices and the region module move; the default region module is one learned mark `e`
+#   on the masked tokens, the same at every place.
 # - Checkpoints are written atomically and a resumed run continues exactly; in Colab, put `OUTPUT_DIR` on Drive.
 # - `save_adapter` writes `pytorch_lora_weights.safetensors`, `region_token.safetensors` and
 #   `adapter_config.json` to `OUTPUT_DIR/adapter`.

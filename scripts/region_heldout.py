@@ -196,10 +196,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--train-scenes", type=int, default=TRAIN_SCENES)
     parser.add_argument("--held-out-scenes", type=int, default=HELD_OUT_SCENES)
+    parser.add_argument("--inference-steps", type=int, default=NUM_INFERENCE_STEPS, help="denoising steps per edit")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=os.path.join("outputs", "region_heldout.json"))
     parser.add_argument("--figure", default=os.path.join("outputs", "region_heldout.png"))
     args = parser.parse_args(argv)
+    global NUM_INFERENCE_STEPS
+    NUM_INFERENCE_STEPS = args.inference_steps
     torch.set_num_threads(args.threads)
     resolution = kh.TrainConfig.for_gpu("cpu").resolution
     train_set = BothMasks(TRAIN_SEED, range(args.train_scenes), resolution)

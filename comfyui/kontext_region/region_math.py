@@ -1,7 +1,7 @@
 """The region signal of a kontext_helpers adapter in plain torch: read the file, pool the mask, build the tokens.
 
 Only torch and safetensors are imported here (no ComfyUI, no kontext_helpers), so tests can load this file on its
-own. The maths mirrors ``kontext_helpers.conditioning`` (``mask_to_token_grid``, the three region kinds and
+own. The maths mirrors ``kontext_helpers.conditioning`` (``mask_to_token_grid``, the four region kinds and
 ``apply_region``) on packed context tokens ``[B, N, 4C]``; :class:`RegionPatch` applies it inside ComfyUI's Flux
 model as a ``post_input`` patch, where the tokens have already gone through ``img_in``.
 """
