@@ -147,7 +147,7 @@ def build_steps(resolution: int, seq_len: int = 512, variants=VARIANTS) -> dict:
         pipe = kh.load_pipeline("tiny", seed=0)
         cache = kh.build_train_cache(pipe, data, max_sequence_length=cfg.max_sequence_length, progress=False)
         lora = kh.add_lora(pipe.transformer, rank=cfg.rank, targets=cfg.lora_targets)
-        region = kh.MaskRegionToken(cache.h_tok, cache.w_tok, pipe.transformer.config.in_channels)
+        region = kh.make_region_module(cfg.region_kind, cache.h_tok, cache.w_tok, pipe.transformer.config.in_channels)
         opt = torch.optim.AdamW([{"params": [p for _, p in lora]}, {"params": list(region.parameters())}],
                                 lr=cfg.learning_rate)
         project = _project_step(pipe, cache, region, lora, opt, cfg)

@@ -179,7 +179,7 @@ class _Preset(dict):
 # encoders offloaded after caching. The GPU presets' peaks are estimates from per-block measurements (above);
 # none was measured on that GPU.
 GPU_PRESETS: dict[str, dict] = {
-    # the pretrained tiny model on one data_samples pair at 128 px: 800 updates took 66-70 s on one thread of a
+    # the pretrained tiny model on one data_samples pair at 128 px: 800 updates took 46-49 s on one thread of a
     # shared 2-core machine (scripts/tiny_editor_report.py)
     "cpu": _Preset("cpu", label="CPU (tiny model)", mixed_precision="no", gradient_checkpointing=False,
                    optimizer="adamw", quantize_base=None, resolution=128, steps=800, learning_rate=3e-3,

@@ -285,7 +285,7 @@ display(fig)
 # - `lpips_vs_target`: a perceptual distance, only when the `lpips` package and its weights are on disk.
 #
 # A PSNR of 30 dB and more is close to invisible; 20 dB is a clearly visible difference; around 10 dB is
-# unrelated images, which is what the tiny model produces.
+# unrelated images (the base model's in-mask figure on a recolour it does not know).
 
 # %%
 metrics = kh.edit_metrics(pred, item["context"], item["target"], item["mask"])

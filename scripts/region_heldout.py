@@ -1,7 +1,7 @@
 """Does the mask decide where the edit happens? A held-out test where only the mask can tell.
 
-    python scripts/region_heldout.py                         # every region kind, about 15 min on one thread
-    python scripts/region_heldout.py --kinds marked_context --steps 600
+    python scripts/region_heldout.py                         # every region kind, about 20 min on one thread
+    python scripts/region_heldout.py --kinds none marked --steps 600
     python scripts/region_heldout.py --json docs/region_heldout.json --figure docs/images/region_heldout.png
 
 Twin scenes (``kh.render_twin_scene``): two identical objects and one prompt that fits both ("make the red
