@@ -560,24 +560,34 @@ print(f"pipe(...) with kh.RegionHook vs sample_edit with the region: max |diff| 
 # Nothing but the mask says which object to change. We train a LoRA with the default region signal on
 # `TWIN_TRAIN_SCENES` drawn scenes (each twice, the mask on either object), then edit a scene it never saw and
 # let you move the mask. `scripts/region_heldout.py` does this for every region kind, with box masks and
-# blending too, on 12 held-out scenes; its table and figure are in `docs/design.md`.
+# blending too, on 12 held-out scenes; its table and figure are in `docs/design.md`. On a GPU the section loads a
+# second pipeline, so it runs there only with `TWIN_ON_GPU = True` (an 80 GB card).
 
 # %%
+TWIN_ON_GPU = False  # True: also train the twin LoRA on the real model (a second pipeline: an 80 GB GPU)
+RUN_TWIN = TINY or QUICK or TWIN_ON_GPU  # the tiny model (seconds) and the rehearsal smoke test always run it
 TWIN_TRAIN_SCENES = 24 if TINY else 4 if QUICK else 64  # drawn training scenes (two samples each)
 TWIN_STEPS = 1500 if TINY else 3 if QUICK else 1500  # LoRA updates on them (scripts/region_heldout.py: 1500)
-twin_train = kh.TwinPairs(0, range(TWIN_TRAIN_SCENES), RESOLUTION)  # seed 0: training scenes
-twin_scenes = [kh.render_twin_scene(1, i, RESOLUTION) for i in range(4)]  # seed 1: scenes it never sees
-twin_cfg = dataclasses.replace(kh.TrainConfig.for_gpu("cpu") if TINY else PRESET, steps=TWIN_STEPS,
-                               resolution=RESOLUTION, checkpoint_every=0, seed=SEED,
-                               output_dir=os.path.join(OUTPUT_DIR, "twin_run"), max_sequence_length=32)
-if not TINY:
-    del pipe
+twin_scenes = [kh.render_twin_scene(1, i, RESOLUTION) for i in range(4)]  # seed 1: scenes training never sees
+if RUN_TWIN:
+    twin_train = kh.TwinPairs(0, range(TWIN_TRAIN_SCENES), RESOLUTION)  # seed 0: training scenes
+    twin_cfg = dataclasses.replace(kh.TrainConfig.for_gpu("cpu") if TINY else PRESET, steps=TWIN_STEPS,
+                                   resolution=RESOLUTION, checkpoint_every=0, seed=SEED,
+                                   output_dir=os.path.join(OUTPUT_DIR, "twin_run"), max_sequence_length=32)
+    trainer, twin_cache = kh.load_for_training(MODEL, twin_train, twin_cfg, progress=False)  # as notebook 04
+    twin = kh.train(trainer, twin_train, twin_cfg, cache=twin_cache, progress=False)
+    print(f"{len(twin_train)} twin samples, {TWIN_STEPS} updates, region kind {twin_cfg.region_kind!r}: "
+          f"loss {twin.history[0]['loss']:.3f} -> {twin.history[-1]['loss']:.3f}")
+    TWIN_DIR = kh.save_adapter(trainer, twin.region, os.path.join(OUTPUT_DIR, "twin_adapter"), config=twin_cfg)
+    del trainer, twin_cache, twin  # the trainer may have freed its text encoders: sample with a fresh pipeline
     gc.collect()
-    torch.cuda.empty_cache() if DEVICE.type == "cuda" else None
-twin_pipe, twin_cache = kh.load_for_training(MODEL, twin_train, twin_cfg, progress=False)
-twin = kh.train(twin_pipe, twin_train, twin_cfg, cache=twin_cache, progress=False)
-print(f"{len(twin_train)} twin samples, {TWIN_STEPS} updates, region kind {twin_cfg.region_kind!r}: "
-      f"loss {twin.history[0]['loss']:.3f} -> {twin.history[-1]['loss']:.3f}")
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+    twin_pipe = load_model()
+    twin_region = kh.load_adapter(twin_pipe, TWIN_DIR)
+else:
+    print("twin scenes skipped on this GPU (set TWIN_ON_GPU = True on an 80 GB card); the figures of "
+          "scripts/region_heldout.py on the tiny model are in docs/design.md")
 
 
 def twin_edit(scene, mask, **kw):
@@ -598,12 +608,13 @@ def changed(out, scene, k):
     return bool(to_target < (mean_colour(out, obj) - mean_colour(scene["context"], obj)).norm())
 
 
-right = 0
-for scene in twin_scenes:
-    for k in (0, 1):
-        out = twin_edit(scene, scene["masks"][k], region=twin.region)
-        right += changed(out, scene, k) and not changed(out, scene, 1 - k)
-print(f"held-out twin scenes: the masked object alone changed in {right} of {2 * len(twin_scenes)} cases")
+if RUN_TWIN:
+    right = 0
+    for scene in twin_scenes:
+        for k in (0, 1):
+            out = twin_edit(scene, scene["masks"][k], region=twin_region)
+            right += changed(out, scene, k) and not changed(out, scene, 1 - k)
+    print(f"held-out twin scenes: the masked object alone changed in {right} of {2 * len(twin_scenes)} cases")
 
 # %% [markdown]
 # Pick where the mask goes: on object a or b, tight (its outline) or a rough box, with the region signal, with
@@ -619,8 +630,8 @@ scene = twin_scenes[0]
 def twin_figure(mask_on="object a, tight", use="region signal"):
     k = 0 if "object a" in mask_on else 1
     mask = (scene["masks"] if "tight" in mask_on else scene["boxes"])[k]  # [1, H, W]
-    kw = {"region signal": dict(region=twin.region), "blending only": dict(blend=True),
-          "region signal + blending": dict(region=twin.region, blend=True)}[use]
+    kw = {"region signal": dict(region=twin_region), "blending only": dict(blend=True),
+          "region signal + blending": dict(region=twin_region, blend=True)}[use]
     out = twin_edit(scene, mask, **kw)
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.4), layout="constrained")
     axes[0].imshow(scene["context"].permute(1, 2, 0).numpy())  # [3, H, W] -> [H, W, 3]
@@ -637,11 +648,12 @@ def twin_figure(mask_on="object a, tight", use="region signal"):
     return fig
 
 
-_ = kh.interactive_figure(twin_figure,
-                          mask_on=Dropdown(options=["object a, tight", "object b, tight", "object a, box",
-                                                    "object b, box"], description="mask"),
-                          use=Dropdown(options=["region signal", "blending only", "region signal + blending"],
-                                       description="use"))
+if RUN_TWIN:
+    _ = kh.interactive_figure(twin_figure,
+                              mask_on=Dropdown(options=["object a, tight", "object b, tight", "object a, box",
+                                                        "object b, box"], description="mask"),
+                              use=Dropdown(options=["region signal", "blending only", "region signal + blending"],
+                                           description="use"))
 
 # %% [markdown]
 # ## Exercises

@@ -191,6 +191,7 @@ def heldout_figure(scenes: list[dict], images: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
+    global NUM_INFERENCE_STEPS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--steps", type=int, default=STEPS)
@@ -201,7 +202,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=os.path.join("outputs", "region_heldout.json"))
     parser.add_argument("--figure", default=os.path.join("outputs", "region_heldout.png"))
     args = parser.parse_args(argv)
-    global NUM_INFERENCE_STEPS
     NUM_INFERENCE_STEPS = args.inference_steps
     torch.set_num_threads(args.threads)
     resolution = kh.TrainConfig.for_gpu("cpu").resolution

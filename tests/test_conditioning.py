@@ -114,6 +114,7 @@ def test_marked_kind_marks_the_target_tokens_with_the_same_offset():
     module = _randomised(kh.MaskedTokenEmbedding(4, 4, 8))
     ctx, mask = torch.randn(1, 16, 8), (torch.rand(1, 1, 4, 4) > 0.5).float()
     parts = kh.region_inputs(module, ctx, mask, 4, 4)
+    assert isinstance(parts, kh.RegionInputs), "region_inputs returns a RegionInputs (context, ids, target_offset)"
     offset = mask.flatten(2).transpose(1, 2) * module.embedding.detach()  # [1, 1, 4, 4] -> [1, 16, 1] -> [1, 16, 8]
     torch.testing.assert_close(parts.target_offset.detach(), offset, msg="the noisy target gets m * e")
     torch.testing.assert_close(parts.context.detach(), ctx + offset, msg="and so does the context")

@@ -1,5 +1,6 @@
 """Inference: sample_edit against FluxKontextPipeline (the oracle), its region token and depth, compare_variants."""
 
+import copy
 import io
 
 import numpy as np
@@ -190,6 +191,19 @@ def test_blend_alone_equals_the_inpaint_pipeline(plain_pipe, random_image, quadr
                        output_type="latent", **fast).images
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5,
                                msg=lambda m: f"sample_edit(blend=True) must be the inpaint pipeline's blend: {m}")
+    steps = []
+    kh.sample_edit(plain_pipe, image, edit_prompt, mask=mask, blend=True, generator=torch.Generator().manual_seed(2),
+                   output_type="latent", callback=lambda i, t, lat: steps.append(lat.clone()), **fast)
+    mask_tok = kh.blend_mask_tokens(mask, h, w)
+    scheduler = copy.deepcopy(plain_pipe.scheduler)  # the run's timesteps; scale_noise looks the sigma up by value
+    scheduler._begin_index = scheduler._step_index = None
+    timesteps = scheduler.timesteps
+    first = kh.blend_latents(scheduler, steps[0], torch.ones_like(steps[0]), torch.zeros_like(steps[0]), mask_tok,
+                             timesteps, 0)
+    sigma_next = float(scheduler.sigmas[1])
+    torch.testing.assert_close(first * (1 - mask_tok), (1 - sigma_next) * (1 - mask_tok),
+                               msg="blend_latents puts the context noised to the next sigma outside the mask")
+    torch.testing.assert_close(first * mask_tok, steps[0] * mask_tok, msg="and keeps the latents inside it")
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]  # [1, 3, H, W]
     with torch.no_grad():
         ctx_tok, _ = kh.pack_like_pipeline(kh.to_latents(kh.normalize_01_to_m11(pixels), plain_pipe.vae))

@@ -38,6 +38,12 @@ def test_a_twin_scene_differs_only_at_the_masked_object(scene):
     assert not (masks[0] * masks[1]).any(), "the two objects' masks must not touch"
     grid = [kh.mask_to_token_grid(masks[k][None], 4, 4) for k in (0, 1)]
     assert not (grid[0] * grid[1]).any(), "nor their tokens: the mask picks one object on the token grid too"
+    objs, spec_targets, prompt, _ = kh.twin_edit_spec(1, 0)
+    assert prompt == scene["prompt"] and len(spec_targets) == 2, "twin_edit_spec describes the rendered scene"
+    a, b = objs[0], objs[1]
+    assert (a.shape, a.radius, a.colour) == (b.shape, b.radius, b.colour) == (b.shape, b.radius, "red"), (
+        "the two objects are identical red twins")
+    assert [o.colour for o in spec_targets[0]][:2] == ["blue", "red"], "target a recolours object a alone"
     again = kh.render_twin_scene(1, 0, 64)
     torch.testing.assert_close(again["context"], ctx, msg="the same (seed, index) draws the same scene")
 
