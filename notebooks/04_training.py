@@ -260,8 +260,8 @@ print("loaded:", ", ".join(name for name, module in pipe.components.items() if m
 #
 # > **Why we differ from the original design ([design note 2](../docs/design.md#2-constant-work-every-step)).** The
 # > original design encoded the prompt with T5-XXL and the depth image with CLIP *at every step*. Both are constant per
-# > sample: here they are encoded once. On the tiny model the original design's step costs 1.71x a plain
-# > diffusers-style LoRA step and ours 1.07x (`make bench`: 128 px, T5 length 512, one thread; the README's
+# > sample: here they are encoded once. On the tiny model the original design's step costs 1.57x a plain
+# > diffusers-style LoRA step and ours 1.04x (`make bench`: 128 px, T5 length 512, one thread; the README's
 # > Performance section); on the real model the saving is larger still, and T5-XXL's memory is free for the
 # > transformer.
 
