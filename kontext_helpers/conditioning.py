@@ -235,14 +235,14 @@ def fm_masked_dual_loss_with_l2(
     With ``x_t = (1 - s) x_0 + s e`` the flow-matching velocity is ``v = e - x_0``.
 
     * inside (mask 1): ``mean_in (pred_v - (noise - tgt_tok))^2``
-    * outside (mask 0): the original design's identity term ``mean_out ((noise - pred_v) - ctx_tok)^2``, the
-      reconstruction ``x_pred = e - v_pred`` against the context. Since
-      ``(e - v_pred) - x_ctx = (e - x_ctx) - v_pred`` it **equals the velocity MSE against
-      ``noise - ctx_tok``** (docs/design.md, correction 4): outside the mask the model learns to flow to the context.
+    * outside (mask 0): the original design's identity term ``mean_out ((noise - pred_v) - ctx_tok)^2``. Since
+      ``(e - v_pred) - x_ctx = (e - x_ctx) - v_pred`` it **is the velocity error against ``noise - ctx_tok``**
+      (docs/design.md, correction 4): outside the mask the model learns to flow to the context. (``e - v_pred`` is
+      not the model's clean estimate; that is ``x_t - s * v_pred``.)
     * L2: ``l2_region_lambda * mean(p^2)`` over the region module's weights and ``l2_lora_lambda * mean(p^2)``
       over the LoRA's. A mean, not the original design's sum: a sum grows with the number of LoRA weights (about
-      51,000 at rank 16 on the real model with PEFT's initialisation, several times the flow-matching loss at
-      ``1e-4``); the mean does not depend on the model's size or the rank.
+      51,000 at rank 16 on the real model with the gaussian initialisation ``add_lora`` uses, ``lora_A`` std
+      ``1/r``: several times the flow-matching loss at ``1e-4``); the mean does not depend on the model's size.
 
     Means are over the selected tokens and all channels; ``eps`` keeps an all-zero or all-one mask finite.
 
@@ -262,7 +262,7 @@ def fm_masked_dual_loss_with_l2(
     pred = pred_v.float()
     m = mask_small.to(pred.dtype).reshape(b, n, 1)  # [B, 1, H', W'] -> [B, N, 1], same order as packing
     v_in = noise.float() - tgt_tok.float()  # flow-matching target velocity
-    x_pred = noise.float() - pred  # reconstructed clean latent
+    x_pred = noise.float() - pred  # the original design's form: noise - v (the error is the velocity's)
     se_in = (pred - v_in) ** 2 * m  # [B, N, 4C]
     se_out = (x_pred - ctx_tok.float()) ** 2 * (1.0 - m)  # [B, N, 4C]
     loss_in = se_in.sum() / (m.sum() * c + eps)

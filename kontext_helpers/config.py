@@ -42,7 +42,7 @@ class TrainConfig:
     # --- LoRA
     rank: int = 16  # LoRA rank: 16 is a common editing-LoRA size; 4-8 for tiny datasets
     alpha: float | None = None  # LoRA alpha; None means alpha = rank (scale 1)
-    lora_targets: str = "attn"  # "attn" (attention only) or "attn_ff" (attention + feed-forward, diffusers' script)
+    lora_targets: str = "attn"  # "attn" (attention only) or "attn_ff" (+ feed-forward, proj_mlp and proj_out)
     lora_ip_adapter: bool = False  # also adapt the IP-Adapter's to_k_ip / to_v_ip (lets the LoRA re-learn depth use)
     # --- loss
     w_in: float = 1.0  # weight of the in-mask velocity term (learn the edit)
@@ -55,7 +55,7 @@ class TrainConfig:
     timestep_sampling: str = "uniform"  # "uniform" over the 1000 training sigmas (never 0) or "logit_normal"
     logit_mean: float = 0.0  # logit-normal location (SD3 / diffusers' default)
     logit_std: float = 1.0  # logit-normal scale
-    guidance: float = 1.0  # distilled guidance value fed to Kontext while training, as the established trainers do
+    guidance: float = 1.0  # distilled guidance fed while training (SimpleTuner: 1.0; diffusers' Kontext script: 3.5)
     use_depth: bool = True  # feed the depth map through the IP-Adapter when the pipeline has one
     region_kind: str = "marked"  # how the mask reaches the model (kh.REGION_KINDS): "marked" (a learned embedding on
     #   the masked target and context tokens; the best on scripts/region_heldout.py), "marked_context" (context only),

@@ -52,7 +52,8 @@ def default_device() -> torch.device:
 
 
 # LoRA target presets. "attn" adapts every attention projection; "attn_ff" adds the feed-forward layers of the
-# double blocks (diffusers' train_dreambooth_lora_flux_kontext.py list) and the single blocks' proj_mlp / proj_out.
+# double blocks and the single blocks' proj_mlp (as in the list of diffusers' train_dreambooth_lora_flux_kontext.py)
+# and also "proj_out": the single blocks' output projections and the transformer's final one, which that list omits.
 LORA_TARGET_PRESETS = {
     "attn": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],

@@ -475,7 +475,7 @@ assert tok_256x384.shape == (1, 384, 4 * C_LAT) and ids_256x384.shape == (2 * 38
 # %%
 # Solution 2: the 16 type dimensions are the only difference between the region token and the top-left token;
 # at the centroid, the 112 position dimensions turn to the centroid token's instead
-from diffusers.models.embeddings import FluxPosEmbed
+from diffusers.models.transformers.transformer_flux import FluxPosEmbed  # the transformer's own (diffusers 0.35+)
 
 rope = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])  # FLUX.1's transformer: axes_dims_rope (16, 56, 56)
 h_t, w_t = RESOLUTION // 16, RESOLUTION // 16

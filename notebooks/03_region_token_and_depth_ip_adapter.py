@@ -638,8 +638,8 @@ plt.show()
 #
 # - **inside** (mask 1): `(pred - (noise - target))^2`, the velocity that leads to the **target**: learn the
 #   edit;
-# - **outside** (mask 0): `((noise - pred) - context)^2`, the reconstruction `noise - pred` against the
-#   **context**: keep the rest of the image;
+# - **outside** (mask 0): `((noise - pred) - context)^2 = (pred - (noise - context))^2`, the velocity error
+#   against the flow to the **context**: keep the rest of the image;
 # - plus small L2 terms on the region module and the LoRA weights.
 #
 # Here is one full training forward (region token and depth) and its loss, token by token.
@@ -678,9 +678,10 @@ plt.show()
 # > **Why we differ from the original design: what the outside term really is
 # > ([design note 4](../docs/design.md#4-outside-mask-term)).**
 # > The original design calls the outside term an "identity penalty on the reconstructed latent `x_pred = noise -
-# > pred`". Since `(noise - pred) - context = (noise - context) - pred`, it is **exactly the velocity MSE against
-# > `noise - context`**: outside the mask the model is trained to flow to the context, the same kind of target
-# > as inside. We keep the original design's term and say what it is:
+# > pred`". `noise - pred` is not the model's clean estimate (that is `x_t - sigma * pred`, and the model never
+# > sees `noise` alone). Since `(noise - pred) - context = (noise - context) - pred`, the term is **exactly the
+# > velocity MSE against `noise - context`**: outside the mask the model is trained to flow to the context, the
+# > same kind of target as inside. We keep the original design's term and say what it is:
 
 # %%
 out = (~inside).to(pred.device)  # [N] True outside the mask

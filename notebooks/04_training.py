@@ -24,7 +24,8 @@
 # - how checkpoints survive a crash or a Colab disconnect, and how a run resumes
 # - how the trained LoRA and region module are saved for notebook 05 (and for diffusers or ComfyUI)
 #
-# Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
+# Runs in about a minute and a half on a laptop CPU with the tiny model (`make demo`: 73 s), or on a Colab GPU
+# with FLUX.1 Kontext [dev].
 #
 # On a CPU the tiny model (pretrained in the package, `docs/tiny_model.md`) learns one pair's edit in about a
 # minute with the `cpu` preset; the same cells train a real editing LoRA on a GPU.
@@ -123,7 +124,7 @@ MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {cfg.resolution} p
 # |  | `max_grad_norm` | `1.0` | gradient clipping of LoRA + region parameters (0 disables) |
 # | LoRA | `rank` | `16` | LoRA rank: 16 is a common editing-LoRA size; 4-8 for tiny datasets |
 # |  | `alpha` | `None` | LoRA alpha; None means alpha = rank (scale 1) |
-# |  | `lora_targets` | `"attn"` | "attn" (attention only) or "attn_ff" (attention + feed-forward, diffusers' script) |
+# |  | `lora_targets` | `"attn"` | "attn" (attention only) or "attn_ff" (+ feed-forward, `proj_mlp`, `proj_out`) |
 # |  | `lora_ip_adapter` | `False` | also adapt the IP-Adapter's to_k_ip / to_v_ip (lets the LoRA re-learn depth use) |
 # | loss | `w_in` | `1.0` | weight of the in-mask velocity term (learn the edit) |
 # |  | `w_out` | `1.0` | weight of the out-of-mask term (keep the rest of the image) |
@@ -133,7 +134,7 @@ MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {cfg.resolution} p
 # | noise, conditioning | `timestep_sampling` | `"uniform"` | the 1000 training sigmas (never 0); `"logit_normal"` |
 # |  | `logit_mean` | `0.0` | logit-normal location (SD3 / diffusers' default) |
 # |  | `logit_std` | `1.0` | logit-normal scale |
-# |  | `guidance` | `1.0` | distilled guidance value fed to Kontext while training, as the established trainers do |
+# |  | `guidance` | `1.0` | distilled guidance fed while training (SimpleTuner: 1.0; diffusers' Kontext script: 3.5) |
 # |  | `use_depth` | `True` | feed the depth map through the IP-Adapter when the pipeline has one |
 # |  | `region_kind` | `"marked"` | how the mask reaches the model (`kh.REGION_KINDS`, notebook 03; or "none") |
 # | hardware | `mixed_precision` | `"no"` | "no", "fp16" (T4) or "bf16" (L4, A100, H100) |
@@ -379,18 +380,19 @@ print("evaluation loss before training:", {k: round(v, 4) for k, v in before.ite
 # `B` at zero, so the product is zero and the model starts as it was; only `B` gets a gradient from the loss at
 # first. **Guidance while training.** FLUX.1 Kontext [dev] is guidance-*distilled*: instead of two passes per
 # step (with and without the prompt), it takes the guidance value as an input, embedded with the timestep into
-# `temb`, which modulates every block (AdaLN). Established Flux trainers feed 1.0 while training; the pipeline
-# samples at 2.5-3.5 (section 5's exercise measures the difference).
+# `temb`, which modulates every block (AdaLN). Trainers differ in what they feed while training: SimpleTuner
+# defaults to 1.0 (`flux_guidance_value`), diffusers' Kontext script to 3.5 (`--guidance_scale`); we feed 1.0
+# (`TrainConfig.guidance`). The pipeline samples at 2.5-3.5 (exercise 2 measures the difference).
 #
 # `kh.train` repeats one step thousands of times. Here it is written out once, from the cache to the optimizer,
-# with nothing hidden: a fresh LoRA (`kh.add_lora`, PEFT's default initialisation, `B = 0`) and a fresh region
-# module, one cached sample, one noise draw, one noise level. Then the same inputs go through the module's
-# `kh.training_loss`, and a cell checks that the loss and every gradient are the same.
+# with nothing hidden: a fresh LoRA (`kh.add_lora`, PEFT's gaussian initialisation as `kh.train` uses it, `B = 0`)
+# and a fresh region module, one cached sample, one noise draw, one noise level. Then the same inputs go through
+# the module's `kh.training_loss`, and a cell checks that the loss and every gradient are the same.
 
 # %%
 N_TOK = cache.h_tok * cache.w_tok  # N target tokens
 hand_lora = kh.add_lora(pipe.transformer, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.lora_targets,
-                        adapter_name="by_hand", init_lora_weights=True)  # [(name, parameter)], B starts at 0
+                        adapter_name="by_hand")  # [(name, parameter)]: A drawn with std 1/r, B starts at 0
 with torch.random.fork_rng(devices=[]):
     torch.manual_seed(cfg.seed)
     hand_region = kh.MaskedTokenEmbedding(cache.h_tok, cache.w_tok, pipe.transformer.config.in_channels).to(DEVICE)
@@ -716,26 +718,31 @@ print("train_config (abridged):", {k: train_config[k] for k in ("resolution", "s
 # %% [markdown]
 # ## Exercises
 #
-# **Exercise 1 (predict).** PEFT initialises `lora_A` uniformly in `+-1/sqrt(d_in)` and `lora_B` at zero. What
-# is the mean square of one fresh LoRA layer on a `Linear(d_in -> d_out)`, whatever its rank? (That is what the
-# L2 term sees at step 0.) And what was the original design's *sum* of squares for FLUX.1's 3072-wide layers?
+# **Exercise 1 (predict).** `kh.add_lora` (and so `kh.train`) asks PEFT for its gaussian initialisation:
+# `lora_A` drawn with std `1/r`, `lora_B` at zero (`LoraLayer.reset_lora_parameters`). What is the mean square
+# of one fresh rank-`r` LoRA layer on a `Linear(d_in -> d_out)`? (That is what the L2 term sees at step 0.) And
+# what is the original design's *sum* of squares for one of FLUX.1's 3072-wide layers at rank 16?
 #
 # **Exercise 2 (experiment: guidance while training).** Training feeds Kontext's distilled guidance at 1.0
 # (`cfg.guidance`). Measure the trained model's evaluation loss with guidance 1.0 and 3.5. Which one does
 # the model fit, and why would you train at 1.0 but sample at 2.5-3.5?
 
 # %%
-# Solution 1: A has r * d_in entries with E[a^2] = 1 / (3 d_in); B has d_out * r zeros:
-# mean = (r * d_in / (3 d_in)) / (r * d_in + r * d_out) = 1 / (3 (d_in + d_out))
+# Solution 1: A has r * d_in entries with E[a^2] = 1 / r^2, so its sum of squares is about d_in / r; B has
+# d_out * r zeros: mean = (d_in / r) / (r * d_in + r * d_out) = d_in / (r^2 (d_in + d_out)).
+# For d_in = d_out = 3072 and r = 16: mean 1 / 512; sum d_in / r = 192 per layer (and about 51,000 over the real
+# model's attention layers, docs/design.md note 9)
 from peft import LoraConfig, inject_adapter_in_model
 
 d_in = d_out = 3072  # FLUX.1's attention projections
-layer = inject_adapter_in_model(LoraConfig(r=16, target_modules=["proj"]),
+r = 16
+layer = inject_adapter_in_model(LoraConfig(r=r, target_modules=["proj"], init_lora_weights="gaussian"),
                                 torch.nn.ModuleDict({"proj": torch.nn.Linear(d_in, d_out)}))
 lora_ab = [p for n, p in layer.named_parameters() if "lora_" in n]
-measured, predicted = float(kh.mean_square(lora_ab)), 1 / (3 * (d_in + d_out))
-print(f"mean square {measured:.3e}, predicted {predicted:.3e}; the sum of squares: "
-      f"{float(sum(p.pow(2).sum() for p in lora_ab)):.1f} for this one layer")
+measured, predicted = float(kh.mean_square(lora_ab)), d_in / (r**2 * (d_in + d_out))
+total = float(sum(p.pow(2).sum() for p in lora_ab))
+print(f"mean square {measured:.3e}, predicted {predicted:.3e}; the sum of squares: {total:.1f} for this one "
+      f"layer, predicted {d_in / r:.0f}")
 assert abs(measured / predicted - 1) < 0.05, "the prediction holds within sampling noise"
 
 # %%

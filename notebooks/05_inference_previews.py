@@ -25,7 +25,8 @@
 # - how the adapter travels to plain diffusers' `pipe(...)` (`kh.RegionHook`) and to ComfyUI (a custom node)
 # - whether the mask decides *where* the edit happens: held-out twin scenes, and a widget that moves the mask
 #
-# Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
+# Runs in about two minutes on a laptop CPU with the tiny model (`make demo`: 115 s, most of it training the
+# twin-scene LoRA of section 7), or on a Colab GPU with FLUX.1 Kontext [dev].
 #
 # **On the tiny model the pictures are real but small.** Its weights were pretrained in the package on drawn
 # scenes (`docs/tiny_model.md`): its VAE reconstructs the sample scenes at about 32 dB, and with an empty
@@ -168,8 +169,9 @@ if trained_at != RESOLUTION:  # sample at the adapter's training size: its regio
 #    nothing, as if it were not loaded.
 #
 # Before trusting our loop we compare it with the pipeline on a fresh pipeline without LoRA: same noise, same
-# settings, `output_type="latent"` (the packed latents `[1, N, 4C]` before decoding), `_auto_resize=False` (the
-# pipeline would otherwise snap the size to one of Kontext's preferred resolutions).
+# settings, `output_type="latent"` (the packed latents `[1, N, 4C]` before decoding), `max_area=h * w` (else
+# `__call__` rescales the output size to an area of 1024x1024) and `_auto_resize=False` (else it resizes the
+# context image to one of Kontext's preferred resolutions; `FluxKontextPipeline.__call__`).
 
 # %%
 from torchvision.transforms.functional import to_pil_image
