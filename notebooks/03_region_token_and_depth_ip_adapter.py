@@ -591,6 +591,12 @@ print(f"encoding every step adds {(t_depth + t_prompt) / t_step:.0%} of a forwar
 # The IP-Adapter's contribution is multiplied by a scale (`proc.scale` above; `pipe.set_ip_adapter_scale`).
 # `kh.sample_edit(..., ip_adapter_scale=s)` sets it for one call. We sample the same edit with the same noise
 # at several scales and measure how far the final latents move from the `s = 0` result.
+#
+# **Sampling, in one line.** `sample_edit` starts from pure noise at `sigma = 1` and walks the straight path
+# back to `sigma = 0` in Euler steps: with the predicted velocity `v = model(x, sigma)`,
+# `x <- x + (sigma_next - sigma) * v` (`FlowMatchEulerDiscreteScheduler.step`: `prev_sample = sample + dt *
+# model_output`, `dt = sigma_next - sigma`, negative). Since `v` estimates `noise - x_0`, each step removes a little
+# noise; notebook 05 writes the whole loop by hand and checks it against `sample_edit`.
 
 # %%
 sample_kw = dict(height=RESOLUTION, width=RESOLUTION, num_inference_steps=NUM_INFERENCE_STEPS,

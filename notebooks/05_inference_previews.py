@@ -216,6 +216,43 @@ print(f"with depth: max |diff| = {(ours_d - theirs_d).abs().max().item():.3g}"
       f"   (and the depth map matters: |with - without| = {(ours_d - ours).abs().max().item():.3g})")
 
 # %% [markdown]
+# **The loop by hand.** Before adding anything, here is what both loops do, written out once with the pipeline's
+# own pieces: encode the prompt, prepare the noise and the context latents (`prepare_latents`), compute the
+# shifted sigmas (section 2 below plots them), then for every step call the transformer on
+# `[noisy target | context]` and take one Euler step `x <- x + (sigma_next - sigma) * v`, the update of
+# `FlowMatchEulerDiscreteScheduler.step`. The cell checks the result against `sample_edit`.
+
+# %%
+import numpy as np
+from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+
+with torch.no_grad():
+    embeds, pooled, txt_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None,
+                                                 max_sequence_length=MAX_SEQUENCE_LENGTH)  # [1, T, D_t5], [1, D_clip]
+    ctx_pixels = pipe.image_processor.preprocess(pipe.image_processor.resize(context, h, w), h, w)  # [1, 3, H, W]
+    x, ctx_lat, x_ids, ctx_ids = pipe.prepare_latents(ctx_pixels, 1, pipe.transformer.config.in_channels // 4, h, w,
+                                                      embeds.dtype, pipe._execution_device, noise(), None)
+    ids = torch.cat([x_ids, ctx_ids])  # [N + N_c, 3]
+    cfg_s = pipe.scheduler.config
+    mu = calculate_shift(x.shape[1], cfg_s.get("base_image_seq_len", 256), cfg_s.get("max_image_seq_len", 4096),
+                         cfg_s.get("base_shift", 0.5), cfg_s.get("max_shift", 1.15))
+    plain_sigmas = np.linspace(1.0, 1 / NUM_STEPS, NUM_STEPS)  # the pipeline's sigmas before the shift
+    pipe.scheduler.set_timesteps(sigmas=plain_sigmas, mu=mu)  # the shift; sigmas end with 0
+    sigmas = pipe.scheduler.sigmas  # [NUM_STEPS + 1]
+    guidance_t = torch.full([1], GUIDANCE, device=x.device) if pipe.transformer.config.guidance_embeds else None
+    for i in range(NUM_STEPS):
+        t = pipe.scheduler.timesteps[i].expand(1).to(x.dtype)  # [1]: t = 1000 sigma, cast as the pipeline does
+        sigma_t = t / 1000  # the transformer takes sigma as its timestep
+        v = pipe.transformer(hidden_states=torch.cat([x, ctx_lat], dim=1), timestep=sigma_t, guidance=guidance_t,
+                             pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=txt_ids,
+                             img_ids=ids, joint_attention_kwargs={"ip_hidden_states": []},
+                             return_dict=False)[0][:, : x.shape[1]]  # velocity of the target part [1, N, 4C]
+        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(x.dtype)  # one Euler step, in fp32 as step()
+by_hand = x
+print(f"the loop by hand vs sample_edit: max |diff| = {(by_hand - ours).abs().max().item():.3g}")
+torch.testing.assert_close(by_hand, ours, rtol=1e-4, atol=1e-4, msg="the hand-written loop equals sample_edit")
+
+# %% [markdown]
 # Both differences are zero on the tiny model: the same operations in the same order give the same bits.
 # What `sample_edit` adds on top is the region signal. The picture shows the sequence the transformer sees.
 
@@ -660,8 +697,10 @@ if RUN_TWIN:
 # %% [markdown]
 # ## Exercises
 #
-# **Exercise 1 (predict).** How many times does `sample_edit` call the transformer for `NUM_STEPS` steps,
-# and what is the last sigma of the schedule?
+# **Exercise 1 (write the code: the Euler step).** Write `euler_step(x, v, sigma, sigma_next)`, one step of the
+# sampling loop from section 1, and check it against diffusers' own `FlowMatchEulerDiscreteScheduler.step` on
+# random latents and velocities at the first step of this notebook's schedule. Then predict: how many times does
+# `sample_edit` call the transformer for `NUM_STEPS` steps, and what is the last sigma?
 #
 # **Exercise 2 (experiment: the guidance value at sampling).** Sample the same edit at guidance 1.0, 2.5 and 3.5
 # from the same noise and compare the metrics. (FLUX.1 Kontext [dev] was *distilled* to take guidance as an
@@ -669,8 +708,24 @@ if RUN_TWIN:
 # guidance is just another input in the range it has seen, and 2.5 lies inside.)
 
 # %%
-# Solution 1: one call per Euler step (Kontext's distilled guidance needs no second, unconditional call); the
-# schedule ends at sigma 0, the clean image
+# Solution 1: x moves along the predicted velocity by the (negative) sigma step
+def euler_step(x, v, sigma, sigma_next):
+    return x + (sigma_next - sigma) * v  # [B, N, 4C]
+
+
+check = pipe.scheduler.__class__.from_config(pipe.scheduler.config)  # a copy: leave the pipeline's alone
+mu_here = calculate_shift((h // 16) * (w // 16), cfg_s.get("base_image_seq_len", 256),
+                          cfg_s.get("max_image_seq_len", 4096), cfg_s.get("base_shift", 0.5),
+                          cfg_s.get("max_shift", 1.15))  # this notebook's size, as in section 1
+check.set_timesteps(sigmas=np.linspace(1.0, 1 / NUM_STEPS, NUM_STEPS), mu=mu_here)
+g = torch.Generator().manual_seed(SEED)
+x_rand, v_rand = torch.randn(1, 16, 64, generator=g), torch.randn(1, 16, 64, generator=g)  # [B, N, 4C]
+theirs_step = check.step(v_rand, check.timesteps[0], x_rand, return_dict=False)[0]
+torch.testing.assert_close(euler_step(x_rand, v_rand, check.sigmas[0], check.sigmas[1]), theirs_step,
+                           msg="euler_step must equal FlowMatchEulerDiscreteScheduler.step")
+print("euler_step == FlowMatchEulerDiscreteScheduler.step")
+# and one transformer call per Euler step (Kontext's distilled guidance needs no second, unconditional call);
+# the schedule ends at sigma 0, the clean image
 calls = []
 kh.sample_edit(pipe, context, prompt, mask=item["mask"], region=region, generator=noise(), output_type="latent",
                callback=lambda step, t, latents: calls.append(float(t)), **common)
