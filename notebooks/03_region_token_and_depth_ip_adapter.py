@@ -700,7 +700,8 @@ print(f"{'loss_out from the helper':<44}{parts['loss_out']:.8f}")
 
 # %% [markdown]
 # > **What the two terms add up to.** When the target equals the context outside the mask (the usual edit
-# > pair), the outside target `noise - context` *is* `noise - target` there: both terms ask for the same
+# > pair; in latents only nearly, see below), the outside target `noise - context` is `noise - target` there: both
+# > terms ask for the same
 # > flow-matching velocity, and the dual loss is plain flow matching with a weight per token. Each term is a mean
 # > over its own tokens, so an in-mask token weighs `w_in / N_in` and an outside token `w_out / N_out`. The
 # > smaller the mask, the heavier each of its tokens: for this pair,
@@ -709,6 +710,38 @@ print(f"{'loss_out from the helper':<44}{parts['loss_out']:.8f}")
 n_in, n_out = int(inside.sum()), int((~inside).sum())
 print(f"{n_in} tokens inside, {n_out} outside: one inside token weighs {(1 / n_in) / (1 / n_out):.1f}x an outside "
       f"token (w_in = w_out = 1); plain flow matching would weigh them equally, 1 / {n_in + n_out} each")
+
+# %% [markdown]
+# **Equal in pixels, not quite in latents.** The pair's target equals its context outside the mask *in pixels*
+# (up to the few pixels that resizing to `RESOLUTION` blurs across the mask's edge).
+# The VAE's convolutions see a neighbourhood around every latent position, so a change inside the mask also
+# moves the latents of tokens just outside it: there the outside term asks for the context's latents while the
+# target's differ a little. The figure shows `|target tokens - context tokens|` per token, with the max-pooled
+# mask: the leak sits in the ring of tokens around the mask and fades with distance.
+
+# %%
+leak = (tgt_tok - ctx_tok).abs().float().mean(-1)[0].reshape(h_tok, w_tok).cpu()  # [B, N, 4C] -> [H', W']
+pixel_change = (item["target"] - item["context"]).abs().amax(0)  # [3, H, W] -> [H, W]
+outside_tokens = m_max[0, 0] == 0  # [H', W'] tokens the loss keeps like the context
+print(f"pixels changed outside the mask: {int((pixel_change[item['mask'][0] < 0.5] > 0).sum())}; mean |target - "
+      f"context| per token: inside {leak[~outside_tokens].mean():.4f}, outside {leak[outside_tokens].mean():.4f}, "
+      f"largest outside {leak[outside_tokens].max():.4f}")
+fig, axes = plt.subplots(1, 2, figsize=(9, 4), layout="constrained")
+show_grid(axes[0], pixel_change.float(), "|target - context| in pixels", cmap="magma", vmin=0, vmax=1)
+im = show_grid(axes[1], leak, "|target - context| per token (latents)", cmap="magma", vmin=0,
+               vmax=leak.max().item())
+for ax in axes:
+    ax.contour(np.arange(RESOLUTION), np.arange(RESOLUTION), mask[0, 0], levels=[0.5], colors="cyan",
+               linewidths=1)
+fig.colorbar(im, ax=axes[1], shrink=0.8)
+fig.suptitle("The target equals the context outside the mask (cyan) in pixels; in latents the edit leaks into "
+             "the tokens around it")
+plt.show()
+
+# %% [markdown]
+# That leak is why `mask_to_token_grid` uses max pooling (section 1: a token touching the edit is editable) and
+# why `preservation="prior"` exists (notebook 04's settings): the outside term then asks for the base model's own
+# prediction instead of the context's latents.
 
 # %% [markdown]
 # > **Why we differ from the original design: the timestep ([design note 5](../docs/design.md#5-timesteps)).**
