@@ -136,7 +136,7 @@ from .pipeline import (
 )
 from .pretrain import PretrainConfig, depth_embedding_spread, pretrain_tiny
 from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model, build_rehearsal_transformer, depth_model_for
-from .scenes import TwinPairs, random_edit_spec, render_training_pair, render_twin_scene, twin_edit_spec
+from .scenes import DrawnPairs, TwinPairs, random_edit_spec, render_training_pair, render_twin_scene, twin_edit_spec
 from .tiny import TINY_WEIGHTS_FILE, build_tiny_pipeline, load_tiny_weights, tiny_ip_adapter_state_dict
 from .training import (
     TrainResult,
@@ -203,6 +203,7 @@ __all__ = [
     "random_edit_spec",
     "render_training_pair",
     "TwinPairs",
+    "DrawnPairs",
     "render_twin_scene",
     "twin_edit_spec",
     # latents (02)

@@ -245,3 +245,28 @@ class TwinPairs(torch.utils.data.Dataset):
         masks = scene["masks"] if self.mask_kind == "tight" else scene["boxes"]
         return {"context": scene["context"], "target": scene["targets"][k], "mask": masks[k],
                 "depth": scene["depth"], "prompt": scene["prompt"], "name": f"{scene['name']}_{'ab'[k]}"}
+
+
+class DrawnPairs(torch.utils.data.Dataset):
+    """Drawn edit scenes (:func:`random_edit_spec`, "keep" scenes skipped) as pairs in the item layout of
+    :class:`~kontext_helpers.data.KontextPairs`, each with its mask from the pixel difference: pairs a LoRA trained
+    on ``data_samples/`` never saw, for a held-out yardstick."""
+
+    def __init__(self, seed: int, count: int, resolution: int = 128):
+        from .data import mask_from_difference
+
+        self.resolution, self.items, index = int(resolution), [], 0
+        while len(self.items) < count:
+            kind, spec = random_edit_spec(seed, index)
+            index += 1
+            if kind == "keep":
+                continue
+            pair = render_training_pair(spec, self.resolution)
+            mask = mask_from_difference(pair["context"], pair["target"], threshold=0.0, dilate=2)  # [1, H, W]
+            self.items.append(dict(pair, mask=mask, name=f"drawn_{seed}_{index - 1}_{kind}"))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]

@@ -87,3 +87,15 @@ def test_the_script_trains_evaluates_and_writes_its_report(heldout, tmp_path):
         assert set(by_mask) == {"tight", "box"} and by_mask["tight"]["cases"] == 2, f"{name}: both masks, 2 cases"
     assert written["train_seconds"].keys() == {"none", "marked"}, "training time per kind"
     assert figure.stat().st_size > 10_000, "the figure is drawn"
+
+
+def test_drawn_pairs_are_edits_with_masks_covering_every_changed_pixel():
+    pairs = kh.DrawnPairs(7, 3, 64)
+    assert len(pairs) == 3 and pairs.resolution == 64, "three pairs at 64 px"
+    for item in pairs:
+        assert "keep" not in item["name"], f"{item['name']}: keep scenes are not edits"
+        changed = (item["target"] - item["context"]).abs().amax(0) > 0  # [H, W]
+        assert changed.any(), f"{item['name']}: the target must differ from the context"
+        assert not (changed & (item["mask"][0] < 0.5)).any(), f"{item['name']}: a changed pixel lies outside the mask"
+    again = kh.DrawnPairs(7, 3, 64)
+    assert [it["name"] for it in again] == [it["name"] for it in pairs], "the same stream draws the same pairs"
