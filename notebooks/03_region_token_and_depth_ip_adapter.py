@@ -113,6 +113,20 @@ print("mask   ", tuple(item["mask"].shape))  # [1, H, W] in {0, 1}, 1 = editable
 print("depth  ", tuple(item["depth"].shape))  # [1, H, W] in [0, 1], near = 1
 
 # %% [markdown]
+# **Three terms this notebook uses.**
+#
+# - **Flow matching: `x_t` and the velocity.** Training picks a time `sigma` in `(0, 1]` and mixes the clean target
+#   latents `x_0` with Gaussian noise `e` on a straight line, `x_t = (1 - sigma) x_0 + sigma e`. The transformer is
+#   trained to predict the **velocity** of that line, `v = d x_t / d sigma = e - x_0`. Sampling starts from pure noise
+#   at `sigma = 1` and follows `-v` back to `sigma = 0` in Euler steps (section 6).
+# - **LoRA.** Instead of changing a frozen weight `W [d_out, d_in]`, train a low-rank update: `W + (alpha / r) B A`
+#   with `A [r, d_in]`, `B [d_out, r]` and a small rank `r`. `B` starts at zero, so the model starts unchanged (PEFT
+#   does this; notebook 04 attaches it with `kh.add_lora` and trains it).
+# - **NF4 and QLoRA.** On a T4 or L4 the frozen 12B transformer is stored in 4-bit NormalFloat (bitsandbytes,
+#   `kh.nf4_quantization_config()`) and dequantised layer by layer as it runs; the LoRA on top trains in 16 or 32
+#   bits. A LoRA over a 4-bit base is called QLoRA. The tiny model is not quantised.
+
+# %% [markdown]
 # ## 1. The mask on the token grid
 #
 # The transformer does not see pixels. The VAE shrinks the image 8x, then 2x2 packing makes one token of
