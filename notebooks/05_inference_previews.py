@@ -338,6 +338,13 @@ for key, value in metrics.items():
 # scheduler maps each sigma `s` to `e^mu / (e^mu + (1/s - 1))` (`FlowMatchEulerDiscreteScheduler`'s
 # exponential time shift; the cell checks it against `set_timesteps`). Larger images spend more of their steps at
 # high noise, where the layout is decided.
+#
+# **Why training is not shifted.** The shift decides where sampling spends its *few* steps; it does not change
+# what the model must predict at any one noise level. Training has to cover every level a sampler may visit, at
+# any resolution, so it draws from the whole plain table (`kh.sample_sigmas`: uniform over the 1000 levels, or
+# logit-normal around the middle). The scheduler's own training table is unshifted too: with
+# `use_dynamic_shifting=True`, as FLUX.1's scheduler config sets it, `FlowMatchEulerDiscreteScheduler.__init__`
+# applies no shift and `set_timesteps(mu=...)` shifts at sampling time only.
 
 # %%
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
