@@ -455,8 +455,10 @@ plt.show()
 # %% [markdown]
 # ## Exercises
 #
-# **Exercise 1 (predict the shapes).** For an image of 256 x 384 px (H x W): the latents, the packed tokens,
-# and the ids of the whole sequence `[target | context | region]`?
+# **Exercise 1 (write the code: packing).** Write `pack(lat)` for latents `[B, C, H_l, W_l]` with one `view`, one
+# `permute` and one `reshape`, giving `[B, N, 4C]` tokens in the pipeline's order, and check it against diffusers'
+# own `FluxKontextPipeline._pack_latents` on the latents of a 256 x 384 px image (H x W). Predict the shapes first:
+# the latents, the packed tokens, and the ids of the whole sequence `[target | context | region]`.
 #
 # **Exercise 2 (experiment: where does RoPE put the region token?).** Compute the rotary embeddings of the ids
 # with diffusers' own `FluxPosEmbed` (FLUX.1's axes, 16/56/56) and compare the region token `(2, 0, 0)` with the
@@ -464,8 +466,20 @@ plt.show()
 
 # %%
 # Solution 1: 256 / 8 = 32 and 384 / 8 = 48 latent cells; 2 x 2 packing gives 16 x 24 = 384 tokens of 4C
+from diffusers import FluxKontextPipeline
+
+
+def pack(lat):
+    b, c, h, w = lat.shape
+    x = lat.view(b, c, h // 2, 2, w // 2, 2)  # [B, C, H_l, W_l] -> [B, C, H', 2, W', 2]
+    x = x.permute(0, 2, 4, 1, 3, 5)  # -> [B, H', W', C, 2, 2]: each token's C x 2 x 2 values together
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)  # -> [B, N, 4C]
+
+
 C_LAT = vae.config.latent_channels
-lat_256x384 = torch.zeros(1, C_LAT, 256 // 8, 384 // 8)  # [B, C, H/8, W/8]
+lat_256x384 = torch.randn(1, C_LAT, 256 // 8, 384 // 8, generator=torch.Generator().manual_seed(0))  # [B, C, H/8, W/8]
+theirs_tok = FluxKontextPipeline._pack_latents(lat_256x384, 1, C_LAT, 256 // 8, 384 // 8)  # diffusers' own
+torch.testing.assert_close(pack(lat_256x384), theirs_tok, rtol=0, atol=0, msg="pack must equal _pack_latents")
 tok_256x384, grid_256x384 = kh.pack_like_pipeline(lat_256x384)  # [B, N, 4C], (H', W')
 ids_256x384 = kh.kontext_img_ids(*grid_256x384)  # [2N + 1, 3]
 print("latents", tuple(lat_256x384.shape), "-> tokens", tuple(tok_256x384.shape), "grid", grid_256x384,

@@ -798,9 +798,11 @@ plt.show()
 #
 # **Exercise 1 (predict).** What is the region token of an *empty* mask (no editable token)?
 #
-# **Exercise 2 (experiment: max vs area pooling).** `kh.mask_to_token_grid` marks a token editable when *any*
-# of its pixels is (`mode="max"`); `mode="area"` gives each token its editable fraction. For this pair's mask,
-# how many tokens does each count, and which one does the loss use, and why?
+# **Exercise 2 (write the code: the mask on the token grid).** Write `mask_to_grid(mask, h_tok, w_tok, mode)` for
+# a `[B, 1, H, W]` mask whose sides are multiples of the grid, with one `reshape` and one reduction, no pooling
+# function: `"max"` marks a token editable when *any* of its pixels is, `"area"` gives its editable fraction.
+# Check both against `kh.mask_to_token_grid` on this pair's mask. How many tokens does each count, and which one
+# does the loss use, and why?
 
 # %%
 # Solution 1: an empty mask is a zero input to Linear(H'W' -> 4C): the token is the layer's bias alone
@@ -809,13 +811,21 @@ torch.testing.assert_close(empty[0, 0], region.proj.bias, msg="the empty mask's 
 print("empty mask -> token == region.proj.bias:", tuple(empty.shape))
 
 # %%
-# Solution 2: max pooling counts every token the edit touches; area pooling sums fractions, so it is smaller.
+# Solution 2: cut the mask into one tile per token, then reduce every tile: max or mean.
 # The loss uses max: a token with any edited pixel must be free to change (else the outside term fights the edit)
-by_max = kh.mask_to_token_grid(mask, h_tok, w_tok, mode="max")  # [B, 1, H', W'] in {0, 1}
-by_area = kh.mask_to_token_grid(mask, h_tok, w_tok, mode="area")  # [B, 1, H', W'] in [0, 1]
-print(f"editable tokens: max pooling {int(by_max.sum())}, area pooling {float(by_area.sum()):.1f} "
-      f"(of {h_tok * w_tok})")
-assert by_max.sum() >= by_area.sum(), "max pooling never counts fewer editable tokens"
+def mask_to_grid(m, h_tok, w_tok, mode="max"):
+    b, _, h, w = m.shape
+    tiles = m.float().reshape(b, 1, h_tok, h // h_tok, w_tok, w // w_tok)  # [B, 1, H, W] -> [B, 1, H', 16, W', 16]
+    return tiles.amax(dim=(3, 5)) if mode == "max" else tiles.mean(dim=(3, 5))  # -> [B, 1, H', W']
+
+
+for mode in ("max", "area"):
+    torch.testing.assert_close(mask_to_grid(mask, h_tok, w_tok, mode), kh.mask_to_token_grid(mask, h_tok, w_tok,
+                                                                                             mode=mode),
+                               msg=f"mode={mode!r} must equal kh.mask_to_token_grid")
+by_max, by_area = mask_to_grid(mask, h_tok, w_tok, "max"), mask_to_grid(mask, h_tok, w_tok, "area")
+print(f"both modes equal kh.mask_to_token_grid; editable tokens: max {int(by_max.sum())}, area "
+      f"{float(by_area.sum()):.1f} (of {h_tok * w_tok})")
 
 # %% [markdown]
 # ## Recap
