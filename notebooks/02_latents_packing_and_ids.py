@@ -20,8 +20,8 @@
 # - how an image becomes Flux latents: `[B, 3, H, W] -> [B, C, H/8, W/8]`, and why the VAE's **shift** matters;
 # - how 2x2 latent patches become tokens `[B, N, 4C]`, in exactly the order the pipeline uses, and back;
 # - why image sides must be multiples of 16 pixels;
-# - the position ids `(type, row, col)` of the sequence `[noisy target | context | region]`, and how they sit
-#   next to the text tokens;
+# - the position ids `(type, row, col)` of the sequence `[noisy target | context]` (and of the original design's
+#   extra region token), and how they sit next to the text tokens;
 # - how latents decode back to an image.
 #
 # Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
@@ -301,14 +301,19 @@ except ValueError as err:
 # depends on the *difference* of their ids. `row` and `col` are the token's place on the grid.
 # `type` is Kontext's trick for having two images in one sequence: the noisy target has type 0, the clean
 # context image type 1. Both share the same `(row, col)`, so a context token and the target token at the same
-# place are "aligned", while the type keeps them apart. Our **region token** (notebook 03) gets `(2, 0, 0)`:
-# a third type. Its row and column, `(0, 0)`, are the top-left token's; RoPE only looks at *differences* of
-# ids, and each of the three numbers turns its own slice of every attention head's dimensions (16, 56 and 56 of
-# 128 on FLUX.1). So only the 16 type dimensions tell the region token from a top-left token: for attention it
-# sits in the top-left corner "one image further on", not nowhere. Exercise 2 below moves it.
+# place are "aligned", while the type keeps them apart. That alignment is what the default region signal
+# (notebook 03) relies on: it marks the masked tokens in place, so they keep exactly these ids.
+#
+# The original design instead appends one **region token** with the id `(2, 0, 0)`: a third type (we keep it as
+# `region_kind="linear"`, and draw it below so you can see where it sits). Its row and column, `(0, 0)`, are the
+# top-left token's; RoPE only looks at *differences* of ids, and each of the three numbers turns its own slice of
+# every attention head's dimensions (16, 56 and 56 of 128 on FLUX.1). So only the 16 type dimensions tell the
+# region token from a top-left token: for attention it sits in the top-left corner "one image further on", and
+# nothing in its id says where the mask is. Exercise 2 below moves it.
 #
 # `kh.img_ids_grid(h_tok, w_tok, mark)` builds the ids of one grid `[N, 3]`; `kh.kontext_img_ids(h_tok, w_tok)`
-# the whole image sequence `[2N+1, 3]`.
+# the whole image sequence with the original design's token, `[2N+1, 3]` (`with_region=False`: the `[2N, 3]` of
+# the pipeline and of the default region signal).
 
 # %%
 ids_target = kh.img_ids_grid(h_tok, w_tok, 0)  # [N, 3]
@@ -347,8 +352,8 @@ for i, (label, k, top) in enumerate(columns):
         ax.set_yticks([])
         ax.set_title(f"{part}: {label}" + (f" ({grid.shape[0]}x{grid.shape[1]} grid)" if part != "region" else ""))
     fig.colorbar(shown, ax=axes[i, :], shrink=0.8, label=f"id column {k}: {label}")
-fig.suptitle("Position ids as images: target and context share row and col; only the type (0, 1, 2) tells "
-             "them apart; the region token is (2, 0, 0)", fontsize="x-large")
+fig.suptitle("Position ids as images: target and context share row and col; only the type (0, 1) tells them "
+             "apart; the original design's region token would be (2, 0, 0)", fontsize="x-large")
 plt.show()
 
 # %% [markdown]
@@ -521,12 +526,13 @@ assert differs(cos_ex[-1][16:], cos_ex[0][16:]) == 0, "row and column dimensions
 #   tokens in row-major order, `[B, N, 4C]`, bit for bit `pipe._pack_latents`; `kh.unpack_like_pipeline`
 #   inverts it.
 # - One token = 16x16 pixels, so image sides must be multiples of 16; a wrong size is a clear error.
-# - Ids `(type, row, col)`: target 0, context 1, region `(2, 0, 0)`; `kh.kontext_img_ids` gives `[2N+1, 3]`,
-#   2D as diffusers wants, and the text's ids are zeros in front of them.
+# - Ids `(type, row, col)`: target 0, context 1, the same `(row, col)` for both; the original design's region
+#   token `(2, 0, 0)` has no place of its own. `kh.kontext_img_ids` gives `[2N(+1), 3]`, 2D as diffusers wants,
+#   and the text's ids are zeros in front of them.
 # - Decoding runs the same steps backwards.
 #
 # ## Next
 #
 # [03_region_token_and_depth_ip_adapter.ipynb](03_region_token_and_depth_ip_adapter.ipynb): the edit mask
-# goes down to the token grid and becomes the learned **region token**, and the depth map goes through the
+# goes down to the token grid and becomes the learned **region signal**, and the depth map goes through the
 # CLIP image encoder and the **IP-Adapter** into the transformer.
