@@ -1,8 +1,8 @@
 """The command line: ``python -m kontext_helpers train --data DIR --out DIR [options]``, ``memory-plan`` and
 ``rehearsal-model FOLDER`` and ``pretrain-tiny`` (the shipped tiny weights).
 
-Every :class:`TrainConfig` field is a flag (``--rank 8``, ``--no-use-depth``); it also runs under
-``accelerate launch`` for several GPUs.
+Every :class:`TrainConfig` field is a flag (``--rank 8``, ``--no-use-depth``) and a key of ``--config run.yaml``
+(the flags win); it also runs under ``accelerate launch`` for several GPUs.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ def _cli_parser():
     parser = argparse.ArgumentParser(prog="python -m kontext_helpers", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a LoRA + region token on a dataset folder (works under accelerate launch)")
-    p.add_argument("--data", required=True, help="dataset folder: context/ target/ masks/ depth/ prompts.txt")
-    p.add_argument("--out", required=True, help="output folder (checkpoints/, previews/, adapter/)")
-    p.add_argument("--model", default="tiny", help="'tiny', a Hub id or a local pipeline folder")
+    p.add_argument("--config", default=None, help="a YAML file of settings: any TrainConfig field, and data, out, "
+                   "model, preset, resize; the flags below override it")
+    p.add_argument("--data", default=None, help="dataset folder: context/ target/ masks/ depth/ prompts.txt")
+    p.add_argument("--out", default=None, help="output folder (checkpoints/, previews/, adapter/)")
+    p.add_argument("--model", default=None, help="'tiny' (the default), a Hub id or a local pipeline folder")
     p.add_argument("--preset", default=None, help="GPU preset: auto, " + ", ".join(sorted(GPU_PRESETS)))
-    p.add_argument("--resize", default="square", choices=["square", "crop"], help="dataset resize policy")
+    p.add_argument("--resize", default=None, choices=["square", "crop"], help="dataset resize policy (square)")
     m = sub.add_parser("memory-plan", help="what FLUX.1 Kontext [dev] keeps in memory for each GPU preset")
     m.add_argument("--preset", nargs="*", default=["t4", "l4", "a100-40", "a100-80", "h100"],
                    help="GPU presets to plan (default: all but cpu)")
@@ -49,6 +51,69 @@ def _cli_parser():
             base = next((t for t in (int, float, str) if t in typing.get_args(kind) or kind is t), str)
             p.add_argument(flag, type=base, default=None, help=f"default {f.default!r}")
     return parser
+
+
+RUN_KEYS = {"data": None, "out": None, "model": "tiny", "preset": None, "resize": "square"}  # not TrainConfig fields
+_FILE_ONLY = ("expected_peak_memory_gb", "peak_memory_source")  # set by presets, never by hand
+
+
+def read_config_file(path: str) -> dict:
+    """The settings of a ``--config`` YAML file: a mapping of :class:`TrainConfig` fields and :data:`RUN_KEYS`.
+
+    Raises one ``ValueError`` naming the file and every unknown key (with the closest known name) or mistyped
+    value.
+    """
+    import difflib
+
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--config {path}: no such file") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {path} is not valid YAML: {err}") from err
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings (key: value), got {type(data).__name__}")
+    hints = typing.get_type_hints(TrainConfig)
+    known = sorted((set(hints) - set(_FILE_ONLY)) | set(RUN_KEYS))
+    problems = []
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            problems.append(f"unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        elif key in hints and not _fits(value, hints[key]):
+            problems.append(f"{key}: {value!r} is not a {hints[key]}")
+    if problems:
+        raise ValueError(f"--config {path}:\n  - " + "\n  - ".join(problems))
+    return data
+
+
+def _fits(value, hint) -> bool:
+    """Whether a YAML value fits a TrainConfig field's type (an int is a fine float; a bool is not an int)."""
+    allowed = typing.get_args(hint) or (hint,)
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and (int in allowed or float in allowed):
+        return True
+    return any(value is None if t is type(None) else isinstance(value, t) for t in allowed)
+
+
+def _run_settings(args) -> tuple[dict, dict]:
+    """``(run keys, TrainConfig overrides)``: the ``--config`` file's settings, then the flags over them."""
+    from_file = read_config_file(args.config) if args.config else {}
+    run = {k: args_value if (args_value := getattr(args, k)) is not None else from_file.get(k, default)
+           for k, default in RUN_KEYS.items()}
+    missing = [k for k in ("data", "out") if run[k] is None]
+    if missing:
+        raise SystemExit(f"train needs {' and '.join('--' + k for k in missing)} (a flag or a key of --config)")
+    overrides = {k: v for k, v in from_file.items() if k not in RUN_KEYS}
+    overrides.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                      if getattr(args, f.name, None) is not None})
+    overrides["output_dir"] = run["out"]
+    return run, overrides
 
 
 def _pretrain_parser(sub) -> None:
@@ -99,19 +164,17 @@ def main(argv: list[str] | None = None) -> TrainResult | dict:
     if args.command == "pretrain-tiny":
         cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
         return pretrain_tiny(cfg, args.out, args.weights, progress=not args.quiet)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name, None) is not None}
-    overrides["output_dir"] = args.out
-    config = TrainConfig.for_gpu(args.preset, **overrides) if args.preset else TrainConfig(**overrides)
-    dataset = KontextPairs(args.data, resolution=config.resolution, resize=args.resize)
+    run, overrides = _run_settings(args)
+    config = TrainConfig.for_gpu(run["preset"], **overrides) if run["preset"] else TrainConfig(**overrides)
+    dataset = KontextPairs(run["data"], resolution=config.resolution, resize=run["resize"])
     config.validate(dataset)
     checkpoint_to_resume(config, verbose=False)  # a checkpoint of other settings fails here, before loading a model
-    pipe, cache = load_for_training(args.model, dataset, config)  # in stages when the preset says so (T4, L4)
+    pipe, cache = load_for_training(run["model"], dataset, config)  # in stages when the preset says so (T4, L4)
     result = train(pipe, dataset, config, cache=cache)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        path = save_adapter(pipe, result.region, os.path.join(args.out, "adapter"), config=config)
+        path = save_adapter(pipe, result.region, os.path.join(run["out"], "adapter"), config=config)
         print(f"adapter saved to {path}")
         last = result.history[-1] if result.history else {}
         print(f"done: {len(result.history)} steps, final loss {last.get('loss', float('nan')):.4f}")

@@ -743,7 +743,12 @@ except ValueError as err:
 #
 # accelerate launch --num_processes 2 -m kontext_helpers train --data my_pairs --out runs/edit \
 #     --model black-forest-labs/FLUX.1-Kontext-dev --preset a100-80 --steps 2000
+#
+# python -m kontext_helpers train --config run.yaml --steps 500   # the file's settings, with --steps on top
 # ```
+#
+# `run.yaml` holds any `TrainConfig` field and `data`, `out`, `model`, `preset`, `resize`; an unknown key is one
+# error naming the file (the README shows an example).
 
 # %% [markdown]
 # ## 7. Save the adapter

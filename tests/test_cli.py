@@ -25,3 +25,52 @@ def test_memory_plan_command_prints_one_table_row_per_preset(capsys):
     assert set(plans) == {"t4", "a100-80"}, f"one plan per preset: {sorted(plans)}"
     rows = [line for line in out.splitlines() if line.startswith(("| t4 ", "| a100-80 "))]
     assert len(rows) == 2 and "GB" in rows[0], f"a Markdown row per preset: {rows}"
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_config_file_sets_every_field_and_the_flags_override_it(sample_data, tmp_path):
+    from kontext_helpers.cli import _cli_parser, _run_settings
+
+    cfg = _write(tmp_path / "run.yaml", f"data: {sample_data}\nout: {tmp_path / 'run'}\nrank: 4\nsteps: 50\n"
+                                        "learning_rate: 0.002\nregion_kind: cells\nuse_depth: false\nalpha: 8\n")
+    args = _cli_parser().parse_args(["train", "--config", cfg, "--steps", "2", "--resize", "crop"])
+    run, overrides = _run_settings(args)
+    config = kh.TrainConfig(**overrides)
+    assert (config.rank, config.learning_rate, config.region_kind, config.use_depth, config.alpha) == (
+        4, 0.002, "cells", False, 8), f"the file's settings must reach the TrainConfig: {config}"
+    assert config.steps == 2, "a flag overrides the file"
+    assert run["data"] == str(sample_data) and run["resize"] == "crop" and run["model"] == "tiny", (
+        f"run keys come from the file, the flags, or their defaults: {run}")
+    assert config.output_dir == str(tmp_path / "run"), "out becomes output_dir"
+
+
+def test_config_file_with_unknown_or_mistyped_settings_is_one_clear_error(tmp_path):
+    import pytest
+
+    from kontext_helpers.cli import read_config_file
+
+    bad = _write(tmp_path / "bad.yaml", "rnak: 4\nsteps: many\nuse_depth: 1\nlearning_rate: 1\n")
+    with pytest.raises(ValueError) as err:
+        read_config_file(bad)
+    text = str(err.value)
+    assert "bad.yaml" in text and "unknown setting 'rnak'" in text and "did you mean 'rank'" in text, text
+    assert "steps: 'many'" in text and "use_depth: 1" in text, f"mistyped values are named: {text}"
+    assert "learning_rate" not in text, "an int is a fine float"
+    with pytest.raises(ValueError, match="mapping"):
+        read_config_file(_write(tmp_path / "list.yaml", "- rank\n- 4\n"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_config_file(str(tmp_path / "missing.yaml"))
+
+
+def test_train_from_a_config_file_saves_an_adapter(sample_data, tmp_path):
+    from kontext_helpers.cli import main
+
+    cfg = _write(tmp_path / "run.yaml", f"data: {sample_data}\nout: {tmp_path / 'run'}\nresolution: 64\nsteps: 1\n"
+                                        "rank: 2\nmax_sequence_length: 32\ncheckpoint_every: 0\n")
+    result = main(["train", "--config", cfg])
+    assert len(result.history) == 1, "one update, as the file says"
+    assert (tmp_path / "run" / "adapter" / kh.LORA_WEIGHT_FILE).is_file(), "the adapter is saved under out"
