@@ -587,3 +587,52 @@ def test_committed_data_samples_open_and_every_pair_loads(sample_data):
         item = ds[i]
         assert set(item["mask"].unique().tolist()) == {0.0, 1.0}, f"{item['name']}: mask not binary or empty"
         assert item["depth"].unique().numel() > 256, f"{item['name']}: depth lost its 16-bit levels"
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face datasets as input
+# --------------------------------------------------------------------------------------------------
+
+
+def _hf_pairs(sample_data, count=3):
+    """The first sample pairs as an in-memory ``datasets.Dataset`` with its own column names."""
+    import datasets
+
+    stems = sorted(p.stem for p in (sample_data / "context").iterdir())[:count]
+    prompts = (sample_data / "prompts.txt").read_text().splitlines()[:count]
+    opened = {col: [Image.open(sample_data / folder / f"{s}.png") for s in stems]
+              for col, folder in (("source", "context"), ("edited", "target"), ("edit_mask", "masks"),
+                                  ("depth_map", "depth"))}
+    features = datasets.Features({**{col: datasets.Image() for col in opened}, "instruction": datasets.Value("string")})
+    return datasets.Dataset.from_dict({**opened, "instruction": prompts}, features=features), stems
+
+
+def test_from_hf_dataset_reads_like_the_folder_it_came_from(sample_data, tmp_path):
+    ds, stems = _hf_pairs(sample_data)
+    pairs = kh.KontextPairs.from_hf_dataset(ds, tmp_path / "from_hf", context="source", target="edited",
+                                            mask="edit_mask", depth="depth_map", prompt="instruction", resolution=64)
+    folder = kh.KontextPairs(sample_data, resolution=64)
+    assert len(pairs) == 3 and pairs.prompts == folder.prompts[:3], "one pair per row, prompts in row order"
+    for i in range(3):
+        got, want = pairs[i], folder[i]
+        for key in ("context", "target", "mask"):
+            torch.testing.assert_close(got[key], want[key], msg=f"row {i} ({stems[i]}): {key} differs from the folder")
+        torch.testing.assert_close(got["depth"], want["depth"], atol=2e-5, rtol=0,
+                                   msg=f"row {i}: depth must keep its 16-bit levels")
+
+
+def test_from_hf_dataset_lists_every_bad_column_and_cell_in_one_error(sample_data, tmp_path):
+    ds, _ = _hf_pairs(sample_data, count=2)
+    with pytest.raises(ValueError) as err:
+        kh.KontextPairs.from_hf_dataset(ds, tmp_path / "x", context="source", target="edited", mask="edit_mask",
+                                        depth="depth", prompt="caption")
+    text = str(err.value)
+    assert "'depth'" in text and "'caption'" in text and "instruction" in text, (
+        f"both missing columns, with the ones the dataset has: {text}")
+    rows = [dict(ds[0], instruction=""), dict(ds[1], edit_mask=None)]
+    with pytest.raises(ValueError) as err:
+        kh.KontextPairs.from_hf_dataset(rows, tmp_path / "y", context="source", target="edited", mask="edit_mask",
+                                        depth="depth_map", prompt="instruction")
+    text = str(err.value)
+    assert "row 0, column 'instruction'" in text and "row 1, column 'edit_mask' (mask): empty" in text, text
+    assert not (tmp_path / "y").exists(), "nothing is written when a cell is bad"
