@@ -74,7 +74,7 @@ class TrainConfig:
     checkpoint_every: int = 250  # updates between checkpoints (0: only the final one)
     keep_checkpoints: int = 3  # newest complete checkpoints kept on disk
     resume: bool = False  # continue from the newest complete checkpoint under output_dir/checkpoints
-    preview_every: int = 0  # updates between preview images (0: none); needs the sampling loop
+    preview_every: int = 0  # updates between previews (context | mask | depth | target | result; 0: none)
     preview_steps: int = 8  # denoising steps of a preview
     log_every: int = 1  # updates between progress-bar / callback updates
     expected_peak_memory_gb: float | None = field(default=None, repr=False)  # set by presets, informative only

@@ -25,6 +25,7 @@ from .checkpoints import (
 )
 from .conditioning import fm_masked_dual_loss_with_l2, kontext_forward, make_region_module, region_inputs
 from .config import TrainConfig
+from .figures import preview_grid
 from .images import image_to_pil_rgb
 from .inference import sample_edit
 from .models import (
@@ -259,6 +260,7 @@ class _Run:
     lr_scheduler: object
     lora: list
     last_good: str | None = None  # the newest complete checkpoint
+    preview_pair: dict | None = None  # the pair the previews edit (default: the dataset's first)
 
 
 def _one_update(run: _Run, step: int) -> dict[str, float]:
@@ -312,7 +314,8 @@ def _after_update(run: _Run, done: int, history: list[dict], callback) -> None:
                 region_module=_unwrapped(acc, run.region), optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
                 history=history, config=cfg, keep=cfg.keep_checkpoints)
     if cfg.preview_every and done % cfg.preview_every == 0 and acc.is_main_process:
-        path = _training_preview(run.pipe, _unwrapped(acc, run.region), run.dataset, cfg, done)
+        item = run.preview_pair if run.preview_pair is not None else run.dataset[0]
+        path = _training_preview(run.pipe, _unwrapped(acc, run.region), item, cfg, done)
         if callback is not None:
             callback({"step": done, "preview": path})
 
@@ -374,7 +377,7 @@ def load_for_training(model: str, dataset, config: TrainConfig, *, device=None, 
 
 
 def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None, progress: bool = True,
-          cache: TrainCache | None = None) -> TrainResult:
+          cache: TrainCache | None = None, preview_pair: dict | None = None) -> TrainResult:
     """Train a LoRA on ``pipe.transformer`` and a region token module on ``dataset``.
 
     Steps: validate the config (and, with ``config.resume``, the newest checkpoint's config); cache every
@@ -387,6 +390,8 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
             preview records carry ``"preview"`` (an image path).
         accelerator: an ``accelerate.Accelerator`` to use (one is made from the config otherwise).
         cache: a ready :class:`TrainCache` (skips encoding).
+        preview_pair: the pair previews edit, e.g. a held-out one (``kh.DrawnPairs(7, 1, resolution)[0]``; an item
+            of the dataset's layout); default: the dataset's first pair.
     Raises:
         ValueError: a bad config, a dataset of another resolution, or a checkpoint trained with settings that
             shape the weights differently, before any model work.
@@ -412,7 +417,7 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
         model, optimizer, lr_scheduler = accelerator.prepare(pipe.transformer, optimizer, lr_scheduler)
         region_p = None
     run = _Run(pipe, dataset, config, accelerator, cache, model, region_p, optimizer, lr_scheduler, lora,
-               last_good=resume_path)
+               last_good=resume_path, preview_pair=preview_pair)
     bar = tqdm(total=config.steps, initial=start, desc="training", mininterval=0.5,
                disable=not (progress and accelerator.is_main_process))
     t_start = time.perf_counter()
@@ -444,12 +449,12 @@ def _unwrap_after_training(accelerator, model, region_p) -> nn.Module | None:
     return None if region_p is None else accelerator.unwrap_model(region_p, keep_fp32_wrapper=False).eval()
 
 
-def _training_preview(pipe, region, dataset, config: TrainConfig, step: int) -> str:
-    """Sample the first pair with the current LoRA + region and save ``previews/step-NNNNNN.png``.
+def _training_preview(pipe, region, item: dict, config: TrainConfig, step: int) -> str:
+    """Edit ``item`` with the current LoRA + region (seed ``config.seed``) and save ``previews/step-NNNNNN.png``:
+    context, mask, depth, target, result and its change, with the edit metrics (:func:`preview_grid`).
 
     ``sample_edit`` brings encoders that the cache offloaded to the device for their step and back.
     """
-    item = dataset[0]
     was_training = pipe.transformer.training
     pipe.transformer.eval()
     use_depth = config.use_depth and has_ip_adapter(pipe.transformer)
@@ -464,5 +469,7 @@ def _training_preview(pipe, region, dataset, config: TrainConfig, step: int) -> 
     folder = os.path.join(config.output_dir, "previews")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step-{step:06d}.png")
-    image.save(path)
+    fig = preview_grid(item["context"], item["mask"], item["depth"] if use_depth else None, item.get("target"),
+                       image, prompt=f"{item['prompt']} ({item.get('name', 'preview pair')}, step {step})")
+    fig.savefig(path, dpi=80)
     return path

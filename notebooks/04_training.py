@@ -148,7 +148,7 @@ MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {cfg.resolution} p
 # |  | `checkpoint_every` | `250` | updates between checkpoints (0: only the final one) |
 # |  | `keep_checkpoints` | `3` | newest complete checkpoints kept on disk |
 # |  | `resume` | `False` | continue from the newest complete checkpoint under output_dir/checkpoints |
-# |  | `preview_every` | `0` | updates between preview images (0: none); needs the sampling loop |
+# |  | `preview_every` | `0` | updates between previews of context, mask, depth, target and result (0: none) |
 # |  | `preview_steps` | `8` | denoising steps of a preview |
 # |  | `log_every` | `1` | updates between progress-bar / callback updates |
 # |  | `expected_peak_memory_gb` | `None` | set by presets, informative only |

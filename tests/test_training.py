@@ -1,7 +1,6 @@
 """Training: the loop learns, keeps the base frozen, batches, samples sigmas, stops on NaN, previews, precision."""
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -121,7 +120,28 @@ def test_previews_are_written_and_reported(fresh_pipe, one_pair, train_config, t
     kh.train(fresh_pipe, one_pair(), cfg, callback=records.append, progress=False)
     previews = [r["preview"] for r in records if "preview" in r]
     assert previews == [str(tmp_path / "run" / "previews" / "step-000002.png")], f"one preview at step 2: {records}"
-    assert os.path.getsize(previews[0]) > 0, "the preview image must be written"
+    from PIL import Image
+
+    with Image.open(previews[0]) as im:
+        width, height = im.size
+    assert width > 3 * height, f"the preview shows context | mask | depth | target | result | change: {im.size}"
+
+
+def test_previews_can_edit_a_held_out_pair(fresh_pipe, one_pair, train_config, tmp_path):
+    held = kh.DrawnPairs(7, 1, 64)[0]
+    cfg = train_config(tmp_path, steps=1, preview_every=1, preview_steps=2)
+    records = []
+    kh.train(fresh_pipe, one_pair(), cfg, callback=records.append, progress=False, preview_pair=held)
+    held_png = [r["preview"] for r in records if "preview" in r][0]
+    other = train_config(tmp_path / "b", steps=1, preview_every=1, preview_steps=2)
+    records = []
+    kh.train(kh.load_pipeline("tiny", seed=0), one_pair(), other, callback=records.append, progress=False)
+    own_png = [r["preview"] for r in records if "preview" in r][0]
+    from PIL import Image
+
+    with Image.open(held_png) as a, Image.open(own_png) as b:
+        assert a.size == b.size and a.tobytes() != b.tobytes(), (
+            "the held-out pair's preview must show that pair, not the dataset's first")
 
 
 def test_gradient_checkpointing_gives_the_same_training(one_pair, train_config, tmp_path):
