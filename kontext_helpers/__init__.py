@@ -52,7 +52,9 @@ from .adapters import (
     REGION_WEIGHT_FILE,
     export_comfyui,
     load_adapter,
+    push_adapter,
     save_adapter,
+    write_model_card,
 )
 from .cache import TrainCache, build_train_cache
 from .checkpoints import (
@@ -245,7 +247,9 @@ __all__ = [
     "REGION_WEIGHT_FILE",
     "export_comfyui",
     "load_adapter",
+    "push_adapter",
     "save_adapter",
+    "write_model_card",
     # config (04)
     "GPU_PRESETS",
     "TrainConfig",

@@ -423,3 +423,87 @@ def export_comfyui(path: str, out_file: str, *, dtype: torch.dtype | None = None
         "kontext_helpers.note": "Flux Kontext LoRA only; the region token of this adapter is not included",
     })
     return out_file
+
+
+# The model card and the Hub push. The card says what the folder holds and how to load each part.
+MODEL_CARD_FILE = "README.md"
+DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
+
+
+def _card_text(record: dict, repo_id: str, prompts: list[str], images: list[str], base_model: str) -> str:
+    """The model card's Markdown body (the metadata header comes from ``ModelCardData``)."""
+    cfg, lora, region = record.get("train_config") or {}, record["lora"], record.get("region")
+    lines = [f"# {repo_id.split('/')[-1]}", "",
+             f"A LoRA for [{base_model}](https://huggingface.co/{base_model}) trained for mask-guided editing with "
+             "kontext_helpers: the LoRA in diffusers' format, plus the region module that brings the edit mask into "
+             "the model.", "",
+             "| file | what | how to load |", "|---|---|---|",
+             f"| `{LORA_WEIGHT_FILE}` | LoRA, rank {lora['rank']}, alpha {lora['alpha']:g} | "
+             f"`pipe.load_lora_weights(\"{repo_id}\")` (diffusers), or `kh.load_adapter(pipe, folder)` |"]
+    if region:
+        lines.append(f"| `{REGION_WEIGHT_FILE}` | region module, kind `{region.get('kind', 'linear')}`, built on a "
+                     f"{region['grid']} token grid | `region = kh.load_adapter(pipe, folder)`, then "
+                     "`kh.sample_edit(pipe, image, prompt, mask=mask, region=region)` or `kh.RegionHook(pipe, "
+                     "region, mask)` around `pipe(...)`; in ComfyUI the node in `comfyui/kontext_region/` |")
+    lines.append(f"| `{ADAPTER_CONFIG_FILE}` | how it was trained: settings, model, library versions | read it |")
+    settings = ", ".join(f"{key} {cfg[key]}" for key in ("steps", "resolution", "learning_rate", "batch_size",
+                                                           "mixed_precision", "quantize_base", "optimizer")
+                         if key in cfg)
+    lines += ["", "## Training", "",
+              f"- settings (the full TrainConfig is in `{ADAPTER_CONFIG_FILE}`): {settings or 'not recorded'}",
+              f"- region kind: `{cfg.get('region_kind', region.get('kind') if region else 'none')}`; depth through the "
+              f"IP-Adapter: {'yes' if cfg.get('use_depth', True) and record['transformer'].get('ip_adapter') else 'no'}"
+              " (give the same depth map as `depth=` / `ip_adapter_image=`)"]
+    if prompts:
+        lines += ["", "## Prompts it was trained with", ""] + [f"- `{p}`" for p in prompts]
+    if images:
+        lines += ["", "## Previews", ""] + [f"![preview]({img})" for img in images]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(path: str, repo_id: str, *, prompts=(), images=(), base_model: str | None = None) -> str:
+    """Write ``README.md`` (a Hub model card) into the adapter folder ``path``; preview ``images`` are copied to
+    ``path/images/``. Returns the card's path."""
+    import shutil
+
+    from huggingface_hub import ModelCard, ModelCardData
+
+    record_file = os.path.join(path, ADAPTER_CONFIG_FILE)
+    if not os.path.isfile(record_file):
+        raise FileNotFoundError(f"{record_file} does not exist: write_model_card expects a folder from save_adapter")
+    with open(record_file, encoding="utf-8") as fh:
+        record = json.load(fh)
+    base = base_model or record.get("base_model") or DEFAULT_BASE_MODEL
+    copied = []
+    for i, image in enumerate(images):
+        os.makedirs(os.path.join(path, "images"), exist_ok=True)
+        name = f"images/preview_{i:02d}{os.path.splitext(str(image))[1] or '.png'}"
+        shutil.copyfile(image, os.path.join(path, name))
+        copied.append(name)
+    data = ModelCardData(base_model=base, library_name="diffusers", license="other",
+                         tags=["lora", "flux", "flux-kontext", "image-editing", "kontext-region-lora"])
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + _card_text(record, repo_id, list(prompts), copied, base))
+    card_path = os.path.join(path, MODEL_CARD_FILE)
+    card.save(card_path)
+    return card_path
+
+
+def push_adapter(path: str, repo_id: str, *, prompts=(), images=(), private: bool = True, token: str | None = None,
+                 base_model: str | None = None, api=None) -> str:
+    """Write the model card and upload the adapter folder to the Hub repository ``repo_id``; returns its URL.
+
+    ``token``: a Hub token (default: the logged-in one); it is passed on, never printed or written. ``api``: an
+    object with ``HfApi``'s ``create_repo`` and ``upload_folder`` (default ``HfApi()``; tests pass a stand-in).
+    """
+    if not os.path.isfile(os.path.join(path, LORA_WEIGHT_FILE)):
+        raise FileNotFoundError(f"{os.path.join(path, LORA_WEIGHT_FILE)} does not exist: push_adapter uploads a "
+                                "folder written by save_adapter")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    write_model_card(path, repo_id, prompts=prompts, images=images, base_model=base_model)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, token=token)
+    api.upload_folder(folder_path=path, repo_id=repo_id, token=token,
+                      commit_message="kontext_helpers adapter: LoRA, region module and model card")
+    return f"https://huggingface.co/{repo_id}"

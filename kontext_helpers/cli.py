@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import os
 import typing
 
-from .adapters import save_adapter
+from .adapters import push_adapter, save_adapter
 from .config import GPU_PRESETS, TrainConfig
 from .data import KontextPairs
 from .memory import memory_plan
@@ -26,12 +27,14 @@ def _cli_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a LoRA + region token on a dataset folder (works under accelerate launch)")
     p.add_argument("--config", default=None, help="a YAML file of settings: any TrainConfig field, and data, out, "
-                   "model, preset, resize; the flags below override it")
+                   "model, preset, resize, push_to_hub; the flags below override it")
     p.add_argument("--data", default=None, help="dataset folder: context/ target/ masks/ depth/ prompts.txt")
     p.add_argument("--out", default=None, help="output folder (checkpoints/, previews/, adapter/)")
     p.add_argument("--model", default=None, help="'tiny' (the default), a Hub id or a local pipeline folder")
     p.add_argument("--preset", default=None, help="GPU preset: auto, " + ", ".join(sorted(GPU_PRESETS)))
     p.add_argument("--resize", default=None, choices=["square", "crop"], help="dataset resize policy (square)")
+    p.add_argument("--push-to-hub", dest="push_to_hub", default=None, metavar="REPO_ID",
+                   help="upload the adapter with a model card to this Hub repository (private; your login's token)")
     m = sub.add_parser("memory-plan", help="what FLUX.1 Kontext [dev] keeps in memory for each GPU preset")
     m.add_argument("--preset", nargs="*", default=["t4", "l4", "a100-40", "a100-80", "h100"],
                    help="GPU presets to plan (default: all but cpu)")
@@ -53,7 +56,8 @@ def _cli_parser():
     return parser
 
 
-RUN_KEYS = {"data": None, "out": None, "model": "tiny", "preset": None, "resize": "square"}  # not TrainConfig fields
+RUN_KEYS = {"data": None, "out": None, "model": "tiny", "preset": None, "resize": "square",
+            "push_to_hub": None}  # the run's own settings, not TrainConfig fields
 _FILE_ONLY = ("expected_peak_memory_gb", "peak_memory_source")  # set by presets, never by hand
 
 
@@ -176,6 +180,10 @@ def main(argv: list[str] | None = None) -> TrainResult | dict:
     if PartialState().is_main_process:
         path = save_adapter(pipe, result.region, os.path.join(run["out"], "adapter"), config=config)
         print(f"adapter saved to {path}")
+        if run["push_to_hub"]:
+            previews = sorted(glob.glob(os.path.join(run["out"], "previews", "*.png")))[-1:]
+            prompts = list(dict.fromkeys(dataset.prompts))  # unique, in dataset order
+            print("pushed to", push_adapter(path, run["push_to_hub"], prompts=prompts, images=previews))
         last = result.history[-1] if result.history else {}
         print(f"done: {len(result.history)} steps, final loss {last.get('loss', float('nan')):.4f}")
     return result

@@ -543,9 +543,21 @@ print(f"from a blank context: PSNR to the real context {blank_psnr['no depth']:.
 # %% [markdown]
 # ## 6. Adapters that travel
 #
+# **On the Hub.** `kh.push_adapter(ADAPTER_DIR, "you/my-edit", prompts=[...], images=[...])` writes a model card
+# into the folder (base model, each file and how to load it, the training settings, prompts and previews) and
+# uploads it to a private repository with your Hub login (`huggingface_hub`; the token is never printed). The
+# next cell writes the card only, so you can read it before pushing anything.
+#
 # **Plain diffusers.** `pytorch_lora_weights.safetensors` is diffusers' own LoRA format, so a diffusers user
 # needs nothing from this project: `pipe.load_lora_weights(folder, weight_name=...)` and the usual `pipe(...)`.
-# We check it: our loop with the adapter's LoRA (no region) against diffusers' loader and diffusers' call.
+# The cell after the card checks it: our loop with the adapter's LoRA (no region) against diffusers' loader and
+# diffusers' call.
+
+# %%
+# base model: the one the adapter records (a Hub id), else FLUX.1 Kontext [dev], what you would push for; a
+# tiny-model adapter is for learning, not for the Hub
+card_path = kh.write_model_card(ADAPTER_DIR, "you/my-edit", prompts=[prompt])
+print(open(card_path, encoding="utf-8").read()[:900])
 
 # %%
 ours_lora = kh.sample_edit(pipe, context, prompt, depth=depth_image, generator=noise(), output_type="latent",

@@ -265,3 +265,59 @@ def test_comfyui_export_with_feed_forward_and_ip_adapter_layers(fresh_pipe, all_
             else:
                 assert t.dtype == torch.bfloat16, f"{key}: dtype= must apply"
                 torch.testing.assert_close(t, sd[key].to(torch.bfloat16), msg=f"{key}: bf16 export must round only")
+
+
+# --------------------------------------------------------------------------------------------------
+# the model card and the Hub push, against a local stand-in of the Hub API
+# --------------------------------------------------------------------------------------------------
+
+
+class _HubStandIn:
+    """Records what ``HfApi.create_repo`` / ``upload_folder`` receive, and copies the folder as an upload would."""
+
+    def __init__(self, root):
+        self.root, self.calls = root, []
+
+    def create_repo(self, *, repo_id, private, exist_ok, token):
+        self.calls.append(("create_repo", repo_id, private, exist_ok, token))
+
+    def upload_folder(self, *, folder_path, repo_id, token, commit_message):
+        import shutil
+
+        self.calls.append(("upload_folder", repo_id, token))
+        shutil.copytree(folder_path, os.path.join(self.root, repo_id), dirs_exist_ok=True)
+
+
+def test_push_adapter_uploads_the_folder_with_a_model_card(trained, tmp_path):
+    import shutil
+
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    _, _, path = trained
+    folder = str(tmp_path / "to_push")
+    shutil.copytree(path, folder)
+    preview = str(tmp_path / "preview.png")
+    Image.new("RGB", (8, 8), "red").save(preview)
+    hub = _HubStandIn(str(tmp_path / "hub"))
+    url = kh.push_adapter(folder, "me/my-edit", prompts=["make the cube red"], images=[preview], token="hf_secret",
+                          api=hub)
+    assert url == "https://huggingface.co/me/my-edit", url
+    assert hub.calls[0] == ("create_repo", "me/my-edit", True, True, "hf_secret"), "a private repo, created once"
+    assert hub.calls[1] == ("upload_folder", "me/my-edit", "hf_secret"), "then the folder is uploaded"
+    uploaded = tmp_path / "hub" / "me" / "my-edit"
+    for name in (kh.LORA_WEIGHT_FILE, kh.REGION_WEIGHT_FILE, kh.ADAPTER_CONFIG_FILE, "README.md",
+                 "images/preview_00.png"):
+        assert (uploaded / name).is_file(), f"{name} must be uploaded"
+    card = ModelCard.load(str(uploaded / "README.md"))
+    assert card.data.base_model == "black-forest-labs/FLUX.1-Kontext-dev" and "lora" in card.data.tags, card.data
+    for needle in ("make the cube red", "pipe.load_lora_weights", "kh.load_adapter", kh.REGION_WEIGHT_FILE,
+                   "kind `linear`", "images/preview_00.png", "steps 3"):
+        assert needle in card.text, f"the card must mention {needle!r}"
+    everything = "".join(p.read_text(errors="ignore") for p in uploaded.rglob("*") if p.suffix in (".md", ".json"))
+    assert "hf_secret" not in everything, "the token is never written"
+
+
+def test_push_adapter_refuses_a_folder_without_a_lora(tmp_path):
+    with pytest.raises(FileNotFoundError, match="save_adapter"):
+        kh.push_adapter(str(tmp_path), "me/x", api=_HubStandIn(str(tmp_path / "hub")))

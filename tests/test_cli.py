@@ -1,5 +1,6 @@
 """The command line: ``train`` under ``accelerate launch`` with two CPU processes, and ``memory-plan``."""
 
+import os
 import subprocess
 import sys
 
@@ -66,11 +67,26 @@ def test_config_file_with_unknown_or_mistyped_settings_is_one_clear_error(tmp_pa
         read_config_file(str(tmp_path / "missing.yaml"))
 
 
-def test_train_from_a_config_file_saves_an_adapter(sample_data, tmp_path):
+def test_train_from_a_config_file_saves_and_pushes_an_adapter(sample_data, tmp_path, monkeypatch):
+    import huggingface_hub
+
     from kontext_helpers.cli import main
 
+    uploads = []
+
+    class HubStandIn:  # HfApi's two calls, offline
+        def create_repo(self, *, repo_id, private, exist_ok, token):
+            uploads.append(("create", repo_id, private))
+
+        def upload_folder(self, *, folder_path, repo_id, token, commit_message):
+            uploads.append(("upload", repo_id, sorted(os.listdir(folder_path))))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", HubStandIn)
     cfg = _write(tmp_path / "run.yaml", f"data: {sample_data}\nout: {tmp_path / 'run'}\nresolution: 64\nsteps: 1\n"
                                         "rank: 2\nmax_sequence_length: 32\ncheckpoint_every: 0\n")
-    result = main(["train", "--config", cfg])
+    result = main(["train", "--config", cfg, "--push-to-hub", "me/edit"])
     assert len(result.history) == 1, "one update, as the file says"
     assert (tmp_path / "run" / "adapter" / kh.LORA_WEIGHT_FILE).is_file(), "the adapter is saved under out"
+    assert uploads[0] == ("create", "me/edit", True) and uploads[1][:2] == ("upload", "me/edit"), uploads
+    assert {"README.md", kh.LORA_WEIGHT_FILE, kh.REGION_WEIGHT_FILE} <= set(uploads[1][2]), (
+        f"the pushed folder holds the card and the weights: {uploads[1][2]}")
