@@ -340,39 +340,6 @@ class KontextPairs(torch.utils.data.Dataset):
         self._files = [files for _, files, _ in pairs]
         self._prompts = [prompt for _, _, prompt in pairs]
 
-    @classmethod
-    def from_hf_dataset(cls, ds, root: str | os.PathLike, *, context: str = "context", target: str = "target",
-                        mask: str = "mask", depth: str = "depth", prompt: str = "prompt", name: str | None = None,
-                        overwrite: bool = False, resolution: int = 512, **dataset_kwargs) -> KontextPairs:
-        """A Hugging Face ``datasets.Dataset`` (or any sequence of row dicts) as a dataset folder, opened.
-
-        Each argument names the column that holds that part of a pair (images as PIL, ``[C, H, W]`` tensors or
-        arrays; the prompt as a string; ``name``: optional file stems). Every missing column and every empty or
-        mistyped cell is listed in **one** ``ValueError`` (row and column named) before anything is written;
-        then the pairs go through :func:`write_pair_folder` into ``root`` and are opened with the folder's own
-        checks, so they read exactly like a folder you wrote yourself.
-        """
-        columns = {"context": context, "target": target, "mask": mask, "depth": depth, "prompt": prompt}
-        columns.update({"name": name} if name is not None else {})
-        rows = [ds[i] for i in range(len(ds))]
-        available = sorted(getattr(ds, "column_names", None) or (rows[0].keys() if rows else []))
-        problems = [f"column {col!r} (for {part}) is not in the dataset" for part, col in columns.items()
-                    if col not in available]
-        if problems:
-            raise ValueError("from_hf_dataset: " + "; ".join(problems) + f". The dataset has columns {available}; "
-                             "pass context=, target=, mask=, depth=, prompt= with their names")
-        for i, row in enumerate(rows):
-            problems += [f"row {i}, column {columns[part]!r} ({part}): {why}"
-                         for part in columns if (why := _cell_problem(part, row[columns[part]]))]
-        if not rows:
-            problems.append("the dataset has no rows")
-        if problems:
-            raise ValueError("from_hf_dataset found problems:\n  - " + "\n  - ".join(problems))
-        parts = {part: [row[col] for row in rows] for part, col in columns.items()}
-        return write_pair_folder(root, parts["context"], parts["target"], parts["mask"], parts["depth"],
-                                 parts["prompt"], names=parts.get("name"), overwrite=overwrite, resolution=resolution,
-                                 **dataset_kwargs)
-
     @property
     def names(self) -> list[str]:
         """The pair names (file stems), in dataset order (sorted)."""
@@ -450,18 +417,6 @@ def mask_from_difference(context, target, threshold: float = 0.04, dilate: int =
     if dilate:
         mask = F.max_pool2d(mask, kernel_size=2 * dilate + 1, stride=1, padding=dilate)  # same size, grown
     return mask[0]  # [1, H, W]
-
-
-def _cell_problem(part: str, value) -> str | None:
-    """What is wrong with one cell of a pair table (``None``: nothing)."""
-    if value is None:
-        return "empty"
-    if part in ("prompt", "name"):
-        ok = isinstance(value, str) and value.strip() and "\n" not in value
-        return None if ok else f"expected a non-empty one-line string, got {value!r}"[:120]
-    if isinstance(value, Image.Image | torch.Tensor | np.ndarray):
-        return None
-    return f"expected an image (PIL, tensor or array), got {type(value).__name__}"
 
 
 def _pair_lists(contexts, targets, masks, depths, prompts, names) -> tuple[dict[str, list], list[str]]:

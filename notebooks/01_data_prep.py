@@ -544,11 +544,6 @@ for folder in ("context", "target", "masks", "depth"):
 # %% [markdown]
 # Depth maps written by `write_pair_folder` are 16-bit (`I;16`), so nothing is lost on the way to disk. Point
 # `DATA_ROOT` at `MY_PAIRS` (or at your own folder) and rerun the notebook to inspect it.
-#
-# **Pairs in a Hugging Face dataset.** `kh.KontextPairs.from_hf_dataset(ds, MY_PAIRS, context="source",
-# target="edited", mask="mask", depth="depth", prompt="instruction")` takes a `datasets.Dataset` (or any list
-# of row dicts), names its columns, lists every missing column and empty cell in one error, and then writes and
-# opens the same folder as above.
 
 # %%
 shutil.rmtree(WORK)  # the temporary folders of sections 1, 5 and 6
