@@ -138,7 +138,15 @@ from .pipeline import (
 )
 from .pretrain import PretrainConfig, depth_embedding_spread, pretrain_tiny
 from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model, build_rehearsal_transformer, depth_model_for
-from .scenes import DrawnPairs, TwinPairs, random_edit_spec, render_training_pair, render_twin_scene, twin_edit_spec
+from .scenes import (
+    DrawnPairs,
+    TwinPairs,
+    object_changed,
+    random_edit_spec,
+    render_training_pair,
+    render_twin_scene,
+    twin_edit_spec,
+)
 from .tiny import TINY_WEIGHTS_FILE, build_tiny_pipeline, load_tiny_weights, tiny_ip_adapter_state_dict
 from .training import (
     TrainResult,
@@ -206,6 +214,7 @@ __all__ = [
     "render_training_pair",
     "TwinPairs",
     "DrawnPairs",
+    "object_changed",
     "render_twin_scene",
     "twin_edit_spec",
     # latents (02)

@@ -142,12 +142,21 @@ def render_training_pair(spec, size: int = 128) -> dict:
     context, _ = ms.render_scene(spec.context, spec, size=size)
     same = tuple(spec.target) == tuple(spec.context)
     target = context if same else ms.render_scene(spec.target, spec, size=size)[0]
-    depth = ms.render_depth(spec.context, spec, size=size).astype(np.float32)
+    return {"context": _rgb_tensor(context), "target": _rgb_tensor(target),
+            "depth": _depth_tensor(ms, spec.context, spec, size), "prompt": spec.prompt}
+
+
+def _rgb_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """A rendered uint8 image ``[H, W, 3]`` as ``[3, H, W]`` in ``[0, 1]``."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0  # [H, W, 3] -> [3, H, W]
+
+
+def _depth_tensor(ms, objs, spec, size: int) -> torch.Tensor:
+    """The scene's depth ``[1, H, W]`` in ``[0, 1]``, near = 1, min-max normalised as :class:`KontextPairs` reads it."""
+    depth = ms.render_depth(objs, spec, size=size).astype(np.float32)
     lo, hi = depth.min(), depth.max()
     depth = (depth - lo) / (hi - lo) if hi > lo else np.zeros_like(depth)
-    as_chw = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255.0  # noqa: E731
-    return {"context": as_chw(context), "target": as_chw(target),  # [H, W, 3] -> [3, H, W]
-            "depth": torch.from_numpy(depth)[None], "prompt": spec.prompt}  # [H, W] -> [1, H, W]
+    return torch.from_numpy(depth)[None]  # [H, W] -> [1, H, W]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,14 +225,17 @@ def render_twin_scene(seed: int, index: int, size: int = 128) -> dict:
     silhouettes = [ms._silhouette(ids, objs, {key}) for key in "ab"]
     masks = [ms._dilate(s, max(size // 64, 1)) for s in silhouettes]
     boxes = [_box(s, max(size // 32, 1)) for s in silhouettes]
-    depth = ms.render_depth(objs, spec, size=size).astype(np.float32)
-    lo, hi = depth.min(), depth.max()
-    depth = (depth - lo) / (hi - lo) if hi > lo else np.zeros_like(depth)
-    as_chw = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255.0  # noqa: E731
     as_mask = lambda ms_: torch.from_numpy(np.stack(ms_)).float()[:, None]  # noqa: E731  [2, H, W] -> [2, 1, H, W]
-    return {"context": as_chw(context), "targets": torch.stack([as_chw(t) for t in rendered]),  # [2, 3, H, W]
-            "masks": as_mask(masks), "boxes": as_mask(boxes), "objects": as_mask(silhouettes),
-            "depth": torch.from_numpy(depth)[None], "prompt": prompt, "name": f"twin_{seed}_{index}"}
+    return {"context": _rgb_tensor(context), "targets": torch.stack([_rgb_tensor(t) for t in rendered]),
+            "masks": as_mask(masks), "boxes": as_mask(boxes), "objects": as_mask(silhouettes),  # [2, 1, H, W]
+            "depth": _depth_tensor(ms, objs, spec, size), "prompt": prompt, "name": f"twin_{seed}_{index}"}
+
+
+def object_changed(out: torch.Tensor, context: torch.Tensor, target: torch.Tensor, silhouette: torch.Tensor) -> bool:
+    """Whether an object changed towards its edit: its mean colour in ``out`` lies nearer the ``target`` than the
+    ``context`` (images ``[3, H, W]``, the object's ``silhouette`` ``[1, H, W]``)."""
+    mean = lambda img: img[:, silhouette[0].bool()].mean(dim=1)  # noqa: E731  [3, H, W] -> [3]
+    return bool((mean(out) - mean(target)).norm() < (mean(out) - mean(context)).norm())
 
 
 class TwinPairs(torch.utils.data.Dataset):

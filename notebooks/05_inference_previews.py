@@ -673,15 +673,9 @@ def twin_edit(scene, mask, **kw):
     return out[0].float().cpu()
 
 
-def mean_colour(img, where):
-    return img[:, where[0].bool()].mean(dim=1)  # [3, H, W] -> [3]
-
-
 def changed(out, scene, k):
     """Object k changed when its mean colour lies nearer its blue target than the red context."""
-    obj = scene["objects"][k]  # [1, H, W], the object's silhouette
-    to_target = (mean_colour(out, obj) - mean_colour(scene["targets"][k], obj)).norm()
-    return bool(to_target < (mean_colour(out, obj) - mean_colour(scene["context"], obj)).norm())
+    return kh.object_changed(out, scene["context"], scene["targets"][k], scene["objects"][k])
 
 
 if RUN_TWIN:

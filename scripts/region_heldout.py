@@ -69,17 +69,11 @@ def psnr_where(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
 
 
-def object_changed(out: torch.Tensor, context: torch.Tensor, target: torch.Tensor, silhouette: torch.Tensor) -> bool:
-    """True when the object's mean colour in ``out`` lies nearer its recoloured ``target`` than the ``context``."""
-    mean = lambda img: img[:, silhouette[0].bool()].mean(dim=1)  # noqa: E731  [3, H, W] -> [3]
-    return bool((mean(out) - mean(target)).norm() < (mean(out) - mean(context)).norm())
-
-
 def score(out: torch.Tensor, scene: dict, k: int, mask: torch.Tensor) -> dict:
     """One case: the mask on object ``k``; the other object is ``1 - k``."""
     ctx, objs = scene["context"], scene["objects"]
-    changed = object_changed(out, ctx, scene["targets"][k], objs[k])
-    other = object_changed(out, ctx, scene["targets"][1 - k], objs[1 - k])
+    changed = kh.object_changed(out, ctx, scene["targets"][k], objs[k])
+    other = kh.object_changed(out, ctx, scene["targets"][1 - k], objs[1 - k])
     return {"right": changed and not other, "masked_changed": changed, "other_changed": other,
             "in_db": psnr_where(out, scene["targets"][k], scene["masks"][k]),
             "out_db": psnr_where(out, ctx, mask < 0.5)}

@@ -35,13 +35,25 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.module.__name__ not in FIRST)  # stable: the order within a module stays
 
 
-@pytest.fixture(scope="session")
-def notebook_runner(repo_root):
-    """``scripts/run_notebooks.py`` as a module: ``run_notebook(path, out_dir)`` executes one notebook."""
-    spec = importlib.util.spec_from_file_location("run_notebooks", repo_root / "scripts" / "run_notebooks.py")
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def script_module():
+    """``script_module(name)``: ``scripts/<name>.py`` as a module."""
+    return load_script
+
+
+@pytest.fixture(scope="session")
+def notebook_runner():
+    """``scripts/run_notebooks.py`` as a module: ``run_notebook(path, out_dir)`` executes one notebook."""
+    return load_script("run_notebooks")
 
 
 @pytest.fixture(scope="session", autouse=True)

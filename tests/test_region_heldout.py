@@ -1,23 +1,16 @@
 """Twin scenes and scripts/region_heldout.py: only the mask says which object to edit, and the script scores it."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import kontext_helpers as kh
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "region_heldout.py"
-
 
 @pytest.fixture(scope="module")
-def heldout():
-    spec = importlib.util.spec_from_file_location("region_heldout", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def heldout(script_module):
+    return script_module("region_heldout")
 
 
 @pytest.fixture(scope="module")

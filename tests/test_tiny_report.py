@@ -1,20 +1,13 @@
 """scripts/tiny_editor_report.py: the script behind docs/tiny_model_figures.json runs and counts right."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPORT = Path(__file__).resolve().parent.parent / "scripts" / "tiny_editor_report.py"
-
 
 @pytest.fixture(scope="module")
-def report():
-    spec = importlib.util.spec_from_file_location("tiny_editor_report", REPORT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def report(script_module):
+    return script_module("tiny_editor_report")
 
 
 def test_keep_gap_lines_count_the_samples_within_a_db_of_the_vae(report):
