@@ -9,7 +9,8 @@ the notebooks, and each imports only the modules above it:
     tiny          shared   the offline tiny Kontext pipeline
     rehearsal     shared   FLUX.1 Kontext [dev] at real width, random weights, few layers: Hub folder, transformer
     pipeline      shared   load_pipeline (tiny, Hub id, local folder), environment print
-    data          01       KontextPairs: the dataset folder, checked; your own pairs
+    labels        01       your own photos: an edit mask from the difference, depth from a monocular model
+    data          01       KontextPairs: the dataset folder, checked; your own pairs, a datasets.Dataset
     scenes        shared   fresh random scenes and edits drawn with the sample renderer (the tiny model's data)
     latents       02       VAE latents, 2x2 packing, position ids
     conditioning  03       the region token, depth through the IP-Adapter, the forward call, the loss
@@ -85,7 +86,7 @@ from .conditioning import (
     region_inputs,
 )
 from .config import GPU_PRESETS, TrainConfig, detect_gpu_preset, quick_config
-from .data import KontextPairs, estimate_depth, mask_from_difference, write_pair_folder
+from .data import KontextPairs, write_pair_folder
 from .figures import (
     LiveLossPlot,
     denoising_figure,
@@ -108,6 +109,7 @@ from .images import (
     pil_to_rgb,
 )
 from .inference import Comparison, RegionHook, blend_latents, blend_mask_tokens, compare_variants, sample_edit
+from .labels import estimate_depth, mask_from_difference
 from .latents import (
     REGION_ID,
     img_ids_grid,

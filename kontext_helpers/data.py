@@ -22,11 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .images import (
-    image_to_pil_rgb,
     image_to_rgb_tensor,
     mask_to_pil,
     open_image,
@@ -340,6 +338,34 @@ class KontextPairs(torch.utils.data.Dataset):
         self._files = [files for _, files, _ in pairs]
         self._prompts = [prompt for _, _, prompt in pairs]
 
+    @classmethod
+    def from_hf_dataset(cls, ds, root: str | os.PathLike, *, context: str = "context", target: str = "target",
+                        mask: str = "mask", depth: str = "depth", prompt: str = "prompt", name: str | None = None,
+                        overwrite: bool = False, resolution: int = 512, progress: bool = True,
+                        **dataset_kwargs) -> KontextPairs:
+        """A Hugging Face ``datasets.Dataset`` (or any sequence of row dicts) written as a dataset folder, opened.
+
+        Each argument names the column that holds that part of a pair: images as PIL (a ``datasets.Image()``
+        column), ``[C, H, W]`` tensors or arrays; the prompt a one-line string; ``name`` optional file stems
+        (default ``0000``, ``0001``, ...). Every missing column, empty or mistyped cell and repeated name is
+        listed in **one** ``ValueError`` (row and column named) before anything is written; then each row is
+        written as :func:`write_pair_folder` writes a pair, and the folder opens with its own checks.
+        """
+        from tqdm.auto import tqdm
+
+        columns = {"context": context, "target": target, "mask": mask, "depth": depth, "prompt": prompt}
+        columns.update({"name": name} if name is not None else {})
+        _check_hf_columns(ds, columns)
+        names, prompts = _checked_hf_rows(ds, columns, progress)
+        root = Path(root).expanduser()
+        _prepare_pair_folder(root, overwrite)
+        for i in tqdm(range(len(ds)), desc="writing pairs", disable=not progress, mininterval=0.5):
+            row = ds[i]
+            pair = {key: row[columns[part]] for key, part in zip(_IMAGE_LISTS, columns)}
+            _write_pair(root, names[i], pair, f" (row {i})")
+        _write_prompts(root, names, prompts)
+        return cls(root, resolution, **dataset_kwargs)
+
     @property
     def names(self) -> list[str]:
         """The pair names (file stems), in dataset order (sorted)."""
@@ -388,35 +414,28 @@ class KontextPairs(torch.utils.data.Dataset):
         return img.resize(size, resample, box=_scale_box(box, ref_size, img.size))
 
 
-def mask_from_difference(context, target, threshold: float = 0.04, dilate: int = 4) -> torch.Tensor:
-    """An edit mask from a before / after pair: where the two images differ, grown by ``dilate`` pixels.
+_IMAGE_LISTS = ("contexts", "targets", "masks", "depths")
 
-    A pixel is editable when its largest channel difference exceeds ``threshold`` (0.04 ~ 10/255, above
-    JPEG noise); max-pooling then grows the region by ``dilate`` pixels in every direction (a square
-    neighbourhood), so the mask covers every pixel that changed by more than ``threshold``, with a margin.
-    Fainter changes (soft shadow edges) can fall outside it: for lossless pairs use ``threshold=0``, which
-    covers every changed pixel; keep the default for JPEGs, whose noise would otherwise fill the mask.
 
-    Args:
-        context, target: PIL images (any mode; EXIF orientation applied) or ``[3, H, W]`` tensors in
-            ``[0, 1]`` (uint8 tensors are divided by 255), of the same size.
-        threshold: in ``[0, 1]``; differences ``> threshold`` count as edited.
-        dilate: margin in pixels (0 = none).
-    Returns:
-        ``[1, H, W]`` float32 in {0, 1}; 1 = editable. Save it with ``write_pair_folder`` or
-        ``PIL.Image.fromarray((m[0].numpy() * 255).astype("uint8"))``.
-    """
-    a, b = image_to_rgb_tensor(context, "context"), image_to_rgb_tensor(target, "target")
-    if a.shape != b.shape:
-        raise ValueError(f"context is {a.shape[2]}x{a.shape[1]} but target is {b.shape[2]}x{b.shape[1]} "
-                         "(W x H): resize or crop them to the same frame first")
-    if dilate < 0:
-        raise ValueError(f"dilate must be >= 0 pixels, got {dilate}")
-    changed = (a - b).abs().amax(dim=0) > threshold  # [3, H, W] -> [H, W] bool
-    mask = changed.float()[None, None]  # -> [1, 1, H, W]
-    if dilate:
-        mask = F.max_pool2d(mask, kernel_size=2 * dilate + 1, stride=1, padding=dilate)  # same size, grown
-    return mask[0]  # [1, H, W]
+def _cell_problem(part: str, value) -> str | None:
+    """What is wrong with one part of one pair (``None``: nothing): an image, a one-line prompt or a file stem."""
+    if value is None:
+        return "empty"
+    if part == "prompt":
+        ok = isinstance(value, str) and value.strip() and "\n" not in value and "\r" not in value
+        return None if ok else f"expected a non-empty one-line string, got {value!r}"[:120]
+    if part == "name":
+        ok = isinstance(value, str) and value and not value.startswith(".") and Path(value).name == value
+        return None if ok else f"{value!r} is not a usable file stem (no '/', not empty or hidden)"
+    if isinstance(value, Image.Image | torch.Tensor | np.ndarray):
+        return None
+    return f"expected an image (PIL, tensor or array), got {type(value).__name__}"
+
+
+def _repeated(names: list[str]) -> list[str]:
+    """The names that occur more than once, sorted."""
+    seen: set[str] = set()
+    return sorted({n for n in names if n in seen or seen.add(n)})
 
 
 def _pair_lists(contexts, targets, masks, depths, prompts, names) -> tuple[dict[str, list], list[str]]:
@@ -435,13 +454,12 @@ def _pair_lists(contexts, targets, masks, depths, prompts, names) -> tuple[dict[
     width = max(4, len(str(count - 1)))
     names = lists.get("names") or [f"{i:0{width}d}" for i in range(count)]
     for i, name in enumerate(names):
-        if not isinstance(name, str) or not name or name.startswith(".") or Path(name).name != name:
+        if _cell_problem("name", name):
             raise ValueError(f"names[{i}]={name!r} is not a usable file stem (no '/', not empty or hidden)")
     if len(set(names)) != count:
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"names must be unique, got duplicates: {repeated}")
+        raise ValueError(f"names must be unique, got duplicates: {_repeated(names)}")
     for i, prompt in enumerate(lists["prompts"]):
-        if not isinstance(prompt, str) or not prompt.strip() or "\n" in prompt or "\r" in prompt:
+        if _cell_problem("prompt", prompt):
             raise ValueError(f"prompts[{i}]={prompt!r}: every prompt must be a non-empty single-line string")
     return lists, names
 
@@ -476,18 +494,25 @@ def _depth_levels_16bit(depth, what: str) -> np.ndarray:
     return np.round(np.clip(unit, 0.0, 1.0) * 65535.0).astype(np.uint16)
 
 
-def _write_pair(root: Path, name: str, i: int, lists: dict[str, list]) -> None:
-    """Write pair ``i`` as ``<folder>/<name>.png`` in the four folders."""
+def _write_pair(root: Path, name: str, pair: dict, where: str) -> None:
+    """Write one pair (``contexts``, ``targets``, ``masks``, ``depths`` of it) as ``<folder>/<name>.png``;
+    ``where`` says which pair in an error (``"[3]"``, ``" (row 3)"``)."""
     for folder, key in (("context", "contexts"), ("target", "targets")):
-        rgb = image_to_rgb_tensor(lists[key][i], f"{key}[{i}]")
+        rgb = image_to_rgb_tensor(pair[key], f"{key}{where}")
         lo, hi = float(rgb.min()), float(rgb.max())
         if lo < -1e-3 or hi > 1.0 + 1e-3:
-            raise ValueError(f"{key}[{i}] has values in [{lo:.3g}, {hi:.3g}]; expected [0, 1] "
+            raise ValueError(f"{key}{where} has values in [{lo:.3g}, {hi:.3g}]; expected [0, 1] "
                              "(for [-1, 1] images use (x + 1) / 2)")
         rgb_tensor_to_pil(rgb).save(root / folder / f"{name}.png")
-    mask_to_pil(lists["masks"][i], f"masks[{i}]").save(root / "masks" / f"{name}.png")
-    levels = _depth_levels_16bit(lists["depths"][i], f"depths[{i}]")
+    mask_to_pil(pair["masks"], f"masks{where}").save(root / "masks" / f"{name}.png")
+    levels = _depth_levels_16bit(pair["depths"], f"depths{where}")
     Image.fromarray(levels).save(root / "depth" / f"{name}.png")  # uint16 [H, W] -> 16-bit grey PNG
+
+
+def _write_prompts(root: Path, names: list[str], prompts: list[str]) -> None:
+    """``prompts.txt``: one line per pair, in the sorted-name order :class:`KontextPairs` reads."""
+    by_name = dict(zip(names, prompts))
+    (root / "prompts.txt").write_text("".join(by_name[name].strip() + "\n" for name in sorted(names)), encoding="utf-8")
 
 
 def write_pair_folder(
@@ -528,75 +553,39 @@ def write_pair_folder(
     root = Path(root).expanduser()
     _prepare_pair_folder(root, overwrite)
     for i, name in enumerate(names):
-        _write_pair(root, name, i, lists)
-    by_name = dict(zip(names, lists["prompts"]))
-    text = "".join(by_name[name].strip() + "\n" for name in sorted(names))  # the order KontextPairs reads
-    (root / "prompts.txt").write_text(text, encoding="utf-8")
+        _write_pair(root, name, {key: lists[key][i] for key in _IMAGE_LISTS}, f"[{i}]")
+    _write_prompts(root, names, lists["prompts"])
     return KontextPairs(root, resolution, **dataset_kwargs)
 
 
-def _estimate_in_same_size_batches(estimator, images: list, batch_size: int) -> list[dict]:
-    """Run a transformers depth pipeline on batches of one image size each (it stacks a batch, so images of
-    other aspect ratios cannot share one); results come back in the input order."""
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, img in enumerate(images):
-        by_size.setdefault(img.size, []).append(i)
-    outputs: list = [None] * len(images)
-    for indices in by_size.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            results = estimator([images[i] for i in chunk], batch_size=len(chunk))
-            for i, result in zip(chunk, results if isinstance(results, list) else [results]):
-                outputs[i] = result
-    return outputs
+def _check_hf_columns(ds, columns: dict[str, str]) -> None:
+    """Every named column is in the table (``ds.column_names``, or the first row's keys), else one error."""
+    first = ds[0] if len(ds) else {}
+    available = list(getattr(ds, "column_names", None) or first.keys())
+    problems = [f"column {col!r} (for {part}) is not in the dataset" for part, col in columns.items()
+                if col not in available]
+    if not len(ds):
+        problems.append("the dataset has no rows")
+    if problems:
+        raise ValueError("from_hf_dataset: " + "; ".join(problems) + f". The dataset has the columns {available}; "
+                         "name yours with context=, target=, mask=, depth=, prompt= (and name=)")
 
 
-def estimate_depth(
-    images,
-    model: str = "depth-anything/Depth-Anything-V2-Small-hf",
-    device=None,
-    *,
-    invert: bool = False,
-    batch_size: int = 4,
-) -> list[torch.Tensor]:
-    """Optional: depth maps for your own images with a monocular depth model (transformers pipeline).
+def _checked_hf_rows(ds, columns: dict[str, str], progress: bool) -> tuple[list[str], list[str]]:
+    """Read every row once: the file stems and prompts, or one ``ValueError`` listing every bad cell."""
+    from tqdm.auto import tqdm
 
-    The default model (about 100 MB) comes from the Hugging Face Hub once; a local folder works too. Depth
-    Anything predicts relative inverse depth, so after the per-image min-max near = 1, :class:`KontextPairs`'
-    convention; pass ``invert=True`` for a metric model (far = large). Images of different sizes are batched
-    separately.
-
-    Args:
-        images: a PIL image or a list of them, or ``[3, H, W]`` tensors in ``[0, 1]``.
-        model: Hub id or local folder of a depth-estimation model; device: default CUDA when available.
-    Returns:
-        one ``[1, H, W]`` float32 tensor in ``[0, 1]`` (near = 1) per image, at its own size (save them with
-        :func:`write_pair_folder`, view them with ``depth_to_pil``).
-    Raises:
-        RuntimeError: the model cannot be loaded (no network, wrong id), with what to do.
-    """
-    from transformers import pipeline
-
-    batch = [images] if isinstance(images, Image.Image | torch.Tensor) else list(images)
-    pil_images = [image_to_pil_rgb(image, f"images[{i}]") for i, image in enumerate(batch)]
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        estimator = pipeline("depth-estimation", model=model, device=device)
-    except OSError as err:
-        raise RuntimeError(
-            f"cannot load the depth model {model!r}: {err}\nIt is downloaded from the Hugging Face Hub on "
-            "first use: run this with internet access once, or download the model elsewhere and pass model= "
-            "its local folder. Or skip this step and put your own depth maps (any bit depth) in depth/."
-        ) from err
-    outputs = _estimate_in_same_size_batches(estimator, pil_images, batch_size)
-    depths = []
-    for img, out in zip(pil_images, outputs):
-        pred = torch.as_tensor(out["predicted_depth"]).detach().float().cpu().squeeze()  # -> [h, w]
-        if pred.shape != (img.height, img.width):  # older transformers return the model's own grid
-            pred = F.interpolate(pred[None, None], size=(img.height, img.width), mode="bilinear",
-                                 align_corners=False)[0, 0]  # [1, 1, h, w] -> [H, W]
-        lo, hi = pred.min(), pred.max()
-        unit = (pred - lo) / (hi - lo) if hi > lo else torch.zeros_like(pred)
-        depths.append((1.0 - unit if invert else unit)[None])  # [1, H, W]
-    return depths
+    problems, names, prompts = [], [], []
+    width = max(4, len(str(len(ds) - 1)))
+    for i in tqdm(range(len(ds)), desc="checking rows", disable=not progress, mininterval=0.5):
+        row = ds[i]
+        problems += [f"row {i}, column {col!r} ({part}): {why}" for part, col in columns.items()
+                     if (why := _cell_problem(part, row[col]))]
+        names.append(row[columns["name"]] if "name" in columns else f"{i:0{width}d}")
+        prompts.append(row[columns["prompt"]])
+    if len(set(names)) != len(names):
+        problems.append(f"column {columns['name']!r} (name): names must be unique, got duplicates {_repeated(names)}")
+    if problems:
+        raise ValueError(f"from_hf_dataset found {len(problems)} problem(s), nothing was written:\n  - "
+                         + "\n  - ".join(problems))
+    return names, prompts

@@ -265,7 +265,7 @@ class DrawnPairs(torch.utils.data.Dataset):
     on ``data_samples/`` never saw, for a held-out yardstick."""
 
     def __init__(self, seed: int, count: int, resolution: int = 128):
-        from .data import mask_from_difference
+        from .labels import mask_from_difference
 
         self.resolution, self.items, index = int(resolution), [], 0
         while len(self.items) < count:

@@ -29,7 +29,8 @@
 # This notebook does not need the model at all, except for the optional depth estimator at the end.
 #
 # **The code behind it:** [`kontext_helpers/data.py`](../kontext_helpers/data.py) (the dataset folder and your own
-# pairs) and [`kontext_helpers/images.py`](../kontext_helpers/images.py) (every pixel, mask and depth conversion).
+# pairs), [`kontext_helpers/labels.py`](../kontext_helpers/labels.py) (a mask and a depth map for your own photos)
+# and [`kontext_helpers/images.py`](../kontext_helpers/images.py) (every pixel, mask and depth conversion).
 
 # %%
 # Setup, in Colab and locally. In Colab: set REPO_URL once (or upload the project folder), then run it.
@@ -544,6 +545,35 @@ for folder in ("context", "target", "masks", "depth"):
 # %% [markdown]
 # Depth maps written by `write_pair_folder` are 16-bit (`I;16`), so nothing is lost on the way to disk. Point
 # `DATA_ROOT` at `MY_PAIRS` (or at your own folder) and rerun the notebook to inspect it.
+#
+# ### Pairs in a Hugging Face dataset
+#
+# Editing datasets on the Hub are tables: one row per pair, one column per part, with images that a
+# `datasets.Image()` column decodes to PIL. `kh.KontextPairs.from_hf_dataset(ds, root, context=..., target=...,
+# mask=..., depth=..., prompt=..., name=...)` names the columns, reads every row once and lists every missing
+# column, empty cell and repeated name in **one** error before anything is written; then it writes the folder
+# above and opens it with the same checks. Below, the folder we just wrote becomes such a table (with a Hub
+# dataset's kind of column names) and comes back as a folder. `datasets` is preinstalled in Colab and part of
+# the local development install (`pip install -e ".[dev]"`).
+
+# %%
+import datasets
+
+table = datasets.Dataset.from_dict({  # PIL images: datasets infers Image() columns; 16-bit depth stays 16-bit
+    "source": [Image.open(my_data.files(i)["context"]) for i in range(len(my_data))],
+    "edited": [Image.open(my_data.files(i)["target"]) for i in range(len(my_data))],
+    "edit_mask": [Image.open(my_data.files(i)["masks"]) for i in range(len(my_data))],
+    "depth_map": [Image.open(my_data.files(i)["depth"]) for i in range(len(my_data))],
+    "instruction": my_data.prompts,
+    "id": my_data.names,
+})
+print(table)
+from_table = kh.KontextPairs.from_hf_dataset(table, WORK / "from_hf", context="source", target="edited",
+                                             mask="edit_mask", depth="depth_map", prompt="instruction", name="id",
+                                             resolution=RESOLUTION)
+same = all(torch.equal(from_table[i][key], my_data[i][key]) for i in range(len(my_data))
+           for key in ("context", "target", "mask", "depth"))
+print(f"{from_table.names} from the table; every tensor equal to the folder's: {same}")
 
 # %%
 shutil.rmtree(WORK)  # the temporary folders of sections 1, 5 and 6

@@ -587,3 +587,74 @@ def test_committed_data_samples_open_and_every_pair_loads(sample_data):
         item = ds[i]
         assert set(item["mask"].unique().tolist()) == {0.0, 1.0}, f"{item['name']}: mask not binary or empty"
         assert item["depth"].unique().numel() > 256, f"{item['name']}: depth lost its 16-bit levels"
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face datasets as input
+# --------------------------------------------------------------------------------------------------
+
+
+def _hf_pairs(sample_data, count=3):
+    """The first sample pairs as an in-memory ``datasets.Dataset`` with its own column names."""
+    import datasets
+
+    stems = sorted(p.stem for p in (sample_data / "context").iterdir())[:count]
+    prompts = (sample_data / "prompts.txt").read_text().splitlines()[:count]
+    opened = {col: [Image.open(sample_data / folder / f"{s}.png") for s in stems]
+              for col, folder in (("source", "context"), ("edited", "target"), ("edit_mask", "masks"),
+                                  ("depth_map", "depth"))}
+    features = datasets.Features({**{col: datasets.Image() for col in opened}, "instruction": datasets.Value("string"),
+                                  "id": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({**opened, "instruction": prompts, "id": stems}, features=features)
+    return ds, stems
+
+
+_HF_COLUMNS = {"context": "source", "target": "edited", "mask": "edit_mask", "depth": "depth_map",
+               "prompt": "instruction"}
+
+
+def test_from_hf_dataset_reads_like_the_folder_it_came_from(sample_data, tmp_path):
+    ds, stems = _hf_pairs(sample_data)
+    pairs = kh.KontextPairs.from_hf_dataset(ds, tmp_path / "from_hf", **_HF_COLUMNS, name="id", resolution=64,
+                                            progress=False)
+    folder = kh.KontextPairs(sample_data, resolution=64)
+    assert pairs.names == stems, f"name= gives the file stems: {pairs.names} vs {stems}"
+    assert pairs.prompts == folder.prompts[:3], "one pair per row, each with its own prompt"
+    for i in range(3):
+        got, want = pairs[i], folder[i]
+        for key in ("context", "target", "mask"):
+            torch.testing.assert_close(got[key], want[key], msg=f"row {i} ({stems[i]}): {key} differs from the folder")
+        torch.testing.assert_close(got["depth"], want["depth"], atol=2e-5, rtol=0,
+                                   msg=f"row {i}: depth must keep its 16-bit levels")
+
+
+def test_from_hf_dataset_names_rows_by_number_without_a_name_column(sample_data, tmp_path):
+    ds, _ = _hf_pairs(sample_data, count=2)
+    pairs = kh.KontextPairs.from_hf_dataset(ds, tmp_path / "numbered", **_HF_COLUMNS, resolution=64, progress=False)
+    assert pairs.names == ["0000", "0001"], f"rows become 0000, 0001, ... like write_pair_folder: {pairs.names}"
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        kh.KontextPairs.from_hf_dataset(ds, tmp_path / "numbered", **_HF_COLUMNS, resolution=64, progress=False)
+
+
+def test_from_hf_dataset_lists_every_missing_column_in_one_error(sample_data, tmp_path):
+    ds, _ = _hf_pairs(sample_data, count=2)
+    with pytest.raises(ValueError) as err:
+        kh.KontextPairs.from_hf_dataset(ds, tmp_path / "x", **{**_HF_COLUMNS, "depth": "depth", "prompt": "caption"})
+    text = str(err.value)
+    assert "'depth' (for depth)" in text and "'caption' (for prompt)" in text, f"both missing columns: {text}"
+    assert "'instruction'" in text and "'depth_map'" in text, f"and the columns the dataset has: {text}"
+    assert not (tmp_path / "x").exists(), "nothing is written when a column is missing"
+
+
+def test_from_hf_dataset_lists_every_bad_cell_in_one_error(sample_data, tmp_path):
+    ds, _ = _hf_pairs(sample_data, count=3)
+    rows = [dict(ds[0], instruction=""), dict(ds[1], edit_mask=None, id="a/b"), dict(ds[2], source="x.png", id="a/b")]
+    with pytest.raises(ValueError) as err:
+        kh.KontextPairs.from_hf_dataset(rows, tmp_path / "y", **_HF_COLUMNS, name="id", progress=False)
+    text = str(err.value)
+    for expected in ("row 0, column 'instruction' (prompt)", "row 1, column 'edit_mask' (mask): empty",
+                     "row 1, column 'id' (name)", "row 2, column 'source' (context): expected an image",
+                     "names must be unique"):
+        assert expected in text, f"missing {expected!r} in the one error: {text}"
+    assert text.count("\n  - ") == 6, f"six problems, one per line: {text}"
+    assert not (tmp_path / "y").exists(), "nothing is written when a cell is bad"
