@@ -76,7 +76,10 @@ class TrainConfig:
     resume: bool = False  # continue from the newest complete checkpoint under output_dir/checkpoints
     preview_every: int = 0  # updates between previews (context | mask | depth | target | result; 0: none)
     preview_steps: int = 8  # denoising steps of a preview
-    log_every: int = 1  # updates between progress-bar / callback updates
+    log_every: int = 1  # updates between progress-bar / callback / tracker updates
+    report_to: str = "none"  # experiment tracker, through accelerate: "tensorboard" (event files in output_dir/logs),
+    #   "wandb" (needs `pip install wandb` and a login) or "none"; logs the losses, the lr and every preview
+    tracker_project: str = "kontext-lora"  # the tracker's project: the wandb project, or the TensorBoard run folder
     expected_peak_memory_gb: float | None = field(default=None, repr=False)  # set by presets, informative only
     peak_memory_source: str = field(default="", repr=False)  # where the figure comes from, set by presets
 
@@ -98,11 +101,14 @@ class TrainConfig:
                               ("timestep_sampling", ("uniform", "logit_normal")),
                               ("mixed_precision", ("no", "fp16", "bf16")),
                               ("optimizer", ("adamw", "adamw8bit")),
-                              ("quantize_base", (None, "nf4"))):
+                              ("quantize_base", (None, "nf4")),
+                              ("report_to", ("none", "tensorboard", "wandb"))):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: choose one of {allowed}")
         if self.learning_rate <= 0 or self.region_learning_rate < 0:
             problems.append("learning_rate must be > 0 and region_learning_rate >= 0")
+        if not self.tracker_project or "/" in self.tracker_project or "\\" in self.tracker_project:
+            problems.append(f"tracker_project={self.tracker_project!r}: a non-empty name without '/' (a folder name)")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             problems.append("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         if dataset is not None:

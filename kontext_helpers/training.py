@@ -149,9 +149,59 @@ def _make_accelerator(config: TrainConfig):
         # a second train() in the same notebook with another precision: accelerate's state is a
         # process-wide singleton that refuses the change; in a single process it is safe to reset.
         AcceleratorState._reset_state()
+    from accelerate.utils import ProjectConfiguration
+
+    logs = ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs"))
     return Accelerator(mixed_precision=config.mixed_precision,
                        gradient_accumulation_steps=config.gradient_accumulation_steps,
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(), project_config=logs,
+                       log_with=None if config.report_to == "none" else config.report_to)
+
+
+def _check_tracker(config: TrainConfig, accelerator=None) -> None:
+    """``config.report_to``'s package is installed and a given accelerator logs with it, before any model work."""
+    if config.report_to == "none":
+        return
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[config.report_to]():
+        raise ImportError(f"report_to={config.report_to!r} needs the {config.report_to} package: "
+                          f"`pip install {config.report_to}`, or set report_to='none'")
+    if accelerator is not None and config.report_to not in [str(t) for t in accelerator.log_with]:
+        raise ValueError(f"report_to={config.report_to!r}, but the accelerator passed to train() logs with "
+                         f"{[str(t) for t in accelerator.log_with]}: make it with Accelerator(log_with="
+                         f"{config.report_to!r}, project_dir=...), or let train() make it")
+
+
+def _start_tracker(accelerator, config: TrainConfig) -> bool:
+    """Start ``config.report_to``'s tracker (``init_trackers``) unless the accelerator runs one already; True when
+    this call started it (and :func:`train` finishes it)."""
+    if config.report_to == "none" or accelerator.trackers:
+        return False
+    settings = {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in config.to_dict().items()}
+    accelerator.init_trackers(config.tracker_project, config=settings)  # TensorBoard: its hparams tab
+    return True
+
+
+def _tracker_scalars(record: dict) -> dict[str, float]:
+    """One history record as tracker scalars, grouped under ``loss/`` (the L2 parts before their lambdas)."""
+    names = {"loss": "loss/total", "loss_in": "loss/in_mask", "loss_out": "loss/outside", "l2_lora": "loss/l2_lora",
+             "l2_region": "loss/l2_region", "lr": "lr"}
+    return {tag: float(record[key]) for key, tag in names.items()}
+
+
+def _log_preview(accelerator, path: str, step: int) -> None:
+    """Send a saved preview image to every tracker (TensorBoard's image tab, wandb's media panel)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"))  # [H, W, 3] uint8
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"preview": pixels[None]}, step=step, dataformats="NHWC")  # [1, H, W, 3]
+        else:
+            tracker.log_images({"preview": [pixels]}, step=step)
 
 
 def checkpoint_to_resume(config: TrainConfig, *, verbose: bool = True) -> str | None:
@@ -261,6 +311,7 @@ class _Run:
     lora: list
     last_good: str | None = None  # the newest complete checkpoint
     preview_pair: dict | None = None  # the pair the previews edit (default: the dataset's first)
+    tracking: bool = False  # config.report_to's tracker is running: log losses, lr and previews to it
 
 
 def _one_update(run: _Run, step: int) -> dict[str, float]:
@@ -303,8 +354,11 @@ def _one_update(run: _Run, step: int) -> dict[str, float]:
 def _after_update(run: _Run, done: int, history: list[dict], callback) -> None:
     """Report, checkpoint and preview after update ``done``, each at its own spacing."""
     acc, cfg = run.accelerator, run.config
-    if callback is not None and acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
-        callback(history[-1])
+    if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
+        if callback is not None:
+            callback(history[-1])
+        if run.tracking:
+            acc.log(_tracker_scalars(history[-1]), step=done)
     if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -316,6 +370,8 @@ def _after_update(run: _Run, done: int, history: list[dict], callback) -> None:
     if cfg.preview_every and done % cfg.preview_every == 0 and acc.is_main_process:
         item = run.preview_pair if run.preview_pair is not None else run.dataset[0]
         path = _training_preview(run.pipe, _unwrapped(acc, run.region), item, cfg, done)
+        if run.tracking:
+            _log_preview(acc, path, done)
         if callback is not None:
             callback({"step": done, "preview": path})
 
@@ -402,6 +458,7 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
 
     config.validate(dataset)
     _check_text_encoders(pipe, config, cache)
+    _check_tracker(config, accelerator)
     accelerator = accelerator or _make_accelerator(config)
     resume_path = checkpoint_to_resume(config, verbose=accelerator.is_main_process)
     cache, lora, region, optimizer, lr_scheduler = _prepare_run(pipe, dataset, config, accelerator, cache, progress)
@@ -416,8 +473,9 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
     else:
         model, optimizer, lr_scheduler = accelerator.prepare(pipe.transformer, optimizer, lr_scheduler)
         region_p = None
+    started_tracker = _start_tracker(accelerator, config)
     run = _Run(pipe, dataset, config, accelerator, cache, model, region_p, optimizer, lr_scheduler, lora,
-               last_good=resume_path, preview_pair=preview_pair)
+               last_good=resume_path, preview_pair=preview_pair, tracking=config.report_to != "none")
     bar = tqdm(total=config.steps, initial=start, desc="training", mininterval=0.5,
                disable=not (progress and accelerator.is_main_process))
     t_start = time.perf_counter()
@@ -433,8 +491,17 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
         accelerator.wait_for_everyone()
     finally:
         region = _unwrap_after_training(accelerator, model, region_p)
+        if started_tracker:
+            _finish_trackers(accelerator)
     return TrainResult(history=history, region=region, output_dir=config.output_dir, config=config,
                        resumed_from=start if resume_path is not None else None)
+
+
+def _finish_trackers(accelerator) -> None:
+    """Close the trackers :func:`train` started (files flushed, the wandb run ended) so a next run starts fresh."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers.clear()
 
 
 def _unwrapped(accelerator, module):

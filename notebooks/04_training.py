@@ -37,6 +37,7 @@
 # %%
 # Setup, in Colab and locally. In Colab: set REPO_URL once (or upload the project folder), then run it.
 # Locally `make demo` (or `pip install -e .`) has installed the package already, and nothing is installed here.
+import importlib.util
 import os
 import subprocess
 import sys
@@ -79,12 +80,17 @@ RUN_DIR = os.path.join(OUTPUT_DIR, "run")  # this run's checkpoints/
 RESUME = False  # True after a disconnect: continue from the newest checkpoint in RUN_DIR instead of starting over
 RESUME_EXTRA_STEPS = 1 if QUICK else 30  # section 6 resumes the finished run for this many more steps
 HELD_OUT_PAIRS = 4  # drawn scenes no training sees (kh.DrawnPairs, stream 7): section 5's held-out yardstick
+# the experiment tracker (section 5): TensorBoard when installed (Colab has it), else none; "wandb" needs `pip install
+# wandb` and a login
+REPORT_TO = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
 if TINY:
     cfg = kh.TrainConfig.for_gpu(
         "cpu",  # the tiny model's preset: 128 px, 800 updates, rank 8, lr 3e-3 (attention + feed-forward), 32 tokens
         output_dir=RUN_DIR,  # where checkpoints go
         resume=RESUME,  # continue from RUN_DIR's newest checkpoint
         seed=SEED,  # reproducible and exactly resumable
+        preview_every=200,  # a preview of a held-out pair every 200 updates (section 5)
+        report_to=REPORT_TO,  # losses, lr and previews to the tracker
     )
 else:
     cfg = kh.TrainConfig.for_gpu(
@@ -94,9 +100,13 @@ else:
         output_dir=RUN_DIR,  # where checkpoints go (on Drive in Colab: they survive a disconnect)
         resume=RESUME,  # continue from RUN_DIR's newest checkpoint
         seed=SEED,  # reproducible and exactly resumable
+        preview_every=250,  # a preview of a held-out pair every 250 updates (section 5)
+        report_to=REPORT_TO,  # losses, lr and previews to the tracker
     )
     if QUICK:
         cfg = kh.quick_config(cfg)  # 3 updates at 64 px; without a GPU, NF4 and fp16 give way (printed)
+    if cfg.load_in_stages:
+        cfg.preview_every = 0  # T4 / L4: the text encoders leave after caching, and a preview encodes its prompt
 
 # %%
 os.makedirs(OUTPUT_DIR, exist_ok=True)
@@ -150,7 +160,9 @@ MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {cfg.resolution} p
 # |  | `resume` | `False` | continue from the newest complete checkpoint under output_dir/checkpoints |
 # |  | `preview_every` | `0` | updates between previews of context, mask, depth, target and result (0: none) |
 # |  | `preview_steps` | `8` | denoising steps of a preview |
-# |  | `log_every` | `1` | updates between progress-bar / callback updates |
+# |  | `log_every` | `1` | updates between progress-bar / callback / tracker updates |
+# |  | `report_to` | `"none"` | tracker via accelerate: "tensorboard" (files in output_dir/logs), "wandb" or "none" |
+# |  | `tracker_project` | `"kontext-lora"` | the wandb project, or the TensorBoard run folder under output_dir/logs |
 # |  | `expected_peak_memory_gb` | `None` | set by presets, informative only |
 # |  | `peak_memory_source` | `""` | where the preset's peak comes from (`kh.estimate_peak`), set by presets |
 #
@@ -486,6 +498,16 @@ del hand_lora, hand_region, trainable, optimizer, hand_grads
 # updates of LoRA + region through `accelerate`, writing a checkpoint every `cfg.checkpoint_every` updates.
 # `kh.LiveLossPlot` redraws the three loss curves every 25 steps while it runs. Old checkpoints of an earlier run
 # of this notebook are removed first, unless you are resuming (`RESUME = True`).
+#
+# Two windows into a long run, both off by default in `TrainConfig`:
+# * **Previews** (`preview_every`): every N updates the current LoRA and region edit one pair at the fixed seed
+#   `cfg.seed`, saved as `RUN_DIR/previews/step-NNNNNN.png` (context | mask | depth | target | result | change,
+#   with the edit metrics). `preview_pair=` names the pair: here a held-out one from section 2, so the previews
+#   show what carries over to a scene training never sees, not how well a training pair is memorised.
+# * **A tracker** (`report_to`): `accelerate`'s TensorBoard or Weights & Biases tracker receives the loss and its
+#   parts (`loss/total`, `loss/in_mask`, `loss/outside`, `loss/l2_lora`, `loss/l2_region`), the learning rate
+#   every `log_every` updates, and every preview as an image. TensorBoard writes event files to
+#   `RUN_DIR/logs/kontext-lora/` (on Drive in Colab, so a disconnect loses nothing).
 
 # %%
 import shutil
@@ -497,7 +519,7 @@ if not cfg.resume and os.path.isdir(RUN_DIR):
     shutil.rmtree(RUN_DIR)  # a fresh run: an earlier run's checkpoints must not mix into the resume demo
 plot = kh.LiveLossPlot(every=25)
 t0 = time.perf_counter()
-result = kh.train(pipe, dataset, cfg, callback=plot, cache=cache)
+result = kh.train(pipe, dataset, cfg, callback=plot, cache=cache, preview_pair=held_out[0])
 seconds = time.perf_counter() - t0
 clear_output()  # the live plot ends here; the final figure follows below
 print(f"{len(result.history)} steps in {seconds:.1f} s; loss {result.history[0]['loss']:.3f} -> "
@@ -519,6 +541,48 @@ plt.show()
 # the LoRA is changing the whole image: lower the learning rate, raise `w_out`, or try `preservation="prior"`.
 # On the tiny model the out-of-mask part starts low (the base model already copies the context) and the
 # in-mask part carries the learning.
+
+# %% [markdown]
+# The last preview: the held-out pair edited by the LoRA and region as they were at that update. Its metrics are
+# the ones notebook 05 explains (PSNR of the edit against the target inside the mask, and of the rest against the
+# context outside it). In the tiny model's `make demo` run this edit misses: the masked box does not turn orange
+# and things outside the mask change. The held-out yardstick further down measures the same thing in numbers.
+
+# %%
+preview_dir = os.path.join(RUN_DIR, "previews")
+previews = sorted(os.listdir(preview_dir)) if os.path.isdir(preview_dir) else []  # step-NNNNNN.png
+print(f"{len(previews)} previews in {preview_dir}: {previews}")
+if previews:
+    fig, ax = plt.subplots(figsize=(14, 3.2))
+    ax.imshow(plt.imread(os.path.join(preview_dir, previews[-1])))
+    ax.set_axis_off()
+    ax.set_title(f"Training preview {previews[-1]} of held-out pair {held_out[0]['name']}: "
+                 "notice whether the edit lands inside the mask", fontsize=10)
+    plt.show()
+
+# %% [markdown]
+# What the tracker received, read back from TensorBoard's event files with TensorBoard's own reader: one point
+# per update and tag, the same numbers as the history below, and the previews as images. In Colab the cell also
+# opens TensorBoard itself under the cell (`%tensorboard`).
+
+# %%
+if REPORT_TO == "tensorboard":
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = os.path.join(RUN_DIR, "logs", cfg.tracker_project)
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0, "images": 0}).Reload()
+    for tag in sorted(events.Tags()["scalars"]):
+        points = events.Scalars(tag)
+        print(f"{tag:<16} {len(points):>4} points, last at step {points[-1].step}: {points[-1].value:.4g}")
+    print("preview images at steps", [e.step for e in events.Images("preview")] if events.Tags()["images"] else [])
+    print(f"history's last loss: {result.history[-1]['loss']:.4g}")
+    if IN_COLAB:  # TensorBoard's own page under this cell: the %load_ext tensorboard and %tensorboard magics
+        from IPython import get_ipython
+
+        get_ipython().run_line_magic("load_ext", "tensorboard")
+        get_ipython().run_line_magic("tensorboard", f"--logdir {os.path.join(RUN_DIR, 'logs')}")
+else:
+    print("report_to='none': nothing was sent to a tracker (install tensorboard and run the CONFIG cell again)")
 
 # %% [markdown]
 # The history has one record per update: the loss and its two parts, the learning rate and the seconds since

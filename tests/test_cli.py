@@ -1,4 +1,5 @@
-"""The command line: ``train`` under ``accelerate launch`` with two CPU processes, and ``memory-plan``."""
+"""The command line: ``train`` under ``accelerate launch`` with two CPU processes (logging to TensorBoard), a config
+file, and ``memory-plan``."""
 
 import os
 import subprocess
@@ -11,11 +12,17 @@ def test_cli_under_accelerate_launch_two_cpu_processes(sample_data, repo_root, s
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "-m",
            "kontext_helpers", "train", "--data", str(sample_data), "--out", str(out), "--resolution", "64",
-           "--steps", "3", "--rank", "4", "--max-sequence-length", "32", "--checkpoint-every", "3"]
+           "--steps", "3", "--rank", "4", "--max-sequence-length", "32", "--checkpoint-every", "3",
+           "--report-to", "tensorboard"]
     proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600, env=subprocess_env)
     assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert "done: 3 steps" in proc.stdout, f"the CLI must report its steps: {proc.stdout[-1000:]}"
     assert [s for s, _ in kh.list_checkpoints(str(out))] == [3], "the main process writes the final checkpoint"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "kontext-lora")).Reload()
+    steps = [e.step for e in events.Scalars("loss/total")]
+    assert steps == [1, 2, 3], f"the main process alone logs one loss per update to TensorBoard: {steps}"
 
 
 def test_memory_plan_command_prints_one_table_row_per_preset(capsys):

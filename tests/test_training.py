@@ -186,3 +186,59 @@ def test_after_bf16_training_the_pipeline_equals_a_fresh_one_with_the_saved_adap
 
     torch.testing.assert_close(edit(pipe, result.region), edit(fresh, region), rtol=0, atol=0,
                                msg="after train the pipeline must equal a fresh one with the saved adapter")
+
+
+def _tensorboard_events(folder):
+    """Every scalar series and image tag TensorBoard finds under ``folder`` (its own reader, all events)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags["scalars"]}
+    images = {tag: [(e.step, e.width, e.height) for e in events.Images(tag)] for tag in tags["images"]}
+    return scalars, images
+
+
+def test_tensorboard_gets_every_loss_part_lr_and_the_previews(fresh_pipe, one_pair, train_config, tmp_path):
+    cfg = train_config(tmp_path, steps=3, preview_every=2, preview_steps=2, report_to="tensorboard",
+                       tracker_project="trial")
+    records = []
+    result = kh.train(fresh_pipe, one_pair(), cfg, callback=records.append, progress=False)
+    scalars, images = _tensorboard_events(tmp_path / "run" / "logs" / "trial")
+    for key, tag in (("loss", "loss/total"), ("loss_in", "loss/in_mask"), ("loss_out", "loss/outside"),
+                     ("l2_lora", "loss/l2_lora"), ("l2_region", "loss/l2_region"), ("lr", "lr")):
+        logged = scalars.get(tag)
+        assert logged is not None, f"{tag} is not logged; logged: {sorted(scalars)}"
+        assert [s for s, _ in logged] == [1, 2, 3], f"{tag}: one value per update, at its step: {logged}"
+        torch.testing.assert_close(torch.tensor([v for _, v in logged]),
+                                   torch.tensor([r[key] for r in result.history]),
+                                   msg=f"{tag} must be the history's {key}")
+    from PIL import Image
+
+    preview = [r["preview"] for r in records if "preview" in r][0]
+    with Image.open(preview) as im:
+        size = im.size
+    assert images.get("preview") == [(2, *size)], f"the step-2 preview, at its size {size}: {images}"
+
+
+def test_tracker_settings_are_checked_before_any_model_work(fresh_pipe, one_pair, train_config, tmp_path):
+    with pytest.raises(ValueError, match="report_to='mlflow'.*tensorboard"):
+        kh.train(fresh_pipe, one_pair(), train_config(tmp_path, report_to="mlflow"), progress=False)
+    with pytest.raises(ValueError, match="tracker_project='a/b'"):
+        kh.train(fresh_pipe, one_pair(), train_config(tmp_path, tracker_project="a/b"), progress=False)
+    from accelerate import Accelerator
+
+    plain = Accelerator(cpu=True)
+    with pytest.raises(ValueError, match=r"Accelerator\(log_with='tensorboard'"):
+        kh.train(fresh_pipe, one_pair(), train_config(tmp_path, report_to="tensorboard"), accelerator=plain,
+                 progress=False)
+    assert not (tmp_path / "run" / "logs").exists(), "no tracker files when the settings are refused"
+    assert getattr(fresh_pipe.transformer, "peft_config", None) is None, "refused before a LoRA was attached"
+
+
+def test_a_missing_tracker_package_is_named(fresh_pipe, one_pair, train_config, tmp_path, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    with pytest.raises(ImportError, match="pip install wandb"):
+        kh.train(fresh_pipe, one_pair(), train_config(tmp_path, report_to="wandb"), progress=False)
