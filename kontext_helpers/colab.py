@@ -2,7 +2,8 @@
 
 :func:`colab_session` keeps outputs and the Hugging Face cache on Google Drive (the real model is about
 35 GB: downloaded once, not once per notebook), logs in to the Hub from the ``HF_TOKEN`` secret (or with
-``notebook_login()``) without printing the token, and installs bitsandbytes only on a GPU whose preset
+``notebook_login()``) without printing the token, passes a ``WANDB_API_KEY`` secret on to wandb (for
+``report_to="wandb"``), and installs bitsandbytes only on a GPU whose preset
 needs it (NF4 or 8-bit AdamW). Outside Colab nothing here runs.
 """
 
@@ -38,17 +39,31 @@ def _hub_login() -> str:
     """Log in with the Colab secret ``HF_TOKEN`` when it exists, else with ``notebook_login()``; never prints it."""
     import huggingface_hub
 
-    try:
-        from google.colab import userdata
-
-        token = userdata.get("HF_TOKEN")
-    except Exception:  # no such secret, or the notebook was not granted access to it
-        token = None
+    token = _colab_secret("HF_TOKEN")
     if token:
         huggingface_hub.login(token=token, add_to_git_credential=False)
         return "logged in with the HF_TOKEN secret"
     huggingface_hub.notebook_login()
     return "log in with the widget above (or add an HF_TOKEN secret under the key icon)"
+
+
+def _colab_secret(name: str) -> str | None:
+    """The Colab secret ``name``, or ``None`` (no such secret, or the notebook has no access to it)."""
+    try:
+        from google.colab import userdata
+
+        return userdata.get(name)
+    except Exception:  # userdata raises its own errors for a missing or refused secret
+        return None
+
+
+def _wandb_key() -> str:
+    """Put the Colab secret ``WANDB_API_KEY`` where wandb reads it (the environment); never prints it."""
+    key = _colab_secret("WANDB_API_KEY")
+    if not key:
+        return "no WANDB_API_KEY secret (only report_to='wandb' needs one)"
+    os.environ["WANDB_API_KEY"] = key
+    return "WANDB_API_KEY set from the secret (report_to='wandb' logs in with it)"
 
 
 def _bitsandbytes_if_needed(preset: str) -> str:
@@ -77,6 +92,7 @@ def colab_session(*, use_drive: bool = True, login: bool = True, drive_folder: s
         done.update(_use_drive(drive_folder or DRIVE_FOLDER))
     if login:
         done["hub"] = _hub_login()
+    done["wandb"] = _wandb_key()
     done["bitsandbytes"] = _bitsandbytes_if_needed(preset)
     for key, value in done.items():
         print(f"{key:>18}: {value}")

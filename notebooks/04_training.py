@@ -37,7 +37,6 @@
 # %%
 # Setup, in Colab and locally. In Colab: set REPO_URL once (or upload the project folder), then run it.
 # Locally `make demo` (or `pip install -e .`) has installed the package already, and nothing is installed here.
-import importlib.util
 import os
 import subprocess
 import sys
@@ -67,6 +66,8 @@ kh.colab_session(use_drive=USE_DRIVE)  # Colab only: Drive, Hub login (the HF_TO
 
 # %%
 # CONFIG: every setting of this notebook, in one place. Change them here, nowhere else.
+import importlib.util  # REPORT_TO below asks whether TensorBoard is installed
+
 MODEL = kh.default_model()  # the model: $KONTEXT_MODEL, else FLUX.1 Kontext [dev] on a GPU, else "tiny"
 kh.describe_environment(MODEL)  # library versions, device and model
 TINY = MODEL == "tiny"  # the tiny pretrained model: seconds on a CPU; the real model needs a GPU

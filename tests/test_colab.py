@@ -14,6 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(os.path.join(REPO, "notebooks", n) for n in os.listdir(os.path.join(REPO, "notebooks"))
                    if n[:2].isdigit() and n.endswith(".py"))
 TOKEN = "hf_secret_token_never_shown_123"
+WANDB_KEY = "wandb_secret_key_never_shown_456"
 DEV_TOOLS = ("torch", "ipykernel", "pytest", "ruff", "nbclient", "jupytext", "[dev]", "requirements")
 
 
@@ -27,7 +28,8 @@ def colab(monkeypatch, tmp_path):
     record = {"run": [], "mount": [], "login": []}
     module = types.ModuleType("google.colab")
     module.drive = types.SimpleNamespace(mount=lambda path: record["mount"].append(path))
-    module.userdata = types.SimpleNamespace(get=lambda name: TOKEN if name == "HF_TOKEN" else None)
+    secrets = {"HF_TOKEN": TOKEN, "WANDB_API_KEY": WANDB_KEY}
+    module.userdata = types.SimpleNamespace(get=lambda name: secrets.get(name))
     google = types.ModuleType("google")
     google.colab = module
     monkeypatch.setitem(sys.modules, "google", google)
@@ -47,6 +49,7 @@ def colab(monkeypatch, tmp_path):
     monkeypatch.setattr(kh.colab, "DRIVE_FOLDER", str(tmp_path / "drive"))
     monkeypatch.setattr(kh.colab, "detect_gpu_preset", lambda: "t4")  # a T4 runtime: its preset needs bitsandbytes
     monkeypatch.setenv("KONTEXT_PROJECT", str(tmp_path / "kontext-region-lora"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     for name in ("KONTEXT_OUTPUT_DIR", "HF_HOME"):
         monkeypatch.setenv(name, "restored-after-the-test")
     monkeypatch.chdir(tmp_path)
@@ -87,6 +90,8 @@ def test_the_install_names_no_torch_ipykernel_or_dev_tool_and_the_token_stays_hi
     assert colab["login"] == [TOKEN], "the HF_TOKEN secret logs in to the Hub"
     out = capsys.readouterr()
     assert TOKEN not in out.out + out.err, "the Hub token must never be printed"
+    assert os.environ.get("WANDB_API_KEY") == WANDB_KEY, "the WANDB_API_KEY secret reaches wandb's variable"
+    assert WANDB_KEY not in out.out + out.err, "the wandb key must never be printed"
     assert colab["mount"] == ["/content/drive"], "Drive is mounted by default"
     assert os.environ["HF_HOME"].startswith(kh.colab.DRIVE_FOLDER), "the Hub cache is on Drive by default"
     assert os.environ["KONTEXT_OUTPUT_DIR"].startswith(kh.colab.DRIVE_FOLDER), "outputs are on Drive by default"
