@@ -37,6 +37,7 @@ from .images import (
     rgb_tensor_to_pil,
     values_to_hw_array,
 )
+from .labels import mask_from_difference
 
 _PAIR_FOLDERS = ("context", "target", "masks", "depth")
 
@@ -340,28 +341,31 @@ class KontextPairs(torch.utils.data.Dataset):
 
     @classmethod
     def from_hf_dataset(cls, ds, root: str | os.PathLike, *, context: str = "context", target: str = "target",
-                        mask: str = "mask", depth: str = "depth", prompt: str = "prompt", name: str | None = None,
-                        overwrite: bool = False, resolution: int = 512, progress: bool = True,
+                        mask: str | None = "mask", depth: str = "depth", prompt: str = "prompt",
+                        name: str | None = None, overwrite: bool = False, resolution: int = 512, progress: bool = True,
                         **dataset_kwargs) -> KontextPairs:
         """A Hugging Face ``datasets.Dataset`` (or any sequence of row dicts) written as a dataset folder, opened.
 
         Each argument names the column that holds that part of a pair: images as PIL (a ``datasets.Image()``
         column), ``[C, H, W]`` tensors or arrays; the prompt a one-line string; ``name`` optional file stems
-        (default ``0000``, ``0001``, ...). Every missing column, empty or mistyped cell and repeated name is
-        listed in **one** ``ValueError`` (row and column named) before anything is written; then each row is
+        (default ``0000``, ``0001``, ...). ``mask=None``: no mask column, each mask is derived from its pair with
+        :func:`mask_from_difference` (its defaults). Every missing column, empty or mistyped cell and repeated name
+        is listed in **one** ``ValueError`` (row and column named) before anything is written; then each row is
         written as :func:`write_pair_folder` writes a pair, and the folder opens with its own checks.
         """
         from tqdm.auto import tqdm
 
-        columns = {"context": context, "target": target, "mask": mask, "depth": depth, "prompt": prompt}
-        columns.update({"name": name} if name is not None else {})
+        columns = {"context": context, "target": target, "mask": mask, "depth": depth, "prompt": prompt, "name": name}
+        columns = {part: col for part, col in columns.items() if col is not None}
         _check_hf_columns(ds, columns)
         names, prompts = _checked_hf_rows(ds, columns, progress)
         root = Path(root).expanduser()
         _prepare_pair_folder(root, overwrite)
         for i in tqdm(range(len(ds)), desc="writing pairs", disable=not progress, mininterval=0.5):
             row = ds[i]
-            pair = {key: row[columns[part]] for key, part in zip(_IMAGE_LISTS, columns)}
+            pair = {key: row[columns[part]] for key, part in _IMAGE_PARTS.items() if part in columns}
+            if mask is None:
+                pair["masks"] = mask_from_difference(pair["contexts"], pair["targets"])
             _write_pair(root, names[i], pair, f" (row {i})")
         _write_prompts(root, names, prompts)
         return cls(root, resolution, **dataset_kwargs)
@@ -414,7 +418,7 @@ class KontextPairs(torch.utils.data.Dataset):
         return img.resize(size, resample, box=_scale_box(box, ref_size, img.size))
 
 
-_IMAGE_LISTS = ("contexts", "targets", "masks", "depths")
+_IMAGE_PARTS = {"contexts": "context", "targets": "target", "masks": "mask", "depths": "depth"}  # list -> part
 
 
 def _cell_problem(part: str, value) -> str | None:
@@ -553,22 +557,35 @@ def write_pair_folder(
     root = Path(root).expanduser()
     _prepare_pair_folder(root, overwrite)
     for i, name in enumerate(names):
-        _write_pair(root, name, {key: lists[key][i] for key in _IMAGE_LISTS}, f"[{i}]")
+        _write_pair(root, name, {key: lists[key][i] for key in _IMAGE_PARTS}, f"[{i}]")
     _write_prompts(root, names, lists["prompts"])
     return KontextPairs(root, resolution, **dataset_kwargs)
 
 
 def _check_hf_columns(ds, columns: dict[str, str]) -> None:
     """Every named column is in the table (``ds.column_names``, or the first row's keys), else one error."""
-    first = ds[0] if len(ds) else {}
-    available = list(getattr(ds, "column_names", None) or first.keys())
+    if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
+        raise TypeError(f"from_hf_dataset needs a table with a length and rows by index, got {type(ds).__name__}; "
+                        "for a streamed dataset take the rows you want first: list(ds.take(1000))")
+    available = list(getattr(ds, "column_names", None) or (ds[0].keys() if len(ds) else []))
     problems = [f"column {col!r} (for {part}) is not in the dataset" for part, col in columns.items()
                 if col not in available]
-    if not len(ds):
-        problems.append("the dataset has no rows")
+    problems += ["the dataset has no rows"] if not len(ds) else []
     if problems:
         raise ValueError("from_hf_dataset: " + "; ".join(problems) + f". The dataset has the columns {available}; "
-                         "name yours with context=, target=, mask=, depth=, prompt= (and name=)")
+                         "name yours with context=, target=, mask=, depth=, prompt= (and name=); no masks: mask=None")
+
+
+def _row_problems(i: int, row: dict, columns: dict[str, str]) -> list[str]:
+    """Every bad cell of row ``i``; without a mask column, context and target must share one frame."""
+    problems = [f"row {i}, column {col!r} ({part}): {why}" for part, col in columns.items()
+                if (why := _cell_problem(part, row[col]))]
+    if "mask" not in columns and not problems:
+        a, b = (image_to_rgb_tensor(row[columns[part]], part).shape for part in ("context", "target"))
+        if a != b:
+            problems.append(f"row {i}: context is {a[2]}x{a[1]} but target is {b[2]}x{b[1]} (W x H); mask=None "
+                            "derives the mask from their difference, which needs one frame")
+    return problems
 
 
 def _checked_hf_rows(ds, columns: dict[str, str], progress: bool) -> tuple[list[str], list[str]]:
@@ -579,8 +596,7 @@ def _checked_hf_rows(ds, columns: dict[str, str], progress: bool) -> tuple[list[
     width = max(4, len(str(len(ds) - 1)))
     for i in tqdm(range(len(ds)), desc="checking rows", disable=not progress, mininterval=0.5):
         row = ds[i]
-        problems += [f"row {i}, column {col!r} ({part}): {why}" for part, col in columns.items()
-                     if (why := _cell_problem(part, row[col]))]
+        problems += _row_problems(i, row, columns)
         names.append(row[columns["name"]] if "name" in columns else f"{i:0{width}d}")
         prompts.append(row[columns["prompt"]])
     if len(set(names)) != len(names):

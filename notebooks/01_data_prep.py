@@ -553,8 +553,9 @@ for folder in ("context", "target", "masks", "depth"):
 # mask=..., depth=..., prompt=..., name=...)` names the columns, reads every row once and lists every missing
 # column, empty cell and repeated name in **one** error before anything is written; then it writes the folder
 # above and opens it with the same checks. Below, the folder we just wrote becomes such a table (with a Hub
-# dataset's kind of column names) and comes back as a folder. `datasets` is preinstalled in Colab and part of
-# the local development install (`pip install -e ".[dev]"`).
+# dataset's kind of column names) and comes back as a folder. A table without masks takes `mask=None`: each mask
+# is then derived with `kh.mask_from_difference`, as above. `datasets` is preinstalled in Colab and part of the
+# local development install (`pip install -e ".[dev]"`).
 
 # %%
 import datasets

@@ -658,3 +658,28 @@ def test_from_hf_dataset_lists_every_bad_cell_in_one_error(sample_data, tmp_path
         assert expected in text, f"missing {expected!r} in the one error: {text}"
     assert text.count("\n  - ") == 6, f"six problems, one per line: {text}"
     assert not (tmp_path / "y").exists(), "nothing is written when a cell is bad"
+
+
+def test_from_hf_dataset_without_masks_derives_them_from_each_pair(sample_data, tmp_path):
+    ds, stems = _hf_pairs(sample_data, count=2)
+    ds = ds.remove_columns("edit_mask")
+    derived = kh.KontextPairs.from_hf_dataset(ds, tmp_path / "derived", **{**_HF_COLUMNS, "mask": None}, name="id",
+                                              resolution=64, progress=False)
+    masks = [kh.mask_from_difference(row["source"], row["edited"]) for row in ds]
+    by_hand = kh.write_pair_folder(tmp_path / "by_hand", list(ds["source"]), list(ds["edited"]), masks,
+                                   list(ds["depth_map"]), list(ds["instruction"]), names=stems, resolution=64)
+    for i in range(2):
+        torch.testing.assert_close(derived[i]["mask"], by_hand[i]["mask"],
+                                   msg=f"row {i}: mask=None must be kh.mask_from_difference of the pair")
+    assert 0 < float(derived[0]["mask"].mean()) < 0.5, "the derived mask marks the edit, not nothing or everything"
+
+    rows = [dict(ds[0], edited=ds[0]["edited"].resize((32, 64)))]
+    with pytest.raises(ValueError, match=r"row 0: context is 512x512 but target is 32x64.*one frame"):
+        kh.KontextPairs.from_hf_dataset(rows, tmp_path / "z", **{**_HF_COLUMNS, "mask": None}, progress=False)
+
+
+def test_from_hf_dataset_asks_for_rows_of_a_streamed_dataset(sample_data, tmp_path):
+    ds, _ = _hf_pairs(sample_data, count=2)
+    with pytest.raises(TypeError, match=r"list\(ds.take"):
+        kh.KontextPairs.from_hf_dataset(ds.to_iterable_dataset(), tmp_path / "s", **_HF_COLUMNS)
+    assert not (tmp_path / "s").exists(), "nothing is written"
