@@ -20,7 +20,7 @@ the notebooks, and each imports only the modules above it:
     memory        04       what a training run keeps in memory (counted before any download), its peak (estimated)
     checkpoints   04       atomic checkpoints, resume checks
     cache         04       constant work once per sample: the training cache
-    training      04       the cache and the training loop
+    training      04       the training loop: updates, checkpoints, previews, trackers
     pretrain               ``python -m kontext_helpers pretrain-tiny``: the tiny model's shipped weights
     cli                    ``python -m kontext_helpers train`` (and ``pretrain-tiny``, ``memory-plan``)
     colab                  the notebooks' setup in Colab: Drive, Hub login, bitsandbytes when a preset needs it

@@ -882,6 +882,8 @@ for g in (1.0, 3.5):
 #   sigmas) is the honest before/after yardstick, split into in-mask and out-of-mask error.
 # - Only the LoRA `A`/`B` matrices and the region module move; the default region module is one learned mark `e`
 #   on the masked tokens, the same at every place.
+# - Previews (`preview_every`, `preview_pair=`) show a held-out pair's edit during the run; `report_to` sends the
+#   loss parts, the learning rate and the previews to TensorBoard or wandb.
 # - Checkpoints are written atomically and a resumed run continues exactly; in Colab, put `OUTPUT_DIR` on Drive.
 # - `save_adapter` writes `pytorch_lora_weights.safetensors`, `region_token.safetensors` and
 #   `adapter_config.json` to `OUTPUT_DIR/adapter`.
