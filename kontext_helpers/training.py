@@ -162,15 +162,18 @@ def _check_tracker(config: TrainConfig, accelerator=None) -> None:
     """``config.report_to``'s package is installed and a given accelerator logs with it, before any model work."""
     if config.report_to == "none":
         return
+    from accelerate.tracking import GeneralTracker
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
     if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[config.report_to]():
         raise ImportError(f"report_to={config.report_to!r} needs the {config.report_to} package: "
                           f"`pip install {config.report_to}`, or set report_to='none'")
-    if accelerator is not None and config.report_to not in [str(t) for t in accelerator.log_with]:
+    # log_with holds accelerate's LoggerType names and custom GeneralTracker objects (with their own ``name``)
+    names = [t.name if isinstance(t, GeneralTracker) else str(t) for t in getattr(accelerator, "log_with", [])]
+    if accelerator is not None and config.report_to not in names:
         raise ValueError(f"report_to={config.report_to!r}, but the accelerator passed to train() logs with "
-                         f"{[str(t) for t in accelerator.log_with]}: make it with Accelerator(log_with="
-                         f"{config.report_to!r}, project_dir=...), or let train() make it")
+                         f"{names}: make it with Accelerator(log_with={config.report_to!r}, project_dir=...), "
+                         "or let train() make it")
 
 
 def _start_tracker(accelerator, config: TrainConfig) -> bool:

@@ -242,3 +242,53 @@ def test_a_missing_tracker_package_is_named(fresh_pipe, one_pair, train_config, 
     monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
     with pytest.raises(ImportError, match="pip install wandb"):
         kh.train(fresh_pipe, one_pair(), train_config(tmp_path, report_to="wandb"), progress=False)
+
+
+def test_a_wandb_style_tracker_gets_the_records_and_each_preview(fresh_pipe, one_pair, train_config, tmp_path,
+                                                                monkeypatch):
+    import accelerate.utils
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+
+    class WandbStandIn(GeneralTracker):  # wandb's tracker interface, offline: records every call
+        name = "wandb"
+        requires_logging_directory = False
+
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.calls.append(("settings", values))
+
+        def log(self, values, step=None, **kwargs):
+            self.calls.append(("log", step, values))
+
+        def log_images(self, values, step=None, **kwargs):
+            self.calls.append(("images", step, values))
+
+        def finish(self):
+            self.calls.append(("finish",))
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: True)
+    stand_in = WandbStandIn()
+    cfg = train_config(tmp_path, steps=2, preview_every=2, preview_steps=2, report_to="wandb")
+    result = kh.train(fresh_pipe, one_pair(), cfg, accelerator=Accelerator(cpu=True, log_with=[stand_in]),
+                      progress=False)
+    kinds = [c[0] for c in stand_in.calls]
+    assert kinds == ["settings", "log", "log", "images", "finish"], f"settings, two updates, a preview: {kinds}"
+    assert stand_in.calls[0][1]["report_to"] == "wandb" and stand_in.calls[0][1]["alpha"] == "None", (
+        "every setting goes to the tracker as a plain value")
+    assert stand_in.calls[2][1:] == (2, {"loss/total": result.history[1]["loss"],
+                                         "loss/in_mask": result.history[1]["loss_in"],
+                                         "loss/outside": result.history[1]["loss_out"],
+                                         "loss/l2_lora": result.history[1]["l2_lora"],
+                                         "loss/l2_region": result.history[1]["l2_region"],
+                                         "lr": result.history[1]["lr"]}), f"step 2's record: {stand_in.calls[2]}"
+    step, images = stand_in.calls[3][1:]
+    assert step == 2 and len(images["preview"]) == 1 and images["preview"][0].shape[2] == 3, (
+        "one RGB preview [H, W, 3] in a list, as wandb's tracker takes it")
