@@ -27,12 +27,15 @@ def _cli_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a LoRA + region token on a dataset folder (works under accelerate launch)")
     p.add_argument("--config", default=None, help="a YAML file of settings: any TrainConfig field, and data, out, "
-                   "model, preset, resize, push_to_hub; the flags below override it")
+                   "model, preset, resize, preview_data, push_to_hub; the flags below override it")
     p.add_argument("--data", default=None, help="dataset folder: context/ target/ masks/ depth/ prompts.txt")
     p.add_argument("--out", default=None, help="output folder (checkpoints/, previews/, adapter/)")
     p.add_argument("--model", default=None, help="'tiny' (the default), a Hub id or a local pipeline folder")
     p.add_argument("--preset", default=None, help="GPU preset: auto, " + ", ".join(sorted(GPU_PRESETS)))
     p.add_argument("--resize", default=None, choices=["square", "crop"], help="dataset resize policy (square)")
+    p.add_argument("--preview-data", dest="preview_data", default=None, metavar="FOLDER",
+                   help="a dataset folder whose first pair the previews edit (one training never sees); "
+                   "default: the training set's first pair")
     p.add_argument("--push-to-hub", dest="push_to_hub", default=None, metavar="REPO_ID",
                    help="upload the adapter with a model card to this Hub repository (private; your login's token)")
     m = sub.add_parser("memory-plan", help="what FLUX.1 Kontext [dev] keeps in memory for each GPU preset")
@@ -57,7 +60,7 @@ def _cli_parser():
 
 
 RUN_KEYS = {"data": None, "out": None, "model": "tiny", "preset": None, "resize": "square",
-            "push_to_hub": None}  # the run's own settings, not TrainConfig fields
+            "preview_data": None, "push_to_hub": None}  # the run's own settings, not TrainConfig fields
 _FILE_ONLY = ("expected_peak_memory_gb", "peak_memory_source")  # set by presets, never by hand
 
 
@@ -172,9 +175,12 @@ def main(argv: list[str] | None = None) -> TrainResult | dict:
     config = TrainConfig.for_gpu(run["preset"], **overrides) if run["preset"] else TrainConfig(**overrides)
     dataset = KontextPairs(run["data"], resolution=config.resolution, resize=run["resize"])
     config.validate(dataset)
+    preview_pair = None
+    if run["preview_data"]:  # opened (and checked) before any model work, like the training set
+        preview_pair = KontextPairs(run["preview_data"], resolution=config.resolution, resize=run["resize"])[0]
     checkpoint_to_resume(config, verbose=False)  # a checkpoint of other settings fails here, before loading a model
     pipe, cache = load_for_training(run["model"], dataset, config)  # in stages when the preset says so (T4, L4)
-    result = train(pipe, dataset, config, cache=cache)
+    result = train(pipe, dataset, config, cache=cache, preview_pair=preview_pair)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

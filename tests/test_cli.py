@@ -89,11 +89,22 @@ def test_train_from_a_config_file_saves_and_pushes_an_adapter(sample_data, tmp_p
             uploads.append(("upload", repo_id, sorted(os.listdir(folder_path))))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", HubStandIn)
+    held = kh.DrawnPairs(7, 1, 64)[0]  # a pair training never sees, as a one-pair folder
+    kh.write_pair_folder(tmp_path / "held", [held["context"]], [held["target"]], [held["mask"]], [held["depth"]],
+                         [held["prompt"]], names=[held["name"]], resolution=64)
+    previewed = []
+    real_preview = kh.training._training_preview
+    monkeypatch.setattr(kh.training, "_training_preview",
+                        lambda pipe, region, item, *a: previewed.append(item["name"]) or real_preview(pipe, region,
+                                                                                                       item, *a))
     cfg = _write(tmp_path / "run.yaml", f"data: {sample_data}\nout: {tmp_path / 'run'}\nresolution: 64\nsteps: 1\n"
-                                        "rank: 2\nmax_sequence_length: 32\ncheckpoint_every: 0\n")
+                                        "rank: 2\nmax_sequence_length: 32\ncheckpoint_every: 0\npreview_every: 1\n"
+                                        f"preview_steps: 2\npreview_data: {tmp_path / 'held'}\n")
     result = main(["train", "--config", cfg, "--push-to-hub", "me/edit"])
+    assert previewed == [held["name"]], f"preview_data's first pair is the one previewed: {previewed}"
+    assert os.listdir(tmp_path / "run" / "adapter" / "images") == ["preview_00.png"], "the last preview is on the card"
     assert len(result.history) == 1, "one update, as the file says"
     assert (tmp_path / "run" / "adapter" / kh.LORA_WEIGHT_FILE).is_file(), "the adapter is saved under out"
     assert uploads[0] == ("create", "me/edit", True) and uploads[1][:2] == ("upload", "me/edit"), uploads
-    assert {"README.md", kh.LORA_WEIGHT_FILE, kh.REGION_WEIGHT_FILE} <= set(uploads[1][2]), (
+    assert {"README.md", kh.LORA_WEIGHT_FILE, kh.REGION_WEIGHT_FILE, "images"} <= set(uploads[1][2]), (
         f"the pushed folder holds the card and the weights: {uploads[1][2]}")
