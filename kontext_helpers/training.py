@@ -442,7 +442,8 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
     Steps: validate the config (and, with ``config.resume``, the newest checkpoint's config); cache every
     sample once (:func:`build_train_cache`); attach the LoRA; restore the checkpoint; then ``config.steps``
     updates through ``accelerate`` (device placement, mixed precision, gradient accumulation, several
-    processes under ``accelerate launch``), with atomic checkpoints every ``config.checkpoint_every`` updates.
+    processes under ``accelerate launch``), with atomic checkpoints every ``config.checkpoint_every`` updates,
+    previews every ``config.preview_every``, and the losses, lr and previews sent to ``config.report_to``'s tracker.
 
     Args:
         callback: called with each history record (a dict) on the main process, e.g. a live loss plot;
