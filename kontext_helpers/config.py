@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .conditioning import REGION_KINDS
 from .models import LORA_TARGET_PRESETS
 
 
@@ -97,7 +98,7 @@ class TrainConfig:
         if self.lora_targets not in LORA_TARGET_PRESETS:
             problems.append(f"lora_targets={self.lora_targets!r}: choose one of {sorted(LORA_TARGET_PRESETS)}")
         for name, allowed in (("preservation", ("identity", "prior")),
-                              ("region_kind", ("marked", "marked_context", "cells", "linear", "none")),
+                              ("region_kind", (*REGION_KINDS, "none")),
                               ("timestep_sampling", ("uniform", "logit_normal")),
                               ("mixed_precision", ("no", "fp16", "bf16")),
                               ("optimizer", ("adamw", "adamw8bit")),

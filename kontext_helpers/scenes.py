@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .labels import mask_from_difference
+
 SAMPLES_SCRIPT = Path(__file__).resolve().parent.parent / "data_samples" / "make_samples.py"
 
 EDIT_KINDS = ("recolour", "remove", "add", "shape", "material", "keep")
@@ -265,8 +267,6 @@ class DrawnPairs(torch.utils.data.Dataset):
     on ``data_samples/`` never saw, for a held-out yardstick."""
 
     def __init__(self, seed: int, count: int, resolution: int = 128):
-        from .labels import mask_from_difference
-
         self.resolution, self.items, index = int(resolution), [], 0
         while len(self.items) < count:
             kind, spec = random_edit_spec(seed, index)

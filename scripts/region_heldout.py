@@ -23,8 +23,9 @@ the inpaint pipeline's hard constraint); the LoRA alone, with and without blendi
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
-import math
 import os
 import sys
 import tempfile
@@ -50,8 +51,10 @@ class BothMasks(torch.utils.data.Dataset):
     """Twin training pairs with tight and box masks (four samples per scene)."""
 
     def __init__(self, seed: int, indices, resolution: int):
-        self.parts = [kh.TwinPairs(seed, indices, resolution, mask=m) for m in ("tight", "box")]
-        self.parts[1].scenes = self.parts[0].scenes  # the same renders
+        tight = kh.TwinPairs(seed, indices, resolution)
+        box = copy.copy(tight)  # the same renders, rendered once
+        box.mask_kind = "box"
+        self.parts = [tight, box]
         self.resolution = resolution
 
     def __len__(self):
@@ -62,21 +65,15 @@ class BothMasks(torch.utils.data.Dataset):
         return self.parts[0][i] if i < n else self.parts[1][i - n]
 
 
-def psnr_where(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
-    """PSNR (dB) of ``a`` against ``b`` (``[3, H, W]`` in ``[0, 1]``) over the pixels where ``where`` ``[1, H, W]``."""
-    w = where.expand_as(a).bool()
-    mse = float(((a - b) ** 2)[w].mean())
-    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
-
-
 def score(out: torch.Tensor, scene: dict, k: int, mask: torch.Tensor) -> dict:
     """One case: the mask on object ``k``; the other object is ``1 - k``."""
     ctx, objs = scene["context"], scene["objects"]
     changed = kh.object_changed(out, ctx, scene["targets"][k], objs[k])
     other = kh.object_changed(out, ctx, scene["targets"][1 - k], objs[1 - k])
+    in_mask = kh.edit_metrics(out, ctx, scene["targets"][k], scene["masks"][k], lpips=False)  # the silhouette's
+    given = kh.edit_metrics(out, ctx, None, mask, lpips=False)  # outside the mask the edit was given
     return {"right": changed and not other, "masked_changed": changed, "other_changed": other,
-            "in_db": psnr_where(out, scene["targets"][k], scene["masks"][k]),
-            "out_db": psnr_where(out, ctx, mask < 0.5)}
+            "in_db": in_mask["psnr_in_vs_target"], "out_db": given["psnr_out_vs_context"]}
 
 
 def edit(pipe, scene: dict, mask, **kw) -> torch.Tensor:
@@ -86,12 +83,19 @@ def edit(pipe, scene: dict, mask, **kw) -> torch.Tensor:
     return out[0].float().cpu()  # [1, 3, H, W] -> [3, H, W]
 
 
-def inpaint(pipe, scene: dict, mask) -> torch.Tensor:
-    """diffusers' ``FluxKontextInpaintPipeline`` from the same components, the LoRA on, the same seed and depth."""
+@functools.lru_cache(maxsize=1)
+def inpainter_for(pipe):
+    """diffusers' ``FluxKontextInpaintPipeline`` from ``pipe``'s components (the LoRA on), built once per pipe."""
     from diffusers import FluxKontextInpaintPipeline
 
     inpainter = FluxKontextInpaintPipeline(**pipe.components)
     inpainter.set_progress_bar_config(disable=True)
+    return inpainter
+
+
+def inpaint(pipe, scene: dict, mask) -> torch.Tensor:
+    """The inpaint pipeline with the same LoRA, the same seed and depth."""
+    inpainter = inpainter_for(pipe)
     size = scene["context"].shape[-1]
     out = inpainter(image=image_to_pil_rgb(scene["context"]), mask_image=mask_to_pil(mask),
                     prompt=scene["prompt"], strength=1.0, height=size, width=size, max_area=size * size,
