@@ -7,7 +7,8 @@ each pair the script also writes
 
 * a binary *mask* (white = editable region) that covers every pixel that differs between
   context and target, plus the edited object's silhouettes, dilated by a few pixels, and
-* a 16-bit *depth* map of the context scene taken straight from the renderer's z-buffer.
+* a 16-bit *depth* map of the context scene taken straight from the renderer's z-buffer, and
+* a 16-bit *target depth* map of the target scene, in the same encoding.
 
 Run it from the repository root::
 
@@ -762,7 +763,7 @@ def _silhouette(ids: Array, objs: Sequence[Obj], keys: set[str]) -> Array:
 
 def render_pair(spec: SceneSpec) -> dict[str, Array]:
     """Render one pair: ``context``/``target`` uint8 (H, W, 3), ``mask`` uint8 (H, W) 0/255,
-    ``depth`` uint16 (H, W) of the context scene.
+    ``depth`` uint16 (H, W) of the context scene and ``target_depth`` uint16 (H, W) of the target scene.
 
     The mask is the union of every pixel where the two uint8 images differ at all and the
     edited object's silhouettes in both scenes, dilated by :data:`MASK_DILATION_PX`, so no
@@ -775,7 +776,8 @@ def render_pair(spec: SceneSpec) -> dict[str, Array]:
     region = changed | _silhouette(ctx_ids, spec.context, keys) | _silhouette(tgt_ids, spec.target, keys)
     mask = _dilate(region, MASK_DILATION_PX).astype(np.uint8) * 255
     depth = render_depth(spec.context, spec)
-    return {"context": context, "target": target, "mask": mask, "depth": depth}
+    target_depth = render_depth(spec.target, spec)
+    return {"context": context, "target": target, "mask": mask, "depth": depth, "target_depth": target_depth}
 
 
 # --------------------------------------------------------------------------------------
@@ -790,15 +792,15 @@ def _save_png(array: Array, path: Path) -> None:
 
 README_NAME = "README.md"
 PROMPTS_NAME = "prompts.txt"
-SUBDIRS = ("context", "target", "masks", "depth")
+SUBDIRS = ("context", "target", "masks", "depth", "target_depth")
 
 _README_TEMPLATE = """\
 # data_samples: a tiny mask-guided editing dataset
 
 {count} image-editing pairs for the FLUX.1 Kontext LoRA notebooks. Each pair is one small 3-D
 scene rendered twice: the **context** image as it is, and the **target** image with exactly one
-edit applied. The **mask** marks the region that is allowed to change and the **depth** map
-describes the context scene.
+edit applied. The **mask** marks the region that is allowed to change, the **depth** map
+describes the context scene and the **target depth** map the target scene.
 
 ## Layout
 
@@ -808,6 +810,7 @@ data_samples/
   target/   <stem>.png   {size}x{size} RGB, the edited image
   masks/    <stem>.png   {size}x{size} L, 0 or 255; white = editable region
   depth/    <stem>.png   {size}x{size} 16-bit greyscale (PIL mode I;16), depth of the context scene
+  target_depth/ <stem>.png  {size}x{size} 16-bit greyscale, depth of the target scene (same encoding)
   prompts.txt            one edit instruction per line, in sorted stem order
   make_samples.py        the renderer that wrote every file here
   README.md              this file (also written by make_samples.py)
@@ -836,6 +839,22 @@ gradient and distance fog. Colour images use 2x2 supersampling.
 * **Depth**: one ray through each pixel centre of the context scene; the first hit's
   camera-space depth `z` (distance along the viewing axis) from the z-buffer. The sky and floor
   beyond the far plane count as `z = FAR`.
+* **Target depth**: the same for the target scene. It equals the context's depth wherever the
+  geometry stays (everywhere for a recolour or material edit) and differs only inside the mask
+  where an object is added, removed or reshaped.
+
+## Which depth to give
+
+* The **context's depth** describes the scene as it is. Give it for appearance edits that
+  depend on distance (fog, haze, depth of field, "darken the background"): the edit reads how
+  far each pixel is, and the geometry does not change.
+* The **target's depth** describes the geometry the edit should produce. Give it for geometry
+  control, "add it here, in this shape": where a box goes and how big it is, or which shape an
+  object becomes, is then in the depth map and nowhere else.
+* Either way the convention is **near = bright** (below). Metric depth (far = large, in metres)
+  must be inverted first: `kh.estimate_depth(..., invert=True)` or
+  `kontext_helpers.images.pil_to_depth_array(img, invert=True)`. Relative inverse depth (MiDaS,
+  Depth Anything) is near = bright already and is used as it is.
 
 There is no randomness and no clock. Rerunning gives the same pixels on any machine, and the
 same PNG bytes with the same Pillow/zlib build (`tests/test_data_samples.py` checks this).
@@ -874,6 +893,8 @@ Only numpy and Pillow are needed; the whole set renders in well under a minute o
 * The mask brought down to the transformer's token grid (512 px -> 64x64 latents -> 32x32
   tokens), to see which tokens the region token and the masked loss treat as editable.
 * The depth map with its colour bar, decoded back to `z`, and that bright means near.
+* The target depth beside the depth: the same map except inside the mask of an add, remove or
+  shape pair.
 
 ## Licence
 
@@ -903,7 +924,7 @@ def readme_text() -> str:
 def write_dataset(out_dir: str | Path) -> list[str]:
     """Render every pair in :data:`SCENES` into ``out_dir``; return the stems written.
 
-    Writes ``context/``, ``target/``, ``masks/`` and ``depth/`` PNGs, ``prompts.txt`` (one
+    Writes ``context/``, ``target/``, ``masks/``, ``depth/`` and ``target_depth/`` PNGs, ``prompts.txt`` (one
     prompt per line, in stem order) and ``README.md``.
     """
     out = Path(out_dir)
@@ -917,6 +938,7 @@ def write_dataset(out_dir: str | Path) -> list[str]:
         _save_png(pair["target"], out / "target" / f"{name}.png")
         _save_png(pair["mask"], out / "masks" / f"{name}.png")
         _save_png(pair["depth"], out / "depth" / f"{name}.png")
+        _save_png(pair["target_depth"], out / "target_depth" / f"{name}.png")
         stems.append(name)
     prompts = "".join(f"{spec.prompt}\n" for spec in SCENES)
     (out / PROMPTS_NAME).write_bytes(prompts.encode("utf-8"))

@@ -4,6 +4,8 @@
 * Every mask covers every pixel that differs between its context and target image.
 * Depth maps are 16-bit with far more than 256 levels; masks are binary, non-empty, not full.
 * ``prompts.txt`` has one non-empty line per pair.
+* Each target depth equals its context depth outside the mask, and differs inside it exactly for the pairs
+  that change geometry (add, remove, shape).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 from PIL import Image
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data_samples"
-IMAGE_DIRS = ("context", "target", "masks", "depth")
+IMAGE_DIRS = ("context", "target", "masks", "depth", "target_depth")
 
 
 def _load_make_samples() -> ModuleType:
@@ -117,9 +119,10 @@ def test_mask_is_binary_non_empty_and_not_full(stem: str) -> None:
     assert (mask == 0).any(), f"{stem}: mask covers the whole image"
 
 
+@pytest.mark.parametrize("sub", ["depth", "target_depth"])
 @pytest.mark.parametrize("stem", STEMS)
-def test_depth_is_16_bit_with_many_levels(stem: str) -> None:
-    path = DATA_DIR / "depth" / f"{stem}.png"
+def test_depth_is_16_bit_with_many_levels(stem: str, sub: str) -> None:
+    path = DATA_DIR / sub / f"{stem}.png"
     header = path.read_bytes()[:26]
     bit_depth, colour_type = header[24], header[25]
     assert bit_depth == 16, f"{stem}: depth PNG has bit depth {bit_depth}, expected 16"
@@ -161,3 +164,20 @@ def test_depth_round_trip_decodes_camera_depth() -> None:
     assert falling, f"depth values should fall with distance, got {v.tolist()}"
     back = make_samples.decode_depth(v)
     assert np.allclose(back, z, rtol=1e-3), f"decode_depth(encode_depth(z)) = {back.tolist()}, expected {z}"
+
+
+@pytest.mark.parametrize("index", range(len(make_samples.SCENES)))
+def test_target_depth_differs_from_the_context_depth_only_where_the_geometry_changes(index: int) -> None:
+    spec = make_samples.SCENES[index]
+    name, kind = make_samples.stem(index, spec), make_samples.edit_kind(spec)
+    depth, target_depth = _load("depth", name), _load("target_depth", name)
+    mask = _load("masks", name) == 255
+    differs = depth != target_depth
+    outside = int((differs & ~mask).sum())
+    assert not outside, f"{name}: the target depth changes {outside} px outside the mask"
+    if kind in ("add", "remove", "shape"):
+        assert differs.sum() > 0.01 * differs.size, f"{name} ({kind}): the target depth must show the new geometry"
+    else:
+        assert not differs.any(), f"{name} ({kind}): a {kind} edit keeps the geometry, so both depths are equal"
+    encoded = make_samples.render_depth(spec.target, spec)
+    assert np.array_equal(encoded, target_depth), f"{name}: target_depth/ holds the target scene's depth"
