@@ -5,6 +5,7 @@ A training set is one folder, one pair per file stem (see ``docs/design.md``, "T
     DATA_ROOT/context/<stem>.<ext>  source image        DATA_ROOT/target/<stem>.<ext>  edited image
     DATA_ROOT/masks/<stem>.<ext>    white = editable    DATA_ROOT/depth/<stem>.<ext>   near = bright
     DATA_ROOT/prompts.txt           one prompt per line, in the order of the sorted stems
+    DATA_ROOT/target_depth/<stem>.<ext>   optional: the target's depth (the geometry the edit should produce)
 
 :class:`KontextPairs` checks the whole folder when it is opened and raises one ``ValueError`` that lists every
 problem with its file. The helpers below make such a folder from your own images. Every conversion of a
@@ -40,6 +41,7 @@ from .images import (
 from .labels import mask_from_difference
 
 _PAIR_FOLDERS = ("context", "target", "masks", "depth")
+_OPTIONAL_FOLDERS = ("target_depth",)  # read when present; then every stem needs an image there too
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
@@ -54,8 +56,8 @@ _DATA_FIX_HINTS = {
     "root": "pass the folder that holds context/, target/, masks/, depth/ and prompts.txt.",
     "missing folder": "create the folder with one image per pair, named by the pair's stem "
     "(context/cat.png -> target/cat.png, masks/cat.png, depth/cat.png).",
-    "missing image": "give every stem one image in each of context/, target/, masks/, depth/, or delete "
-    "that stem from every folder (and its line from prompts.txt).",
+    "missing image": "give every stem one image in each of context/, target/, masks/, depth/ (and target_depth/ "
+    "when it exists), or delete that stem from every folder (and its line from prompts.txt).",
     "stray file": "keep only images (.png .jpg .jpeg .webp .tif .tiff) directly in the four image "
     "folders; move other files next to prompts.txt.",
     "duplicate stem": "keep one image per stem in each folder (cat.png and cat.jpg are the same pair): "
@@ -170,13 +172,15 @@ def _pair_files(root: Path, problems: list) -> dict[str, dict[str, Path]]:
         if (root / folder).is_dir():
             files[folder] = _folder_images(root, folder, problems)
             continue
-        close = difflib.get_close_matches(folder, [d for d in root_dirs if d not in _PAIR_FOLDERS], n=1)
+        others = [d for d in root_dirs if d not in _PAIR_FOLDERS + _OPTIONAL_FOLDERS]
+        close = difflib.get_close_matches(folder, others, n=1)
         hint = f" (there is a folder {close[0]}/: rename it to {folder}/)" if close else ""
         problems.append(("missing folder", f"{folder}/ is missing: expected {root / folder}{hint}"))
     nested = [] if files else [d for d in root_dirs if all((root / d / f).is_dir() for f in _PAIR_FOLDERS)]
     if nested:
         problems.append(("root", f"none of context/, target/, masks/, depth/ is in {root}, but they are in "
                          f"{root / nested[0]}: did you mean that folder?"))
+    files.update({f: _folder_images(root, f, problems) for f in _OPTIONAL_FOLDERS if (root / f).is_dir()})
     return files
 
 
@@ -203,7 +207,7 @@ def _image_problems(files: dict, stems: list[str], complete: list[str], mask_thr
         sizes[folder, stem] = size
     for stem in complete:
         ref = sizes.get(("context", stem))
-        for folder in ("target", "masks", "depth"):
+        for folder in [f for f in files if f != "context"]:
             size = sizes.get((folder, stem))
             if ref and size and not _same_frame(ref, size):
                 problems.append(("size mismatch", f"{folder}/{files[folder][stem].name} is {size[0]}x{size[1]} but "
@@ -262,7 +266,7 @@ def _scan_pair_folder(root: Path, resolution, resize, mask_threshold, depth_norm
     problems += _prompt_count_problems(prompts_file, prompts, stems, complete)
     if problems:
         return [], problems
-    return [(stem, {f: files[f][stem] for f in _PAIR_FOLDERS}, p) for stem, p in zip(complete, prompts)], []
+    return [(stem, {f: found[stem] for f, found in files.items()}, p) for stem, p in zip(complete, prompts)], []
 
 
 def _format_data_problems(root, problems) -> str:
@@ -310,7 +314,9 @@ class KontextPairs(torch.utils.data.Dataset):
     Items (``dataset[i]``), with ``H = W = resolution``:
         ``context`` ``[3, H, W]`` float32 in ``[0, 1]``; ``target`` ``[3, H, W]`` float32 in ``[0, 1]``;
         ``mask`` ``[1, H, W]`` float32 in {0, 1}; ``depth`` ``[1, H, W]`` float32 in ``[0, 1]`` (near = 1);
-        ``prompt`` str; ``name`` str (the file stem). A ``DataLoader`` stacks them to ``[B, ...]``.
+        ``prompt`` str; ``name`` str (the file stem). A ``DataLoader`` stacks them to ``[B, ...]``. With a
+        ``target_depth/`` folder also ``target_depth`` ``[1, H, W]``: the target's depth, checked, read and
+        resized like ``depth`` (each map normalised on its own), the geometry the edit should produce.
     """
 
     def __init__(
@@ -342,25 +348,27 @@ class KontextPairs(torch.utils.data.Dataset):
     @classmethod
     def from_hf_dataset(cls, ds, root: str | os.PathLike, *, context: str = "context", target: str = "target",
                         mask: str | None = "mask", depth: str = "depth", prompt: str = "prompt",
-                        name: str | None = None, overwrite: bool = False, resolution: int = 512, progress: bool = True,
-                        **dataset_kwargs) -> KontextPairs:
+                        name: str | None = None, target_depth: str | None = None, overwrite: bool = False,
+                        resolution: int = 512, progress: bool = True, **dataset_kwargs) -> KontextPairs:
         """A Hugging Face ``datasets.Dataset`` (or any sequence of row dicts) written as a dataset folder, opened.
 
         Each argument names the column that holds that part of a pair: images as PIL (a ``datasets.Image()``
         column), ``[C, H, W]`` tensors or arrays; the prompt a one-line string; ``name`` optional file stems
-        (default ``0000``, ``0001``, ...). ``mask=None``: no mask column, each mask is derived from its pair with
-        :func:`mask_from_difference` (its defaults). Every missing column, empty or mistyped cell and repeated name
-        is listed in **one** ``ValueError`` (row and column named) before anything is written; then each row is
-        written as :func:`write_pair_folder` writes a pair, and the folder opens with its own checks.
+        (default ``0000``, ``0001``, ...); ``target_depth`` optional target depth maps (to ``target_depth/``).
+        ``mask=None``: no mask column, each mask is derived from its pair with :func:`mask_from_difference`.
+        Every missing column, empty or mistyped cell and repeated name is listed in **one** ``ValueError`` (row
+        and column named) before anything is written; then each row is written as :func:`write_pair_folder`
+        writes a pair, and the folder opens with its own checks.
         """
         from tqdm.auto import tqdm
 
-        columns = {"context": context, "target": target, "mask": mask, "depth": depth, "prompt": prompt, "name": name}
+        columns = {"context": context, "target": target, "mask": mask, "depth": depth, "prompt": prompt, "name": name,
+                   "target_depth": target_depth}
         columns = {part: col for part, col in columns.items() if col is not None}
         _check_hf_columns(ds, columns)
         names, prompts = _checked_hf_rows(ds, columns, progress)
         root = Path(root).expanduser()
-        _prepare_pair_folder(root, overwrite)
+        _prepare_pair_folder(root, overwrite, with_target_depth=target_depth is not None)
         for i in tqdm(range(len(ds)), desc="writing pairs", disable=not progress, mininterval=0.5):
             row = ds[i]
             pair = {key: row[columns[part]] for key, part in _IMAGE_PARTS.items() if part in columns}
@@ -381,7 +389,8 @@ class KontextPairs(torch.utils.data.Dataset):
         return list(self._prompts)
 
     def files(self, index: int) -> dict:
-        """The four file paths of pair ``index``: ``{"context", "target", "masks", "depth"} -> Path``."""
+        """The file paths of pair ``index``: ``{"context", "target", "masks", "depth"} -> Path`` (and
+        ``"target_depth"`` when the folder has one)."""
         return dict(self._files[index])
 
     def __len__(self) -> int:
@@ -396,21 +405,27 @@ class KontextPairs(torch.utils.data.Dataset):
         context = pil_to_rgb(open_image(files["context"]))
         target = pil_to_rgb(open_image(files["target"]))
         mask = pil_to_binary_mask(open_image(files["masks"]), self.mask_threshold)  # L, {0, 255}
-        depth = pil_to_depth_array(open_image(files["depth"]), self.depth_normalize, self.depth_invert)
-        depth = Image.fromarray(depth.astype(np.float32))  # mode F: resizing keeps every level
         box = _crop_box(context.size, self.resize)  # in context pixels; mapped onto each image's own size
         rs, ref = Image.Resampling, context.size
         context, target = (self._fit(img, box, ref, rs.BICUBIC) for img in (context, target))
-        mask, depth = self._fit(mask, box, ref, rs.NEAREST), self._fit(depth, box, ref, rs.BILINEAR)
-        depth_values = np.clip(np.array(depth, dtype=np.float32), 0.0, 1.0)  # [H, W]
-        return {
+        item = {
             "context": pil_to_rgb_tensor(context),  # [3, H, W] in [0, 1]
             "target": pil_to_rgb_tensor(target),  # [3, H, W] in [0, 1]
-            "mask": torch.from_numpy(np.array(mask) >= 128).float()[None],  # [H, W] -> [1, H, W] in {0, 1}
-            "depth": torch.from_numpy(depth_values)[None],  # [H, W] -> [1, H, W] in [0, 1], near = 1
+            "mask": torch.from_numpy(np.array(self._fit(mask, box, ref, rs.NEAREST)) >= 128).float()[None],  # [1, H, W]
+            "depth": self._depth(files["depth"], box, ref),  # [1, H, W] in [0, 1], near = 1
             "prompt": prompt,
             "name": name,
         }
+        if "target_depth" in files:
+            item["target_depth"] = self._depth(files["target_depth"], box, ref)  # [1, H, W], near = 1
+        return item
+
+    def _depth(self, path, box, ref_size) -> torch.Tensor:
+        """One depth file as ``[1, H, W]`` in ``[0, 1]``, near = 1: normalised, then resized bilinearly on float."""
+        depth = pil_to_depth_array(open_image(path), self.depth_normalize, self.depth_invert)
+        depth = Image.fromarray(depth.astype(np.float32))  # mode F: resizing keeps every level
+        depth = self._fit(depth, box, ref_size, Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.clip(np.array(depth, dtype=np.float32), 0.0, 1.0))[None]  # [H, W] -> [1, H, W]
 
     def _fit(self, img, box, ref_size, resample):
         """``img`` resized to ``resolution x resolution`` from the crop ``box`` (given in context pixels)."""
@@ -418,7 +433,8 @@ class KontextPairs(torch.utils.data.Dataset):
         return img.resize(size, resample, box=_scale_box(box, ref_size, img.size))
 
 
-_IMAGE_PARTS = {"contexts": "context", "targets": "target", "masks": "mask", "depths": "depth"}  # list -> part
+_IMAGE_PARTS = {"contexts": "context", "targets": "target", "masks": "mask", "depths": "depth",
+                "target_depths": "target_depth"}  # list -> part
 
 
 def _cell_problem(part: str, value) -> str | None:
@@ -442,12 +458,11 @@ def _repeated(names: list[str]) -> list[str]:
     return sorted({n for n in names if n in seen or seen.add(n)})
 
 
-def _pair_lists(contexts, targets, masks, depths, prompts, names) -> tuple[dict[str, list], list[str]]:
+def _pair_lists(contexts, targets, masks, depths, prompts, names, target_depths) -> tuple[dict[str, list], list]:
     """The lists of :func:`write_pair_folder`, checked: one item per pair, usable names, one-line prompts."""
-    lists = {"contexts": contexts, "targets": targets, "masks": masks, "depths": depths, "prompts": prompts}
-    if names is not None:
-        lists["names"] = names
-    lists = {key: list(value) for key, value in lists.items()}
+    lists = {"contexts": contexts, "targets": targets, "masks": masks, "depths": depths, "prompts": prompts,
+             "names": names, "target_depths": target_depths}
+    lists = {key: list(value) for key, value in lists.items() if value is not None}
     lengths = {key: len(value) for key, value in lists.items()}
     if len(set(lengths.values())) != 1:
         listed = ", ".join(f"{key}={n}" for key, n in lengths.items())
@@ -468,8 +483,9 @@ def _pair_lists(contexts, targets, masks, depths, prompts, names) -> tuple[dict[
     return lists, names
 
 
-def _prepare_pair_folder(root: Path, overwrite: bool) -> None:
-    """Create the four folders; a non-empty ``root`` is refused unless ``overwrite`` (then they are emptied)."""
+def _prepare_pair_folder(root: Path, overwrite: bool, with_target_depth: bool = False) -> None:
+    """Create the four folders (and ``target_depth/``); a non-empty ``root`` is refused unless ``overwrite``
+    (then they and any old ``target_depth/`` are removed first)."""
     if root.exists() and not root.is_dir():
         raise ValueError(f"{root} is a file, not a folder")
     if root.is_dir() and any(root.iterdir()):
@@ -477,11 +493,11 @@ def _prepare_pair_folder(root: Path, overwrite: bool) -> None:
             present = ", ".join(sorted(p.name for p in root.iterdir())[:8])
             raise FileExistsError(f"{root} is not empty ({present}); pass overwrite=True to replace its "
                                   "context/ target/ masks/ depth/ and prompts.txt, or choose a new folder")
-        for folder in _PAIR_FOLDERS:
+        for folder in _PAIR_FOLDERS + _OPTIONAL_FOLDERS:
             if (root / folder).is_dir():
                 shutil.rmtree(root / folder)
         (root / "prompts.txt").unlink(missing_ok=True)
-    for folder in _PAIR_FOLDERS:
+    for folder in _PAIR_FOLDERS + (_OPTIONAL_FOLDERS if with_target_depth else ()):
         (root / folder).mkdir(parents=True, exist_ok=True)
 
 
@@ -509,8 +525,10 @@ def _write_pair(root: Path, name: str, pair: dict, where: str) -> None:
                              "(for [-1, 1] images use (x + 1) / 2)")
         rgb_tensor_to_pil(rgb).save(root / folder / f"{name}.png")
     mask_to_pil(pair["masks"], f"masks{where}").save(root / "masks" / f"{name}.png")
-    levels = _depth_levels_16bit(pair["depths"], f"depths{where}")
-    Image.fromarray(levels).save(root / "depth" / f"{name}.png")  # uint16 [H, W] -> 16-bit grey PNG
+    for folder, key in (("depth", "depths"), ("target_depth", "target_depths")):
+        if pair.get(key) is not None:
+            levels = _depth_levels_16bit(pair[key], f"{key}{where}")
+            Image.fromarray(levels).save(root / folder / f"{name}.png")  # uint16 [H, W] -> 16-bit grey PNG
 
 
 def _write_prompts(root: Path, names: list[str], prompts: list[str]) -> None:
@@ -519,19 +537,9 @@ def _write_prompts(root: Path, names: list[str], prompts: list[str]) -> None:
     (root / "prompts.txt").write_text("".join(by_name[name].strip() + "\n" for name in sorted(names)), encoding="utf-8")
 
 
-def write_pair_folder(
-    root: str | os.PathLike,
-    contexts,
-    targets,
-    masks,
-    depths,
-    prompts,
-    *,
-    names=None,
-    overwrite: bool = False,
-    resolution: int = 512,
-    **dataset_kwargs,
-) -> KontextPairs:
+def write_pair_folder(root: str | os.PathLike, contexts, targets, masks, depths, prompts, *, names=None,
+                      target_depths=None, overwrite: bool = False, resolution: int = 512,
+                      **dataset_kwargs) -> KontextPairs:
     """Write your own pairs as a dataset folder (the layout of :class:`KontextPairs`), then open it.
 
     Files: ``context/<name>.png`` and ``target/<name>.png`` (8-bit RGB), ``masks/<name>.png`` (8-bit, 0 /
@@ -547,17 +555,18 @@ def write_pair_folder(
             arrays in ``[0, 1]`` with near = 1, e.g. from :func:`estimate_depth`.
         prompts: one non-empty single-line string per pair.
         names: file stems (default ``0000``, ``0001``, ...). Pairs are matched by these names.
-        overwrite: allow a non-empty ``root``; its ``context/ target/ masks/ depth/`` folders and
+        target_depths: optional, the target's depth maps (like ``depths``), written to ``target_depth/``.
+        overwrite: allow a non-empty ``root``; its ``context/ target/ masks/ depth/ target_depth/`` folders and
             ``prompts.txt`` are deleted first (other files are kept).
         resolution, dataset_kwargs: passed to :class:`KontextPairs`.
     Returns:
         the opened (validated) :class:`KontextPairs`.
     """
-    lists, names = _pair_lists(contexts, targets, masks, depths, prompts, names)
+    lists, names = _pair_lists(contexts, targets, masks, depths, prompts, names, target_depths)
     root = Path(root).expanduser()
-    _prepare_pair_folder(root, overwrite)
+    _prepare_pair_folder(root, overwrite, with_target_depth=target_depths is not None)
     for i, name in enumerate(names):
-        _write_pair(root, name, {key: lists[key][i] for key in _IMAGE_PARTS}, f"[{i}]")
+        _write_pair(root, name, {key: lists[key][i] for key in _IMAGE_PARTS if key in lists}, f"[{i}]")
     _write_prompts(root, names, lists["prompts"])
     return KontextPairs(root, resolution, **dataset_kwargs)
 
@@ -573,7 +582,8 @@ def _check_hf_columns(ds, columns: dict[str, str]) -> None:
     problems += ["the dataset has no rows"] if not len(ds) else []
     if problems:
         raise ValueError("from_hf_dataset: " + "; ".join(problems) + f". The dataset has the columns {available}; "
-                         "name yours with context=, target=, mask=, depth=, prompt= (and name=); no masks: mask=None")
+                         "name yours with context=, target=, mask=, depth=, prompt= (and name=, target_depth=); "
+                         "no masks: mask=None")
 
 
 def _row_problems(i: int, row: dict, columns: dict[str, str]) -> list[str]:

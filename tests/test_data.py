@@ -683,3 +683,96 @@ def test_from_hf_dataset_asks_for_rows_of_a_streamed_dataset(sample_data, tmp_pa
     with pytest.raises(TypeError, match=r"list\(ds.take"):
         kh.KontextPairs.from_hf_dataset(ds.to_iterable_dataset(), tmp_path / "s", **_HF_COLUMNS)
     assert not (tmp_path / "s").exists(), "nothing is written"
+
+
+# --------------------------------------------------------------------------------------------------
+# The target's depth (optional target_depth/ folder)
+# --------------------------------------------------------------------------------------------------
+
+
+def _add_target_depths(root: Path, stems=("a", "b", "c"), size=(32, 32)) -> None:
+    """A 16-bit target depth per stem: a ramp that rises to the right (near = bright on the right)."""
+    (root / "target_depth").mkdir()
+    ramp = np.tile(np.linspace(0, 65535, size[0]).astype(np.uint16), (size[1], 1))  # [H, W]
+    for stem in stems:
+        Image.fromarray(ramp).save(root / "target_depth" / f"{stem}.png")
+
+
+def test_without_a_target_depth_folder_items_have_no_target_depth(pair_folder):
+    item = kh.KontextPairs(pair_folder, resolution=32)[0]
+    assert "target_depth" not in item, f"no target_depth/ folder, no key: {sorted(item)}"
+
+
+def test_target_depth_is_read_resized_and_normalised_like_depth(pair_folder):
+    _add_target_depths(pair_folder, size=(64, 64))  # another size, the same frame: resized like depth
+    ds = kh.KontextPairs(pair_folder, resolution=32)
+    item = ds[1]
+    td = item["target_depth"]
+    assert td.shape == (1, 32, 32) and td.dtype == torch.float32, f"[1, H, W] float32, got {tuple(td.shape)}"
+    assert float(td.min()) >= 0.0 and float(td.max()) <= 1.0, "target depth in [0, 1]"
+    row = td[0, 5]
+    assert float(row[0]) < 0.05 and float(row[-1]) > 0.95 and bool((row.diff() > 0).all()), (
+        f"the ramp survives (far left, near right): {row[:3].tolist()} ... {row[-3:].tolist()}")
+    assert ds.files(1)["target_depth"].name == "b.png", f"files() names the target depth: {ds.files(1)}"
+    flipped = kh.KontextPairs(pair_folder, resolution=32, depth_invert=True)[1]["target_depth"]
+    torch.testing.assert_close(flipped, 1 - td, atol=1e-5, rtol=0, msg="depth_invert flips the target depth too")
+
+
+def test_target_depth_folder_is_checked_like_depth(pair_folder):
+    _add_target_depths(pair_folder, stems=("a", "b"))
+    Image.fromarray(np.zeros((16, 32), np.uint16)).save(pair_folder / "target_depth" / "b.png")  # another frame
+    Image.fromarray(np.full((32, 32), np.nan, np.float32)).save(pair_folder / "target_depth" / "a.tif")
+    (pair_folder / "target_depth" / "a.png").unlink()
+    text = open_error(pair_folder, resolution=32)
+    for expected in ("target_depth/c.* does not exist", "target_depth/b.png is 32x16",
+                     "target_depth/a.tif contains NaN"):
+        assert expected in text, f"missing {expected!r} in the one error: {text}"
+
+
+def test_write_pair_folder_writes_target_depths_and_overwrite_drops_old_ones(tmp_path):
+    args = ([torch.zeros(3, 16, 16)], [torch.ones(3, 16, 16)], [torch.ones(1, 16, 16)], [torch.zeros(1, 16, 16)],
+            ["brighten it"])
+    ramp = torch.linspace(0, 1, 16).expand(1, 16, 16)  # [1, H, W], near on the right
+    ds = kh.write_pair_folder(tmp_path, *args, target_depths=[ramp], resolution=16, depth_normalize="none")
+    torch.testing.assert_close(ds[0]["target_depth"], ramp, atol=0.5 / 65535 + 1e-6, rtol=0,
+                               msg="target depth round trip keeps 16-bit precision")
+    with Image.open(tmp_path / "target_depth" / "0000.png") as img:
+        assert img.mode.startswith("I;16"), f"target depth is written as a 16-bit PNG, got mode {img.mode}"
+    again = kh.write_pair_folder(tmp_path, *args, resolution=16, overwrite=True)
+    assert "target_depth" not in again[0] and not (tmp_path / "target_depth").exists(), (
+        "overwrite without target depths removes the old target_depth/ folder")
+    with pytest.raises(ValueError, match="target_depths=2"):
+        kh.write_pair_folder(tmp_path / "n", *args, target_depths=[ramp, ramp])
+    with pytest.raises(ValueError, match=r"target_depths\[0\] has values"):
+        kh.write_pair_folder(tmp_path / "m", *args, target_depths=[ramp * 2])
+
+
+def test_committed_data_samples_carry_their_target_depths(sample_data):
+    ds = kh.KontextPairs(sample_data, depth_normalize="none")  # native 512 px, no resampling
+    for i in (0, 1):
+        item = ds[i]
+        assert item["target_depth"].shape == (1, 512, 512), f"{item['name']}: target_depth is read"
+    same = ds[0]  # a recolour: the geometry, so the depth, stays
+    torch.testing.assert_close(same["target_depth"], same["depth"], msg="a recolour keeps the depth")
+    removed = ds[1]  # a remove: the depth changes inside the mask only
+    differs = (removed["target_depth"] - removed["depth"]).abs() > 1e-3  # [1, H, W]
+    assert differs.any() and not (differs & (removed["mask"] < 0.5)).any(), "the depth changes inside the mask"
+
+
+def test_from_hf_dataset_reads_a_target_depth_column(sample_data, tmp_path):
+    ds, stems = _hf_pairs(sample_data, count=2)
+    import datasets
+
+    paths = [str(sample_data / "target_depth" / f"{s}.png") for s in stems]
+    ds = ds.add_column("goal_depth", paths).cast_column("goal_depth", datasets.Image())  # paths -> PIL images
+    pairs = kh.KontextPairs.from_hf_dataset(ds, tmp_path / "td", **_HF_COLUMNS, target_depth="goal_depth",
+                                            name="id", resolution=64, progress=False)
+    folder = kh.KontextPairs(sample_data, resolution=64)
+    torch.testing.assert_close(pairs[1]["target_depth"], folder[1]["target_depth"], atol=2e-5, rtol=0,
+                               msg="the target depth column lands in target_depth/")
+    rows = [dict(ds[0], goal_depth=None), dict(ds[1])]
+    with pytest.raises(ValueError, match=r"row 0, column 'goal_depth' \(target_depth\): empty"):
+        kh.KontextPairs.from_hf_dataset(rows, tmp_path / "bad", **_HF_COLUMNS, target_depth="goal_depth",
+                                        progress=False)
+    with pytest.raises(ValueError, match=r"'depth_after' \(for target_depth\) is not in the dataset"):
+        kh.KontextPairs.from_hf_dataset(ds, tmp_path / "gone", **_HF_COLUMNS, target_depth="depth_after")
