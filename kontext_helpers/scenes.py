@@ -10,6 +10,7 @@ pairs stay held out for the course's LoRA.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import sys
@@ -276,6 +277,202 @@ class DrawnPairs(torch.utils.data.Dataset):
             pair = render_training_pair(spec, self.resolution)
             mask = mask_from_difference(pair["context"], pair["target"], threshold=0.0, dilate=2)  # [1, H, W]
             self.items.append(dict(pair, mask=mask, name=f"drawn_{seed}_{index - 1}_{kind}"))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+# --------------------------------------------------------------------------------------------------
+# depth scenes: one prompt per family; only the depth map says where, what shape, or how far
+# --------------------------------------------------------------------------------------------------
+
+DEPTH_FAMILIES = ("placement", "shape", "fog")
+DEPTH_PROMPTS = {"placement": "add a red box", "shape": "make the red object match the depth", "fog": "add fog"}
+DEPTH_SCALE = 0.82  # the renderer's 16-bit code / 65535 of the nearest floor pixel is about 0.813 for every view
+FOG_COLOUR = (0.80, 0.82, 0.86)
+FOG_STRENGTH = 0.8
+_SCENERY_COLOURS = ("green", "blue", "yellow", "purple", "white", "teal")  # never red-like: red marks the edit
+
+
+def fixed_depth(ms, objs, spec, size: int) -> torch.Tensor:
+    """The scene's depth ``[1, H, W]``, near = 1, by one fixed mapping (the 16-bit code over ``DEPTH_SCALE`` of
+    full range), not per-image min-max: a context and its target share one scale, so the target depth differs
+    from the context's only where the geometry does (an added box in the bottom row would rescale a min-max map
+    everywhere, and a min-max map would hide the absolute distance that fog reads)."""
+    code = ms.render_depth(objs, spec, size=size).astype(np.float32) / 65535.0  # [H, W], 0 = sky / far plane
+    return torch.from_numpy(np.clip(code / DEPTH_SCALE, 0.0, 1.0))[None]  # [H, W] -> [1, H, W]
+
+
+def add_fog(image: torch.Tensor, depth: torch.Tensor, strength: float = FOG_STRENGTH) -> torch.Tensor:
+    """Distance fog: ``image`` ``[3, H, W]`` blended toward ``FOG_COLOUR`` by ``strength * (1 - depth)`` (depth
+    ``[1, H, W]``, near = 1), so the far plane and the sky get ``strength`` of fog and the nearest floor almost none."""
+    weight = strength * (1.0 - depth)  # [1, H, W], broadcasts over the channels
+    fog = torch.tensor(FOG_COLOUR, dtype=image.dtype)[:, None, None]  # [3] -> [3, 1, 1]
+    return image * (1.0 - weight) + fog * weight
+
+
+def _scenery(ms, rng, count: int, placed: list) -> list:
+    """``count`` matte non-red objects at free spots (fewer when there is no room)."""
+    objs = []
+    for key in "abc"[:count]:
+        obj = _random_object(ms, rng, key, placed + objs, _SCENERY_COLOURS)
+        objs += [dataclasses.replace(obj, material="matte")] if obj is not None else []
+    return objs
+
+
+def _red_box(ms, rng, placed: list):
+    """A matte red box of random size and turn at a free spot on the floor, or ``None``."""
+    for _ in range(40):
+        radius, height = float(rng.uniform(0.35, 0.7)), float(rng.uniform(0.5, 1.4))
+        x, z = float(rng.uniform(-2.3, 2.3)), float(rng.uniform(-2.6, 1.4))
+        if all(math.hypot(x - o.x, z - o.z) > 1.42 * (radius + o.radius) + 0.2 for o in placed):  # corners
+            return ms.Obj("n", "box", round(x, 3), round(z, 3), round(radius, 3), round(height, 3), "red", "matte",
+                          round(float(rng.uniform(-45, 45)), 2))
+    return None
+
+
+def _red_shape(ms, rng, base, shape: str):
+    """The red object ``base`` (key ``"r"``) as ``shape``, at the same place with a new size."""
+    radius = float(rng.uniform(0.55, 0.85)) if shape == "sphere" else float(rng.uniform(0.45, 0.75))
+    height = 0.0 if shape == "sphere" else float(rng.uniform(0.8, 1.7))
+    yaw = float(rng.uniform(-45, 45)) if shape == "box" else 0.0
+    return dataclasses.replace(base, shape=shape, radius=round(radius, 3), height=round(height, 3),
+                               yaw_deg=round(yaw, 2))
+
+
+def _changed_area(ms, spec, objs_a, objs_b) -> np.ndarray:
+    """Pixels (at 64 px) where two scenes' depths differ: the visible part of what changed."""
+    return ms.render_depth(objs_a, spec, size=64) != ms.render_depth(objs_b, spec, size=64)  # [64, 64] bool
+
+
+def _geometry_targets(ms, rng, family: str, spec) -> tuple | None:
+    """Two targets of one context (two box places, or two new shapes), each visibly changing at least 1 % of the
+    view and overlapping each other little (IoU < 0.6 of the changed pixels); ``None`` when a draw fails that."""
+    context = tuple(spec.context)
+    if family == "placement":
+        first = _red_box(ms, rng, list(context))
+        second = _red_box(ms, rng, [*context, first]) if first is not None else None
+        if second is None:
+            return None
+        targets = ((*context, first), (*context, second))
+    else:
+        old = context[0]
+        shapes = [s for s in _SHAPES if s != old.shape]
+        rng.shuffle(shapes)
+        targets = tuple((_red_shape(ms, rng, old, s), *context[1:]) for s in shapes)
+    areas = [_changed_area(ms, spec, context, t) for t in targets]
+    if family == "shape":  # the two targets against each other: what tells them apart
+        areas = [_changed_area(ms, spec, targets[0], targets[1])] * 2
+    overlap = (areas[0] & areas[1]).sum() / max((areas[0] | areas[1]).sum(), 1)
+    if min(a.mean() for a in areas) < 0.01 or (family == "placement" and overlap > 0.6):
+        return None
+    return targets
+
+
+def depth_scene_spec(family: str, seed: int, index: int):
+    """Depth scene ``index`` of the stream ``seed``: ``(spec, targets)``, ``spec`` a ``SceneSpec`` of the context
+    (its ``target`` is ``targets[0]``) and ``targets`` the object tuples of each target variant (two for
+    placement and shape, the context's own for fog). The same arguments always give the same scene."""
+    if family not in DEPTH_FAMILIES:
+        raise ValueError(f"family must be one of {DEPTH_FAMILIES}, got {family!r}")
+    ms = sample_renderer()
+    rng = np.random.default_rng([seed, index, 3, DEPTH_FAMILIES.index(family)])
+    while True:
+        view = dict(camera_azimuth_deg=float(rng.uniform(-15, 15)), sun_azimuth_deg=float(rng.uniform(-65, 65)),
+                    sun_elevation_deg=float(rng.uniform(35, 55)))
+        if family == "shape":
+            red = ms.Obj("r", str(rng.choice(_SHAPES)), round(float(rng.uniform(-1.6, 1.6)), 3),
+                         round(float(rng.uniform(-1.8, 0.8)), 3), 0.0, 0.0, "red", "matte")
+            objs = [_red_shape(ms, rng, red, red.shape)]
+            objs += _scenery(ms, rng, int(rng.integers(0, 2)), [dataclasses.replace(objs[0], radius=1.1)])
+        else:
+            objs = _scenery(ms, rng, int(rng.integers(1, 3)) if family == "placement" else int(rng.integers(1, 4)), [])
+        spec = ms.SceneSpec(f"{family}_{seed}_{index}", DEPTH_PROMPTS[family], tuple(objs), tuple(objs), **view)
+        targets = (tuple(objs),) if family == "fog" else _geometry_targets(ms, rng, family, spec)
+        if targets is not None:
+            return dataclasses.replace(spec, target=targets[0]), targets
+
+
+@functools.lru_cache(maxsize=32)
+def _render(objs: tuple, spec, size: int):
+    """``render_scene`` once per scene and size (a context is shared by its target variants)."""
+    return sample_renderer().render_scene(objs, spec, size=size)
+
+
+def render_depth_scene(family: str, seed: int, index: int, size: int = 128, *, variant: int = 0) -> dict:
+    """One depth scene at ``size`` px (:func:`depth_scene_spec`), target ``variant`` (0 or 1; fog has only 0).
+
+    Returns ``context`` / ``target`` ``[3, H, W]``; ``depth`` (the context's) and ``target_depth`` (the target's)
+    ``[1, H, W]`` by :func:`fixed_depth`; ``mask`` ``[1, H, W]``, the whole image (the edit's place is not given
+    by the mask); ``silhouette`` ``[1, H, W]``, the region the edit should produce (the added box or the reshaped
+    object in the target, the whole image for fog); ``prompt`` (one per family), ``name`` and ``family``.
+    Placement: "add a red box", its place, size and turn only in the target depth. Shape: "make the red object
+    match the depth", the new shape only in the target depth. Fog: "add fog", the context fogged by its own
+    depth (:func:`add_fog`); the geometry stays, so ``target_depth`` equals ``depth``.
+    """
+    ms = sample_renderer()
+    spec, targets = depth_scene_spec(family, seed, index)
+    if not 0 <= variant < len(targets):
+        raise ValueError(f"variant must be in range({len(targets)}) for {family!r}, got {variant}")
+    target_objs = targets[variant]
+    rgb, _ = _render(spec.context, spec, size)
+    context, depth = _rgb_tensor(rgb), fixed_depth(ms, spec.context, spec, size)
+    full = torch.ones(1, size, size)
+    if family == "fog":
+        target, silhouette = add_fog(context, depth), full
+    else:
+        rendered, ids = _render(target_objs, spec, size)
+        target = _rgb_tensor(rendered)
+        silhouette = torch.from_numpy(ms._silhouette(ids, target_objs, {"n", "r"})).float()[None]  # [1, H, W]
+    return {"context": context, "target": target, "depth": depth, "target_depth": fixed_depth(ms, target_objs, spec,
+            size), "mask": full, "silhouette": silhouette, "prompt": spec.prompt, "family": family,
+            "name": f"{spec.slug}_{variant}"}
+
+
+def red_pixels(image: torch.Tensor) -> torch.Tensor:
+    """Where ``image`` ``[3, H, W]`` is red (the edited object's colour; no other object in a depth scene is):
+    ``[1, H, W]`` bool, red above 0.25 and at least twice green and blue."""
+    r, g, b = image.clamp(0, 1)  # [3, H, W] -> three [H, W]
+    return ((r > 0.25) & (r > 2 * g) & (r > 2 * b))[None]  # [H, W] -> [1, H, W]
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
+
+
+def depth_followed(out: torch.Tensor, given: dict, other: dict) -> dict:
+    """Did an edit follow the depth map it was given? For placement and shape scenes.
+
+    ``given`` is the scene whose ``target_depth`` the edit got, ``other`` another target of the same context (the
+    other variant). The new red object in ``out`` (:func:`red_pixels`) is compared with each scene's
+    ``silhouette`` by IoU; ``followed`` is ``iou_given > iou_other``: the object took the place and shape that the
+    given depth implies, not the other's. An unchanged context or a red blob elsewhere scores low on both.
+    """
+    if given["family"] == "fog":
+        raise ValueError("depth_followed scores placement and shape scenes; score fog by PSNR to its target")
+    red = red_pixels(out)
+    iou_given, iou_other = _iou(red, given["silhouette"].bool()), _iou(red, other["silhouette"].bool())
+    return {"iou_given": iou_given, "iou_other": iou_other, "followed": iou_given > iou_other}
+
+
+class DepthPairs(torch.utils.data.Dataset):
+    """Depth scenes (:func:`render_depth_scene`) as training pairs in the item layout of
+    :class:`~kontext_helpers.data.KontextPairs` (``context``, ``target``, ``mask``, ``depth``, ``target_depth``,
+    ``prompt``, ``name``) plus ``family`` and ``silhouette``: for each index, each family, each variant in
+    ``variants`` (fog has variant 0 only). Both variants of a placement or shape scene share context and prompt,
+    so only the target depth tells the two targets apart."""
+
+    def __init__(self, seed: int, indices, resolution: int = 128, *, families=DEPTH_FAMILIES, variants=(0, 1)):
+        unknown = [f for f in families if f not in DEPTH_FAMILIES]
+        if unknown or not families:
+            raise ValueError(f"families must be a non-empty selection of {DEPTH_FAMILIES}, got {families!r}")
+        self.resolution, self.families = int(resolution), tuple(families)
+        self.items = [render_depth_scene(f, seed, i, self.resolution, variant=v) for i in indices for f in families
+                      for v in (variants if f != "fog" else (0,))]
 
     def __len__(self):
         return len(self.items)
