@@ -1,6 +1,6 @@
 """Is the depth map read? A held-out test where only the depth can say where, what shape, or how far.
 
-    python scripts/depth_heldout.py                          # every depth kind, dropout 0.1
+    python scripts/depth_heldout.py                          # every depth kind, dropout 0 and 0.1
     python scripts/depth_heldout.py --kinds none tokens --dropout 0 0.1 --steps 600
     python scripts/depth_heldout.py --json docs/depth_heldout.json --figure docs/images/depth_heldout.png
 
@@ -53,7 +53,7 @@ TRAIN_SEED, HELD_OUT_SEED = 0, 1  # depth-scene streams: training scenes and hel
 SAMPLE_SEED = 0
 STEPS = 1500  # LoRA updates per LoRA
 TRAIN_SCENES, HELD_OUT_SCENES = 16, 8  # per family; placement and shape train on both variants of a scene
-DROPOUTS = (0.1,)
+DROPOUTS = (0.0, 0.1)  # none vs the default (TrainConfig.depth_dropout)
 NUM_INFERENCE_STEPS = 28  # sample_edit's default
 
 

@@ -47,7 +47,7 @@ def test_lora_labels_train_none_once_and_each_depth_kind_per_dropout(heldout):
 def test_the_script_trains_evaluates_and_writes_its_report(heldout, tmp_path):
     out, figure = tmp_path / "report.json", tmp_path / "figure.png"
     result = heldout.main(["--kinds", "none", "tokens", "--steps", "2", "--train-scenes", "1",
-                           "--held-out-scenes", "1", "--inference-steps", "2", "--json", str(out),
+                           "--held-out-scenes", "1", "--inference-steps", "2", "--dropout", "0.1", "--json", str(out),
                            "--figure", str(figure)])
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(result)), "the file holds what main returns"
