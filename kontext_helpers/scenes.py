@@ -5,6 +5,10 @@ here draw *other* scenes (random objects, positions, views and lights) with one 
 remove, add, reshape or change material, each with its prompt, plus "keep" samples whose target is the
 context. No drawn scene equals a ``data_samples`` pair (:func:`random_edit_spec` rejects them), so those
 pairs stay held out for the course's LoRA.
+
+Two held-out tests draw scenes where one condition alone can say what to do: twin scenes (two identical
+objects, one prompt: only the mask says which) and depth scenes (one prompt per family: only the depth map says
+where a box goes, which shape an object takes, or how far each pixel is for fog).
 """
 
 from __future__ import annotations
