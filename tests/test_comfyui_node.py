@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import kontext_helpers as kh
-from kontext_helpers.adapters import _save_region
+from kontext_helpers.adapters import _save_depth, _save_region
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "comfyui" / "kontext_region"
 KINDS = ("marked", "marked_context", "linear", "cells")
@@ -194,7 +194,7 @@ class _FakePatcher:
 
 def test_the_node_patches_a_clone_and_checks_the_file(node, tmp_path):
     _, folder = _saved_region("marked_context", tmp_path / "adapter")
-    assert node.NODE_CLASS_MAPPINGS == {"KontextRegionApply": node.KontextRegionApply}, "the node is not registered"
+    assert node.NODE_CLASS_MAPPINGS["KontextRegionApply"] is node.KontextRegionApply, "the node is not registered"
     assert set(node.KontextRegionApply.INPUT_TYPES()["required"]) == {"model", "mask", "region_file"}, \
         "the node's inputs changed"
     model = _FakePatcher(SimpleNamespace(img_in=torch.nn.Linear(64, 32)))
@@ -347,3 +347,111 @@ def test_comfyui_flux_with_the_node_matches_kontext_forward(comfy, models, node,
     assert gap < 1e-4, f"{kind}: ComfyUI with the node differs from kh.kontext_forward + kh.apply_region by {gap:.2e}"
     effect = float((expected - plain_kh).abs().max())
     assert effect > 1e-3, f"{kind}: the region signal barely changes the output ({effect:.2e}); the test proves nothing"
+
+
+# --------------------------------------------------------------------------------------------------
+# the depth node: depth_math against kontext_helpers, and inside ComfyUI's own Flux
+# --------------------------------------------------------------------------------------------------
+
+
+def _saved_depth(folder: Path, seed: int = 0, on_context: bool = True, c_in: int = 64):
+    """A ``"tokens"`` depth module with seeded non-zero weights, written as ``kh.save_adapter`` writes it."""
+    module = kh.DepthTokenEmbedding(c_in, on_context=on_context)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_depth(module.eval(), str(folder), "target")
+    return module, folder
+
+
+def _depth_image(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """ComfyUI's IMAGE ``[B, H, W, 3]``: a grey depth picture (R = G = B), a ramp with a near box."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0.1, 0.6, height)[:, None].expand(height, width).clone()  # [H, W]
+    ramp[height // 4: height // 2, width // 3: width // 2] = 0.95
+    grey = (ramp[None] + 0.02 * torch.rand(batch, height, width, generator=g)).clamp(0, 1)  # [B, H, W]
+    return grey[..., None].expand(-1, -1, -1, 3).contiguous()  # [B, H, W] -> [B, H, W, 3]
+
+
+@pytest.mark.parametrize("size", [(96, 160), (100, 171)])
+def test_depth_features_equal_kh_depth_token_features(node, size):
+    image = _depth_image(1, *size, seed=1)
+    got = node.depth_math.depth_features(image, 6, 10)
+    expected = kh.depth_token_features(image[0, ..., 0][None], 6, 10)  # [1, H, W] -> [1, N, 256]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6,
+                               msg=f"a {size} depth IMAGE gives other features than kh.depth_token_features")
+    with pytest.raises(ValueError, match="aspect"):
+        node.depth_math.depth_features(_depth_image(1, 96, 96, seed=1), 6, 10)
+
+
+@pytest.mark.parametrize("on_context", [True, False])
+def test_the_depth_patch_equals_img_in_of_the_offset_tokens(node, on_context, tmp_path):
+    module, folder = _saved_depth(tmp_path / "adapter", seed=2, on_context=on_context)
+    weights = node.depth_math.read_depth(str(folder))
+    assert (weights.c_in, weights.patch, weights.on_context, weights.source) == (64, 16, on_context, "target"), \
+        f"the depth file read back as {weights}"
+    img_in = torch.nn.Linear(64, 48)
+    g = torch.Generator().manual_seed(4)
+    h, w = 6, 10
+    tgt, ctx = torch.randn(2, h * w, 64, generator=g), torch.randn(2, h * w, 64, generator=g)
+    args = _flux_like_args(img_in, [tgt, ctx], [(h, w), (h, w)])
+    image = _depth_image(1, 16 * h, 16 * w, seed=3)  # one depth map for the whole batch
+    out = node.depth_math.DepthPatch(weights, image, img_in)(args)
+    with torch.no_grad():
+        offset, ctx_offset = kh.depth_inputs(module, kh.depth_token_features(image[0, ..., 0][None], h, w))
+        ctx = ctx if ctx_offset is None else ctx + ctx_offset
+        expected = img_in(torch.cat([tgt + offset, ctx], dim=1))  # [2, 2N, 48]
+    torch.testing.assert_close(out["img"], expected, rtol=1e-5, atol=1e-5,
+                               msg=f"on_context={on_context}: the patched tokens are not img_in of the offset tokens")
+    assert out["img_ids"] is args["img_ids"], "the depth patch adds no tokens and leaves the ids alone"
+    small = _flux_like_args(img_in, [torch.randn(2, 4, 64), ctx], [(2, 2), (h, w)])
+    with pytest.raises(ValueError, match="token grid"):
+        node.depth_math.DepthPatch(weights, image, img_in)(small)
+
+
+def test_the_depth_node_patches_a_clone_and_checks_the_file(node, tmp_path):
+    _, folder = _saved_depth(tmp_path / "adapter")
+    assert set(node.NODE_CLASS_MAPPINGS) == {"KontextRegionApply", "KontextDepthApply"}, "the nodes registered"
+    assert set(node.KontextDepthApply.INPUT_TYPES()["required"]) == {"model", "depth", "depth_file"}, \
+        "the depth node's inputs changed"
+    model = _FakePatcher(SimpleNamespace(img_in=torch.nn.Linear(64, 32)))
+    (patched,) = node.KontextDepthApply().apply(model, _depth_image(1, 32, 32, 0), str(folder))
+    patches = patched.model_options["transformer_options"]["patches"]["post_input"]
+    assert len(patches) == 1 and isinstance(patches[0], node.depth_math.DepthPatch), f"post_input: {patches}"
+    assert "patches" not in model.model_options["transformer_options"], "the input MODEL must stay unpatched"
+    with pytest.raises(ValueError, match="another model"):
+        node.KontextDepthApply().apply(_FakePatcher(SimpleNamespace(img_in=torch.nn.Linear(128, 32))),
+                                       _depth_image(1, 32, 32, 0), str(folder))
+    _, region_only = _saved_region("marked", tmp_path / "region_only")
+    with pytest.raises(FileNotFoundError, match="depth_module.safetensors"):
+        node.KontextDepthApply().apply(model, _depth_image(1, 32, 32, 0), str(region_only))
+
+
+@pytest.mark.parametrize("region_kind", [None, "marked", "cells"])
+def test_comfyui_flux_with_the_depth_node_matches_kontext_forward(comfy, models, node, region_kind, tmp_path):
+    transformer, flux = models
+    depth_module, folder = _saved_depth(tmp_path / "adapter", seed=12)
+    region = None
+    if region_kind is not None:
+        region, folder = _saved_region(region_kind, folder, seed=11)
+    h, w = 4, 6
+    x = _inputs(h, w)
+    image = _depth_image(1, 16 * h, 16 * w, seed=9)
+    holder = torch.nn.Module()
+    holder.diffusion_model = flux
+    model = comfy.patcher.ModelPatcher(holder, torch.device("cpu"), torch.device("cpu"))
+    if region is not None:
+        (model,) = node.KontextRegionApply().apply(model, x.mask, str(folder))
+    (patched,) = node.KontextDepthApply().apply(model, image, str(folder))
+    with torch.no_grad():
+        offset, ctx_offset = kh.depth_inputs(depth_module, kh.depth_token_features(image[0, ..., 0][None], h, w))
+        shifted = SimpleNamespace(**{**vars(x), "noisy": x.noisy + offset, "ctx": x.ctx + ctx_offset})
+        got = _comfy_forward(flux, x, h, w, patched.model_options["transformer_options"])
+        expected = _kh_forward(transformer, shifted, h, w, region)
+        without = _kh_forward(transformer, x, h, w, region)
+    gap = float((got - expected).abs().max())
+    assert gap < 1e-4, f"depth + region {region_kind}: ComfyUI with the nodes != kh.kontext_forward: {gap:.2e}"
+    effect = float((expected - without).abs().max())
+    assert effect > 1e-3, f"the depth signal barely changes the output ({effect:.2e}); the test proves nothing"
