@@ -25,6 +25,8 @@ Every held-out scene is then edited three ways: with its own depth map (``right`
   shape: the new red object's pixels overlap the silhouette the given depth implies more than the other's
   (``depth_followed``, IoU); fog: the result is nearer (PSNR) the context fogged by the given depth than by the
   other. Without depth, "given" is the scene's own: about half, by chance, is the most a blind LoRA can do;
+* ``both``: the share of scenes whose edits followed the depth both with their own depth and with the swapped
+  one, the sharp test: an edit that ignores the depth follows one of the two at most, never both;
 * ``iou``: the IoU with the given silhouette (placement, shape);
 * ``psnr_target``: PSNR (dB) to the scene's own target over the whole image (a swapped depth should lower it);
 * ``psnr_given``: PSNR to the target the given depth belongs to.
@@ -110,6 +112,9 @@ def evaluate(pipe, trained, kind: str, cases: dict) -> tuple[dict, dict]:
                 if ci == 0:
                     images.setdefault(family, {})[condition] = out
         summary[family] = {c: summarise(s) for c, s in scored.items()}
+        if "swapped" in scored:  # a LoRA blind to depth follows one of the two at most, never both
+            both = [r["followed"] and s["followed"] for r, s in zip(scored["right"], scored["swapped"])]
+            summary[family]["both"] = {"cases": len(both), "followed": sum(both) / len(both)}
     return summary, images
 
 
@@ -145,8 +150,8 @@ def table_lines(report: dict) -> list[str]:
         for family, by_condition in by_family.items():
             for condition, s in by_condition.items():
                 iou = f"{s['iou']:5.2f}" if "iou" in s else f"{'-':>5s}"
-                lines.append(f"{label:24s} {family:9s} {condition:9s} {s['followed']:8.0%} {iou} "
-                             f"{s['psnr_target']:9.1f} {s['psnr_given']:8.1f}")
+                dbs = f"{s['psnr_target']:9.1f} {s['psnr_given']:8.1f}" if "psnr_target" in s else ""
+                lines.append(f"{label:24s} {family:9s} {condition:9s} {s['followed']:8.0%} {iou} {dbs}")
     lines.append("train seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["train_seconds"].items()))
     return lines
 

@@ -54,7 +54,7 @@ def test_the_script_trains_evaluates_and_writes_its_report(heldout, tmp_path):
     assert set(written["results"]) == {"none", "tokens, dropout 0.1"}, f"one LoRA per kind: {written['results']}"
     for label, by_family in written["results"].items():
         assert set(by_family) == {"placement", "shape", "fog"}, f"{label}: every family"
-        conditions = {"no depth"} if label == "none" else {"right", "swapped", "no depth"}
+        conditions = {"no depth"} if label == "none" else {"right", "swapped", "no depth", "both"}
         for family, by_condition in by_family.items():
             assert set(by_condition) == conditions, f"{label} {family}: conditions {sorted(by_condition)}"
             assert all(s["cases"] == 1 for s in by_condition.values()), f"{label} {family}: one case each"
