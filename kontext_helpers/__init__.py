@@ -1,4 +1,4 @@
-"""kontext_helpers: LoRA training for FLUX.1 Kontext with a region token and depth through an IP-Adapter.
+"""kontext_helpers: LoRA training for FLUX.1 Kontext with a region token and depth on the tokens (or an IP-Adapter).
 
 Every notebook imports it as ``kh``; each name below is also reachable as ``kh.<name>``. The modules follow
 the notebooks, and each imports only the modules above it:
@@ -14,6 +14,7 @@ the notebooks, and each imports only the modules above it:
     scenes        shared   fresh random scenes and edits drawn with the sample renderer (the tiny model's data)
     latents       02       VAE latents, 2x2 packing, position ids
     conditioning  03       the region token, depth through the IP-Adapter, the forward call, the loss
+    depth         03       depth on the tokens: 16x16 depth patches per token, a zero-initialised offset module
     inference     05       sample_edit, compare_variants
     adapters      05       save / load an adapter, ComfyUI export
     config        04       TrainConfig and GPU presets
@@ -39,20 +40,24 @@ Dimension legend (used in every shape comment)
     T        number of text tokens (T5 sequence length)
     D        transformer inner width (num_attention_heads * attention_head_dim)
     E        CLIP image embedding width (the IP-Adapter's input)
+    256      depth values of one token's 16 x 16 pixel patch (``depth_token_features``: ``[B, N, 256]``)
 
 The visual sequence the transformer sees during training and sampling is
 ``[noisy target tokens (N) | clean context tokens (N) | region token (1)]`` -> ``[B, 2N+1, 4C]`` with
 position ids ``[2N+1, 3]`` whose first column says which part a token belongs to
 (0 target, 1 context, 2 region), exactly as ``FluxKontextPipeline`` marks its context tokens with 1.
+The ``"tokens"`` depth kind adds a ``[B, N, 4C]`` offset to the target and the context tokens.
 The design and the corrections to the original design are in ``docs/design.md``.
 """
 
 from .adapters import (
     ADAPTER_CONFIG_FILE,
+    DEPTH_WEIGHT_FILE,
     LORA_WEIGHT_FILE,
     REGION_WEIGHT_FILE,
     export_comfyui,
     load_adapter,
+    load_depth_module,
     push_adapter,
     save_adapter,
     write_model_card,
@@ -87,6 +92,14 @@ from .conditioning import (
 )
 from .config import GPU_PRESETS, TrainConfig, detect_gpu_preset, quick_config
 from .data import KontextPairs, write_pair_folder
+from .depth import (
+    DEFAULT_DEPTH_KIND,
+    DEPTH_KINDS,
+    DepthTokenEmbedding,
+    depth_inputs,
+    depth_token_features,
+    make_depth_module,
+)
 from .figures import (
     LiveLossPlot,
     denoising_figure,
@@ -245,6 +258,13 @@ __all__ = [
     "kontext_forward",
     "mask_to_token_grid",
     "mean_square",
+    # depth (03)
+    "DEFAULT_DEPTH_KIND",
+    "DEPTH_KINDS",
+    "DepthTokenEmbedding",
+    "depth_inputs",
+    "depth_token_features",
+    "make_depth_module",
     # inference (05)
     "Comparison",
     "RegionHook",
@@ -254,10 +274,12 @@ __all__ = [
     "sample_edit",
     # adapters (05)
     "ADAPTER_CONFIG_FILE",
+    "DEPTH_WEIGHT_FILE",
     "LORA_WEIGHT_FILE",
     "REGION_WEIGHT_FILE",
     "export_comfyui",
     "load_adapter",
+    "load_depth_module",
     "push_adapter",
     "save_adapter",
     "write_model_card",

@@ -1,7 +1,7 @@
 """Notebook 05: saving and loading a trained adapter, and exporting it for ComfyUI.
 
 An adapter folder holds the LoRA in diffusers' format (``pipe.load_lora_weights`` reads it), the region
-module in safetensors, and a JSON record of how it was trained.
+module and the depth module in safetensors, and a JSON record of how it was trained.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ import torch
 from torch import nn
 
 from .conditioning import REGION_KINDS, make_region_module
+from .depth import DepthTokenEmbedding, check_depth_module
 from .models import has_ip_adapter, load_lora_state_dict, lora_state_dict
 
 # Files of a saved adapter folder (save_adapter / load_adapter).
 # diffusers' default LoRA file name: pipe.load_lora_weights(folder) finds it.
 LORA_WEIGHT_FILE = "pytorch_lora_weights.safetensors"
 REGION_WEIGHT_FILE = "region_token.safetensors"
+DEPTH_WEIGHT_FILE = "depth_module.safetensors"  # the "tokens" depth module (absent without one)
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
@@ -89,7 +91,25 @@ def _save_region(region, path: str) -> dict | None:
     return info
 
 
-def _adapter_record(pipe, lora_config, adapter_name: str, num_tensors: int, region_info, config) -> dict:
+def _save_depth(depth_module, path: str, source: str) -> dict | None:
+    """Write ``depth_module.safetensors`` (kind, ``c_in``, patch, on_context and the depth source in its metadata);
+    returns its record, or ``None`` (and removes a stale file of an earlier save) without a depth module."""
+    from safetensors.torch import save_file
+
+    depth_file = os.path.join(path, DEPTH_WEIGHT_FILE)
+    if depth_module is None:
+        if os.path.exists(depth_file):
+            os.remove(depth_file)
+        return None
+    info = {"file": DEPTH_WEIGHT_FILE, "kind": depth_module.kind, "c_in": int(depth_module.c_in),
+            "patch": int(depth_module.patch), "on_context": bool(depth_module.on_context), "source": source}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in depth_module.state_dict().items()}
+    save_file(tensors, depth_file, metadata={"format": "pt", **{k: str(v) for k, v in info.items() if k != "file"}})
+    return info
+
+
+def _adapter_record(pipe, lora_config, adapter_name: str, num_tensors: int, region_info, config,
+                    depth_info=None) -> dict:
     """What ``adapter_config.json`` holds: the LoRA's settings, the region grid, the model and the versions."""
     transformer = pipe.transformer
     targets = lora_config.target_modules
@@ -106,6 +126,7 @@ def _adapter_record(pipe, lora_config, adapter_name: str, num_tensors: int, regi
             "num_tensors": num_tensors,
         },
         "region": region_info,
+        "depth": depth_info,
         "transformer": {
             "in_channels": int(transformer.config.in_channels),
             "num_layers": int(transformer.config.num_layers),
@@ -119,8 +140,9 @@ def _adapter_record(pipe, lora_config, adapter_name: str, num_tensors: int, regi
     }
 
 
-def save_adapter(pipe, region: nn.Module | None, path: str, config=None, *, adapter_name: str | None = None) -> str:
-    """Save the LoRA (diffusers' format) and the region module so that they load anywhere.
+def save_adapter(pipe, region: nn.Module | None, path: str, config=None, *, adapter_name: str | None = None,
+                 depth_module: nn.Module | None = None) -> str:
+    """Save the LoRA (diffusers' format), the region module and the depth module so that they load anywhere.
 
     Writes into the folder ``path``:
 
@@ -129,8 +151,11 @@ def save_adapter(pipe, region: nn.Module | None, path: str, config=None, *, adap
       targets) in the file's ``lora_adapter_metadata``. ``pipe.load_lora_weights(path)`` loads it alone.
     * ``region_token.safetensors``: the region module's ``proj.weight [c_in, H'*W']`` and ``proj.bias [c_in]``,
       its grid and ``c_in`` in the metadata (absent when ``region`` is ``None``).
-    * ``adapter_config.json``: grid size, ``c_in``, LoRA rank / alpha / targets, the training config and the
-      library versions.
+    * ``depth_module.safetensors``: the ``"tokens"`` depth module's ``proj.weight [c_in, 256]`` and
+      ``proj.bias [c_in]``, its kind, ``c_in``, patch, on_context and depth source (``config``'s
+      ``depth_source``, default ``"context"``) in the metadata (absent when ``depth_module`` is ``None``).
+    * ``adapter_config.json``: grid size, ``c_in``, LoRA rank / alpha / targets, the depth record, the training
+      config and the library versions.
 
     Args:
         pipe: the pipeline whose ``transformer`` carries the trained LoRA.
@@ -138,6 +163,7 @@ def save_adapter(pipe, region: nn.Module | None, path: str, config=None, *, adap
         path: output folder (created; files of an earlier save are replaced).
         config: the training config (``TrainConfig``, a dataclass or a dict), stored for the record.
         adapter_name: which PEFT adapter to save; default: the only one.
+        depth_module: the trained depth module (``train(...).depth``), or ``None``.
     Returns:
         ``path``.
     """
@@ -145,13 +171,16 @@ def save_adapter(pipe, region: nn.Module | None, path: str, config=None, *, adap
 
     transformer = pipe.transformer
     adapter_name = _adapter_to_save(transformer, region, adapter_name)
+    if depth_module is not None:
+        check_depth_module(depth_module, transformer.config.in_channels)
     lora_config = transformer.peft_config[adapter_name]
     state = lora_state_dict(transformer, adapter_name)  # "<module>.lora_A.weight", ...
     os.makedirs(path, exist_ok=True)
     FluxKontextPipeline.save_lora_weights(path, transformer_lora_layers=state, weight_name=LORA_WEIGHT_FILE,
                                           transformer_lora_adapter_metadata=lora_config.to_dict())
     region_info = _save_region(region, path)
-    record = _adapter_record(pipe, lora_config, adapter_name, len(state), region_info, config)
+    depth_info = _save_depth(depth_module, path, (_jsonable(config) or {}).get("depth_source", "context"))
+    record = _adapter_record(pipe, lora_config, adapter_name, len(state), region_info, config, depth_info)
     with open(os.path.join(path, ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=2, sort_keys=True)
     return path
@@ -180,6 +209,35 @@ def _read_region(region_file: str, in_channels: int) -> nn.Module | None:
     region = make_region_module(kind, int(meta["h_tok"]), int(meta["w_tok"]), c_in)
     region.load_state_dict(state)
     return region
+
+
+def load_depth_module(path: str, pipe=None, *, device=None) -> nn.Module | None:
+    """The depth module of an adapter folder (eval mode, no gradients), or ``None`` when it holds none (folders
+    written before depth modules, or trained with depth kind ``"ip_adapter"`` / ``"none"``).
+
+    With ``pipe``, its ``c_in`` is checked against ``pipe.transformer`` and the module goes to the transformer's
+    device (``device`` overrides; default without a pipeline: the CPU). Kept in float32. Pass it to
+    ``kh.sample_edit(..., depth=depth_map, depth_module=module)`` or ``kh.RegionHook``. :func:`load_adapter` loads
+    the LoRA and the region module.
+    """
+    from safetensors import safe_open
+
+    depth_file = os.path.join(path, DEPTH_WEIGHT_FILE)
+    if not os.path.isfile(depth_file):
+        return None
+    with safe_open(depth_file, framework="pt") as fh:
+        meta = fh.metadata() or {}
+        state = {k: fh.get_tensor(k) for k in fh.keys()}
+    if meta.get("kind") != DepthTokenEmbedding.kind or "c_in" not in meta:
+        raise ValueError(f"{depth_file} holds no 'tokens' depth module written by save_adapter (metadata {meta}): "
+                         "upgrade kontext_helpers, or save the adapter again")
+    module = DepthTokenEmbedding(int(meta["c_in"]), patch=int(meta.get("patch", 16)),
+                                 on_context=meta.get("on_context", "True") == "True")
+    module.load_state_dict(state)
+    if pipe is not None:
+        check_depth_module(module, pipe.transformer.config.in_channels)
+    target = device if device is not None else (pipe.transformer.device if pipe is not None else "cpu")
+    return module.to(target).eval().requires_grad_(False)
 
 
 def _lora_as_saved(transformer, lora_file: str, adapter_name: str) -> None:
@@ -214,6 +272,7 @@ def load_adapter(pipe, path: str, *, adapter_name: str = "default", replace: boo
 
     Returns:
         the region module (its kind from the file) in eval mode, or ``None`` when the folder holds a LoRA alone.
+        The depth module, when the folder has one, comes from :func:`load_depth_module`.
     """
 
     lora_file = os.path.join(path, LORA_WEIGHT_FILE)
@@ -445,20 +504,42 @@ def _card_text(record: dict, repo_id: str, prompts: list[str], images: list[str]
                      f"{region['grid']} token grid | `region = kh.load_adapter(pipe, folder)`, then "
                      "`kh.sample_edit(pipe, image, prompt, mask=mask, region=region)` or `kh.RegionHook(pipe, "
                      "region, mask)` around `pipe(...)`; in ComfyUI the node in `comfyui/kontext_region/` |")
+    depth = record.get("depth")
+    if depth:
+        lines.append(f"| `{DEPTH_WEIGHT_FILE}` | depth module, kind `{depth['kind']}` (each token's 16x16 depth patch, "
+                     f"an offset on the target and context tokens), depth source `{depth.get('source', 'context')}` | "
+                     "`depth_module = kh.load_depth_module(folder, pipe)`, then `kh.sample_edit(..., depth=depth_map, "
+                     "depth_module=depth_module)` or `kh.RegionHook(pipe, region, mask, depth=depth_map, "
+                     "depth_module=depth_module)` |")
     lines.append(f"| `{ADAPTER_CONFIG_FILE}` | how it was trained: settings, model, library versions | read it |")
     settings = ", ".join(f"{key} {cfg[key]}" for key in ("steps", "resolution", "learning_rate", "batch_size",
                                                            "mixed_precision", "quantize_base", "optimizer")
                          if key in cfg)
     lines += ["", "## Training", "",
               f"- settings (the full TrainConfig is in `{ADAPTER_CONFIG_FILE}`): {settings or 'not recorded'}",
-              f"- region kind: `{cfg.get('region_kind', region.get('kind') if region else 'none')}`; depth through the "
-              f"IP-Adapter: {'yes' if cfg.get('use_depth', True) and record['transformer'].get('ip_adapter') else 'no'}"
-              " (give the same depth map as `depth=` / `ip_adapter_image=`)"]
+              f"- region kind: `{cfg.get('region_kind', region.get('kind') if region else 'none')}`; "
+              + _card_depth_line(record, cfg)]
     if prompts:
         lines += ["", "## Prompts it was trained with", ""] + [f"- `{p}`" for p in prompts]
     if images:
         lines += ["", "## Previews", ""] + [f"![preview]({img})" for img in images]
     return "\n".join(lines) + "\n"
+
+
+def _card_depth_line(record: dict, cfg: dict) -> str:
+    """How the adapter was trained with depth, and how to pass it, for the model card."""
+    depth = record.get("depth")
+    if depth:
+        source = depth.get("source", "context")
+        whose = "the context's depth map" if source == "context" else "the depth the result should have"
+        return (f"depth kind `{depth['kind']}`, depth source `{source}`: pass {whose} (near = bright, any bit depth, "
+                "framing the context) as `depth=` with `depth_module=`; without one it edits without depth "
+                f"(trained with depth dropout {cfg.get('depth_dropout', 'not recorded')})")
+    ip = cfg.get("use_depth", True) and cfg.get("depth_kind", "ip_adapter") == "ip_adapter" and record[
+        "transformer"].get("ip_adapter")
+    return (f"depth kind `{cfg.get('depth_kind', 'ip_adapter') if cfg.get('use_depth', True) else 'none'}`; depth "
+            f"through the IP-Adapter: {'yes' if ip else 'no'} (give the same depth map as `depth=` / "
+            "`ip_adapter_image=`)")
 
 
 def write_model_card(path: str, repo_id: str, *, prompts=(), images=(), base_model: str | None = None) -> str:

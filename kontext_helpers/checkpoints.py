@@ -1,7 +1,7 @@
 """Notebook 04: checkpoints that are never half-written, and resume that refuses a config it cannot continue.
 
 A checkpoint is the folder ``output_dir/checkpoints/step-NNNNNN/``: the LoRA (PEFT's key format, the same
-as a saved adapter), the region module, the optimizer, the scheduler, the loss history and the run's
+as a saved adapter), the region module, the depth module, the optimizer, the scheduler, the loss history and the run's
 config. It is written to a temporary folder, synced, then renamed into place, so a crash or a full disk
 leaves either the complete folder or none. Every random draw of a training step derives from
 ``(seed, step)``, so nothing else is needed to resume exactly.
@@ -20,9 +20,10 @@ from torch import nn
 _CKPT_RE = re.compile(r"^step-(\d{6,})$")
 
 # Config fields that shape the saved tensors: a checkpoint cannot continue a run where any of them differs.
-# (resolution sets the region module's token grid, region_kind its tensors; optimizer sets the layout of the
-# optimizer state.)
-RESUME_MUST_MATCH = ("rank", "alpha", "lora_targets", "lora_ip_adapter", "resolution", "optimizer", "region_kind")
+# (resolution sets the region module's token grid, region_kind its tensors, use_depth and depth_kind whether a depth
+# module exists; optimizer sets the layout of the optimizer state.)
+RESUME_MUST_MATCH = ("rank", "alpha", "lora_targets", "lora_ip_adapter", "resolution", "optimizer", "region_kind",
+                     "use_depth", "depth_kind")
 # Fields that say where or whether to resume, not how to train: never compared.
 _RESUME_IGNORED = ("resume", "output_dir", "expected_peak_memory_gb", "peak_memory_source")
 
@@ -116,7 +117,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _write_checkpoint_files(folder: str, step: int, *, lora_state, region_module, optimizer, lr_scheduler,
-                            history, config) -> None:
+                            history, config, depth_module=None) -> None:
     """Every file of one checkpoint into ``folder``; ``state.json`` last (a folder without it is incomplete)."""
     from safetensors.torch import save_file
 
@@ -125,6 +126,9 @@ def _write_checkpoint_files(folder: str, step: int, *, lora_state, region_module
     if region_module is not None:  # region_kind="none": a LoRA alone
         save_file({k: v.detach().cpu().contiguous() for k, v in region_module.state_dict().items()},
                   os.path.join(folder, "region.safetensors"))
+    if depth_module is not None:  # depth_kind "tokens"
+        save_file({k: v.detach().cpu().contiguous() for k, v in depth_module.state_dict().items()},
+                  os.path.join(folder, "depth.safetensors"))
     opt_tensors, opt_meta = _optimizer_to_files(optimizer)
     save_file(opt_tensors, os.path.join(folder, "optimizer.safetensors"))
     with open(os.path.join(folder, "optimizer.json"), "w") as f:
@@ -133,7 +137,10 @@ def _write_checkpoint_files(folder: str, step: int, *, lora_state, region_module
     state = {"step": step, "lr_scheduler": lr_scheduler.state_dict(), "history": history, "config": config_dict,
              "region": None if region_module is None else {
                  "kind": region_module.kind, "h_tok": region_module.h_tok, "w_tok": region_module.w_tok,
-                 "c_in": region_module.c_in}}
+                 "c_in": region_module.c_in},
+             "depth": None if depth_module is None else {
+                 "kind": depth_module.kind, "c_in": depth_module.c_in, "patch": depth_module.patch,
+                 "on_context": depth_module.on_context}}
     with open(os.path.join(folder, "state.json"), "w") as f:
         json.dump(state, f, default=str)
         f.flush()
@@ -153,11 +160,13 @@ def _write_failed(output_dir: str, step: int, tmp: str, err: Exception) -> Check
 
 
 def save_checkpoint(output_dir: str, step: int, *, lora_state: dict[str, torch.Tensor], region_module: nn.Module | None,
-                    optimizer, lr_scheduler, history: list[dict], config, keep: int = 3) -> str:
+                    optimizer, lr_scheduler, history: list[dict], config, keep: int = 3,
+                    depth_module: nn.Module | None = None) -> str:
     """Write ``output_dir/checkpoints/step-NNNNNN/`` atomically: a temporary folder, fsync, then rename.
 
     Holds ``lora.safetensors`` (PEFT keys, as :func:`kontext_helpers.models.lora_state_dict`),
-    ``region.safetensors`` (absent without a region module), ``optimizer.safetensors`` + ``optimizer.json`` and
+    ``region.safetensors`` (absent without a region module), ``depth.safetensors`` (absent without a depth
+    module), ``optimizer.safetensors`` + ``optimizer.json`` and
     ``state.json`` (step, scheduler, history, config; written last). Keeps the newest ``keep`` complete checkpoints.
 
     Raises:
@@ -172,7 +181,7 @@ def save_checkpoint(output_dir: str, step: int, *, lora_state: dict[str, torch.T
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         _write_checkpoint_files(tmp, step, lora_state=lora_state, region_module=region_module, optimizer=optimizer,
-                                lr_scheduler=lr_scheduler, history=history, config=config)
+                                lr_scheduler=lr_scheduler, history=history, config=config, depth_module=depth_module)
         if os.path.exists(final):  # a re-run of the same step: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -188,8 +197,10 @@ def save_checkpoint(output_dir: str, step: int, *, lora_state: dict[str, torch.T
 def load_checkpoint(path: str) -> dict:
     """Read a checkpoint folder written by :func:`save_checkpoint` (tensors on the CPU).
 
-    Returns ``state.json``'s fields (``step``, ``lr_scheduler``, ``history``, ``config``, ``region``) plus
-    ``lora`` (the LoRA state dict), ``region["state_dict"]``, ``optimizer`` (a ``state_dict``) and ``path``.
+    Returns ``state.json``'s fields (``step``, ``lr_scheduler``, ``history``, ``config``, ``region``, ``depth``)
+    plus ``lora`` (the LoRA state dict), ``region["state_dict"]``, ``depth["state_dict"]`` (``depth`` is ``None``
+    without a depth module, and in checkpoints written before depth modules), ``optimizer`` (a ``state_dict``) and
+    ``path``.
     """
     from safetensors.torch import load_file
 
@@ -201,5 +212,7 @@ def load_checkpoint(path: str) -> dict:
     state.update(lora=load_file(os.path.join(path, "lora.safetensors")),
                  region=None if state["region"] is None else dict(
                      state["region"], state_dict=load_file(os.path.join(path, "region.safetensors"))),
+                 depth=None if state.get("depth") is None else dict(
+                     state["depth"], state_dict=load_file(os.path.join(path, "depth.safetensors"))),
                  optimizer=optimizer_state_from_files(opt_tensors, opt_meta), path=path)
     return state

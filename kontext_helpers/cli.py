@@ -1,7 +1,8 @@
 """The command line: ``python -m kontext_helpers train --data DIR --out DIR [options]``, ``memory-plan`` and
 ``rehearsal-model FOLDER`` and ``pretrain-tiny`` (the shipped tiny weights).
 
-Every :class:`TrainConfig` field is a flag (``--rank 8``, ``--no-use-depth``) and a key of ``--config run.yaml``
+Every :class:`TrainConfig` field is a flag (``--rank 8``, ``--no-use-depth``, ``--depth-kind tokens``,
+``--depth-source target``, ``--depth-dropout 0.1``) and a key of ``--config run.yaml``
 (the flags win); it also runs under ``accelerate launch`` for several GPUs.
 """
 
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> TrainResult | dict:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        path = save_adapter(pipe, result.region, os.path.join(run["out"], "adapter"), config=config)
+        path = save_adapter(pipe, result.region, os.path.join(run["out"], "adapter"), config=config,
+                            depth_module=result.depth)
         print(f"adapter saved to {path}")
         if run["push_to_hub"]:
             previews = sorted(glob.glob(os.path.join(run["out"], "previews", "*.png")))[-1:]

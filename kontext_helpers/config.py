@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .conditioning import REGION_KINDS
+from .depth import DEPTH_KINDS
 from .models import LORA_TARGET_PRESETS
 
 
@@ -57,7 +58,14 @@ class TrainConfig:
     logit_mean: float = 0.0  # logit-normal location (SD3 / diffusers' default)
     logit_std: float = 1.0  # logit-normal scale
     guidance: float = 1.0  # distilled guidance fed while training (SimpleTuner: 1.0; diffusers' Kontext script: 3.5)
-    use_depth: bool = True  # feed the depth map through the IP-Adapter when the pipeline has one
+    use_depth: bool = True  # use the depth maps at all (False: no depth, whatever depth_kind says)
+    depth_kind: str = "tokens"  # how depth reaches the model (kh.DEPTH_KINDS): "tokens" (position-aware: each token's
+    #   16x16 depth patch through a zero-initialised linear layer, added to the target and context tokens),
+    #   "ip_adapter" (the original design's path: a CLIP embedding of the whole map through the IP-Adapter) or "none"
+    depth_source: str = "context"  # whose depth map: "context" (the context's, item["depth"]) or "target" (the
+    #   desired result's, item["target_depth"], for geometry control; estimated with kh.estimate_depth when missing)
+    depth_dropout: float = 0.1  # share of samples trained without depth, so the adapter also works without a map
+    depth_learning_rate: float = 1e-3  # the depth module: a fresh linear layer, like the region module
     region_kind: str = "marked"  # how the mask reaches the model (kh.REGION_KINDS): "marked" (a learned embedding on
     #   the masked target and context tokens; the best on scripts/region_heldout.py), "marked_context" (context only),
     #   "cells" (coarse-grid tokens at their own positions), "linear" (the original design's single token) or "none"
@@ -99,6 +107,8 @@ class TrainConfig:
             problems.append(f"lora_targets={self.lora_targets!r}: choose one of {sorted(LORA_TARGET_PRESETS)}")
         for name, allowed in (("preservation", ("identity", "prior")),
                               ("region_kind", (*REGION_KINDS, "none")),
+                              ("depth_kind", (*DEPTH_KINDS, "none")),
+                              ("depth_source", ("context", "target")),
                               ("timestep_sampling", ("uniform", "logit_normal")),
                               ("mixed_precision", ("no", "fp16", "bf16")),
                               ("optimizer", ("adamw", "adamw8bit")),
@@ -106,8 +116,10 @@ class TrainConfig:
                               ("report_to", ("none", "tensorboard", "wandb"))):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: choose one of {allowed}")
-        if self.learning_rate <= 0 or self.region_learning_rate < 0:
-            problems.append("learning_rate must be > 0 and region_learning_rate >= 0")
+        if self.learning_rate <= 0 or self.region_learning_rate < 0 or self.depth_learning_rate < 0:
+            problems.append("learning_rate must be > 0, region_learning_rate and depth_learning_rate >= 0")
+        if not 0.0 <= self.depth_dropout < 1.0:
+            problems.append(f"depth_dropout={self.depth_dropout}: a share of samples in [0, 1) (1: never depth)")
         if not self.tracker_project or "/" in self.tracker_project or "\\" in self.tracker_project:
             problems.append(f"tracker_project={self.tracker_project!r}: a non-empty name without '/' (a folder name)")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:

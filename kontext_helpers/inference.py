@@ -1,8 +1,9 @@
 """Notebook 05: sampling an edit with the region token and depth, and comparing variants.
 
 :func:`sample_edit` is ``FluxKontextPipeline.__call__`` written out in named steps (prompt, context
-latents, region token, timesteps, depth, denoising, decoding) with the two additions the pipeline cannot
-make: the region token appended after the context tokens, and an IP-Adapter that may receive no image.
+latents, region token, timesteps, depth, denoising, decoding) with the additions the pipeline cannot
+make: the region signal in the sequence, depth offsets on the tokens (the ``"tokens"`` depth kind), and an
+IP-Adapter that may receive no image.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .conditioning import mask_to_token_grid, region_inputs
+from .depth import add_offsets, check_depth_module, depth_inputs, depth_token_features
 from .figures import edit_metrics, mask_at_size, resize_rgb, variants_figure
 from .images import depth_to_pil, image_to_pil_rgb, image_to_rgb_tensor, mask_to_pil, mask_to_tensor, pil_to_rgb
 from .latents import CONTEXT_ID, TARGET_ID, pack_like_pipeline
@@ -38,7 +40,7 @@ def image_for_pipeline(image, what: str = "image"):
 
 
 def _check_edit_inputs(transformer, prompt, mask, depth, region, output_type, num_inference_steps,
-                       ip_adapter_scale, blend=False) -> None:
+                       ip_adapter_scale, blend=False, depth_module=None) -> None:
     """Every argument problem of :func:`sample_edit`, raised before any model work."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be one string (sample_edit edits one image), got {type(prompt).__name__}")
@@ -60,8 +62,11 @@ def _check_edit_inputs(transformer, prompt, mask, depth, region, output_type, nu
         raise ValueError(f"the region module was built for c_in={getattr(region, 'c_in', None)} but this "
                          f"transformer takes {c_in}-channel tokens (transformer.config.in_channels): "
                          "it was trained for another model")
-    if depth is not None and not has_ip_adapter(transformer):
-        raise ValueError("depth needs an IP-Adapter on the pipeline: load_pipeline(..., ip_adapter=...) attaches one")
+    if depth_module is not None:
+        check_depth_module(depth_module, c_in)
+    elif depth is not None and not has_ip_adapter(transformer):
+        raise ValueError("depth needs a depth module (depth_module=..., from train or load_depth_module) or an "
+                         "IP-Adapter on the pipeline: load_pipeline(..., ip_adapter=...) attaches one")
     if ip_adapter_scale is not None and not has_ip_adapter(transformer):
         raise ValueError("ip_adapter_scale was given but the pipeline has no IP-Adapter")
 
@@ -99,6 +104,23 @@ def _noise_and_context(pipe, image, sizes, dtype, device, generator):
     latents, image_latents, latent_ids, image_ids = pipe.prepare_latents(
         image_t, 1, c_in // 4, height, width, dtype, device, generator, None)
     return latents, image_latents, torch.cat([latent_ids, image_ids], dim=0)  # ids: [N + N_c, 3]
+
+
+def _depth_offsets(depth_module, depth, cond, grid: tuple[int, int]):
+    """:func:`depth_inputs` of the depth map on the context's token grid: ``(target_offset [1, N_c, 4C],
+    context_offset [1, N_c, 4C] or None)`` as ``cond``'s dtype and device; ``(None, None)`` without a map."""
+    if depth_module is None or depth is None:
+        return None, None
+    features = depth_token_features(depth, *grid)  # [1, N_c, 256]
+    offsets = depth_inputs(depth_module, features.to(next(depth_module.parameters()).device))
+    return tuple(None if t is None else t.to(cond) for t in offsets)
+
+
+def _add_context_offset(cond, offset, n_c: int):
+    """The context tokens (the first ``n_c`` of ``cond [B, N_c (+K), 4C]``) plus ``offset [B, N_c, 4C]``."""
+    if offset is None:
+        return cond
+    return torch.cat([cond[:, :n_c] + offset, cond[:, n_c:]], dim=1)  # [B, N_c (+K), 4C]
 
 
 def _region_context(region, mask, cond, grid: tuple[int, int]):
@@ -231,8 +253,9 @@ def sample_edit(
     ip_adapter_scale: float | list | None = None,
     callback=None,
     blend: bool = False,
+    depth_module: nn.Module | None = None,
 ):
-    """Edit one image with the Kontext sampling loop plus the region signal and depth through the IP-Adapter.
+    """Edit one image with the Kontext sampling loop plus the region signal and depth.
 
     ``FluxKontextPipeline.__call__`` step for step (same prompt encoding, image preprocessing,
     ``prepare_latents``, timesteps and ``mu`` shift, guidance and Euler steps), plus:
@@ -243,6 +266,11 @@ def sample_edit(
       masked noisy target tokens (``"marked"``);
     * ``blend=True``: ``FluxKontextInpaintPipeline``'s hard constraint, outside the mask the latents are reset to
       the context noised to the next step (:func:`blend_latents`); needs ``mask``;
+    * **depth** with ``depth_module`` (depth kind ``"tokens"``): :func:`depth_token_features` of the map on the
+      context's token grid through the module, an offset added to the noisy target tokens at every step and to
+      the context tokens (the IP-Adapter gets no image); the output must have the context's size. Without
+      ``depth_module`` the map goes to the IP-Adapter. ``depth_module`` with ``depth=None`` runs without depth,
+      what depth dropout trains for;
     * ``depth=None`` on a pipeline that has an IP-Adapter: the adapter gets no image tokens and adds exactly
       zero. (``pipe(...)`` itself crashes there.)
 
@@ -254,8 +282,11 @@ def sample_edit(
         image: the context image: PIL, or a ``[3, H, W]`` / ``[1, 3, H, W]`` tensor in ``[0, 1]``. It keeps its
             own size, rounded down to a multiple of 16 (as the pipeline with ``_auto_resize=False``).
         mask: where the edit may happen (white / 1 = editable), any size; needs ``region`` or ``blend=True``.
-        depth: depth map for the IP-Adapter: a PIL image of any bit depth (8-bit, 16-bit, float), or a
-            ``[1, H, W]`` float tensor in ``[0, 1]``; the same map in any of these forms gives the same result.
+        depth: depth map (near = bright), for ``depth_module`` or else the IP-Adapter: a PIL image of any bit depth
+            (8-bit, 16-bit, float), or a ``[1, H, W]`` float tensor in ``[0, 1]``; the same map in any of these forms
+            gives the same result. For ``depth_module`` it must frame the context (its aspect ratio within one
+            token of the context's; another size is resized). An adapter trained with ``depth_source="target"``
+            takes the depth the result should have.
         region: a trained region module (``train`` and ``load_adapter`` return it); needs ``mask``.
         height, width: the exact output size, multiples of 16; default: the context image's size.
         output_type: ``"pil"``, ``"latent"`` (packed ``[1, N, 4C]``, as ``pipe(..., output_type="latent")``),
@@ -263,11 +294,12 @@ def sample_edit(
         ip_adapter_scale: IP-Adapter strength for this call only; ``None`` keeps the pipeline's.
         callback: ``callback(step, t, latents)`` after every step; a returned tensor replaces the latents.
         blend: keep the latents outside the mask on the context's noising path (the inpaint pipeline's blend).
+        depth_module: a trained depth module (``train(...).depth``, :func:`load_depth_module`), or ``None``.
     Returns:
         the edited image in ``output_type``.
     """
     _check_edit_inputs(pipe.transformer, prompt, mask, depth, region, output_type, num_inference_steps,
-                       ip_adapter_scale, blend)
+                       ip_adapter_scale, blend, depth_module)
     image = image_for_pipeline(image)
     sizes = _edit_sizes(pipe, image, height, width)
     height, width = sizes[2:]
@@ -282,18 +314,9 @@ def sample_edit(
         mask_tok = blend_mask_tokens(mask, height, width, pipe.transformer.config.in_channels // 4,
                                      device=device, dtype=latents.dtype)  # [1, N, 4C]
         blend_parts = (cond, latents.clone(), mask_tok)  # context latents, the starting noise, the mask
-    target_offset = None
-    if region is not None:
-        multiple = pipe.vae_scale_factor * 2
-        cond, extra_ids, target_offset = _region_context(region, mask, cond,
-                                                         (sizes[0] // multiple, sizes[1] // multiple))
-        if target_offset is not None and sizes[:2] != sizes[2:]:
-            raise ValueError(f"a {region.kind!r} region marks the target tokens on the context's grid, so the output "
-                             f"must have the context's size {sizes[0]}x{sizes[1]} (H x W), got {height}x{width}")
-        if extra_ids is not None:
-            img_ids = torch.cat([img_ids, extra_ids.to(img_ids)], dim=0)  # -> [N + N_c + K, 3]
+    cond, img_ids, target_offset = _context_signals(pipe, region, mask, depth_module, depth, cond, img_ids, sizes)
     timesteps = _edit_timesteps(pipe, num_inference_steps, latents.shape[1], device)
-    image_embeds = _depth_embeds(pipe, depth, device) if depth is not None else None
+    image_embeds = _depth_embeds(pipe, depth, device) if depth is not None and depth_module is None else None
     with _ip_adapter_scale(pipe, ip_adapter_scale):
         latents = _denoise(pipe, latents, cond, img_ids, text, timesteps, guidance_scale, image_embeds, callback,
                            blend_parts, target_offset)
@@ -302,26 +325,59 @@ def sample_edit(
     return out
 
 
+def _context_signals(pipe, region, mask, depth_module, depth, cond, img_ids, sizes):
+    """The region signal and the depth offsets on the context's token grid: the context part ``[1, N_c (+K), 4C]``,
+    the ids ``[N + N_c (+K), 3]`` and the offset of the noisy target tokens ``[1, N, 4C]`` (or ``None``)."""
+    multiple = pipe.vae_scale_factor * 2
+    grid = (sizes[0] // multiple, sizes[1] // multiple)
+    target_offset = extra_ids = None
+    if region is not None:
+        cond, extra_ids, target_offset = _region_context(region, mask, cond, grid)
+        if target_offset is not None and sizes[:2] != sizes[2:]:
+            raise ValueError(f"a {region.kind!r} region marks the target tokens on the context's grid, so the output "
+                             f"must have the context's size {sizes[0]}x{sizes[1]} (H x W), got {sizes[2]}x{sizes[3]}")
+        if extra_ids is not None:
+            img_ids = torch.cat([img_ids, extra_ids.to(img_ids)], dim=0)  # -> [N + N_c + K, 3]
+    depth_target, depth_context = _depth_offsets(depth_module, depth, cond, grid)
+    if depth_target is not None and sizes[:2] != sizes[2:]:
+        raise ValueError(f"the depth module adds the depth to the target tokens on the context's grid, so the output "
+                         f"must have the context's size {sizes[0]}x{sizes[1]} (H x W), got {sizes[2]}x{sizes[3]}")
+    cond = _add_context_offset(cond, depth_context, grid[0] * grid[1])
+    return cond, img_ids, add_offsets(target_offset, depth_target)
+
+
 class RegionHook:
-    """The region signal (and blending) inside diffusers' own ``FluxKontextPipeline.__call__``.
+    """The region signal, depth offsets (and blending) inside diffusers' own ``FluxKontextPipeline.__call__``.
 
     A forward pre-hook on ``pipe.transformer`` finds the context tokens by their ids (type 1), applies
     ``region`` to them exactly as :func:`sample_edit` does (appended tokens and their ids, or the marked
-    context); the pipeline keeps only the target part of the output. With ``blend=True``, pass
+    context), and, with ``depth_module``, adds the depth offsets to the noisy target and the context tokens;
+    the pipeline keeps only the target part of the output. With ``blend=True``, pass
     ``callback_on_step_end=hook.callback`` to get :func:`blend_latents` after every step. Use it as a context
     manager, or call :meth:`remove`::
 
-        with kh.RegionHook(pipe, region, mask) as hook:
-            image = pipe(image=context, prompt=prompt, ip_adapter_image=depth,
-                         callback_on_step_end=hook.callback).images[0]
+        with kh.RegionHook(pipe, region, mask, depth=depth, depth_module=depth_module) as hook:
+            image = pipe(image=context, prompt=prompt, callback_on_step_end=hook.callback).images[0]
+
+    ``mask`` is needed with ``region`` or ``blend``; ``depth`` goes through ``depth_module`` only (for an
+    IP-Adapter, pass ``ip_adapter_image=depth`` to ``pipe(...)``). A pipeline with an IP-Adapter called without
+    ``ip_adapter_image`` gets no image tokens from it (it adds exactly zero, as in :func:`sample_edit`).
     """
 
-    def __init__(self, pipe, region: nn.Module | None, mask, *, blend: bool = False):
-        if region is None and not blend:
-            raise ValueError("RegionHook needs a region module, blend=True, or both")
-        if mask is None:
-            raise ValueError("RegionHook needs the edit mask (white / 1 = editable)")
-        self.pipe, self.region, self.mask, self.blend = pipe, region, mask_to_tensor(mask), blend
+    def __init__(self, pipe, region: nn.Module | None, mask, *, blend: bool = False, depth=None,
+                 depth_module: nn.Module | None = None):
+        if depth is not None and depth_module is None:
+            raise ValueError("RegionHook(depth=...) needs depth_module=...; for the IP-Adapter pass "
+                             "ip_adapter_image=depth to pipe(...) instead")
+        if region is None and not blend and depth_module is None:
+            raise ValueError("RegionHook needs a region module, blend=True, a depth module, or several")
+        if mask is None and (region is not None or blend):
+            raise ValueError("RegionHook needs the edit mask (white / 1 = editable) with a region module or blend")
+        if depth_module is not None:
+            check_depth_module(depth_module, pipe.transformer.config.in_channels)
+        self.pipe, self.region, self.blend = pipe, region, blend
+        self.mask = None if mask is None else mask_to_tensor(mask)
+        self.depth, self.depth_module = depth, depth_module
         self._blend_parts = None  # (context latents, noise, mask tokens), captured at the first call of a run
         self._handle = pipe.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
 
@@ -337,14 +393,22 @@ class RegionHook:
             mask_tok = blend_mask_tokens(self.mask, 16 * h, 16 * w, hidden.shape[-1] // 4, device=hidden.device,
                                          dtype=hidden.dtype)  # [1, N, 4C]
             self._blend_parts = (hidden[:, n: n + n_c].clone(), hidden[:, :n].clone(), mask_tok)
-        if self.region is None:
+        attn = kwargs.get("joint_attention_kwargs") or {}
+        if has_ip_adapter(module) and "ip_adapter_image_embeds" not in attn and "ip_hidden_states" not in attn:
+            kwargs["joint_attention_kwargs"] = {**attn, "ip_hidden_states": []}  # no depth image: adds zero
+        if self.region is None and (self.depth_module is None or self.depth is None):
             return args, kwargs
-        cond, extra_ids, target_offset = _region_context(self.region, self.mask, hidden[:, n: n + n_c], (h_c, w_c))
+        cond, extra_ids, target_offset = hidden[:, n: n + n_c], None, None
+        if self.region is not None:
+            cond, extra_ids, target_offset = _region_context(self.region, self.mask, cond, (h_c, w_c))
+        depth_target, depth_context = _depth_offsets(self.depth_module, self.depth, cond, (h_c, w_c))
+        cond = _add_context_offset(cond, depth_context, n_c)
+        target_offset = add_offsets(target_offset, depth_target)
         noisy = hidden[:, :n]  # [B, N, 4C]
-        if target_offset is not None:  # "marked": the target tokens too, on the context's grid
+        if target_offset is not None:  # "marked" region or depth: the target tokens too, on the context's grid
             if n != n_c:
-                raise ValueError(f"a {self.region.kind!r} region needs the output on the context's token grid "
-                                 f"({n_c} tokens), got {n} target tokens")
+                raise ValueError(f"the {'depth module' if depth_target is not None else repr(self.region.kind)} "
+                                 f"needs the output on the context's token grid ({n_c} tokens), got {n} target tokens")
             noisy = noisy + target_offset
         kwargs["hidden_states"] = torch.cat([noisy, cond, hidden[:, n + n_c:]], dim=1)  # [B, N + N_c + K, 4C]
         if extra_ids is not None:
@@ -394,7 +458,7 @@ def _inpaint_baseline(pipe, image, prompt: str, mask, seed: int, common: dict):
                          _auto_resize=False, joint_attention_kwargs=no_ip, **common).images[0]
 
 
-def _variant_images(pipe, image, prompt, mask, region, depth, seed, common, inpaint) -> dict:
+def _variant_images(pipe, image, prompt, mask, region, depth, seed, common, inpaint, depth_module=None) -> dict:
     """``{variant: PIL}`` for every variant whose parts exist, all from the same seed."""
     def run(**kw):
         return sample_edit(pipe, image, prompt, generator=torch.Generator().manual_seed(seed), **common, **kw)
@@ -409,7 +473,7 @@ def _variant_images(pipe, image, prompt, mask, region, depth, seed, common, inpa
     if region is not None:
         images[f"{lead} + region"] = run(mask=mask, region=region)
         if depth is not None:
-            images[f"{lead} + region + depth"] = run(mask=mask, region=region, depth=depth)
+            images[f"{lead} + region + depth"] = run(mask=mask, region=region, depth=depth, depth_module=depth_module)
     if inpaint:
         images["inpaint (base)"] = _inpaint_baseline(pipe, image, prompt, mask, seed, common)
     return images
@@ -432,6 +496,7 @@ def compare_variants(
     max_sequence_length: int = 512,
     inpaint: bool = True,
     label: str | None = None,
+    depth_module: nn.Module | None = None,
 ) -> Comparison:
     """Run the same inputs and the same noise through every variant, into one figure and one metrics table.
 
@@ -440,7 +505,7 @@ def compare_variants(
     with the LoRA off and no depth, the baseline a trained region token should beat.
 
     Args:
-        image, prompt, mask, region, depth: as in :func:`sample_edit`; ``target``: the expected edit.
+        image, prompt, mask, region, depth, depth_module: as in :func:`sample_edit`; ``target``: the expected edit.
         seed: every variant starts from ``torch.Generator().manual_seed(seed)``.
         inpaint: include the inpainting baseline.
         label: which model made the figure, e.g. ``"tiny model, 128 px"`` (end of its title).
@@ -451,7 +516,7 @@ def compare_variants(
     _, _, height, width = _edit_sizes(pipe, image, height, width)
     common = dict(height=height, width=width, num_inference_steps=num_inference_steps,
                   guidance_scale=guidance_scale, max_sequence_length=max_sequence_length)
-    images = _variant_images(pipe, image, prompt, mask, region, depth, seed, common, inpaint)
+    images = _variant_images(pipe, image, prompt, mask, region, depth, seed, common, inpaint, depth_module)
     ctx = resize_rgb(image_to_pil_rgb(image), height, width)  # [3, H, W]
     tgt = resize_rgb(target, height, width) if target is not None else None
     inside = mask_at_size(mask, height, width)  # [H, W] bool

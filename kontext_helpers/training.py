@@ -1,8 +1,8 @@
 """Notebook 04: the training loop: cache once, then forward, loss, backward and step, with checkpoints.
 
 :func:`train` reads as its steps: check the config (and a checkpoint's, when resuming) before any model
-work; cache every sample once (docs/design.md, correction 2); attach the LoRA; build the region module,
-the optimizer and the schedule; restore a checkpoint; then run the updates through ``accelerate``.
+work; cache every sample once (docs/design.md, correction 2); attach the LoRA; build the region and depth
+modules, the optimizer and the schedule; restore a checkpoint; then run the updates through ``accelerate``.
 One update is written out in :func:`training_loss` (noisy target, forward, the two loss terms).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cache import TrainCache, build_train_cache
+from .cache import TrainCache, build_train_cache, depth_map_of
 from .checkpoints import (
     list_checkpoints,
     load_checkpoint,
@@ -25,6 +25,7 @@ from .checkpoints import (
 )
 from .conditioning import fm_masked_dual_loss_with_l2, kontext_forward, make_region_module, region_inputs
 from .config import TrainConfig
+from .depth import add_offsets, depth_inputs, make_depth_module
 from .figures import preview_grid
 from .images import image_to_pil_rgb
 from .inference import sample_edit
@@ -73,8 +74,15 @@ def sample_sigmas(batch: int, config: TrainConfig, generator: torch.Generator, n
 
 
 def training_loss(transformer, region_module, batch: dict, txt_ids: torch.Tensor, h_tok: int, w_tok: int,
-                  noise: torch.Tensor, sigma: torch.Tensor, config: TrainConfig, lora_named_params=None):
-    """Loss of one batch with given noise ``[B, N, 4C]`` and sigmas ``[B]``; returns ``(loss, parts)``."""
+                  noise: torch.Tensor, sigma: torch.Tensor, config: TrainConfig, lora_named_params=None,
+                  depth_module=None):
+    """Loss of one batch with given noise ``[B, N, 4C]`` and sigmas ``[B]``; returns ``(loss, parts)``.
+
+    ``depth_module`` (depth_kind ``"tokens"``): its offset from ``batch["depth_feat"]`` is added to the noisy target
+    tokens (with a ``"marked"`` region's) and to the context tokens; ``batch["depth_keep"]`` (``[B]``, optional) marks
+    the samples depth dropout keeps, and ``parts["depth_kept"]`` is their share. The L2 terms leave it alone (it is
+    zero-initialised; dropout regularises it). The prior-preservation reference is the base model: LoRA off, no
+    region, no depth module."""
     tgt, ctx = batch["tgt_tok"], batch["ctx_tok"]
     s = sigma.to(tgt.dtype)[:, None, None]  # [B] -> [B, 1, 1]
     noisy = (1.0 - s) * tgt + s * noise  # x_t = (1 - s) x_0 + s e
@@ -82,7 +90,10 @@ def training_loss(transformer, region_module, batch: dict, txt_ids: torch.Tensor
     region = region_inputs(region_module, ctx, batch["mask_small"], h_tok, w_tok)  # context [B, N(+K), 4C]
     ctx_in, region_tok, region_ids = region.context[:, :n], region.context[:, n:], region.ids
     region_tok = region_tok if region_ids is not None else None
-    noisy_in = noisy + region.target_offset if region.target_offset is not None else noisy  # "marked"
+    depth_target, depth_context = _batch_depth(depth_module, batch, ctx)  # [B, N, 4C] each, or None
+    target_offset = add_offsets(region.target_offset, depth_target)  # "marked" region and depth
+    noisy_in = noisy + target_offset if target_offset is not None else noisy
+    ctx_in = ctx_in + depth_context if depth_context is not None else ctx_in
     ip = [batch["ip_embeds"]] if batch.get("ip_embeds") is not None else None
     kw = dict(sigma=sigma, prompt_embeds=batch["prompt_embeds"], pooled_prompt_embeds=batch["pooled_prompt_embeds"],
               txt_ids=txt_ids, h_tok=h_tok, w_tok=w_tok, guidance=config.guidance, ip_adapter_image_embeds=ip)
@@ -95,18 +106,34 @@ def training_loss(transformer, region_module, batch: dict, txt_ids: torch.Tensor
         with torch.no_grad(), lora_off(base):
             prior_v = kontext_forward(transformer, noisy, ctx, None, **kw).float()
         outside_ref = noise.float() - prior_v
-    return fm_masked_dual_loss_with_l2(
+    loss, parts = fm_masked_dual_loss_with_l2(
         pred, tgt, outside_ref, noise, batch["mask_small"], h_tok, w_tok, w_in=config.w_in, w_out=config.w_out,
         l2_region_lambda=config.l2_region_lambda, l2_lora_lambda=config.l2_lora_lambda,
         region_token_module=getattr(region_module, "module", region_module), lora_named_params=lora_named_params,
         return_parts=True)
+    if depth_module is not None:
+        keep = batch.get("depth_keep")
+        parts["depth_kept"] = 1.0 if keep is None else float(keep.float().mean())
+    return loss, parts
+
+
+def _batch_depth(depth_module, batch: dict, like: torch.Tensor):
+    """:func:`depth_inputs` of the batch's cached depth features, as ``like``'s dtype and device."""
+    if depth_module is None:
+        return None, None
+    if batch.get("depth_feat") is None:
+        raise ValueError("a depth module needs the cached depth features: build the cache with use_depth=True and "
+                         "depth_kind='tokens' (build_train_cache / load_for_training with the run's config)")
+    offsets = depth_inputs(depth_module, batch["depth_feat"], keep=batch.get("depth_keep"))
+    return tuple(None if t is None else t.to(like) for t in offsets)  # [B, N, 4C] each
 
 
 @torch.no_grad()
 def evaluation_loss(pipe, region_module, cache: TrainCache, *, index: int = 0,
                     sigmas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8), seed: int = 1234,
-                    guidance: float = 1.0) -> dict[str, float]:
+                    guidance: float = 1.0, depth_module=None) -> dict[str, float]:
     """A fixed yardstick: the same pair, fixed noise, fixed sigmas; mean of loss, ``err_in`` and ``err_out``.
+    ``depth_module``: a trained depth module (``TrainResult.depth``), fed the cached depth features.
 
     ``err_in`` is the in-mask velocity error to the target, ``err_out`` the out-of-mask error to the context.
     """
@@ -118,7 +145,8 @@ def evaluation_loss(pipe, region_module, cache: TrainCache, *, index: int = 0,
     for s in sigmas:
         noise = torch.randn(batch["tgt_tok"].shape, generator=g).to(batch["tgt_tok"])
         loss, parts = training_loss(pipe.transformer, region_module, batch, cache.txt_ids.to(device), cache.h_tok,
-                                    cache.w_tok, noise, torch.tensor([s], device=device), cfg)
+                                    cache.w_tok, noise, torch.tensor([s], device=device), cfg,
+                                    depth_module=depth_module)
         totals["loss"] += float(loss) / len(sigmas)
         totals["err_in"] += parts["loss_in"] / len(sigmas)
         totals["err_out"] += parts["loss_out"] / len(sigmas)
@@ -136,6 +164,8 @@ class TrainResult:
     output_dir: str
     config: TrainConfig
     resumed_from: int | None = None  # step of the checkpoint the run continued from
+    depth: nn.Module | None = None  # the trained depth module of depth_kind "tokens" (unwrapped, eval); None for
+    #   "ip_adapter", "none" and use_depth=False
 
 
 def _make_accelerator(config: TrainConfig):
@@ -255,11 +285,25 @@ def _new_region_module(cache: TrainCache, transformer, config: TrainConfig, devi
     return region.to(device)
 
 
-def _make_optimizer(config: TrainConfig, lora_params: list[nn.Parameter], region_params: list[nn.Parameter]):
-    """AdamW (or bitsandbytes' 8-bit AdamW) with the LoRA and the region module as two parameter groups."""
-    groups = [{"params": lora_params, "lr": config.learning_rate}]
-    if region_params:
-        groups.append({"params": region_params, "lr": config.region_learning_rate})
+def _new_depth_module(transformer, config: TrainConfig, device) -> nn.Module | None:
+    """The ``config.depth_kind`` module (zero-initialised), or ``None`` without depth or for ``"ip_adapter"``."""
+    if not config.use_depth:
+        return None
+    depth = make_depth_module(config.depth_kind, transformer.config.in_channels)
+    return None if depth is None else depth.to(device)
+
+
+def _group_lrs(config: TrainConfig, region, depth) -> list[float]:
+    """The learning rate of each parameter group, in :func:`_make_optimizer`'s order: LoRA, region, depth."""
+    return ([config.learning_rate] + ([config.region_learning_rate] if region is not None else [])
+            + ([config.depth_learning_rate] if depth is not None else []))
+
+
+def _make_optimizer(config: TrainConfig, lora_params: list[nn.Parameter], region, depth=None):
+    """AdamW (or bitsandbytes' 8-bit AdamW) with the LoRA, the region module and the depth module (each when
+    present) as parameter groups of their own learning rates."""
+    params = [lora_params] + [list(m.parameters()) for m in (region, depth) if m is not None]
+    groups = [{"params": p, "lr": lr} for p, lr in zip(params, _group_lrs(config, region, depth))]
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -279,8 +323,8 @@ def _make_lr_scheduler(config: TrainConfig, optimizer, num_processes: int):
                          num_training_steps=max(config.steps, 1) * num_processes)
 
 
-def _restore_checkpoint(path: str, transformer, region, optimizer, lr_scheduler, config: TrainConfig):
-    """Load a checkpoint into the fresh LoRA, region, optimizer and schedule; returns ``(step, history)``.
+def _restore_checkpoint(path: str, transformer, region, optimizer, lr_scheduler, config: TrainConfig, depth=None):
+    """Load a checkpoint into the fresh LoRA, region, depth, optimizer and schedule; returns ``(step, history)``.
 
     The learning rates of ``config`` replace the saved ones, so a resumed run may change them.
     """
@@ -289,10 +333,12 @@ def _restore_checkpoint(path: str, transformer, region, optimizer, lr_scheduler,
                          source=os.path.join(path, "lora.safetensors"))
     if region is not None:
         region.load_state_dict(ckpt["region"]["state_dict"])
+    if depth is not None:
+        depth.load_state_dict(ckpt["depth"]["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     if hasattr(lr_scheduler, "lr_lambdas"):  # every diffusers schedule is a LambdaLR
-        lr_scheduler.base_lrs = [config.learning_rate, config.region_learning_rate][:len(optimizer.param_groups)]
+        lr_scheduler.base_lrs = _group_lrs(config, region, depth)
         for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
             group["initial_lr"], group["lr"] = base, base * factor(lr_scheduler.last_epoch)
     return ckpt["step"], ckpt["history"]
@@ -309,6 +355,7 @@ class _Run:
     cache: TrainCache
     model: nn.Module  # the transformer as accelerate prepared it
     region: nn.Module | None  # the region module as accelerate prepared it (None: a LoRA alone)
+    depth: nn.Module | None  # the depth module as accelerate prepared it (None: no "tokens" depth)
     optimizer: object
     lr_scheduler: object
     lora: list
@@ -321,8 +368,8 @@ def _one_update(run: _Run, step: int) -> dict[str, float]:
     """One optimizer update (``gradient_accumulation_steps`` micro-batches); returns the mean loss parts."""
     acc, cfg, cache = run.accelerator, run.config, run.cache
     accum, procs, b, device = cfg.gradient_accumulation_steps, acc.num_processes, cfg.batch_size, acc.device
-    trainable = [p for _, p in run.lora] + (list(run.region.parameters()) if run.region is not None else [])
-    trained_modules = [m for m in (run.model, run.region) if m is not None]
+    trained_modules = [m for m in (run.model, run.region, run.depth) if m is not None]
+    trainable = [p for _, p in run.lora] + [p for m in trained_modules[1:] for p in m.parameters()]
     totals = {"loss": 0.0, "loss_in": 0.0, "loss_out": 0.0, "l2_lora": 0.0, "l2_region": 0.0}
     for micro in range(accum):
         first = ((step * accum + micro) * procs + acc.process_index) * b
@@ -331,9 +378,12 @@ def _one_update(run: _Run, step: int) -> dict[str, float]:
         batch = cache.batch(idx, device=device)
         noise = torch.randn(batch["tgt_tok"].shape, generator=g).to(device=device, dtype=batch["tgt_tok"].dtype)
         sigma = sample_sigmas(b, cfg, g).to(device)
+        if run.depth is not None and cfg.depth_dropout > 0:  # drawn last: noise and sigmas are as without depth
+            batch["depth_keep"] = (torch.rand(b, generator=g) >= cfg.depth_dropout).float().to(device)  # [B]
         with acc.accumulate(*trained_modules), acc.autocast():
             loss, parts = training_loss(run.model, run.region, batch, cache.txt_ids.to(device), cache.h_tok,
-                                        cache.w_tok, noise, sigma, cfg, lora_named_params=run.lora)
+                                        cache.w_tok, noise, sigma, cfg, lora_named_params=run.lora,
+                                        depth_module=run.depth)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {float(loss.detach())} at step {step + 1} (batch "
@@ -347,7 +397,7 @@ def _one_update(run: _Run, step: int) -> dict[str, float]:
             run.lr_scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
         for key, value in {"loss": float(loss.detach()), **parts}.items():  # the L2 parts unweighted (mean squares)
-            totals[key] += value / accum
+            totals[key] = totals.get(key, 0.0) + value / accum  # + depth_kept with a depth module
     if procs > 1:
         reduced = acc.reduce(torch.tensor(list(totals.values()), device=device), reduction="mean")
         totals = dict(zip(totals, reduced.tolist()))
@@ -369,10 +419,10 @@ def _after_update(run: _Run, done: int, history: list[dict], callback) -> None:
             run.last_good = save_checkpoint(
                 cfg.output_dir, done, lora_state=lora_state_dict(transformer, lora_adapter_name(transformer)),
                 region_module=_unwrapped(acc, run.region), optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
-                history=history, config=cfg, keep=cfg.keep_checkpoints)
+                history=history, config=cfg, keep=cfg.keep_checkpoints, depth_module=_unwrapped(acc, run.depth))
     if cfg.preview_every and done % cfg.preview_every == 0 and acc.is_main_process:
         item = run.preview_pair if run.preview_pair is not None else run.dataset[0]
-        path = _training_preview(run.pipe, _unwrapped(acc, run.region), item, cfg, done)
+        path = _training_preview(run.pipe, _unwrapped(acc, run.region), item, cfg, done, _unwrapped(acc, run.depth))
         if run.tracking:
             _log_preview(acc, path, done)
         if callback is not None:
@@ -380,11 +430,12 @@ def _after_update(run: _Run, done: int, history: list[dict], callback) -> None:
 
 
 def _prepare_run(pipe, dataset, config: TrainConfig, accelerator, cache, progress: bool):
-    """Everything before the first update: cache, LoRA, region, optimizer, schedule, accelerate's wrappers."""
+    """Everything before the first update: cache, LoRA, region, depth, optimizer, schedule."""
     device = accelerator.device
     if cache is None:
         cache = build_train_cache(pipe, dataset, max_sequence_length=config.max_sequence_length,
-                                  use_depth=config.use_depth, device=device,
+                                  use_depth=config.use_depth, depth_kind=config.depth_kind,
+                                  depth_source=config.depth_source, device=device,
                                   offload=config.offload_encoders and device.type == "cuda",
                                   progress=progress and accelerator.is_main_process)
     transformer = pipe.transformer
@@ -396,9 +447,10 @@ def _prepare_run(pipe, dataset, config: TrainConfig, accelerator, cache, progres
         transformer.enable_gradient_checkpointing()
     transformer.train()  # no dropout in Flux; LoRA dropout is 0
     region = _new_region_module(cache, transformer, config, device)
-    optimizer = _make_optimizer(config, [p for _, p in lora], list(region.parameters()) if region is not None else [])
+    depth = _new_depth_module(transformer, config, device)
+    optimizer = _make_optimizer(config, [p for _, p in lora], region, depth)
     lr_scheduler = _make_lr_scheduler(config, optimizer, accelerator.num_processes)
-    return cache, lora, region, optimizer, lr_scheduler
+    return cache, lora, region, depth, optimizer, lr_scheduler
 
 
 def _check_text_encoders(pipe, config: TrainConfig, cache) -> None:
@@ -426,7 +478,8 @@ def load_for_training(model: str, dataset, config: TrainConfig, *, device=None, 
     pipe = load_pipeline(model, seed=config.seed, device=device, dtype=dtype, encoders_only=staged,
                          quantization_config=None if staged else nf4)
     cache = build_train_cache(pipe, dataset, max_sequence_length=config.max_sequence_length,
-                              use_depth=config.use_depth, device=pipe._execution_device,
+                              use_depth=config.use_depth, depth_kind=config.depth_kind,
+                              depth_source=config.depth_source, device=pipe._execution_device,
                               offload=config.offload_encoders and pipe._execution_device.type == "cuda",
                               progress=progress)
     if staged:
@@ -465,20 +518,18 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
     _check_tracker(config, accelerator)
     accelerator = accelerator or _make_accelerator(config)
     resume_path = checkpoint_to_resume(config, verbose=accelerator.is_main_process)
-    cache, lora, region, optimizer, lr_scheduler = _prepare_run(pipe, dataset, config, accelerator, cache, progress)
+    cache, lora, region, depth, optimizer, lr_scheduler = _prepare_run(pipe, dataset, config, accelerator, cache,
+                                                                       progress)
     start, history = 0, []
     if resume_path is not None:
-        start, history = _restore_checkpoint(resume_path, pipe.transformer, region, optimizer, lr_scheduler, config)
+        start, history = _restore_checkpoint(resume_path, pipe.transformer, region, optimizer, lr_scheduler, config,
+                                             depth)
         if accelerator.is_main_process:
             print(f"resumed from {resume_path} (step {start})")
-    if region is not None:
-        model, region_p, optimizer, lr_scheduler = accelerator.prepare(pipe.transformer, region, optimizer,
-                                                                       lr_scheduler)
-    else:
-        model, optimizer, lr_scheduler = accelerator.prepare(pipe.transformer, optimizer, lr_scheduler)
-        region_p = None
+    model, region_p, depth_p, optimizer, lr_scheduler = _accelerate(accelerator, pipe.transformer, region, depth,
+                                                                    optimizer, lr_scheduler)
     started_tracker = _start_tracker(accelerator, config)
-    run = _Run(pipe, dataset, config, accelerator, cache, model, region_p, optimizer, lr_scheduler, lora,
+    run = _Run(pipe, dataset, config, accelerator, cache, model, region_p, depth_p, optimizer, lr_scheduler, lora,
                last_good=resume_path, preview_pair=preview_pair, tracking=config.report_to != "none")
     bar = tqdm(total=config.steps, initial=start, desc="training", mininterval=0.5,
                disable=not (progress and accelerator.is_main_process))
@@ -494,11 +545,22 @@ def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None
                 _after_update(run, step + 1, history, callback)
         accelerator.wait_for_everyone()
     finally:
-        region = _unwrap_after_training(accelerator, model, region_p)
+        region, depth = _unwrap_after_training(accelerator, model, region_p, depth_p)
         if started_tracker:
             _finish_trackers(accelerator)
     return TrainResult(history=history, region=region, output_dir=config.output_dir, config=config,
-                       resumed_from=start if resume_path is not None else None)
+                       resumed_from=start if resume_path is not None else None, depth=depth)
+
+
+def _accelerate(accelerator, transformer, region, depth, optimizer, lr_scheduler):
+    """``accelerator.prepare`` of the transformer, the region and depth modules (those present), the optimizer and
+    the schedule -> ``(model, region, depth, optimizer, lr_scheduler)`` (``None`` for an absent module)."""
+    present = [m for m in (region, depth) if m is not None]
+    model, *modules, optimizer, lr_scheduler = accelerator.prepare(transformer, *present, optimizer, lr_scheduler)
+    prepared = iter(modules)
+    region_p = next(prepared) if region is not None else None
+    depth_p = next(prepared) if depth is not None else None
+    return model, region_p, depth_p, optimizer, lr_scheduler
 
 
 def _finish_trackers(accelerator) -> None:
@@ -513,26 +575,31 @@ def _unwrapped(accelerator, module):
     return None if module is None else accelerator.unwrap_model(module)
 
 
-def _unwrap_after_training(accelerator, model, region_p) -> nn.Module | None:
+def _unwrap_after_training(accelerator, model, region_p, depth_p):
     """Undo ``accelerator.prepare``: its mixed-precision wrapper leaves ``forward`` (``keep_fp32_wrapper=False``),
-    so the pipeline afterwards behaves exactly like a fresh one with the same adapter; eval mode for both."""
+    so the pipeline afterwards behaves exactly like a fresh one with the same adapter; eval mode for all.
+    Returns ``(region, depth)``, each ``None`` when absent."""
     accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
-    return None if region_p is None else accelerator.unwrap_model(region_p, keep_fp32_wrapper=False).eval()
+    return tuple(None if m is None else accelerator.unwrap_model(m, keep_fp32_wrapper=False).eval()
+                 for m in (region_p, depth_p))
 
 
-def _training_preview(pipe, region, item: dict, config: TrainConfig, step: int) -> str:
-    """Edit ``item`` with the current LoRA + region (seed ``config.seed``) and save ``previews/step-NNNNNN.png``:
-    context, mask, depth, target, result and its change, with the edit metrics (:func:`preview_grid`).
+def _training_preview(pipe, region, item: dict, config: TrainConfig, step: int, depth_module=None) -> str:
+    """Edit ``item`` with the current LoRA + region + depth (seed ``config.seed``) and save
+    ``previews/step-NNNNNN.png``: context, mask, depth, target, result and its change, with the edit metrics
+    (:func:`preview_grid`). Depth: ``config.depth_source``'s map, through the depth module or the IP-Adapter.
 
     ``sample_edit`` brings encoders that the cache offloaded to the device for their step and back.
     """
     was_training = pipe.transformer.training
     pipe.transformer.eval()
-    use_depth = config.use_depth and has_ip_adapter(pipe.transformer)
+    use_depth = depth_module is not None or (config.use_depth and config.depth_kind == "ip_adapter"
+                                             and has_ip_adapter(pipe.transformer))
+    depth = depth_map_of(item, config.depth_source) if use_depth else None
     try:
         image = sample_edit(
             pipe, image_to_pil_rgb(item["context"]), item["prompt"], mask=item["mask"] if region is not None else None,
-            depth=item["depth"] if use_depth else None, region=region, height=config.resolution,
+            depth=depth, region=region, depth_module=depth_module, height=config.resolution,
             width=config.resolution, num_inference_steps=config.preview_steps, guidance_scale=2.5,
             generator=torch.Generator().manual_seed(config.seed), max_sequence_length=config.max_sequence_length)
     finally:
@@ -540,7 +607,7 @@ def _training_preview(pipe, region, item: dict, config: TrainConfig, step: int) 
     folder = os.path.join(config.output_dir, "previews")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step-{step:06d}.png")
-    fig = preview_grid(item["context"], item["mask"], item["depth"] if use_depth else None, item.get("target"),
+    fig = preview_grid(item["context"], item["mask"], depth, item.get("target"),
                        image, prompt=f"{item['prompt']} ({item.get('name', 'preview pair')}, step {step})")
     fig.savefig(path, dpi=80)
     return path

@@ -9,7 +9,7 @@ def test_cached_step_equals_uncached_step(fresh_pipe, one_pair, train_config, tm
     pipe = fresh_pipe
     data = one_pair()
     cfg = train_config(tmp_path)
-    cache = kh.build_train_cache(pipe, data, max_sequence_length=32, progress=False)
+    cache = kh.build_train_cache(pipe, data, max_sequence_length=32, depth_kind="ip_adapter", progress=False)
     assert isinstance(cache, kh.TrainCache), "build_train_cache returns a TrainCache"
     region = kh.MaskRegionToken(cache.h_tok, cache.w_tok, 64)
     g = torch.Generator().manual_seed(0)

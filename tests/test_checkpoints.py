@@ -26,8 +26,8 @@ class NoModelWork(torch.utils.data.Dataset):
         raise AssertionError("the dataset was read: the config check must come before caching")
 
 
-def _lora_and_region(ckpt_dir):
-    return tuple(load_file(os.path.join(ckpt_dir, f"{part}.safetensors")) for part in ("lora", "region"))
+def _lora_region_and_depth(ckpt_dir):
+    return tuple(load_file(os.path.join(ckpt_dir, f"{part}.safetensors")) for part in ("lora", "region", "depth"))
 
 
 @pytest.fixture()
@@ -62,11 +62,14 @@ def test_killed_run_resumes_to_the_same_weights(run_worker, tmp_path):
     (s1, p1), (s2, p2) = kh.list_checkpoints(str(tmp_path / "straight"))[-1], kh.list_checkpoints(
         str(tmp_path / "killed"))[-1]
     assert s1 == s2 == 6, "both runs must end at step 6"
-    for a, b, what in zip(_lora_and_region(p1), _lora_and_region(p2), ("LoRA", "region")):
+    # the worker trains depth_kind="tokens" with depth dropout 0.3: its depth module resumes exactly too
+    for a, b, what in zip(_lora_region_and_depth(p1), _lora_region_and_depth(p2), ("LoRA", "region", "depth")):
         assert a.keys() == b.keys(), f"{what} checkpoints hold different tensors"
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0,
                                        msg=f"{what} tensor {k} differs between resumed and uninterrupted run")
+    depth = _lora_region_and_depth(p2)[2]
+    assert depth["proj.weight"].abs().max() > 0, "the depth projection must have moved away from its zero init"
     assert len(kh.list_checkpoints(str(tmp_path / "straight"))) == 2, "keep_checkpoints=2 keeps the newest two"
 
 

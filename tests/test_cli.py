@@ -54,6 +54,13 @@ def test_config_file_sets_every_field_and_the_flags_override_it(sample_data, tmp
     assert run["data"] == str(sample_data) and run["resize"] == "crop" and run["model"] == "tiny", (
         f"run keys come from the file, the flags, or their defaults: {run}")
     assert config.output_dir == str(tmp_path / "run"), "out becomes output_dir"
+    depth_file = _write(tmp_path / "depth.yaml", f"data: {sample_data}\nout: {tmp_path / 'run'}\n"
+                                                 "depth_kind: ip_adapter\ndepth_dropout: 0.2\n")
+    args = _cli_parser().parse_args(["train", "--config", depth_file, "--depth-kind", "tokens", "--depth-source",
+                                     "target", "--depth-dropout", "0.3"])
+    config = kh.TrainConfig(**_run_settings(args)[1])
+    assert (config.depth_kind, config.depth_source, config.depth_dropout) == ("tokens", "target", 0.3), (
+        f"--depth-kind, --depth-source and --depth-dropout (and the file's keys) reach the TrainConfig: {config}")
 
 
 def test_config_file_with_unknown_or_mistyped_settings_is_one_clear_error(tmp_path):

@@ -19,7 +19,7 @@ def config(out: str, steps: int, resume: bool) -> kh.TrainConfig:
     return kh.TrainConfig(resolution=64, steps=steps, batch_size=2, gradient_accumulation_steps=2, rank=4,
                           learning_rate=3e-3, region_learning_rate=1e-2, lr_scheduler="cosine", lr_warmup_steps=2,
                           max_sequence_length=32, checkpoint_every=2, keep_checkpoints=2, output_dir=out,
-                          resume=resume, seed=7)
+                          resume=resume, seed=7, depth_kind="tokens", depth_dropout=0.3)
 
 
 def main() -> None:
