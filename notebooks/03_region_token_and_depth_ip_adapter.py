@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 03 · The region token and depth through the IP-Adapter
+# # 03 · The region token, and depth through the IP-Adapter and per token
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/kontext-region-lora/blob/main/notebooks/03_region_token_and_depth_ip_adapter.ipynb)
 #
@@ -26,6 +26,8 @@
 #   prediction;
 # - how a depth map reaches the transformer through the IP-Adapter: CLIP image encoder, image projection,
 #   `to_k_ip` / `to_v_ip` in each double block, and the adapter's scale;
+# - why one global depth embedding cannot say *where* anything is, and how a depth patch per token (a zero-started
+#   projection added to the target and context tokens, BFL's depth channels written as an addition) can;
 # - what the loss measures inside and outside the mask, and which timesteps we train on.
 #
 # Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
@@ -77,12 +79,12 @@ DATA_ROOT = os.path.join(ROOT, "data_samples")  # the sample pairs; point this a
 RESOLUTION = 128 if TINY else PRESET.resolution  # training side in pixels, a multiple of 16 (tiny: an 8x8 token grid)
 PAIR_INDEX = 0  # which pair of the dataset to look at (0: "make the red sphere blue")
 MAX_SEQUENCE_LENGTH = 64 if TINY else PRESET.max_sequence_length  # T5 tokens of the prompt (Kontext: 512)
-SIGMA = 0.5  # the flow-matching time of the single forward passes in sections 4 and 7, in (0, 1]
+SIGMA = 0.5  # the flow-matching time of the single forward passes in sections 4, 7 and 8, in (0, 1]
 SQUARE_TOKENS = 3 if TINY or QUICK else 8  # side, in tokens, of the square mask the slider in section 3 moves
 NUM_INFERENCE_STEPS = 4 if TINY else 2 if QUICK else 28  # denoising steps of the IP-Adapter comparison (section 6)
 IP_SCALES = (0.0, 0.5, 1.0)  # IP-Adapter strengths compared in section 6
 TIMING_REPEATS = 5  # timed runs per measurement in section 5 (the median is reported)
-SIGMA_DRAWS = 20_000  # training sigmas drawn for the histograms of section 7
+SIGMA_DRAWS = 20_000  # training sigmas drawn for the histograms of section 8
 OUTPUT_DIR = os.environ.get("KONTEXT_OUTPUT_DIR", os.path.join(ROOT, "outputs"))  # the series' results folder;
 #   this notebook only reads: notebook 04 writes the trained adapter there
 SEED = 0  # every random draw of this notebook
@@ -176,7 +178,7 @@ plt.show()
 
 # %% [markdown]
 # **Why "max" for the loss.** The loss asks every token with mask 0 to stay exactly like the context
-# (section 7). With area pooling a boundary token that is 30% edit would get weight 0.7 on "stay like the
+# (section 8). With area pooling a boundary token that is 30% edit would get weight 0.7 on "stay like the
 # context": the loss would partly ask edited pixels not to change, and the model would learn a ragged,
 # half-done edge. Max pooling is conservative: a token touching the edit is editable, so the loss never asks
 # an edited pixel to stay unchanged. The price is a slightly larger editable area (a margin of at most one
@@ -596,8 +598,8 @@ print(f"encoding every step adds {(t_depth + t_prompt) / t_step:.0%} of a forwar
 # > RGB reference photos, not on Kontext and not on depth maps: to the adapter a depth map is an unusual grey
 # > picture, and the LoRA (with `lora_ip_adapter=True`, its `to_k_ip` / `to_v_ip` too) has to learn what it
 # > means. And the depth map describes the *context* scene, not the target: for "add a box" edits the box is not
-# > in it. A depth ControlNet or depth tokens in the sequence would be spatial; this course keeps the original
-# > design's IP-Adapter and shows its effect honestly (section 6 here, notebook 05's variants).
+# > in it. A signal per token is spatial: section 7 builds one (the project's default depth kind) beside the original
+# > design's IP-Adapter, which stays available (`depth_kind="ip_adapter"`) and is measured beside it.
 
 # %% [markdown]
 # ## 6. The IP-Adapter scale
@@ -651,7 +653,129 @@ plt.show()
 # size of the adapter's push, not as proof that depth steers the edit.
 
 # %% [markdown]
-# ## 7. The loss in pictures
+# ## 7. Depth that knows where: one depth patch per token
+#
+# Section 5's road ends in one vector per depth map, and the tokens it becomes carry no position. So a depth map
+# can say *what kind of* scene this is, but not *where* a thing is. We test that directly: two depth maps that
+# differ only in where a near box sits (left or right). For each, we measure how much every target token's
+# prediction moves, once through the IP-Adapter and once through a signal that adds each token's own depth patch to
+# that token (built below). Where does the change land?
+
+# %%
+def box_depth(col0: int) -> torch.Tensor:
+    """A far floor (a ramp, near at the bottom) with one near box, a quarter of the image wide, from column col0."""
+    d = torch.linspace(0.1, 0.5, RESOLUTION)[:, None].expand(RESOLUTION, RESOLUTION).clone()  # [H, W]
+    q = RESOLUTION // 4
+    d[q: 2 * q, col0: col0 + q] = 0.95  # near = bright
+    return d[None]  # [H, W] -> [1, H, W]
+
+
+depth_boxes = {"box left": box_depth(RESOLUTION // 8), "box right": box_depth(5 * RESOLUTION // 8)}
+demo_depth = kh.DepthTokenEmbedding(C_IN).to(DEVICE)  # the position-aware module, zero at the start
+with torch.no_grad():
+    g = torch.Generator().manual_seed(SEED)  # demo weights: a random projection, so an untrained module shows an effect
+    demo_depth.proj.weight.copy_(torch.randn(demo_depth.proj.weight.shape, generator=g) * 0.05)
+    box_tokens = {}
+    change = {"IP-Adapter": {}, "depth tokens": {}}
+    for name, d in depth_boxes.items():
+        box_tokens[name] = kh.mask_to_token_grid((d > 0.9).float()[None], h_tok, w_tok)[0, 0].bool()  # [H', W']
+        ip = kh.encode_depth_for_ip_adapter(pipe, d)  # [[B, 1, E]]: one vector for the whole map
+        with_ip = kh.kontext_forward(pipe.transformer, noisy, ctx_tok, None, **fwd, ip_adapter_image_embeds=ip)
+        feats = kh.depth_token_features(d, h_tok, w_tok).to(DEVICE)  # [B, N, 256]: each token's own patch
+        offset, ctx_offset = kh.depth_inputs(demo_depth, feats)  # [B, N, 4C] each
+        with_tokens = kh.kontext_forward(pipe.transformer, noisy + offset.to(noisy), ctx_tok + ctx_offset.to(ctx_tok),
+                                         None, **fwd, joint_attention_kwargs=no_depth)
+        for kind, pred in (("IP-Adapter", with_ip), ("depth tokens", with_tokens)):
+            change[kind][name] = (pred - pred_plain).abs().float().mean(-1).reshape(h_tok, w_tok).cpu()  # [H', W']
+for kind, maps in change.items():
+    shares = [float(m[box_tokens[n]].sum() / m.sum()) for n, m in maps.items()]
+    print(f"{kind:<13} share of the change on the box's tokens: left map {shares[0]:.0%}, right map "
+          f"{shares[1]:.0%} (the box covers {box_tokens['box left'].float().mean():.0%} of the tokens)")
+
+# %%
+fig, axes = plt.subplots(2, 3, figsize=(11, 7), layout="constrained")
+for row, (kind, maps) in enumerate(change.items()):
+    axes[row, 0].imshow(depth_boxes["box left" if row == 0 else "box right"][0], cmap="gray", vmin=0, vmax=1)
+    axes[row, 0].set_title(f"a depth map ({'box left' if row == 0 else 'box right'})", fontsize=9)
+    axes[row, 0].set_axis_off()
+    vmax = max(m.max().item() for m in maps.values())
+    for col, (name, m) in enumerate(maps.items(), start=1):
+        im = show_grid(axes[row, col], m, f"{kind}, {name}:\n|prediction change| per token", cmap="magma", vmin=0,
+                       vmax=vmax)
+        axes[row, col].contour(np.arange(RESOLUTION), np.arange(RESOLUTION), depth_boxes[name][0] > 0.9,
+                               levels=[0.5], colors="cyan", linewidths=1)
+    fig.colorbar(im, ax=axes[row, 1:], shrink=0.8)
+fig.suptitle("Move the near box (cyan): through the IP-Adapter the change stays where it was; through depth tokens "
+             "it moves with the box")
+plt.show()
+
+# %% [markdown]
+# The IP-Adapter's change map barely moves when the box does: its few depth tokens are the same for every image
+# token (their keys carry no position, section 5), so the map follows the image, not the box. The depth tokens'
+# change sits on the box and moves with it. That is why a depth map through the IP-Adapter measured as doing nothing
+# on the tiny model, and why the project's default depth signal is the one below.
+#
+# **The depth signal from first principles.** One image token covers a 16x16 pixel patch (VAE 8x, 2x2 packing).
+# `kh.depth_token_features(depth, h_tok, w_tok)` resizes the map to `16 H' x 16 W'` pixels, maps `[0, 1]` to
+# `[-1, 1]` (as images enter the VAE), and cuts it into patches with `F.pixel_unshuffle(d, 16)`: `[B, 1, 16H', 16W']
+# -> [B, 256, H', W'] -> [B, N, 256]`, token `n` holding the 256 depth values of its own patch, in the packing's
+# row-major order. `kh.DepthTokenEmbedding` maps each token's 256 values to a `[4C]` offset with one linear layer
+# `proj` (weight and bias **zero** at the start), added to the noisy target token at every step and to the context
+# token at the same place.
+#
+# Why zero, and why an addition: BFL's FLUX.1 Depth [dev] feeds its depth latents by **concatenating** them to the
+# target tokens' channels (diffusers' `FluxControlPipeline.__call__`: `torch.cat([latents, control_image], dim=2)`)
+# and widens `x_embedder` from 64 to 128 inputs; diffusers' `examples/flux-control` training script starts the new
+# columns at zero, so training starts at the base model. `x_embedder([x | f]) = W_x x + W_f f + b`. Adding
+# `o = P f + b_p` before `x_embedder` gives `W_x x + W_x (P f + b_p) + b`: the same form, with the frozen `W_x`
+# and a learned `P` instead of a new `W_f`, and no change to the transformer's shape (so the LoRA, the adapter
+# files and ComfyUI's Flux stay as they are). With `P = 0` it adds exactly nothing.
+
+# %%
+depth_map = item["depth"][None]  # [B, 1, H, W], this pair's depth
+feats = kh.depth_token_features(depth_map, h_tok, w_tok)  # [B, N, 256]
+print("depth map      ", tuple(depth_map.shape))  # [B, 1, H, W]
+print("depth features ", tuple(feats.shape), f"({h_tok}x{w_tok} tokens x 16x16 px)")  # [B, N, 256]
+token = int(feats[0].std(dim=-1).argmax())  # the token whose patch varies most: an object's edge
+patch = feats[0, token].reshape(16, 16)  # [256] -> [16, 16]: back to its pixels
+row, col = divmod(token, w_tok)
+by_hand = depth_map[0, 0, 16 * row: 16 * row + 16, 16 * col: 16 * col + 16] * 2 - 1  # the same pixels, [-1, 1]
+if RESOLUTION == 16 * h_tok:  # at the grid's own size no resizing happens: the patch is the pixels themselves
+    torch.testing.assert_close(patch, by_hand, msg="token n's features are its own 16x16 depth pixels")
+zero_module = kh.DepthTokenEmbedding(C_IN).to(DEVICE)  # weight and bias at zero, as training starts
+with torch.no_grad():
+    offset, ctx_offset = kh.depth_inputs(zero_module, feats.to(DEVICE))
+    pred_zero = kh.kontext_forward(pipe.transformer, noisy + offset.to(noisy), ctx_tok + ctx_offset.to(ctx_tok), None,
+                                   **fwd, joint_attention_kwargs=no_depth)
+print(f"untrained depth module vs no depth: max |prediction difference| = "
+      f"{(pred_zero - pred_plain).abs().max().item():.1e} (training starts at the base model)")
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), width_ratios=[1, 1, 2.2], layout="constrained")
+axes[0].imshow(depth_map[0, 0], cmap="gray", vmin=0, vmax=1)
+axes[0].add_patch(plt.Rectangle((16 * col - 0.5, 16 * row - 0.5), 16, 16, fill=False, color="orange", lw=2))
+axes[0].set_title(f"depth map, token ({row}, {col}) in orange", fontsize=9)
+axes[1].imshow(patch.cpu(), cmap="gray", vmin=-1, vmax=1)
+axes[1].set_title("its 256 features, as 16x16", fontsize=9)
+axes[2].imshow(feats[0].cpu().T, cmap="gray", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+axes[2].axvline(token, color="orange", lw=1)
+axes[2].set_xlabel("token n (row-major, the packing's order)")
+axes[2].set_ylabel("feature (pixel 16 y + x)")
+axes[2].set_title(f"all depth features [N = {feats.shape[1]}, 256]", fontsize=9)
+for ax in axes[:2]:
+    ax.set_axis_off()
+fig.suptitle("Each token gets the depth of its own 16x16 patch: the position is in which token it goes to")
+plt.show()
+
+# %% [markdown]
+# Which depth map to give is a choice of the training data (`TrainConfig.depth_source`): the **context's** depth says
+# how far each part of the scene is (good for appearance that depends on distance, such as fog or blur), the
+# **desired result's** depth says what geometry the edit should produce ("add a box *here*, this big", "make it
+# *this* shape"), which the prompt cannot say. Notebook 05 measures both on held-out scenes where only the depth map
+# can tell.
+
+# %% [markdown]
+# ## 8. The loss in pictures
 #
 # With `x_t = (1 - sigma) x_0 + sigma * noise`, flow matching predicts the velocity `v = noise - x_0`.
 # `kh.fm_masked_dual_loss_with_l2` splits the tokens by the max-pooled mask:
@@ -840,11 +964,14 @@ print(f"both modes equal kh.mask_to_token_grid; editable tokens: max {int(by_max
 # - Depth travels depth map -> CLIP image processor -> CLIP image encoder `[B, E]` -> `[[B, 1, E]]` ->
 #   image projection (a few text-width tokens) -> `to_k_ip` / `to_v_ip` in each double block, times a scale
 #   (`0` = no depth). Encoders stay frozen, and the embeddings are computed once per sample and cached.
+# - That embedding carries no position: moving a near box in the depth map does not move the change it makes. The
+#   default depth signal (`kh.DepthTokenEmbedding`) gives each token its own 16x16 depth patch
+#   (`kh.depth_token_features`, `[B, N, 256]`) through a projection that starts at zero; its change follows the box.
 # - The loss scores inside-mask tokens against the target velocity and outside-mask tokens against the
 #   context; the outside term is a velocity MSE against `noise - context`, and training sigmas lie in `(0, 1]`.
 #
 # ## Next
 #
 # [04_training.ipynb](04_training.ipynb) puts all of this in a loop: `kh.train` caches prompts, latents, masks
-# and depth embeddings once, attaches the LoRA, trains it together with the region module while a live
+# and depth features once, attaches the LoRA, trains it together with the region module while a live
 # plot shows the in-mask and out-of-mask losses, and saves the adapter to `OUTPUT_DIR/adapter`.
