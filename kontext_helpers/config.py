@@ -49,7 +49,8 @@ class TrainConfig:
     # --- loss
     w_in: float = 1.0  # weight of the in-mask velocity term (learn the edit)
     w_out: float = 1.0  # weight of the out-of-mask term (keep the rest of the image)
-    l2_region_lambda: float = 1e-4  # L2 (mean square) on the region module, the original design's stabiliser
+    l2_region_lambda: float = 1e-4  # L2 (mean square) on the region module, the original design's stabiliser (not on
+    #   the depth module: it starts at zero and depth_dropout regularises it)
     l2_lora_lambda: float = 1e-4  # L2 (mean square, not the design's sum) on the LoRA weights
     preservation: str = "identity"  # outside the mask: "identity" (flow to the context, the original design) or "prior"
     #   ("prior" is ai-toolkit's inverted_mask_prior: match the base model's own prediction, LoRA off)

@@ -16,9 +16,9 @@ def test_training_lowers_the_fixed_evaluation_loss(fresh_pipe, one_pair, train_c
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         untrained_region = kh.make_region_module(cfg.region_kind, cache.h_tok, cache.w_tok, 64)  # train()'s start
-    before = kh.evaluation_loss(pipe, untrained_region, cache)
+    before = kh.evaluation_loss(pipe, untrained_region, cache)  # an untrained depth module adds nothing
     result = kh.train(pipe, data, cfg, cache=cache, progress=False)
-    after = kh.evaluation_loss(pipe, result.region, cache)
+    after = kh.evaluation_loss(pipe, result.region, cache, depth_module=result.depth)
     assert after["loss"] <= 0.6 * before["loss"], f"evaluation loss must fall by >= 40%: {before} -> {after}"
     assert after["err_in"] < before["err_in"], f"in-mask error to the target must fall: {before} -> {after}"
     assert after["err_out"] <= before["err_out"] * 1.05, f"out-of-mask error must not grow: {before} -> {after}"
@@ -174,18 +174,19 @@ def test_after_bf16_training_the_pipeline_equals_a_fresh_one_with_the_saved_adap
     pipe, data = fresh_pipe, one_pair()
     result = kh.train(pipe, data, train_config(tmp_path, steps=2, mixed_precision="bf16"), progress=False)
     assert "_original_forward" not in vars(pipe.transformer), "train must remove accelerate's autocast wrapper"
-    kh.save_adapter(pipe, result.region, str(tmp_path / "adapter"))
+    kh.save_adapter(pipe, result.region, str(tmp_path / "adapter"), depth_module=result.depth)
     fresh = kh.load_pipeline("tiny", seed=0)
     region = kh.load_adapter(fresh, str(tmp_path / "adapter"))
+    depth_module = kh.load_depth_module(str(tmp_path / "adapter"), fresh)
     item = data[0]
 
-    def edit(p, r):
+    def edit(p, r, d):
         return kh.sample_edit(p, item["context"], item["prompt"], mask=item["mask"], region=r, depth=item["depth"],
-                              num_inference_steps=3, output_type="latent", max_sequence_length=32,
+                              depth_module=d, num_inference_steps=3, output_type="latent", max_sequence_length=32,
                               generator=torch.Generator().manual_seed(0))
 
-    torch.testing.assert_close(edit(pipe, result.region), edit(fresh, region), rtol=0, atol=0,
-                               msg="after train the pipeline must equal a fresh one with the saved adapter")
+    torch.testing.assert_close(edit(pipe, result.region, result.depth), edit(fresh, region, depth_module), rtol=0,
+                               atol=0, msg="after train the pipeline must equal a fresh one with the saved adapter")
 
 
 def _tensorboard_events(folder):
