@@ -24,6 +24,8 @@ _CKPT_RE = re.compile(r"^step-(\d{6,})$")
 # module exists; optimizer sets the layout of the optimizer state.)
 RESUME_MUST_MATCH = ("rank", "alpha", "lora_targets", "lora_ip_adapter", "resolution", "optimizer", "region_kind",
                      "use_depth", "depth_kind")
+# What checkpoints written before a field existed trained with (depth went through the IP-Adapter).
+_BEFORE_THE_FIELD = {"depth_kind": "ip_adapter"}
 # Fields that say where or whether to resume, not how to train: never compared.
 _RESUME_IGNORED = ("resume", "output_dir", "expected_peak_memory_gb", "peak_memory_source")
 
@@ -64,6 +66,7 @@ def resume_config_changes(saved: dict, current: dict) -> tuple[list[str], list[s
     rates, checkpoint spacing, ...), which the resumed run uses.
     """
     blocking, accepted = [], []
+    saved = {**_BEFORE_THE_FIELD, **saved}
     for name in sorted(set(saved) | set(current)):
         if name in _RESUME_IGNORED or saved.get(name) == current.get(name):
             continue

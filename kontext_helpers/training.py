@@ -448,6 +448,9 @@ def _prepare_run(pipe, dataset, config: TrainConfig, accelerator, cache, progres
     transformer.train()  # no dropout in Flux; LoRA dropout is 0
     region = _new_region_module(cache, transformer, config, device)
     depth = _new_depth_module(transformer, config, device)
+    if depth is not None and cache.samples[0].depth_feat is None:
+        raise ValueError("depth_kind='tokens' needs the cache's depth features: build it with use_depth=True and "
+                         "depth_kind='tokens' (load_for_training does, from the config)")
     optimizer = _make_optimizer(config, [p for _, p in lora], region, depth)
     lr_scheduler = _make_lr_scheduler(config, optimizer, accelerator.num_processes)
     return cache, lora, region, depth, optimizer, lr_scheduler

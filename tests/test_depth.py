@@ -252,3 +252,15 @@ def test_bad_depth_input_is_a_clear_error(tiny_pipe, plain_pipe, random_image, e
     big = kh.sample_edit(tiny_pipe, image, edit_prompt, depth=torch.rand(1, 128, 96), depth_module=module,
                          output_type="latent", **fast)
     assert torch.isfinite(big).all(), "a depth map of another size with the context's aspect is resized"
+
+
+def test_a_cache_without_features_and_an_older_checkpoint_are_named(fresh_pipe, one_pair, train_config, tmp_path):
+    data = one_pair()
+    cache = kh.build_train_cache(fresh_pipe, data, max_sequence_length=32, depth_kind="ip_adapter", progress=False)
+    assert cache.samples[0].depth_feat is None, "the ip_adapter kind caches no token features"
+    with pytest.raises(ValueError, match="depth features"):
+        kh.train(fresh_pipe, data, train_config(tmp_path, steps=1), cache=cache, progress=False)
+    saved = {k: v for k, v in kh.TrainConfig().to_dict().items() if not k.startswith("depth_")}  # before depth kinds
+    blocking, _ = kh.resume_config_changes(saved, kh.TrainConfig().to_dict())
+    assert blocking == ["depth_kind: 'ip_adapter' -> 'tokens'"], (
+        f"a checkpoint from before depth kinds trained through the IP-Adapter: {blocking}")
