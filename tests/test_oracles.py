@@ -1,8 +1,9 @@
 """The training path against an outside oracle: diffusers' own packing, ids, VAE encoding, prompt and depth
 encoding, and a raw ``pipe.transformer(...)`` call, with the loss and the region signal written out by hand.
 
-The package's ``training_loss`` (with ``kontext_forward``, ``region_inputs`` and the cache) must equal this hand
-computation, value and gradients, for every region kind and both preservation modes. A wrong convention (the
+The package's ``training_loss`` (with ``kontext_forward``, ``region_inputs``, the depth offsets and the cache) must
+equal this hand computation, value and gradients, for every region kind, both depth kinds and both preservation
+modes. A wrong convention (the
 timestep, the guidance, a lost target mark, a prior that keeps the LoRA on, another depth picture) shows here.
 """
 
@@ -39,8 +40,19 @@ def two_pairs(sample_data):
 
 
 @pytest.fixture(scope="module")
-def cache(lora_pipe, two_pairs):
-    return kh.build_train_cache(lora_pipe[0], two_pairs, max_sequence_length=32, progress=False)
+def caches(lora_pipe, two_pairs):
+    """The training cache of the two pairs for each depth kind (IP-Adapter embeddings, or depth features)."""
+    return {kind: kh.build_train_cache(lora_pipe[0], two_pairs, max_sequence_length=32, depth_kind=kind,
+                                       progress=False) for kind in kh.DEPTH_KINDS}
+
+
+def _random_depth_module(c_in: int):
+    module = kh.DepthTokenEmbedding(c_in)
+    g = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return module
 
 
 def _random_region(kind: str, h_tok: int, w_tok: int, c_in: int):
@@ -95,20 +107,30 @@ def _pipeline_encodings(pipe, items):
     ip = [pipe.prepare_ip_adapter_image_embeds(kh.depth_to_pil(it["depth"]), None, "cpu", 1)[0] for it in items]
     return dict(ctx=tok[:, 0], tgt=tok[:, 1], ids=torch.cat([ids, ctx_ids]), grid=(h // 2, w // 2),
                 embeds=torch.cat([t[0] for t in text]), pooled=torch.cat([t[1] for t in text]), txt_ids=text[0][2],
-                ip=torch.cat(ip), mask=torch.stack([it["mask"] for it in items]))
+                ip=torch.cat(ip), mask=torch.stack([it["mask"] for it in items]),
+                depth=torch.stack([it["depth"] for it in items]))
 
 
-def _raw_velocity(pipe, hidden, img_ids, enc, sigma, n):
-    """One raw transformer call, as ``FluxKontextPipeline.__call__`` makes it; the target part ``[B, N, 4C]``."""
+def _depth_offset_by_hand(depth_module, depth: torch.Tensor, h_tok: int, w_tok: int) -> torch.Tensor:
+    """Each token's 16x16 depth patch (row-major, in [-1, 1]) through the projection: ``[B, N, 4C]``."""
+    b = depth.shape[0]
+    tiles = (depth * 2 - 1).reshape(b, h_tok, 16, w_tok, 16)  # [B, 1, H, W] -> [B, H', 16, W', 16]
+    patches = tiles.permute(0, 1, 3, 2, 4).reshape(b, h_tok * w_tok, 256)  # -> [B, N, 256], pixel 16 y + x
+    return patches @ depth_module.proj.weight.T + depth_module.proj.bias
+
+
+def _raw_velocity(pipe, hidden, img_ids, enc, sigma, n, ip: bool):
+    """One raw transformer call, as ``FluxKontextPipeline.__call__`` makes it; the target part ``[B, N, 4C]``.
+    Without IP-Adapter depth, the adapter gets no image tokens (``ip_hidden_states=[]``: it adds zero)."""
     b = hidden.shape[0]
+    attn = {"ip_adapter_image_embeds": [enc["ip"]]} if ip else {"ip_hidden_states": []}
     out = pipe.transformer(hidden_states=hidden, timestep=sigma, guidance=torch.full([b], GUIDANCE),
                            pooled_projections=enc["pooled"], encoder_hidden_states=enc["embeds"],
-                           txt_ids=enc["txt_ids"], img_ids=img_ids,
-                           joint_attention_kwargs={"ip_adapter_image_embeds": [enc["ip"]]}, return_dict=False)[0]
+                           txt_ids=enc["txt_ids"], img_ids=img_ids, joint_attention_kwargs=attn, return_dict=False)[0]
     return out[:, :n]
 
 
-def _loss_by_hand(pipe, region, kind, enc, noise, sigma, cfg, lora):
+def _loss_by_hand(pipe, region, kind, enc, noise, sigma, cfg, lora, depth_module=None, keep=None):
     """``training_loss`` written out against the raw transformer: returns ``(loss, loss_in, loss_out)``."""
     ctx, tgt = enc["ctx"], enc["tgt"]
     b, n, c = tgt.shape
@@ -118,15 +140,20 @@ def _loss_by_hand(pipe, region, kind, enc, noise, sigma, cfg, lora):
     ctx_add, tgt_add, extra, extra_ids = _region_by_hand(kind, region, m_tok)
     ctx_in = ctx if ctx_add is None else ctx + ctx_add
     noisy_in = noisy if tgt_add is None else noisy + tgt_add
+    if depth_module is not None:  # each token's own depth patch, on the target and the context tokens
+        depth = _depth_offset_by_hand(depth_module, enc["depth"], *enc["grid"])
+        depth = depth if keep is None else depth * keep[:, None, None]  # depth dropout: no offset at all
+        noisy_in, ctx_in = noisy_in + depth, ctx_in + depth
     parts, ids = [noisy_in, ctx_in], enc["ids"]
     if extra is not None:
         parts, ids = parts + [extra], torch.cat([ids, extra_ids])
-    pred = _raw_velocity(pipe, torch.cat(parts, dim=1), ids, enc, sigma, n)
+    ip = depth_module is None
+    pred = _raw_velocity(pipe, torch.cat(parts, dim=1), ids, enc, sigma, n, ip)
     velocity_out = noise - ctx  # identity: flow to the context outside the mask
-    if cfg.preservation == "prior":  # the base model's own prediction: LoRA off, no region signal
+    if cfg.preservation == "prior":  # the base model's own prediction: LoRA off, no region or depth signal
         pipe.transformer.disable_adapters()
         with torch.no_grad():
-            velocity_out = _raw_velocity(pipe, torch.cat([noisy, ctx], dim=1), enc["ids"], enc, sigma, n)
+            velocity_out = _raw_velocity(pipe, torch.cat([noisy, ctx], dim=1), enc["ids"], enc, sigma, n, ip)
         pipe.transformer.enable_adapters()
         for _, p in lora:
             p.requires_grad_(True)
@@ -150,25 +177,28 @@ def _grads(params):
 
 
 @pytest.mark.parametrize("preservation", ["identity", "prior"])
-@pytest.mark.parametrize("kind", [*kh.REGION_KINDS, "none"])
-def test_training_loss_equals_a_raw_transformer_call(lora_pipe, two_pairs, cache, kind, preservation):
+@pytest.mark.parametrize("kind, depth_kind", [(k, "tokens") for k in (*kh.REGION_KINDS, "none")]
+                         + [("marked", "ip_adapter"), ("none", "ip_adapter")])
+def test_training_loss_equals_a_raw_transformer_call(lora_pipe, two_pairs, caches, kind, depth_kind, preservation):
     pipe, lora = lora_pipe
+    cache = caches[depth_kind]
     enc = _pipeline_encodings(pipe, two_pairs)
     c_in = pipe.transformer.config.in_channels
     region = None if kind == "none" else _random_region(kind, cache.h_tok, cache.w_tok, c_in)
+    depth_module = _random_depth_module(c_in) if depth_kind == "tokens" else None
     cfg = kh.TrainConfig(guidance=GUIDANCE, preservation=preservation, w_in=1.5, w_out=0.7, l2_region_lambda=0.1,
-                         l2_lora_lambda=0.2)
+                         l2_lora_lambda=0.2, depth_kind=depth_kind)
     g = torch.Generator().manual_seed(5)
     noise, sigma = torch.randn(enc["tgt"].shape, generator=g), torch.tensor(SIGMAS)
-    trained = [p for _, p in lora] + (list(region.parameters()) if region is not None else [])
+    trained = [p for _, p in lora] + [p for m in (region, depth_module) if m is not None for p in m.parameters()]
     ours, parts = kh.training_loss(pipe.transformer, region, cache.batch([0, 1]), cache.txt_ids, cache.h_tok,
-                                   cache.w_tok, noise, sigma, cfg, lora_named_params=lora)
+                                   cache.w_tok, noise, sigma, cfg, lora_named_params=lora, depth_module=depth_module)
     ours.backward()
     our_grads = _grads(trained)
-    theirs, loss_in, loss_out = _loss_by_hand(pipe, region, kind, enc, noise, sigma, cfg, lora)
+    theirs, loss_in, loss_out = _loss_by_hand(pipe, region, kind, enc, noise, sigma, cfg, lora, depth_module)
     theirs.backward()
     their_grads = _grads(trained)
-    what = f"region kind {kind!r}, preservation {preservation!r}"
+    what = f"region kind {kind!r}, depth kind {depth_kind!r}, preservation {preservation!r}"
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: loss differs: {m}")
     torch.testing.assert_close(torch.tensor(parts["loss_out"]), loss_out.detach(), rtol=1e-5, atol=1e-6,
                                msg=lambda m: f"{what}: the outside term differs: {m}")
@@ -176,6 +206,24 @@ def test_training_loss_equals_a_raw_transformer_call(lora_pipe, two_pairs, cache
     for k, (a, b) in enumerate(zip(our_grads, their_grads)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7,
                                    msg=lambda m, k=k: f"{what}: gradient of trained tensor {k} differs: {m}")
+
+
+def test_depth_dropout_removes_the_whole_offset_of_a_dropped_sample(lora_pipe, two_pairs, caches):
+    pipe, lora = lora_pipe
+    cache, enc = caches["tokens"], _pipeline_encodings(pipe, two_pairs)
+    c_in = pipe.transformer.config.in_channels
+    region, depth_module = _random_region("marked", cache.h_tok, cache.w_tok, c_in), _random_depth_module(c_in)
+    cfg = kh.TrainConfig(guidance=GUIDANCE, depth_kind="tokens", l2_region_lambda=0.1, l2_lora_lambda=0.2)
+    g = torch.Generator().manual_seed(6)
+    noise, sigma, keep = torch.randn(enc["tgt"].shape, generator=g), torch.tensor(SIGMAS), torch.tensor([0.0, 1.0])
+    batch = dict(cache.batch([0, 1]), depth_keep=keep)
+    with torch.no_grad():
+        ours, parts = kh.training_loss(pipe.transformer, region, batch, cache.txt_ids, cache.h_tok, cache.w_tok,
+                                       noise, sigma, cfg, lora_named_params=lora, depth_module=depth_module)
+        theirs, _, _ = _loss_by_hand(pipe, region, "marked", enc, noise, sigma, cfg, lora, depth_module, keep)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6,
+                               msg=lambda m: f"a sample depth dropout drops must get no depth offset at all: {m}")
+    assert parts["depth_kept"] == 0.5, f"one of two samples kept its depth, parts say {parts['depth_kept']}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,13 +247,19 @@ def test_cached_depth_embeddings_equal_the_pipelines_ip_adapter_encoding(tiny_pi
     (root / "depth" / "a.png").unlink()
     _depth_files(root, ramp)[bits].save(depth_file)
     data = kh.KontextPairs(root, resolution=32)
-    cache = kh.build_train_cache(tiny_pipe, data, max_sequence_length=16, progress=False)
+    cache = kh.build_train_cache(tiny_pipe, data, max_sequence_length=16, depth_kind="ip_adapter", progress=False)
     grey = Image.fromarray(ramp).convert("RGB")  # what the pipeline's CLIP image processor is given at inference
     expected = tiny_pipe.prepare_ip_adapter_image_embeds(grey, None, "cpu", 1)[0]  # [1, 1, E]
     torch.testing.assert_close(cache.samples[0].ip_embeds, expected, rtol=0, atol=0,
                                msg=lambda m: f"{bits} depth: the cache must encode what sample_edit encodes: {m}")
     none = kh.build_train_cache(tiny_pipe, data, max_sequence_length=16, use_depth=False, progress=False)
-    assert none.samples[0].ip_embeds is None, "use_depth=False must cache no depth embedding"
+    assert none.samples[0].ip_embeds is None and none.samples[0].depth_feat is None, "use_depth=False caches no depth"
+    tokens = kh.build_train_cache(tiny_pipe, data, max_sequence_length=16, depth_kind="tokens", progress=False)
+    h_tok, w_tok = tokens.h_tok, tokens.w_tok
+    by_hand = (torch.from_numpy(ramp).float() / 255 * 2 - 1).reshape(h_tok, 16, w_tok, 16)  # [H, W] -> [H', 16, W', 16]
+    by_hand = by_hand.permute(0, 2, 1, 3).reshape(1, h_tok * w_tok, 256)  # -> [1, N, 256]: each token's own pixels
+    torch.testing.assert_close(tokens.samples[0].depth_feat, by_hand, rtol=0, atol=1e-6,
+                               msg=lambda m: f"{bits} depth: the cached features are each token's 16x16 pixels: {m}")
 
 
 # --------------------------------------------------------------------------------------------------
