@@ -6,16 +6,23 @@
 Four parts, one JSON (``outputs/bench/bench.json``) and one printed table:
 
 1. ``steps``: training-step time on the tiny model (``kh.load_pipeline("tiny")``), every variant interleaved
-   in one process (the order rotates each round), medians and minimums, each as a ratio to the reference:
-   ``reference``, a plain diffusers-style Kontext LoRA step (``train_dreambooth_lora_flux_kontext.py``'s
-   loop: ``[noisy target | context]`` into the transformer, one velocity MSE over the target tokens, cached
-   latents and prompts, the same LoRA targets and rank, no region, no depth); ``project``, the step of
-   ``kh.train`` (``_one_update``'s body written with the public functions: sampled index, noise and sigma,
-   ``kh.training_loss`` with region token, depth and L2, clipping, AdamW, schedule); ``project_no_depth``,
-   ``project_no_region``; ``original``, the original design's step as written (docs/design.md, correction
-   2): reading and resizing the sample's files, encoding the prompt at 512 T5 tokens, both images through
-   the VAE and the depth map through CLIP vision, then the same update. One thread by default: the tiny
-   model's small matrices gain little from more, and other processes' noise hits one thread least.
+   in one process (the order rotates each round), medians and minimums, each as a ratio to the reference, and
+   the median of the per-round ratios (each round's step over the same round's reference step): ``reference``,
+   a plain diffusers-style Kontext LoRA step (``train_dreambooth_lora_flux_kontext.py``'s loop: ``[noisy target
+   | context]`` into the transformer, one velocity MSE over the target tokens, cached latents and prompts, the
+   same LoRA targets and rank, no region, no depth); ``project``, the step of ``kh.train`` with the default
+   config (``_one_update``'s body written with the public functions: sampled index, noise and sigma, depth
+   dropout, ``kh.training_loss`` with the ``"marked"`` region, the ``"tokens"`` depth module and L2, clipping,
+   AdamW over LoRA, region and depth, schedule); ``project_no_depth`` (the region alone), ``project_no_region``
+   (the depth tokens alone), ``project_ip_adapter`` (depth kind ``"ip_adapter"``: the cached CLIP embedding
+   through the IP-Adapter instead of the depth tokens); ``original``, the original design's step as written
+   (docs/design.md, correction 2): reading and resizing the sample's files, encoding the prompt at 512 T5
+   tokens, both images through the VAE and the depth map through CLIP vision, then the update with the
+   IP-Adapter's depth. One thread by default: the tiny model's small matrices gain little from more, and
+   other processes' noise hits one thread least. ``depth_cost`` sums up the requirement: the step with the
+   chosen depth kind (``project``) against the plain step, at most :data:`DEPTH_COST_LIMIT` times its time,
+   on the tiny model and at real width (the region and depth work measured at D = 3072 beside the
+   transformer's 19 + 38 blocks, timed in part 3).
 2. ``rss``: peak RSS of each variant's set-up and steps, in its own process, net of the import floor.
 3. ``blocks``: one double and one single block of FLUX.1 Kontext [dev] at real width (D = 3072), forward +
    backward with a LoRA in bf16, at 256, 512 and 1024 px, with and without gradient checkpointing
@@ -51,7 +58,8 @@ from real_width import reset_peak, rss_mb  # noqa: E402
 import kontext_helpers as kh  # noqa: E402
 
 DATA = os.path.join(REPO, "data_samples")
-VARIANTS = ("reference", "project", "project_no_depth", "project_no_region", "original")
+VARIANTS = ("reference", "project", "project_no_depth", "project_no_region", "project_ip_adapter", "original")
+DEPTH_COST_LIMIT = 1.10  # the step with the chosen depth kind, at most this many plain steps (issue: "Cost")
 # a subprocess where large tensors are their own mappings, returned on free: RSS follows the tensors
 MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}
 
@@ -72,9 +80,10 @@ def _update(loss, params, opt, schedule, max_grad_norm: float) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _project_step(pipe, cache, region, lora, opt, cfg):
-    """``kh.train``'s update with the public functions: batch, noise, sigma, loss, backward, clip, step."""
-    params = [p for _, p in lora] + (list(region.parameters()) if region is not None else [])
+def _project_step(pipe, cache, region, depth, lora, opt, cfg):
+    """``kh.train``'s update with the public functions: batch, noise, sigma, depth dropout, loss, backward, clip,
+    step. ``region`` and ``depth`` (either may be ``None``) are the modules trained beside the LoRA."""
+    params = [p for _, p in lora] + [p for m in (region, depth) if m is not None for p in m.parameters()]
     schedule = _constant_schedule(opt)
 
     def step(i: int, cache=cache):
@@ -83,8 +92,10 @@ def _project_step(pipe, cache, region, lora, opt, cfg):
         batch = cache.batch(idx)
         noise = torch.randn(batch["tgt_tok"].shape, generator=g)  # [1, N, 4C]
         sigma = kh.sample_sigmas(1, cfg, g)  # [1]
+        if depth is not None and cfg.depth_dropout > 0:  # drawn last, as _one_update draws it
+            batch["depth_keep"] = (torch.rand(1, generator=g) >= cfg.depth_dropout).float()  # [1]
         loss, _ = kh.training_loss(pipe.transformer, region, batch, cache.txt_ids, cache.h_tok, cache.w_tok,
-                                   noise, sigma, cfg, lora_named_params=lora)
+                                   noise, sigma, cfg, lora_named_params=lora, depth_module=depth)
         _update(loss, params, opt, schedule, cfg.max_grad_norm)
 
     return step
@@ -122,49 +133,68 @@ def _reference_step(plain, cache, lora, opt, cfg):
 
 
 def _original_step(pipe, data, project_step, cfg):
-    """The original design's step: read the files, encode prompt (512 T5 tokens), VAE and depth, then update."""
+    """The original design's step: read the files, encode prompt (512 T5 tokens), VAE, depth through CLIP vision
+    (the IP-Adapter's depth), then update."""
 
     def step(i: int):
         idx = kh.sample_indices(len(data), cfg.seed, i, 1)[0]
-        fresh = kh.build_train_cache(pipe, [data[idx]], max_sequence_length=cfg.max_sequence_length, progress=False)
+        fresh = kh.build_train_cache(pipe, [data[idx]], max_sequence_length=cfg.max_sequence_length,
+                                     depth_kind="ip_adapter", progress=False)
         project_step(0, cache=fresh)
 
     return step
 
 
+def _cache(pipe, data, cfg, **depth):
+    """The training cache of ``data`` (``depth``: ``use_depth`` / ``depth_kind`` of :func:`kh.build_train_cache`)."""
+    return kh.build_train_cache(pipe, data, max_sequence_length=cfg.max_sequence_length, progress=False, **depth)
+
+
+def _project_steps(pipe, data, cfg, variants) -> dict:
+    """The project's variants (all but ``reference``) on one pipeline, one LoRA and one optimizer over the LoRA,
+    the region module and the depth module, with ``kh.train``'s learning rates."""
+    cache = _cache(pipe, data, cfg, depth_kind=cfg.depth_kind)  # "tokens": depth features per token
+    c_in = pipe.transformer.config.in_channels
+    lora = kh.add_lora(pipe.transformer, rank=cfg.rank, targets=cfg.lora_targets)
+    region = kh.make_region_module(cfg.region_kind, cache.h_tok, cache.w_tok, c_in)  # "marked"
+    depth = kh.make_depth_module(cfg.depth_kind, c_in)  # a DepthTokenEmbedding
+    opt = torch.optim.AdamW([{"params": [p for _, p in lora], "lr": cfg.learning_rate},
+                             {"params": list(region.parameters()), "lr": cfg.region_learning_rate},
+                             {"params": list(depth.parameters()), "lr": cfg.depth_learning_rate}])
+    project = _project_step(pipe, cache, region, depth, lora, opt, cfg)
+    ip_cache = _cache(pipe, data, cfg, depth_kind="ip_adapter") if "project_ip_adapter" in variants else None
+    no_depth = _cache(pipe, data, cfg, use_depth=False) if "project_no_depth" in variants else None
+    makers = {
+        "project": lambda: project,
+        "project_no_depth": lambda: _project_step(pipe, no_depth, region, None, lora, opt, cfg),
+        "project_no_region": lambda: _project_step(pipe, cache, None, depth, lora, opt, cfg),
+        "project_ip_adapter": lambda: _project_step(pipe, ip_cache, region, None, lora, opt, cfg),
+        "original": lambda: _original_step(pipe, data, _project_step(pipe, cache, region, None, lora, opt, cfg),
+                                           cfg),
+    }
+    return {v: makers[v]() for v in variants if v in makers}
+
+
 def build_steps(resolution: int, seq_len: int = 512, variants=VARIANTS) -> dict:
     """``{variant: step(i)}`` for the requested variants, sharing the tiny model where they can."""
-    cfg = kh.TrainConfig(resolution=resolution, max_sequence_length=seq_len)  # rank 16, "attn" targets
+    cfg = kh.TrainConfig(resolution=resolution, max_sequence_length=seq_len)  # rank 16, "attn", "marked", "tokens"
     data = kh.KontextPairs(DATA, resolution=resolution)
     steps = {}
     if "reference" in variants:
         plain = kh.load_pipeline("tiny", seed=0, ip_adapter=None)  # what plain diffusers trains: no IP-Adapter
-        plain_cache = kh.build_train_cache(plain, data, max_sequence_length=cfg.max_sequence_length, progress=False)
         lora = kh.add_lora(plain.transformer, rank=cfg.rank, targets=cfg.lora_targets)
         opt = torch.optim.AdamW([p for _, p in lora], lr=cfg.learning_rate)
-        steps["reference"] = _reference_step(plain, plain_cache, lora, opt, cfg)
+        steps["reference"] = _reference_step(plain, _cache(plain, data, cfg, use_depth=False), lora, opt, cfg)
     if any(v != "reference" for v in variants):
-        pipe = kh.load_pipeline("tiny", seed=0)
-        cache = kh.build_train_cache(pipe, data, max_sequence_length=cfg.max_sequence_length, progress=False)
-        lora = kh.add_lora(pipe.transformer, rank=cfg.rank, targets=cfg.lora_targets)
-        region = kh.make_region_module(cfg.region_kind, cache.h_tok, cache.w_tok, pipe.transformer.config.in_channels)
-        opt = torch.optim.AdamW([{"params": [p for _, p in lora]}, {"params": list(region.parameters())}],
-                                lr=cfg.learning_rate)
-        project = _project_step(pipe, cache, region, lora, opt, cfg)
-        makers = {
-            "project": lambda: project,
-            "project_no_depth": lambda: _project_step(pipe, kh.build_train_cache(
-                pipe, data, max_sequence_length=cfg.max_sequence_length, use_depth=False, progress=False),
-                region, lora, opt, cfg),
-            "project_no_region": lambda: _project_step(pipe, cache, None, lora, opt, cfg),
-            "original": lambda: _original_step(pipe, data, project, cfg),
-        }
-        steps.update({v: makers[v]() for v in variants if v in makers})
+        steps.update(_project_steps(kh.load_pipeline("tiny", seed=0), data, cfg, variants))
     return steps
 
 
 def time_steps(steps: dict, repeats: int) -> dict:
-    """Every step once to warm up, then ``repeats`` rounds, each running every variant once (order rotating)."""
+    """Every step once to warm up, then ``repeats`` rounds, each running every variant once (order rotating).
+
+    Per variant: median and minimum time, each over the reference's, and ``paired_ratio``, the median over the
+    rounds of the variant's time over the reference's in the same round (noise that lasts a round cancels)."""
     names = list(steps)
     for name in names:
         steps[name](0)
@@ -177,8 +207,66 @@ def time_steps(steps: dict, repeats: int) -> dict:
     ref = "reference" if "reference" in times else names[0]
     med_ref, min_ref = statistics.median(times[ref]), min(times[ref])
     return {name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t),
-                   "median_ratio": statistics.median(t) / med_ref, "min_ratio": min(t) / min_ref, "repeats": len(t)}
+                   "median_ratio": statistics.median(t) / med_ref, "min_ratio": min(t) / min_ref,
+                   "paired_ratio": statistics.median(a / b for a, b in zip(t, times[ref])), "repeats": len(t)}
             for name, t in times.items()}
+
+
+def _signal_work(region, depth, ctx, noisy, feat, mask, h_tok: int, w_tok: int) -> None:
+    """What the region and depth signals add to a step, outside the transformer: the ``"marked"`` region's and
+    the depth tokens' offsets on the target and context tokens, and their backward."""
+    reg = kh.region_inputs(region, ctx, mask, h_tok, w_tok)  # context [1, N, 4C], target offset [1, N, 4C]
+    d_tgt, d_ctx = kh.depth_inputs(depth, feat, keep=torch.ones(1))  # [1, N, 4C] each
+    out = (noisy + reg.target_offset + d_tgt).sum() + (reg.context + d_ctx).sum()
+    out.backward()
+
+
+def real_width_signal_cost(blocks: dict, threads: int, layers: tuple[int, int] = (19, 38),
+                           repeats: int = 5) -> list[dict]:
+    """At each measured resolution: the region and depth work of one step (:func:`_signal_work`, timed at the
+    real model's ``4C = 64`` token channels, fp32) against the step of the transformer's ``layers`` blocks (the
+    plain step's bulk: part 3's block times, without checkpointing). ``ratio``: (blocks + that work) / blocks."""
+    c_in = kh.memory.real_model_config()["transformer"]["in_channels"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    try:
+        for px in sorted({r["px"] for r in blocks["rows"]}):
+            h = w = px // 16
+            g = torch.Generator().manual_seed(px)
+            ctx, noisy = (torch.randn(1, h * w, c_in, generator=g).requires_grad_(True) for _ in range(2))  # [1, N, 64]
+            feat = kh.depth_token_features(torch.rand(1, 1, px, px, generator=g), h, w)  # [1, N, 256]
+            mask = (torch.rand(1, 1, h, w, generator=g) > 0.5).float()  # [1, 1, H', W']
+            region = kh.make_region_module("marked", h, w, c_in)
+            depth = kh.make_depth_module("tokens", c_in)
+            seconds = []
+            for _ in range(repeats + 1):  # the first run warms up
+                t0 = time.perf_counter()
+                _signal_work(region, depth, ctx, noisy, feat, mask, h, w)
+                seconds.append(time.perf_counter() - t0)
+            plain = {r["kind"]: r["seconds"] for r in blocks["rows"] if r["px"] == px and not r["checkpointing"]}
+            step_s = layers[0] * plain["double"] + layers[1] * plain["single"]
+            extra_s = statistics.median(seconds[1:])
+            rows.append({"px": px, "tokens": h * w, "signal_ms": 1e3 * extra_s, "blocks_s": step_s,
+                         "ratio": (step_s + extra_s) / step_s, "width": blocks["width"], "layers": list(layers)})
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+def depth_cost(steps: dict, real_width: list[dict]) -> dict:
+    """The requirement in one record: the step with the chosen depth kind against the plain step, on the tiny
+    model (``project`` over ``reference``) and at real width, and the limit."""
+    cfg = kh.TrainConfig()
+    tiny = steps["project"]
+    against_region = (steps["project"]["paired_ratio"] / steps["project_no_depth"]["paired_ratio"]
+                      if "project_no_depth" in steps else None)
+    worst = max([tiny["paired_ratio"], tiny["median_ratio"]] + [r["ratio"] for r in real_width])
+    return {"depth_kind": cfg.depth_kind, "region_kind": cfg.region_kind, "variant": "project",
+            "against": "reference", "limit": DEPTH_COST_LIMIT, "tiny_median_ratio": tiny["median_ratio"],
+            "tiny_paired_ratio": tiny["paired_ratio"], "tiny_min_ratio": tiny["min_ratio"],
+            "tiny_over_region_only": against_region, "real_width": real_width,
+            "within_limit": worst <= DEPTH_COST_LIMIT}
 
 
 def rss_of_variant(variant: str, resolution: int, seq_len: int, steps: int = 3) -> dict:
@@ -268,7 +356,7 @@ def preset_peaks(calibration: dict) -> dict:
 
 def print_presets(presets: dict) -> None:
     """Part 3 of the table: the estimated peak of every GPU preset."""
-    print("\n3. estimated training peak, 19 + 38 blocks (weights + IP-Adapter + LoRA states + activations; "
+    print("\n4. estimated training peak, 19 + 38 blocks (weights + IP-Adapter + LoRA states + activations; "
           "no CUDA context)")
     print(f"  {'preset':<9}{'px':>6}{'ckpt':>6}{'base':>6}{'weights':>9}{'LoRA':>7}{'activ.':>8}{'total GB':>10}")
     for name, p in presets.items():
@@ -297,16 +385,18 @@ def print_table(result: dict) -> None:
           f"{m['block_threads']} for the blocks")
     s = result["steps_setup"]
     print(f"\n1. training step, tiny model, {s['resolution']} px, T5 length {s['max_sequence_length']}, "
-          f"{s['repeats']} interleaved rounds (ratio to the plain diffusers-style step)")
-    print(f"  {'variant':<20}{'median':>9}{'min':>9}{'median ms':>11}{'min ms':>9}{'peak RSS MB':>13}")
+          f"{s['repeats']} interleaved rounds (ratio to the plain diffusers-style step; paired: the median of the "
+          "rounds' ratios)")
+    print(f"  {'variant':<20}{'median':>9}{'paired':>9}{'min':>9}{'median ms':>11}{'min ms':>9}{'peak RSS MB':>13}")
     for name, t in result["steps"].items():
         rss = result["rss"].get(name)
         rss_text = f"{rss['net_mb']:.0f}" if rss else "-"
-        print(f"  {name:<20}{t['median_ratio']:>8.2f}x{t['min_ratio']:>8.2f}x{t['median_ms']:>11.1f}"
-              f"{t['min_ms']:>9.1f}{rss_text:>13}")
+        print(f"  {name:<20}{t['median_ratio']:>8.2f}x{t['paired_ratio']:>8.2f}x{t['min_ratio']:>8.2f}x"
+              f"{t['median_ms']:>11.1f}{t['min_ms']:>9.1f}{rss_text:>13}")
+    print_depth_cost(result["depth_cost"])
     b = result["blocks"]
     width = "real width, D = 3072" if b["width"] == 3072 else f"D = {b['width']} (a code test, not a measurement)"
-    print(f"\n2. one block at {width}, forward + backward, {b['dtype']}, rank {b['rank']} LoRA, "
+    print(f"\n3. one block at {width}, forward + backward, {b['dtype']}, rank {b['rank']} LoRA, "
           f"{b['text_tokens']} text tokens")
     print(f"  {'block':<8}{'px':>6}{'tokens':>8}{'ckpt':>6}{'seconds':>9}{'held MB':>9}{'peak MB':>9}")
     for r in b["rows"]:
@@ -314,6 +404,19 @@ def print_table(result: dict) -> None:
         print(f"  {r['kind']:<8}{r['px']:>6}{r['tokens']:>8}{'yes' if r['checkpointing'] else 'no':>6}"
               f"{r['seconds']:>9.2f}{r['saved_mb']:>9.0f}{r['peak_mb']:>9.0f}{note}")
     print_presets(result["presets"])
+
+
+def print_depth_cost(cost: dict) -> None:
+    """Part 2 of the table: the step with the chosen depth kind over the plain step, and the limit."""
+    print(f"\n2. depth kind {cost['depth_kind']!r} with the {cost['region_kind']!r} region over the plain step "
+          f"(limit {cost['limit']:.2f}x): tiny model {cost['tiny_median_ratio']:.2f}x median, "
+          f"{cost['tiny_paired_ratio']:.2f}x paired"
+          + ("" if cost["tiny_over_region_only"] is None else
+             f" ({cost['tiny_over_region_only']:.3f}x the step with the region alone)"))
+    for r in cost["real_width"]:
+        print(f"  D = {r['width']}, {r['px']} px: {r['layers'][0]} + {r['layers'][1]} blocks {r['blocks_s']:.1f} s, "
+              f"region + depth {r['signal_ms']:.2f} ms -> {r['ratio']:.5f}x")
+    print(f"  within the limit: {'yes' if cost['within_limit'] else 'NO'}")
 
 
 def run(quick: bool, out: str, threads: int = 1, block_threads: int = 2) -> dict:
@@ -341,7 +444,8 @@ def run(quick: bool, out: str, threads: int = 1, block_threads: int = 2) -> dict
     result = {"machine": info, "quick": quick,
               "steps_setup": {"resolution": resolution, "max_sequence_length": seq_len, "repeats": repeats,
                               "reference": "reference"},
-              "steps": steps, "rss": measured, "blocks": blocks, "presets": preset_peaks(calibration)}
+              "steps": steps, "rss": measured, "blocks": blocks, "presets": preset_peaks(calibration),
+              "depth_cost": depth_cost(steps, real_width_signal_cost(blocks, block_threads, repeats=2 if quick else 5))}
     if not quick:
         with open(kh.config.BLOCK_CALIBRATION_FILE, "w", encoding="utf-8") as fh:
             json.dump({**calibration, "presets": result["presets"]}, fh, indent=1)

@@ -1,7 +1,9 @@
 """Notebook 04: what a training run keeps in memory, counted before anything is downloaded.
 
 The weights are exact: every component of FLUX.1 Kontext [dev] is built from its configuration on the meta
-device (no memory, no download) and its parameters are counted. Bytes per parameter follow the preset
+device (no memory, no download) and its parameters are counted, and so are the modules trained beside the LoRA
+(the region module of ``config.region_kind``, the depth module of ``config.depth_kind``) and the depth signal the
+training cache keeps on the GPU for every sample. Bytes per parameter follow the preset
 (bf16 / fp16: 2, NF4: 4 bits plus one fp32 scale per 64 weights). What is not counted: activations, which
 depend on resolution and gradient checkpointing and are measured by the benchmarks, and the libraries'
 own overhead. So the totals are lower bounds, labelled as such.
@@ -20,7 +22,9 @@ import json
 
 import torch
 
+from .conditioning import make_region_module
 from .config import BLOCK_CALIBRATION_FILE, TrainConfig
+from .depth import PATCH, make_depth_module
 from .models import IP_ADAPTER_LORA_TARGETS, LORA_TARGET_PRESETS
 from .rehearsal import REHEARSAL_CONFIG
 from .tiny import tiny_ip_adapter_state_dict
@@ -109,6 +113,45 @@ def lora_parameters(transformer, rank: int, targets: str | list[str], include_ip
                if isinstance(m, nn.Linear) and any(name.endswith(s) for s in suffixes))
 
 
+def trained_module_parameters(config: TrainConfig, c_in: int | None = None) -> dict[str, int]:
+    """``{"region": ..., "depth": ...}``: parameters of the modules ``kh.train`` trains beside the LoRA for
+    ``config`` (its ``region_kind`` on the ``resolution / 16`` token grid, its ``depth_kind`` when ``use_depth``),
+    built on the meta device for ``c_in``-channel tokens (default: the real transformer's ``in_channels``, 64).
+    ``"none"``, ``"ip_adapter"`` (nothing trained: the IP-Adapter is frozen) and ``use_depth=False`` count 0."""
+    c_in = c_in if c_in is not None else real_model_config()["transformer"]["in_channels"]
+    grid = config.resolution // PATCH
+    with torch.device("meta"):
+        region = make_region_module(config.region_kind, grid, grid, c_in) if config.region_kind != "none" else None
+        depth = make_depth_module(config.depth_kind, c_in) if config.use_depth else None
+    return {name: sum(p.numel() for p in m.parameters()) if m is not None else 0
+            for name, m in (("region", region), ("depth", depth))}
+
+
+def depth_cache_bytes(config: TrainConfig, num_samples: int = 1, *, ip_embed_dim: int | None = None,
+                      ip_embed_bytes: int = 2) -> int:
+    """Bytes of the depth signal :func:`kh.build_train_cache` keeps for ``num_samples`` samples of ``config``:
+    ``"tokens"``: ``depth_feat [1, N, 256]`` float32 per sample (``kh.depth_token_features`` computes in float32
+    and the cache keeps it so), ``N = (resolution / 16)^2``; ``"ip_adapter"``: the CLIP embedding ``[1, 1, E]``
+    in the image encoder's dtype (16-bit on a GPU: ``ip_embed_bytes``), ``E`` the projection width (768);
+    ``"none"`` or ``use_depth=False``: 0."""
+    if not config.use_depth or config.depth_kind == "none":
+        return 0
+    if config.depth_kind == "tokens":
+        return num_samples * (config.resolution // PATCH) ** 2 * PATCH * PATCH * 4
+    dim = ip_embed_dim if ip_embed_dim is not None else real_model_config()["clip_vision"]["projection_dim"]
+    return num_samples * dim * ip_embed_bytes
+
+
+def _trained_modules_gb(config: TrainConfig, num_samples: int) -> dict[str, float]:
+    """GB of the region and depth modules (fp32 weights, gradients, optimizer states, as the LoRA's) and of the
+    cached depth signal of ``num_samples`` samples."""
+    params = trained_module_parameters(config)
+    per_param = 4 + 4 + 2 * (1 if config.optimizer == "adamw8bit" else 4)
+    return {"region module, gradients, optimizer": params["region"] * per_param / _GB,
+            "depth module, gradients, optimizer": params["depth"] * per_param / _GB,
+            "cached depth signal": depth_cache_bytes(config, num_samples) / _GB}
+
+
 def parameter_counts(config: dict | None = None) -> dict[str, tuple[int, int]]:
     """``{component: (Linear-weight parameters, other parameters)}`` of the real model (or of ``config``)."""
     models = _meta_models(config) if config is not None else _real_meta_models()[1]
@@ -124,23 +167,27 @@ def _training_gb(counts: dict, config: TrainConfig, lora: int, ip_adapter: int) 
             "LoRA weights, gradients, optimizer": lora * (4 + 4 + optimizer) / _GB}
 
 
-def memory_plan(config: TrainConfig | None = None, *, verbose: bool = True) -> dict:
+def memory_plan(config: TrainConfig | None = None, *, num_samples: int = 1, verbose: bool = True) -> dict:
     """What FLUX.1 Kontext [dev] keeps in memory for a training run of ``config`` (default: this GPU's preset).
 
     Returns ``{"parameters": {component: count}, "gpu_gb": {...}, "gpu_weights_gb", "ram_gb": {...},
-    "ram_weights_gb"}``: the GPU holds the transformer, the IP-Adapter and the LoRA's states once the encoders
-    are cached and offloaded; system RAM holds the encoders (16-bit) while they wait on the CPU. Both totals
-    leave out activations and library overhead: they are lower bounds, not measurements.
+    "ram_weights_gb", "num_samples", "depth_cache_bytes"}``: the GPU holds the transformer, the IP-Adapter, the
+    LoRA's, the region module's and the depth module's states, and the cached depth signal of ``num_samples``
+    samples (:func:`depth_cache_bytes`) once the encoders are cached and offloaded; system RAM holds the encoders
+    (16-bit) while they wait on the CPU. Both totals leave out activations, the rest of the cache (prompts,
+    latents) and library overhead: they are lower bounds, not measurements.
     """
     config = config or TrainConfig.for_gpu("auto")
     real, models = _real_meta_models()
     counts = {name: _linear_split(model) for name, model in models.items()}
     ip_adapter = ip_adapter_parameters(real, models["transformer"])
     lora = lora_parameters(models["transformer"], config.rank, config.lora_targets, config.lora_ip_adapter)
-    gpu = _training_gb(counts, config, lora, ip_adapter)
+    gpu = {**_training_gb(counts, config, lora, ip_adapter), **_trained_modules_gb(config, num_samples)}
     ram = {name: sum(counts[name]) * 2 / _GB for name in ("t5", "clip_text", "vae", "image_encoder")}
-    plan = {"parameters": {**{k: sum(v) for k, v in counts.items()}, "ip_adapter": ip_adapter, "lora": lora},
-            "gpu_gb": gpu, "gpu_weights_gb": sum(gpu.values()), "ram_gb": ram, "ram_weights_gb": sum(ram.values())}
+    plan = {"parameters": {**{k: sum(v) for k, v in counts.items()}, "ip_adapter": ip_adapter, "lora": lora,
+                           **trained_module_parameters(config)},
+            "gpu_gb": gpu, "gpu_weights_gb": sum(gpu.values()), "ram_gb": ram, "ram_weights_gb": sum(ram.values()),
+            "num_samples": num_samples, "depth_cache_bytes": depth_cache_bytes(config, num_samples)}
     if verbose:
         _print_plan(plan, config)
     return plan
@@ -151,11 +198,12 @@ def _print_plan(plan: dict, config: TrainConfig) -> None:
     print(f"memory plan for FLUX.1 Kontext [dev], rank {config.rank} '{config.lora_targets}' LoRA, {quant} "
           f"transformer, {config.optimizer} (weights and optimizer states counted; activations are not)")
     for name, count in plan["parameters"].items():
-        print(f"  {name:<14} {count / 1e9:7.3f} B parameters")
+        print(f"  {name:<14} {count / 1e9:7.3f} B parameters" if count >= 1e6 else
+              f"  {name:<14} {count:>11,} parameters")
     for title, key in (("GPU while training", "gpu_gb"), ("system RAM, offloaded encoders (16-bit)", "ram_gb")):
         print(f"  {title}:")
         for name, gb in plan[key].items():
-            print(f"    {name:<36} {gb:6.2f} GB")
+            print(f"    {name:<36} {gb:6.2f} GB" if gb >= 0.01 else f"    {name:<36} {gb * 1e3:6.2f} MB")
         total = plan["gpu_weights_gb" if key == "gpu_gb" else "ram_weights_gb"]
         print(f"    {'at least':<36} {total:6.2f} GB (+ activations and overhead)")
 
@@ -202,14 +250,17 @@ def _transformer_counts(num_layers: int, num_single_layers: int, rank: int, targ
 
 
 def estimate_peak(config: TrainConfig | None = None, *, layers: tuple[int, int] = (19, 38), ip_adapter: bool = True,
-                  calibration: dict | None = None) -> dict:
+                  calibration: dict | None = None, num_samples: int = 1) -> dict:
     """Peak training memory of FLUX.1 Kontext [dev]'s transformer for ``config``, estimated from measured
     per-block figures: weights (16-bit or NF4) + IP-Adapter + LoRA weights, gradients and optimizer states
-    (counted on the meta device) + activations (:func:`block_activations_mb`: every block's held memory
-    plus the largest extra one block needs while it runs backward). ``layers``: (double, single) blocks.
+    (counted on the meta device) + the region and depth modules' states and the cached depth signal of
+    ``num_samples`` samples (:func:`trained_module_parameters`, :func:`depth_cache_bytes`) + activations
+    (:func:`block_activations_mb`: every block's held memory plus the largest extra one block needs while it
+    runs backward). ``layers``: (double, single) blocks.
 
-    Leaves out the CUDA context, the caching allocator's slack and the encoders (offloaded after caching).
-    Returns GB (1e9 bytes): ``{"weights_gb", "ip_adapter_gb", "lora_gb", "activations_gb", "total_gb", ...}``.
+    Leaves out the CUDA context, the caching allocator's slack, the encoders (offloaded after caching) and the
+    cached prompts and latents. Returns GB (1e9 bytes): ``{"weights_gb", "ip_adapter_gb", "lora_gb",
+    "region_gb", "depth_gb", "activations_gb", "total_gb", ...}``.
     """
     config = config or TrainConfig.for_gpu("auto")
     calibration = calibration or load_calibration()
@@ -224,6 +275,9 @@ def estimate_peak(config: TrainConfig | None = None, *, layers: tuple[int, int] 
     activations = config.batch_size * _MIB * (n_double * held_d + n_single * held_s + running)
     real, models = _real_meta_models()
     ip = ip_adapter_parameters(real, models["transformer"]) * 2 if ip_adapter else 0
+    modules = _trained_modules_gb(config, num_samples)
     parts = {"weights_gb": weights / _GB, "ip_adapter_gb": ip / _GB, "lora_gb": lora * (4 + 4 + optimizer) / _GB,
+             "region_gb": modules["region module, gradients, optimizer"],
+             "depth_gb": modules["depth module, gradients, optimizer"] + modules["cached depth signal"],
              "activations_gb": activations / _GB}
     return {**parts, "total_gb": sum(parts.values()), "tokens": tokens, "layers": [n_double, n_single]}

@@ -48,13 +48,27 @@ def test_quick_bench_times_every_variant_as_a_ratio(quick_bench):
     for key in ("machine", "steps", "steps_setup", "rss", "blocks", "presets", "bench_seconds"):
         assert key in result, f"bench.json lacks {key!r}: {sorted(result)}"
     steps = result["steps"]
-    wanted = {"reference", "project", "project_no_depth", "project_no_region", "original"}
+    wanted = {"reference", "project", "project_no_depth", "project_no_region", "project_ip_adapter", "original"}
     assert set(steps) == wanted, f"every step variant is timed: {sorted(steps)}"
     assert steps["reference"]["median_ratio"] == 1.0, f"the plain step is the reference: {steps['reference']}"
     for name, row in steps.items():
-        assert {"median_ratio", "min_ratio", "median_ms", "min_ms"} <= set(row), f"{name} lacks ratios: {row}"
+        assert {"median_ratio", "paired_ratio", "min_ratio", "median_ms", "min_ms"} <= set(row), (
+            f"{name} lacks ratios: {row}")
     assert result["rss"]["project"]["net_mb"] > 0, f"peak RSS above the import floor: {result['rss']}"
     assert "x" in printed and "reference" in printed, f"the table is printed: {printed[-2000:]}"
+
+
+def test_quick_bench_reports_the_depth_steps_cost_against_the_plain_step(quick_bench):
+    result, printed, _ = quick_bench
+    cost, steps = result["depth_cost"], result["steps"]
+    assert (cost["depth_kind"], cost["region_kind"], cost["variant"]) == ("tokens", "marked", "project"), (
+        f"the default depth kind and region, the project's step: {cost}")
+    assert cost["limit"] == 1.10 and isinstance(cost["within_limit"], bool), f"the requirement and its verdict: {cost}"
+    assert cost["tiny_median_ratio"] == steps["project"]["median_ratio"] > 0, f"the tiny model's ratio: {cost}"
+    assert cost["tiny_paired_ratio"] == steps["project"]["paired_ratio"] > 0, f"the per-round ratio: {cost}"
+    assert cost["real_width"] and all(r["ratio"] >= 1.0 and r["signal_ms"] > 0 for r in cost["real_width"]), (
+        f"the region and depth work beside the blocks, at each block resolution: {cost['real_width']}")
+    assert "depth kind 'tokens'" in printed and "limit 1.10x" in printed, f"the ratio is printed: {printed[-2000:]}"
 
 
 def test_quick_bench_measures_both_blocks_and_estimates_every_gpu_preset(quick_bench):

@@ -86,3 +86,49 @@ def test_activations_grow_with_resolution_and_shrink_with_checkpointing():
     assert checkpointed["activations_gb"] < full["activations_gb"] / 4, (
         f"checkpointing keeps only the blocks' inputs: {checkpointed}")
     assert full["weights_gb"] == checkpointed["weights_gb"], "checkpointing does not change the weights"
+
+
+# --------------------------------------------------------------------------------------------------
+# the modules trained beside the LoRA and the cached depth signal
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_plan_counts_the_depth_and_region_modules_as_built(plans):
+    cfg = kh.TrainConfig.for_gpu("a100-80")  # depth_kind "tokens", region_kind "marked"
+    c_in = kh.memory.real_model_config()["transformer"]["in_channels"]
+    depth = kh.make_depth_module("tokens", c_in)  # a real module, on the CPU
+    region = kh.make_region_module("marked", cfg.resolution // 16, cfg.resolution // 16, c_in)
+    params = plans["a100-80"]["parameters"]
+    assert params["depth"] == sum(p.numel() for p in depth.parameters()) == 256 * 64 + 64, (
+        f"the depth entry is Linear(256, 64)'s weight and bias: {params}")
+    assert params["region"] == sum(p.numel() for p in region.parameters()), f"the marked region's embedding: {params}"
+    states = plans["a100-80"]["gpu_gb"]["depth module, gradients, optimizer"]
+    assert states * 1e9 == params["depth"] * (4 + 4 + 8), "fp32 weights and gradients, two fp32 AdamW moments"
+
+
+def test_the_cached_depth_features_are_counted_as_the_cache_stores_them(tiny_pipe, one_pair):
+    cfg = kh.TrainConfig(resolution=64, max_sequence_length=16)  # depth_kind "tokens": N = 16 tokens
+    cache = kh.build_train_cache(tiny_pipe, one_pair(resolution=64, count=2), max_sequence_length=16,
+                                 depth_kind="tokens", device="cpu", progress=False)
+    stored = sum(s.depth_feat.numel() * s.depth_feat.element_size() for s in cache.samples)
+    assert kh.memory.depth_cache_bytes(cfg, num_samples=2) == stored == 2 * 16 * 256 * 4, (
+        f"2 samples x N x 256 float32: counted {kh.memory.depth_cache_bytes(cfg, 2)}, stored {stored}")
+    at_1024 = kh.memory_plan(dataclasses.replace(cfg, resolution=1024), num_samples=10, verbose=False)
+    assert at_1024["depth_cache_bytes"] == 10 * 64 * 64 * 256 * 4, f"10 samples at 1024 px: {at_1024}"
+    assert at_1024["gpu_gb"]["cached depth signal"] * 1e9 == at_1024["depth_cache_bytes"]
+
+
+def test_the_ip_adapter_kind_counts_its_embeddings_and_none_adds_nothing():
+    cfg = kh.TrainConfig.for_gpu("a100-80")
+    ip_kind, none = (dataclasses.replace(cfg, depth_kind=kind) for kind in ("ip_adapter", "none"))
+    assert kh.memory.depth_cache_bytes(ip_kind, num_samples=3) == 3 * 768 * 2, "one 16-bit CLIP embedding a sample"
+    assert kh.memory.trained_module_parameters(ip_kind)["depth"] == 0, "the IP-Adapter is frozen: no depth module"
+    tokens_peak, none_peak = kh.estimate_peak(cfg, num_samples=4), kh.estimate_peak(none, num_samples=4)
+    assert none_peak["depth_gb"] == 0.0 and tokens_peak["depth_gb"] > 0.0, f"{none_peak} {tokens_peak}"
+    assert tokens_peak["total_gb"] - none_peak["total_gb"] == pytest.approx(
+        (16448 * 16 + 4 * 64 * 64 * 256 * 4) / 1e9), "depth module states and 4 samples' features, nothing else"
+    none_plan = kh.memory_plan(none, num_samples=4, verbose=False)
+    no_depth = kh.memory_plan(dataclasses.replace(cfg, use_depth=False), num_samples=4, verbose=False)
+    for plan in (none_plan, no_depth):
+        assert plan["parameters"]["depth"] == 0 and plan["depth_cache_bytes"] == 0, f"no depth, nothing: {plan}"
+        assert plan["gpu_gb"]["depth module, gradients, optimizer"] == plan["gpu_gb"]["cached depth signal"] == 0.0
