@@ -154,10 +154,14 @@ from .pipeline import (
 from .pretrain import PretrainConfig, depth_embedding_spread, pretrain_tiny
 from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model, build_rehearsal_transformer, depth_model_for
 from .scenes import (
+    DEPTH_FAMILIES,
+    DepthPairs,
     DrawnPairs,
     TwinPairs,
+    depth_followed,
     object_changed,
     random_edit_spec,
+    render_depth_scene,
     render_training_pair,
     render_twin_scene,
     twin_edit_spec,
@@ -232,6 +236,10 @@ __all__ = [
     "object_changed",
     "render_twin_scene",
     "twin_edit_spec",
+    "DEPTH_FAMILIES",
+    "DepthPairs",
+    "render_depth_scene",
+    "depth_followed",
     # latents (02)
     "REGION_ID",
     "img_ids_grid",

@@ -147,7 +147,11 @@ MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {cfg.resolution} p
 # |  | `logit_mean` | `0.0` | logit-normal location (SD3 / diffusers' default) |
 # |  | `logit_std` | `1.0` | logit-normal scale |
 # |  | `guidance` | `1.0` | distilled guidance fed while training (SimpleTuner: 1.0; diffusers' Kontext script: 3.5) |
-# |  | `use_depth` | `True` | feed the depth map through the IP-Adapter when the pipeline has one |
+# |  | `use_depth` | `True` | feed a depth map at all (`False`: no depth module, no IP-Adapter embeddings) |
+# |  | `depth_kind` | `"tokens"` | each token's 16x16 depth patch (notebook 03), or `"ip_adapter"`, or `"none"` |
+# |  | `depth_source` | `"context"` | whose depth: the context's (`depth/`) or the desired result's (`target_depth/`) |
+# |  | `depth_dropout` | `0.1` | share of samples trained without depth, so the adapter also works without a map |
+# |  | `depth_learning_rate` | `1e-3` | the depth module's projection (zero at the start) |
 # |  | `region_kind` | `"marked"` | how the mask reaches the model (`kh.REGION_KINDS`, notebook 03; or "none") |
 # | hardware | `mixed_precision` | `"no"` | "no", "fp16" (T4) or "bf16" (L4, A100, H100) |
 # |  | `gradient_checkpointing` | `False` | trade compute for activation memory on big models |
@@ -269,8 +273,9 @@ print("loaded:", ", ".join(name for name, module in pipe.components.items() if m
 # ## 2. Cache first: constant work once per sample
 #
 # In one training step the transformer is the only part that learns. The prompt encodings (T5 + CLIP), the
-# latents of context and target (VAE), the mask on the token grid and the depth embedding (CLIP vision, for the
-# IP-Adapter) are the same every time a sample comes round. So `kh.build_train_cache` computes them once per
+# latents of context and target (VAE), the mask on the token grid and the depth features (each token's 16x16 depth
+# patch, notebook 03; or the CLIP embedding with `depth_kind="ip_adapter"`) are the same every time a sample comes
+# round. So `kh.build_train_cache` computes them once per
 # sample, and on a GPU each encoder leaves the GPU as soon as its stage is done (T5-XXL alone is about 9 GB).
 #
 # > **Why we differ from the original design ([design note 2](../docs/design.md#2-constant-work-every-step)).** The
@@ -292,7 +297,8 @@ for f in dataclasses.fields(first):
     if torch.is_tensor(value):
         print(f"  {f.name:<22} {str(tuple(value.shape)):<16} {value.dtype}")
 # prompt_embeds [1, T, D_t5], pooled_prompt_embeds [1, D_clip], ctx_tok / tgt_tok [1, N, 4C],
-# mask_small [1, 1, H', W'], ip_embeds [1, 1, E] (the depth map through the CLIP image encoder)
+# mask_small [1, 1, H', W'], depth_feat [1, N, 256] (each token's depth patch; ip_embeds [1, 1, E] instead with
+# depth_kind="ip_adapter")
 total = sum(v.numel() * v.element_size() for s in cache.samples for v in vars(s).values() if torch.is_tensor(v))
 print(f"the whole cache: {total / 2**20:.2f} MiB")
 
@@ -394,8 +400,11 @@ c_in = pipe.transformer.config.in_channels  # 4C = 64 channels of one packed tok
 with torch.random.fork_rng(devices=[]):
     torch.manual_seed(cfg.seed)
     untrained_region = kh.make_region_module(cfg.region_kind, cache.h_tok, cache.w_tok, c_in).to(DEVICE)
-before = kh.evaluation_loss(pipe, untrained_region, cache)
-held_before = [kh.evaluation_loss(pipe, untrained_region, held_cache, index=i) for i in range(len(held_out))]
+untrained_depth = kh.make_depth_module(cfg.depth_kind, c_in)  # zero at the start: adds nothing yet
+untrained_depth = untrained_depth.to(DEVICE) if untrained_depth is not None else None
+before = kh.evaluation_loss(pipe, untrained_region, cache, depth_module=untrained_depth)
+held_before = [kh.evaluation_loss(pipe, untrained_region, held_cache, index=i, depth_module=untrained_depth)
+               for i in range(len(held_out))]
 print(untrained_region, " parameters", {n: tuple(p.shape) for n, p in untrained_region.named_parameters()})
 print("evaluation loss before training:", {k: round(v, 4) for k, v in before.items()})
 
@@ -424,7 +433,8 @@ hand_lora = kh.add_lora(pipe.transformer, rank=cfg.rank, alpha=cfg.alpha, target
 with torch.random.fork_rng(devices=[]):
     torch.manual_seed(cfg.seed)
     hand_region = kh.MaskedTokenEmbedding(cache.h_tok, cache.w_tok, pipe.transformer.config.in_channels).to(DEVICE)
-trainable = [p for _, p in hand_lora] + list(hand_region.parameters())
+hand_depth = kh.DepthTokenEmbedding(pipe.transformer.config.in_channels).to(DEVICE)  # proj starts at zero
+trainable = [p for _, p in hand_lora] + list(hand_region.parameters()) + list(hand_depth.parameters())
 for p in trainable:  # train() keeps them in fp32 over a 16-bit base (diffusers' cast_training_params)
     p.data = p.data.float()
 
@@ -438,20 +448,22 @@ s = sigma[:, None, None]  # [B] -> [B, 1, 1]
 x_t = (1 - s) * sample["tgt_tok"] + s * noise  # [1, N, 4C]
 # 2. the region signal from the mask on the token grid ("marked": m * e on every masked token, notebook 03)
 mark = hand_region(sample["mask_small"])  # [1, 1, H', W'] -> [1, N, 4C]; zero where the mask is 0
-# 3. the sequence [noisy target | clean context], the masked tokens of both marked, and one id per token
-hidden = torch.cat([x_t + mark, sample["ctx_tok"] + mark], dim=1).to(dtype)  # [1, 2N, 4C]
+# 3. the depth signal: each token's 16x16 depth patch through a projection (notebook 03), on both parts
+depth_off = hand_depth(sample["depth_feat"])  # [1, N, 256] -> [1, N, 4C]; zero until the projection learns
+# 4. the sequence [noisy target | clean context], the masked tokens of both marked, and one id per token
+hidden = torch.cat([x_t + mark + depth_off, sample["ctx_tok"] + mark + depth_off], dim=1).to(dtype)  # [1, 2N, 4C]
 img_ids = kh.kontext_img_ids(cache.h_tok, cache.w_tok, with_region=False, device=DEVICE, dtype=dtype)  # [2N, 3]
-# 4. the forward pass: the transformer's own call, as FluxKontextPipeline.__call__ makes it
+# 5. the forward pass: the transformer's own call, as FluxKontextPipeline.__call__ makes it
 guidance = torch.full([1], cfg.guidance, device=DEVICE) if pipe.transformer.config.guidance_embeds else None
 print("timestep, guidance and pooled CLIP become one temb [B, D] in", type(pipe.transformer.time_text_embed).__name__,
       "with", [name for name, _ in pipe.transformer.time_text_embed.named_children()])
-depth = {"ip_adapter_image_embeds": [sample["ip_embeds"].to(dtype)]} if sample["ip_embeds"] is not None else None
+ip = {"ip_hidden_states": []}  # the IP-Adapter gets no image: it adds exactly zero (depth came as depth_off)
 out = pipe.transformer(hidden_states=hidden, timestep=sigma.to(dtype), guidance=guidance,
                        pooled_projections=sample["pooled_prompt_embeds"].to(dtype),
                        encoder_hidden_states=sample["prompt_embeds"].to(dtype), txt_ids=cache.txt_ids.to(DEVICE, dtype),
-                       img_ids=img_ids, joint_attention_kwargs=depth, return_dict=False)[0]  # [1, 2N, 4C]
+                       img_ids=img_ids, joint_attention_kwargs=ip, return_dict=False)[0]  # [1, 2N, 4C]
 pred_v = out[:, :N_TOK].float()  # the target part: [1, N, 4C]
-# 5. the two loss terms: the velocity to the target inside the mask, the context kept outside
+# 6. the two loss terms: the velocity to the target inside the mask, the context kept outside
 m = sample["mask_small"].reshape(1, N_TOK, 1)  # [1, 1, H', W'] -> [1, N, 1], in packing order
 c4 = pred_v.shape[-1]  # 4C
 loss_in = ((pred_v - (noise - sample["tgt_tok"])) ** 2 * m).sum() / (m.sum() * c4 + 1e-6)
@@ -459,7 +471,7 @@ loss_out = (((noise - pred_v) - sample["ctx_tok"]) ** 2 * (1 - m)).sum() / ((1 -
 l2 = (cfg.l2_lora_lambda * kh.mean_square([p for _, p in hand_lora])
       + cfg.l2_region_lambda * kh.mean_square(list(hand_region.parameters())))
 loss = cfg.w_in * loss_in + cfg.w_out * loss_out + l2
-# 6. backward: gradients for the LoRA and the region module only (everything else is frozen)
+# 7. backward: gradients for the LoRA, the region and the depth module only (everything else is frozen)
 loss.backward()
 hand_grads = [p.grad.clone() for p in trainable]
 print(f"by hand: loss {loss.item():.5f} = {cfg.w_in} x in {loss_in.item():.5f} + {cfg.w_out} x out "
@@ -472,31 +484,35 @@ print(f"largest gradient: lora_B {grad_b:.1e}, lora_A {grad_a:.1e} (A only feels
 for p in trainable:
     p.grad = None
 module_loss, parts = kh.training_loss(pipe.transformer, hand_region, sample, cache.txt_ids.to(DEVICE), cache.h_tok,
-                                      cache.w_tok, noise, sigma, cfg, lora_named_params=hand_lora)
+                                      cache.w_tok, noise, sigma, cfg, lora_named_params=hand_lora,
+                                      depth_module=hand_depth)
 module_loss.backward()
 torch.testing.assert_close(loss, module_loss, msg="the hand-written loss must equal kh.training_loss")
-for (name, _), mine, p in zip(hand_lora + list(hand_region.named_parameters()), hand_grads, trainable):
+named = hand_lora + list(hand_region.named_parameters()) + [(f"depth.{n}", p) for n, p in hand_depth.named_parameters()]
+for (name, _), mine, p in zip(named, hand_grads, trainable):
     torch.testing.assert_close(mine, p.grad, msg=f"gradient of {name}")
 print("hand-written step == kh.training_loss: same loss and same gradients for", len(trainable), "tensors")
 
-# 7. the optimizer step, then the LoRA goes away again: section 5 trains its own
+# 8. the optimizer step, then the LoRA goes away again: section 5 trains its own
 optimizer = torch.optim.AdamW([{"params": [p for _, p in hand_lora], "lr": cfg.learning_rate},
-                               {"params": list(hand_region.parameters()), "lr": cfg.region_learning_rate}])
+                               {"params": list(hand_region.parameters()), "lr": cfg.region_learning_rate},
+                               {"params": list(hand_depth.parameters()), "lr": cfg.depth_learning_rate}])
 b_before = next(p for n, p in hand_lora if "lora_B" in n).detach().clone()
 optimizer.step()
 b_after = next(p for n, p in hand_lora if "lora_B" in n)
 print(f"after one AdamW step the first lora_B moved by {float((b_after.detach() - b_before).abs().max()):.1e} "
       "(from 0): Adam's first step is about the learning rate, whatever the gradient's size")
 pipe.transformer.delete_adapters("by_hand")
-del hand_lora, hand_region, trainable, optimizer, hand_grads
+del hand_lora, hand_region, hand_depth, trainable, optimizer, hand_grads
 
 # %% [markdown]
 # ## 5. Train
 #
 # `kh.train` attaches the LoRA (its `B` matrices start at zero, so at step 0 the LoRA adds nothing), builds
 # the region module of `cfg.region_kind` (the default `"marked"` starts at zero too, so the model at step 0 is the
-# base model; the original design's `"linear"` token starts random, one random token more), and runs `cfg.steps`
-# updates of LoRA + region through `accelerate`, writing a checkpoint every `cfg.checkpoint_every` updates.
+# base model; the original design's `"linear"` token starts random, one random token more), builds the depth module
+# of `cfg.depth_kind` (`"tokens"`: its projection starts at zero too), and runs `cfg.steps` updates of LoRA, region
+# and depth through `accelerate`, writing a checkpoint every `cfg.checkpoint_every` updates.
 # `kh.LiveLossPlot` redraws the three loss curves every 25 steps while it runs. Old checkpoints of an earlier run
 # of this notebook are removed first, unless you are resuming (`RESUME = True`).
 #
@@ -603,7 +619,7 @@ for i, r in enumerate(rows):
 # module.
 
 # %%
-after = kh.evaluation_loss(pipe, result.region, cache)
+after = kh.evaluation_loss(pipe, result.region, cache, depth_module=result.depth)
 for key in before:
     print(f"{key:<8} before {before[key]:.4f}  after {after[key]:.4f}  ({after[key] / before[key] - 1:+.0%})")
 
@@ -623,7 +639,8 @@ plt.show()
 # in-mask error too; one that memorised its ten pairs lowers only theirs (and may raise the held-out error).
 
 # %%
-held_after = [kh.evaluation_loss(pipe, result.region, held_cache, index=i) for i in range(len(held_out))]
+held_after = [kh.evaluation_loss(pipe, result.region, held_cache, index=i, depth_module=result.depth)
+              for i in range(len(held_out))]
 for it, b0, b1 in zip(held_out, held_before, held_after):
     print(f"{it['name']:<26} err_in {b0['err_in']:.4f} -> {b1['err_in']:.4f}   err_out {b0['err_out']:.4f} -> "
           f"{b1['err_out']:.4f}")
@@ -653,8 +670,8 @@ plt.show()
 # they never saw).
 
 # %% [markdown]
-# **What moved?** Only the LoRA and the region module were trained; the 12B (here: tiny) base stayed frozen.
-# Every LoRA layer adds `B @ A` to a frozen weight, and `B` starts at zero, so the norm of `B` says how far
+# **What moved?** Only the LoRA, the region module and the depth module were trained; the 12B (here: tiny) base
+# stayed frozen. Every LoRA layer adds `B @ A` to a frozen weight, and `B` starts at zero, so the norm of `B` says how far
 # each layer moved away from the base model. Notice the text-stream layers (`add_q_proj`, `to_add_out`,
 # `ff_context`) barely move: the loss is measured on image tokens only, so they get gradient only indirectly.
 
@@ -819,12 +836,13 @@ except ValueError as err:
 # ## 7. Save the adapter
 #
 # `kh.save_adapter` writes one folder that notebook 05 loads, and that plain diffusers can load too:
-# the LoRA in diffusers' own format, the region module, and a JSON record of how it was made.
+# the LoRA in diffusers' own format, the region module, the depth module, and a JSON record of how it was made.
 
 # %%
 import json
 
-ADAPTER_DIR = kh.save_adapter(pipe, result.region, os.path.join(OUTPUT_DIR, "adapter"), config=cfg_more)
+ADAPTER_DIR = kh.save_adapter(pipe, result.region, os.path.join(OUTPUT_DIR, "adapter"), config=cfg_more,
+                              depth_module=result.depth)
 for name in sorted(os.listdir(ADAPTER_DIR)):
     print(f"{name:<36} {os.path.getsize(os.path.join(ADAPTER_DIR, name)) / 1024:>8.1f} KiB")
 with open(os.path.join(ADAPTER_DIR, "adapter_config.json")) as f:
@@ -868,7 +886,7 @@ assert abs(measured / predicted - 1) < 0.05, "the prediction holds within sampli
 # Solution 2: training used guidance 1.0, so the LoRA fits that input best; the evaluation loss at 3.5 measures
 # the model off its training condition (the base model was distilled to follow the guidance value at sampling)
 for g in (1.0, 3.5):
-    ev = kh.evaluation_loss(pipe, result.region, cache, guidance=g)
+    ev = kh.evaluation_loss(pipe, result.region, cache, guidance=g, depth_module=result.depth)
     print(f"guidance {g}: evaluation loss {ev['loss']:.4f} (in {ev['err_in']:.4f}, out {ev['err_out']:.4f})")
 
 # %% [markdown]
@@ -876,17 +894,18 @@ for g in (1.0, 3.5):
 #
 # - `TrainConfig` holds every setting; `TrainConfig.for_gpu("auto")` picks precision, quantisation, optimizer,
 #   resolution and rank for your card (its memory figures are estimates).
-# - Prompts, latents, token-grid masks and depth embeddings are encoded **once per sample** and read back by
+# - Prompts, latents, token-grid masks and depth features are encoded **once per sample** and read back by
 #   sample index, so reshuffled epochs can never pair an image with another image's cache.
 # - Sigmas come from the scheduler's training levels and never hit 0; a fixed evaluation loss (fixed pair, noise,
 #   sigmas) is the honest before/after yardstick, split into in-mask and out-of-mask error.
-# - Only the LoRA `A`/`B` matrices and the region module move; the default region module is one learned mark `e`
-#   on the masked tokens, the same at every place.
+# - Only the LoRA `A`/`B` matrices, the region module and the depth module move; the default region module is one
+#   learned mark `e` on the masked tokens, the same at every place; the default depth module maps each token's 16x16
+#   depth patch to an offset, from zero, and a share `depth_dropout` of the samples trains without depth.
 # - Previews (`preview_every`, `preview_pair=`) show a held-out pair's edit during the run; `report_to` sends the
 #   loss parts, the learning rate and the previews to TensorBoard or wandb.
 # - Checkpoints are written atomically and a resumed run continues exactly; in Colab, put `OUTPUT_DIR` on Drive.
-# - `save_adapter` writes `pytorch_lora_weights.safetensors`, `region_token.safetensors` and
-#   `adapter_config.json` to `OUTPUT_DIR/adapter`.
+# - `save_adapter` writes `pytorch_lora_weights.safetensors`, `region_token.safetensors`,
+#   `depth_module.safetensors` and `adapter_config.json` to `OUTPUT_DIR/adapter`.
 #
 # ## Next
 #

@@ -24,6 +24,8 @@
 # - how to compare base, LoRA, LoRA + region, + depth and an inpainting baseline on the same noise
 # - how the adapter travels to plain diffusers' `pipe(...)` (`kh.RegionHook`) and to ComfyUI (a custom node)
 # - whether the mask decides *where* the edit happens: held-out twin scenes, and a widget that moves the mask
+# - whether the depth map decides *what* the edit does: held-out depth scenes, and a widget that moves the box in
+#   the depth map
 #
 # Runs in about two minutes on a laptop CPU with the tiny model (`make demo`: 115 s, most of it training the
 # twin-scene LoRA of section 7), or on a Colab GPU with FLUX.1 Kontext [dev].
@@ -113,7 +115,7 @@ print("context", tuple(item["context"].shape), " mask", tuple(item["mask"].shape
 # %% [markdown]
 # ## The adapter from notebook 04
 #
-# Notebook 04 saved its LoRA and region token to `OUTPUT_DIR/adapter`. Run it first (with the same
+# Notebook 04 saved its LoRA, region module and depth module to `OUTPUT_DIR/adapter`. Run it first (with the same
 # `OUTPUT_DIR`) to use that adapter here. If the folder is missing, the next cell trains a quick stand-in
 # (40 steps, like notebook 04 but shorter) and saves it there, so this notebook also runs on its own. On a GPU,
 # run notebook 04 instead: 40 steps teach a real model nothing.
@@ -135,7 +137,7 @@ else:
                                     output_dir=os.path.join(OUTPUT_DIR, "quick_run"), seed=SEED)
     trainer, cache = kh.load_for_training(MODEL, dataset, quick, progress=False)
     quick_result = kh.train(trainer, dataset, quick, cache=cache, progress=False)
-    kh.save_adapter(trainer, quick_result.region, ADAPTER_DIR, config=quick)
+    kh.save_adapter(trainer, quick_result.region, ADAPTER_DIR, config=quick, depth_module=quick_result.depth)
     first, last = quick_result.history[0]["loss"], quick_result.history[-1]["loss"]
     print(f"loss {first:.3f} -> {last:.3f}; saved to {ADAPTER_DIR}")
     del trainer, cache, quick_result
@@ -289,15 +291,19 @@ plt.show()
 # ## 2. Sampling with everything: LoRA, region signal and depth
 #
 # `kh.load_adapter` loads the LoRA with diffusers' own `load_lora_weights` and rebuilds the region module
-# (diffusers may note that the file has no text-encoder LoRA: right, only the transformer was trained). Then
-# one call edits the context with the mask (through the region signal) and the depth map (through the
-# IP-Adapter).
+# (diffusers may note that the file has no text-encoder LoRA: right, only the transformer was trained);
+# `kh.load_depth_module` rebuilds the depth module (`None` for an adapter trained with the IP-Adapter kind). Then
+# one call edits the context with the mask (through the region signal) and the depth map (each token's depth patch
+# through the depth module; without a depth module, through the IP-Adapter).
 
 # %%
 region = kh.load_adapter(pipe, ADAPTER_DIR)
+depth_module = kh.load_depth_module(ADAPTER_DIR, pipe)  # the "tokens" depth module, or None
 print(region, " parameters", {n: tuple(p.shape) for n, p in region.named_parameters()})  # "marked": e [4C]
+print(depth_module, " parameters", {n: tuple(p.shape) for n, p in depth_module.named_parameters()}
+      if depth_module is not None else "")  # proj: [4C, 256] and [4C]
 pred = kh.sample_edit(pipe, context, prompt, mask=item["mask"], depth=depth_image, region=region, generator=noise(),
-                      **common)
+                      depth_module=depth_module, **common)
 print("prediction:", type(pred).__name__, pred.size, "(W, H)")
 
 # %% [markdown]
@@ -340,7 +346,7 @@ for key, value in metrics.items():
 # %%
 held = kh.DrawnPairs(7, 1, RESOLUTION)[0]  # one held-out pair, same item layout as the dataset's
 held_pred = kh.sample_edit(pipe, held["context"], held["prompt"], mask=held["mask"], depth=held["depth"],
-                           region=region, generator=noise(), **common)
+                           region=region, depth_module=depth_module, generator=noise(), **common)
 held_metrics = kh.edit_metrics(held_pred, held["context"], held["target"], held["mask"], lpips=False)
 print(f"held-out {held['name']!r} ({held['prompt']!r}): in-mask PSNR to the target "
       f"{held_metrics['psnr_in_vs_target']:.1f} dB (trained pair 0: {metrics['psnr_in_vs_target']:.1f} dB), "
@@ -403,7 +409,7 @@ def keep(step, t, latents):
 
 
 final = kh.sample_edit(pipe, context, prompt, mask=item["mask"], depth=depth_image, region=region, generator=noise(),
-                       output_type="latent", callback=keep, **common)
+                       depth_module=depth_module, output_type="latent", callback=keep, **common)
 print(f"{len(recorded)} snapshots, each", tuple(recorded[0][2].shape), " # [1, N, 4C]")
 
 
@@ -447,7 +453,8 @@ plt.show()
 
 # %%
 comparison = kh.compare_variants(pipe, context, prompt, item["mask"], region=region, depth=depth_image,
-                                 target=item["target"], seed=SEED, label=MODEL_LABEL, **common)
+                                 depth_module=depth_module, target=item["target"], seed=SEED, label=MODEL_LABEL,
+                                 **common)
 display(comparison.figure)
 print(kh.metrics_table(comparison.metrics))
 with_all, no_region = comparison.metrics["LoRA + region + depth"], comparison.metrics["LoRA"]
@@ -458,18 +465,20 @@ print(f"region signal and depth on vs off: in-mask {gain_in:+.2f}"
 # %% [markdown]
 # **Why the region signal and depth change little on these pairs.** The numbers above come from a LoRA trained on
 # a handful of pairs, and a LoRA *memorises* them: the prompt and the context already say which pair it is and
-# what to change, so the mask adds little the LoRA needs to reproduce its training pairs, and the depth
-# embedding (one global vector, notebook 03) even less (`docs/tiny_model.md` measures depth on vs off at under
-# 0.1 dB). Whether the mask can *decide* the edit shows only where nothing else can tell: section 7 trains on
-# scenes with two identical objects and edits held-out ones with the mask on each in turn. On the tiny model the
+# what to change, so the mask adds little the LoRA needs to reproduce its training pairs, and the context's depth
+# map repeats what the context already shows. Whether the mask or the depth can *decide* the edit shows only where
+# nothing else can tell: section 7 trains on scenes with two identical objects and edits held-out ones with the
+# mask on each in turn; section 8 does the same for depth, with scenes whose new geometry only the depth map holds. On the tiny model the
 # LoRA also costs a little outside the mask (compare `psnr_out_vs_context` of `base` and `LoRA`): changing more
 # than the mask is a cheap way to lower the in-mask loss; `w_out`, `preservation="prior"`, more pairs or
 # `blend=True` keep the outside.
 
 # %% [markdown]
-# ## 5. The IP-Adapter scale: how much does depth move the result?
+# ## 5. The IP-Adapter kind: how much does a global depth embedding move the result?
 #
-# `ip_adapter_scale` scales the IP-Adapter's contribution for one call (0 = depth ignored, 1 = as trained);
+# The original design's road for depth, kept as `depth_kind="ip_adapter"`: without a depth module, `sample_edit`
+# gives the depth map to the pipeline's IP-Adapter. `ip_adapter_scale` scales its contribution for one call
+# (0 = depth ignored, 1 = as trained);
 # the pipeline's own scale is restored afterwards. Move the slider to see how much the result changes against
 # scale 0: that is the size of depth's push, measured, not a promise that it places anything (notebook 03,
 # section 5). (Headless, the figure is drawn once, at the slider's default.)
@@ -603,29 +612,34 @@ ax.set_title("|lora_up| of the fused qkv LoRA: each row block\n(q, k, v) uses on
 plt.show()
 
 # %% [markdown]
-# **The region signal in `pipe(...)`.** `FluxKontextPipeline.__call__` builds `[noisy target | context]` itself and
-# has no input for the mask. `kh.RegionHook(pipe, region, mask)` adds one: a forward pre-hook on the transformer
-# that finds the context tokens by their ids (type 1), applies the region module to them (and, for `"marked"`, to
-# the target tokens) exactly as `sample_edit` does; the pipeline keeps only the target part of the output, as it
-# always does. With `blend=True`, pass `callback_on_step_end=hook.callback` and the pipeline also blends like the
-# inpaint pipeline. The cell checks `pipe(...)` with the hook against `sample_edit`.
+# **The region and depth signals in `pipe(...)`.** `FluxKontextPipeline.__call__` builds `[noisy target | context]`
+# itself and has no input for the mask or a per-token depth. `kh.RegionHook(pipe, region, mask, depth=...,
+# depth_module=...)` adds them: a forward pre-hook on the transformer that finds the context tokens by their ids
+# (type 1), applies the region module to them (and, for `"marked"`, to the target tokens) and adds the depth
+# module's offset to the target and context tokens, exactly as `sample_edit` does; the pipeline keeps only the
+# target part of the output, as it always does. With `blend=True`, pass `callback_on_step_end=hook.callback` and
+# the pipeline also blends like the inpaint pipeline. The cell checks `pipe(...)` with the hook against
+# `sample_edit`. (An adapter of the IP-Adapter kind gives its depth map to `pipe(..., ip_adapter_image=...)`.)
 
 # %%
 ours_region = kh.sample_edit(pipe, context, prompt, mask=item["mask"], region=region, depth=depth_image,
-                             generator=noise(), output_type="latent", **common)
-with kh.RegionHook(pipe, region, item["mask"]) as hook:
-    pipe_region = pipe(image=context, prompt=prompt, ip_adapter_image=depth_image, max_area=h * w, generator=noise(),
-                       output_type="latent", _auto_resize=False, callback_on_step_end=hook.callback, **common).images
-print(f"pipe(...) with kh.RegionHook vs sample_edit with the region: max |diff| = "
+                             depth_module=depth_module, generator=noise(), output_type="latent", **common)
+ip_image = {} if depth_module is not None else {"ip_adapter_image": depth_image}  # the IP-Adapter kind's road
+with kh.RegionHook(pipe, region, item["mask"], depth=depth_image if depth_module is not None else None,
+                   depth_module=depth_module) as hook:
+    pipe_region = pipe(image=context, prompt=prompt, max_area=h * w, generator=noise(), output_type="latent",
+                       _auto_resize=False, callback_on_step_end=hook.callback, **ip_image, **common).images
+print(f"pipe(...) with kh.RegionHook vs sample_edit with the region and depth: max |diff| = "
       f"{(pipe_region - ours_region).abs().max().item():.3g}")
 
 # %% [markdown]
-# **The region signal in ComfyUI.** `comfyui/kontext_region/` in this repository is a ComfyUI custom node
-# ("Apply Kontext Region (mask)"): copy or link the folder into `ComfyUI/custom_nodes/`, load the LoRA above with
-# ComfyUI's LoRA loader, and give the node the adapter folder (or its `region_token.safetensors`) and the mask. It
-# patches the model with the same signal (a `post_input` patch of ComfyUI's Flux model) and needs nothing from this
-# package; `tests/test_comfyui_node.py` checks it against `kh.kontext_forward` (the comparison with ComfyUI's own
-# Flux code runs where a ComfyUI checkout is given in `COMFYUI_PATH`). LoRA layers on the IP-Adapter
+# **The region and depth signals in ComfyUI.** `comfyui/kontext_region/` in this repository holds two ComfyUI
+# custom nodes, "Apply Kontext Region (mask)" and "Apply Kontext Depth (depth map)": copy or link the folder into
+# `ComfyUI/custom_nodes/`, load the LoRA above with ComfyUI's LoRA loader, and give the nodes the adapter folder and
+# the mask, and the depth map as an IMAGE. They patch the model with the same signals (`post_input` patches of
+# ComfyUI's Flux model) and need nothing from this package; `tests/test_comfyui_node.py` checks them against
+# `kh.kontext_forward` (the comparison with ComfyUI's own Flux code runs where a ComfyUI checkout is given in
+# `COMFYUI_PATH`). LoRA layers on the IP-Adapter
 # (`to_k_ip` / `to_v_ip`) are not in the ComfyUI file.
 
 # %% [markdown]
@@ -726,6 +740,119 @@ if RUN_TWIN:
                                            description="use"))
 
 # %% [markdown]
+# ## 8. Does depth decide what the edit does? Held-out depth scenes
+#
+# The same question for depth. "add a red box", with the whole image as the mask: neither the prompt nor the mask
+# says where the box goes, how big it is or how it is turned. Each **depth scene** has two targets of one context,
+# the box at two places; only the desired result's depth map (`target_depth`) tells them apart. We train a LoRA
+# with the default depth signal (`depth_kind="tokens"`, notebook 03) on the desired result's depth
+# (`depth_source="target"`) on `DEPTH_TRAIN_SCENES` drawn scenes (both targets of each), then edit held-out scenes
+# with their own depth map and with the other target's. An edit *follows* a depth map when its new red pixels
+# overlap the box that depth map holds more than the other one (`kh.depth_followed`, by IoU). A LoRA that ignores
+# the depth can follow at most one of the two maps of a scene. `scripts/depth_heldout.py` measures this for every
+# depth kind (the IP-Adapter's too), for a shape family ("make the red object match the depth") and for fog driven
+# by the context's depth; its table is in `docs/design.md`. On a GPU this section runs with `DEPTH_ON_GPU = True`.
+
+# %%
+DEPTH_ON_GPU = False  # True: also train the depth-scene LoRA on the real model (another pipeline: an 80 GB GPU)
+RUN_DEPTH = TINY or QUICK or DEPTH_ON_GPU  # the tiny model (a minute) and the rehearsal smoke test always run it
+DEPTH_TRAIN_SCENES = 16 if TINY else 2 if QUICK else 64  # drawn placement scenes (two targets each)
+DEPTH_STEPS = 1500 if TINY else 3 if QUICK else 1500  # LoRA updates on them (scripts/depth_heldout.py: 1500)
+depth_scenes = [[kh.render_depth_scene("placement", 1, i, RESOLUTION, variant=v) for v in (0, 1)]
+                for i in range(4)]  # seed 1: scenes training never sees; two targets each
+if RUN_DEPTH:
+    depth_train = kh.DepthPairs(0, range(DEPTH_TRAIN_SCENES), RESOLUTION, families=("placement",))  # seed 0
+    depth_cfg = dataclasses.replace(kh.TrainConfig.for_gpu("cpu") if TINY else PRESET, steps=DEPTH_STEPS,
+                                    resolution=RESOLUTION, checkpoint_every=0, seed=SEED, max_sequence_length=32,
+                                    output_dir=os.path.join(OUTPUT_DIR, "depth_run"), depth_kind="tokens",
+                                    depth_source="target")
+    trainer, depth_cache = kh.load_for_training(MODEL, depth_train, depth_cfg, progress=False)
+    depth_run = kh.train(trainer, depth_train, depth_cfg, cache=depth_cache, progress=False)
+    print(f"{len(depth_train)} depth samples, {DEPTH_STEPS} updates, depth kind {depth_cfg.depth_kind!r} on the "
+          f"{depth_cfg.depth_source}'s depth: loss {depth_run.history[0]['loss']:.3f} -> "
+          f"{depth_run.history[-1]['loss']:.3f}")
+    DEPTH_DIR = kh.save_adapter(trainer, depth_run.region, os.path.join(OUTPUT_DIR, "depth_adapter"),
+                                config=depth_cfg, depth_module=depth_run.depth)
+    del trainer, depth_cache, depth_run
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+    depth_pipe = load_model()
+    depth_region = kh.load_adapter(depth_pipe, DEPTH_DIR)
+    depth_mod = kh.load_depth_module(DEPTH_DIR, depth_pipe)
+else:
+    print("depth scenes skipped on this GPU (set DEPTH_ON_GPU = True on an 80 GB card); the figures of "
+          "scripts/depth_heldout.py on the tiny model are in docs/design.md")
+
+
+def depth_edit(scene, depth):
+    """One edit of a depth scene with the given depth map (or None), ``[3, H, W]`` in ``[0, 1]``."""
+    out = kh.sample_edit(depth_pipe, scene["context"], scene["prompt"], mask=scene["mask"], region=depth_region,
+                         depth=depth, depth_module=depth_mod, generator=noise(), output_type="pt",
+                         num_inference_steps=NUM_STEPS, max_sequence_length=32)
+    return out[0].float().cpu()
+
+
+if RUN_DEPTH:
+    followed = 0
+    for pair in depth_scenes:
+        for v in (0, 1):  # each target's depth map in turn: the edit should follow whichever it is given
+            out = depth_edit(pair[v], pair[v]["target_depth"])
+            followed += kh.depth_followed(out, pair[v], pair[1 - v])["followed"]
+    print(f"held-out depth scenes: the box followed the depth map it was given in {followed} of "
+          f"{2 * len(depth_scenes)} cases")
+
+# %% [markdown]
+# Pick the depth map the edit gets: one target's, the other's, or none, and slide the box sideways in it (the box's
+# depth pixels move; the rest of the map stays). The prompt, the mask and the noise stay the same. Headless, the
+# figure is drawn once, for the default choice.
+
+# %%
+from ipywidgets import IntSlider
+
+depth_pair = depth_scenes[0]
+
+
+def moved_box_depth(scene, shift: int) -> torch.Tensor:
+    """The scene's target depth with the added box moved ``shift`` px to the right: ``[1, H, W]``."""
+    box = scene["target_depth"] != scene["depth"]  # [1, H, W]: where the box changed the depth
+    moved = scene["depth"].clone()
+    rolled_box = torch.roll(box, shift, dims=-1)
+    moved[rolled_box] = torch.roll(scene["target_depth"], shift, dims=-1)[rolled_box]
+    return moved
+
+
+def depth_figure(depth_map="target a's depth", shift=0):
+    given = None if depth_map == "no depth" else depth_pair[0 if "a's" in depth_map else 1]
+    depth = None if given is None else moved_box_depth(given, shift)
+    out = depth_edit(depth_pair[0], depth)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), layout="constrained")
+    axes[0].imshow(depth_pair[0]["context"].permute(1, 2, 0).numpy())  # [3, H, W] -> [H, W, 3]
+    axes[0].set_title(f"context: '{depth_pair[0]['prompt']}'", fontsize=9)
+    if depth is not None:
+        axes[1].imshow(depth[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title(f"depth given: {depth_map}" + (f"\nbox moved {shift:+d} px" if depth is not None else ""),
+                      fontsize=9)
+    axes[2].imshow(out.permute(1, 2, 0).clamp(0, 1).numpy())
+    if depth is not None:
+        axes[2].contour((depth != depth_pair[0]["depth"])[0].numpy(), levels=[0.5], colors="white", linewidths=1)
+    axes[2].set_title("edit\n(white: where the depth map puts the box)", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(f"A held-out depth scene ({MODEL_LABEL}): the prompt never says where; the depth map does",
+                 fontsize=10)
+    return fig
+
+
+if RUN_DEPTH:
+    _ = kh.interactive_figure(depth_figure,
+                              depth_map=Dropdown(options=["target a's depth", "target b's depth", "no depth"],
+                                                 description="depth"),
+                              shift=IntSlider(value=0, min=-RESOLUTION // 2, max=RESOLUTION // 2,
+                                              step=max(RESOLUTION // 16, 1), continuous_update=False,
+                                              description="move box"))
+
+# %% [markdown]
 # ## Exercises
 #
 # **Exercise 1 (write the code: the Euler step).** Write `euler_step(x, v, sigma, sigma_next)`, one step of the
@@ -767,7 +894,7 @@ assert len(calls) == NUM_STEPS and float(pipe.scheduler.sigmas[-1]) == 0.0
 # Solution 2: the same noise, three guidance values
 for g in (1.0, 2.5, 3.5):
     out = kh.sample_edit(pipe, context, prompt, mask=item["mask"], depth=depth_image, region=region,
-                         generator=noise(), **{**common, "guidance_scale": g})
+                         depth_module=depth_module, generator=noise(), **{**common, "guidance_scale": g})
     scores = kh.edit_metrics(out, item["context"], item["target"], item["mask"], lpips=False)
     print(f"guidance {g}: in-mask PSNR to the target {scores['psnr_in_vs_target']:.1f} dB, "
           f"outside PSNR to the context {scores['psnr_out_vs_context']:.1f} dB")
@@ -776,17 +903,21 @@ for g in (1.0, 2.5, 3.5):
 # ## Recap
 #
 # - `kh.sample_edit` is the Kontext sampling loop, equal to `pipe(...)` to the bit without region and with or
-#   without depth; it adds the region signal (and blending on request), and handles an IP-Adapter without a
-#   depth map. `kh.RegionHook` brings the region signal and the blend into `pipe(...)` itself.
+#   without depth; it adds the region signal, the depth module's per-token depth (and blending on request), and
+#   handles an IP-Adapter without a depth map. `kh.RegionHook` brings the region and depth signals and the blend
+#   into `pipe(...)` itself.
 # - `preview_grid` and `edit_metrics` answer one question: did it edit where asked (PSNR inside vs the target),
 #   and only there (PSNR outside vs the context)?
 # - A callback sees the latents after every step; unpack, un-normalise and decode them to watch the edit form.
 # - `compare_variants` isolates each part (LoRA, region signal, depth) against the base model and an inpainting
 #   baseline, on the same noise, in one figure and one table.
 # - The LoRA travels: diffusers loads it as it is, `export_comfyui` writes ComfyUI's fused Flux layout, and the
-#   custom node in `comfyui/kontext_region/` applies the region signal there.
+#   custom nodes in `comfyui/kontext_region/` apply the region and depth signals there.
 # - On twin scenes, where only the mask can say which of two identical objects to edit, the trained region signal
 #   makes the edit follow the mask on scenes it never saw.
+# - On depth scenes, where only the desired result's depth map says where the new box goes, the default depth
+#   signal (each token's depth patch) makes the edit follow the depth map it is given; a global IP-Adapter
+#   embedding cannot place anything (`scripts/depth_heldout.py`).
 #
 # ## Next
 #
