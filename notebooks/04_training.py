@@ -671,8 +671,8 @@ plt.show()
 
 # %% [markdown]
 # **What moved?** Only the LoRA, the region module and the depth module were trained; the 12B (here: tiny) base
-# stayed frozen. Every LoRA layer adds `B @ A` to a frozen weight, and `B` starts at zero, so the norm of `B` says how far
-# each layer moved away from the base model. Notice the text-stream layers (`add_q_proj`, `to_add_out`,
+# stayed frozen. Every LoRA layer adds `B @ A` to a frozen weight, and `B` starts at zero, so the norm of `B` says
+# how far each layer moved away from the base model. Notice the text-stream layers (`add_q_proj`, `to_add_out`,
 # `ff_context`) barely move: the loss is measured on image tokens only, so they get gradient only indirectly.
 
 # %%

@@ -468,10 +468,10 @@ print(f"region signal and depth on vs off: in-mask {gain_in:+.2f}"
 # what to change, so the mask adds little the LoRA needs to reproduce its training pairs, and the context's depth
 # map repeats what the context already shows. Whether the mask or the depth can *decide* the edit shows only where
 # nothing else can tell: section 7 trains on scenes with two identical objects and edits held-out ones with the
-# mask on each in turn; section 8 does the same for depth, with scenes whose new geometry only the depth map holds. On the tiny model the
-# LoRA also costs a little outside the mask (compare `psnr_out_vs_context` of `base` and `LoRA`): changing more
-# than the mask is a cheap way to lower the in-mask loss; `w_out`, `preservation="prior"`, more pairs or
-# `blend=True` keep the outside.
+# mask on each in turn; section 8 does the same for depth, with scenes whose new geometry only the depth map
+# holds. On the tiny model the LoRA also costs a little outside the mask (compare `psnr_out_vs_context` of `base`
+# and `LoRA`): changing more than the mask is a cheap way to lower the in-mask loss; `w_out`,
+# `preservation="prior"`, more pairs or `blend=True` keep the outside.
 
 # %% [markdown]
 # ## 5. The IP-Adapter kind: how much does a global depth embedding move the result?
