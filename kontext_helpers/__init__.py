@@ -158,6 +158,7 @@ from .scenes import (
     DepthPairs,
     DrawnPairs,
     TwinPairs,
+    add_fog,
     depth_followed,
     object_changed,
     random_edit_spec,
@@ -240,6 +241,7 @@ __all__ = [
     "DepthPairs",
     "render_depth_scene",
     "depth_followed",
+    "add_fog",
     # latents (02)
     "REGION_ID",
     "img_ids_grid",

@@ -437,10 +437,13 @@ def render_depth_scene(family: str, seed: int, index: int, size: int = 128, *, v
 
 
 def red_pixels(image: torch.Tensor) -> torch.Tensor:
-    """Where ``image`` ``[3, H, W]`` is red (the edited object's colour; no other object in a depth scene is):
-    ``[1, H, W]`` bool, red above 0.25 and at least twice green and blue."""
+    """Where ``image`` ``[3, H, W]`` is reddish (the edited object's colour; no other object in a depth scene is):
+    ``[1, H, W]`` bool: red above 0.3 and at least 0.12 above both green and blue, which stay within 0.15 of each
+    other (red to pink, not yellow or orange). Loose enough for the tiny model's soft, pinkish red boxes; the
+    grey-beige floor, the sky and the scenery colours stay out."""
     r, g, b = image.clamp(0, 1)  # [3, H, W] -> three [H, W]
-    return ((r > 0.25) & (r > 2 * g) & (r > 2 * b))[None]  # [H, W] -> [1, H, W]
+    reddish = (r > 0.3) & (r - torch.maximum(g, b) > 0.12) & ((g - b).abs() < 0.15)
+    return reddish[None]  # [H, W] -> [1, H, W]
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ Every held-out scene is then edited three ways: with its own depth map (``right`
 
 * ``followed``: the share of edits that follow the depth they were given more than the other one. Placement and
   shape: the new red object's pixels overlap the silhouette the given depth implies more than the other's
-  (``depth_followed``, IoU); fog: the result is nearer (PSNR) the context fogged by the given depth than by the
+  (``kh.depth_followed``, IoU); fog: the result is nearer (PSNR) the context fogged by the given depth than by the
   other. Without depth, "given" is the scene's own: about half, by chance, is the most a blind LoRA can do;
 * ``both``: the share of scenes whose edits followed the depth both with their own depth and with the swapped
   one, the sharp test: an edit that ignores the depth follows one of the two at most, never both;
@@ -47,7 +47,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import kontext_helpers as kh  # noqa: E402
-from kontext_helpers.scenes import DEPTH_FAMILIES, DepthPairs, add_fog, depth_followed, render_depth_scene  # noqa: E402
 
 KINDS = ("none", "ip_adapter", "tokens")
 CONDITIONS = ("right", "swapped", "no depth")
@@ -63,15 +62,15 @@ def held_out_cases(count: int, resolution: int) -> dict:
     """``{family: [(own, alt), ...]}``: each held-out scene and its alternative. Placement and shape: the other
     variant of the same context. Fog: the same scene fogged by the next held-out scene's depth."""
     cases = {}
-    for family in DEPTH_FAMILIES:
+    for family in kh.DEPTH_FAMILIES:
         if family == "fog":
-            own = [render_depth_scene(family, HELD_OUT_SEED, i, resolution) for i in range(count)]
-            alt = [dict(s, target_depth=o["depth"], target=add_fog(s["context"], o["depth"]), name=s["name"] + "_alt")
-                   for s, o in zip(own, own[1:] + own[:1])]
+            own = [kh.render_depth_scene(family, HELD_OUT_SEED, i, resolution) for i in range(count)]
+            alt = [dict(s, target_depth=o["depth"], target=kh.add_fog(s["context"], o["depth"]),
+                        name=s["name"] + "_alt") for s, o in zip(own, own[1:] + own[:1])]
             cases[family] = list(zip(own, alt))
         else:
-            cases[family] = [tuple(render_depth_scene(family, HELD_OUT_SEED, i, resolution, variant=v) for v in (0, 1))
-                             for i in range(count)]
+            cases[family] = [tuple(kh.render_depth_scene(family, HELD_OUT_SEED, i, resolution, variant=v)
+                                   for v in (0, 1)) for i in range(count)]
     return cases
 
 
@@ -85,7 +84,7 @@ def score(out: torch.Tensor, own: dict, given: dict, other: dict) -> dict:
     result = {"psnr_target": psnr(out, own["target"]), "psnr_given": psnr(out, given["target"])}
     if own["family"] == "fog":
         return dict(result, followed=result["psnr_given"] > psnr(out, other["target"]))
-    followed = depth_followed(out, given, other)
+    followed = kh.depth_followed(out, given, other)
     return dict(result, followed=followed["followed"], iou=followed["iou_given"])
 
 
@@ -202,7 +201,7 @@ def main(argv=None) -> dict:
     NUM_INFERENCE_STEPS = args.inference_steps
     torch.set_num_threads(args.threads)
     resolution = kh.TrainConfig.for_gpu("cpu").resolution
-    train_set = DepthPairs(TRAIN_SEED, range(args.train_scenes), resolution)
+    train_set = kh.DepthPairs(TRAIN_SEED, range(args.train_scenes), resolution)
     cases = held_out_cases(args.held_out_scenes, resolution)
     report = {"command": "python scripts/depth_heldout.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "steps": args.steps, "train_samples": len(train_set), "held_out_scenes": args.held_out_scenes,
