@@ -21,6 +21,8 @@
 #   matched by file **stem**, never by position;
 # - what one item of `kh.KontextPairs` holds: shapes, dtypes and value ranges;
 # - why depth maps stay **16-bit** until the very last step, and what "near = bright" means;
+# - which depth map to give: the context's (the scene as it is) or the desired result's (`target_depth/`, the
+#   geometry the edit should produce);
 # - how masks are binarised, how to derive one from a before / after pair, and how to check that it covers
 #   every changed pixel;
 # - the two resize policies (`"square"` and `"crop"`) and how to write your own pairs to disk.
@@ -98,6 +100,7 @@ os.makedirs(OUTPUT_DIR, exist_ok=True)
 #   target/   edited images
 #   masks/    white = editable, black = preserve
 #   depth/    depth maps, any bit depth (8-bit, 16-bit, float TIFF); near = bright
+#   target_depth/   optional: the targets' depth maps, same rules (section 4 says when to give them)
 #   prompts.txt   one line per pair, in the order of the sorted stems
 # ```
 #
@@ -332,7 +335,37 @@ plt.show()
 
 # %% [markdown]
 # Your own depth maps may be 8-bit, 16-bit or float TIFF: all are read without rounding. If yours store
-# distance (metres, far = bright) rather than inverse depth, open the dataset with `depth_invert=True`.
+# distance (metres, far = bright) rather than inverse depth, open the dataset with `depth_invert=True`
+# (`kh.estimate_depth` already returns near = bright; a metric model needs `invert=True` there). Relative inverse
+# depth (MiDaS, Depth Anything) is near = bright already: use it as it is.
+#
+# ### Which depth to give: the context's or the desired result's
+#
+# `depth/` holds the depth of the **context**: the scene as it is. `target_depth/` (optional) holds the depth of the
+# **target**: the geometry the edit should produce. They differ exactly where the edit changes the geometry, as the
+# next cell shows for an "add" pair. Give the context's depth (`TrainConfig.depth_source="context"`, the default)
+# for edits whose look depends on distance (fog, blur, relighting); give the target's (`depth_source="target"`) for
+# geometry control, "add a box *here*, this big" or "make it *this* shape", which the prompt cannot say; at
+# inference you then pass the depth map of the result you want. A pair folder without `target_depth/` can use
+# `kh.estimate_depth(target)` (what `depth_source="target"` falls back to; it needs a depth model from the Hub once).
+
+# %%
+ADD_PAIR = next(i for i, name in enumerate(data.names) if "add" in name)  # a pair whose edit adds an object
+add_item = data[ADD_PAIR]
+print(f"pair {add_item['name']!r}: item keys {sorted(add_item)}")  # target_depth is there: data_samples has the folder
+depth_change = (add_item["target_depth"] - add_item["depth"]).abs()[0]  # [H, W]
+fig, axes = plt.subplots(1, 4, figsize=(14, 3.6), layout="constrained")
+for ax, (img, title) in zip(axes, ((add_item["context"].permute(1, 2, 0), "context"),
+                                   (add_item["depth"][0], "depth/ (the context's)"),
+                                   (add_item["target_depth"][0], "target_depth/ (the target's)"),
+                                   (depth_change, "|target depth - context depth|"))):
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=10)
+    ax.set_axis_off()
+fig.suptitle(f"'{add_item['prompt']}': only the target's depth holds the new object, its place and its size")
+plt.show()
+
+# %% [markdown]
 #
 # ## 5. Masks: binarisation, derived masks and full coverage
 #
