@@ -756,8 +756,8 @@ if RUN_TWIN:
 # %%
 DEPTH_ON_GPU = False  # True: also train the depth-scene LoRA on the real model (another pipeline: an 80 GB GPU)
 RUN_DEPTH = TINY or QUICK or DEPTH_ON_GPU  # the tiny model (a minute) and the rehearsal smoke test always run it
-DEPTH_TRAIN_SCENES = 16 if TINY else 2 if QUICK else 64  # drawn placement scenes (two targets each)
-DEPTH_STEPS = 1500 if TINY else 3 if QUICK else 1500  # LoRA updates on them (scripts/depth_heldout.py: 1500)
+DEPTH_TRAIN_SCENES = 12 if TINY else 2 if QUICK else 64  # drawn placement scenes (two targets each)
+DEPTH_STEPS = 600 if TINY else 3 if QUICK else 1500  # LoRA updates (scripts/depth_heldout.py: 1500, three families)
 depth_scenes = [[kh.render_depth_scene("placement", 1, i, RESOLUTION, variant=v) for v in (0, 1)]
                 for i in range(4)]  # seed 1: scenes training never sees; two targets each
 if RUN_DEPTH:

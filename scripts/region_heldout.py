@@ -45,6 +45,7 @@ SAMPLE_SEED = 0
 STEPS = 1500  # LoRA updates per kind
 TRAIN_SCENES, HELD_OUT_SCENES = 24, 12
 NUM_INFERENCE_STEPS = 28  # sample_edit's default
+DEPTH_MODULE = None  # the depth module of the LoRA being evaluated (depth kind "tokens"), set by main()
 
 
 class BothMasks(torch.utils.data.Dataset):
@@ -78,8 +79,8 @@ def score(out: torch.Tensor, scene: dict, k: int, mask: torch.Tensor) -> dict:
 
 def edit(pipe, scene: dict, mask, **kw) -> torch.Tensor:
     out = kh.sample_edit(pipe, scene["context"], scene["prompt"], mask=mask, depth=scene["depth"],
-                         generator=torch.Generator().manual_seed(SAMPLE_SEED), output_type="pt",
-                         num_inference_steps=NUM_INFERENCE_STEPS, max_sequence_length=32, **kw)
+                         depth_module=DEPTH_MODULE, generator=torch.Generator().manual_seed(SAMPLE_SEED),
+                         output_type="pt", num_inference_steps=NUM_INFERENCE_STEPS, max_sequence_length=32, **kw)
     return out[0].float().cpu()  # [1, 3, H, W] -> [3, H, W]
 
 
@@ -115,14 +116,17 @@ def variants(kind: str) -> dict:
             f"{kind} + blend": lambda p, r, s, m: edit(p, s, m, region=r, blend=True)}
 
 
-def train_kind(kind: str, train_set, steps: int):
+def train_kind(kind: str, train_set, steps: int, depth_kind: str):
+    """A ``cpu``-preset LoRA with region ``kind`` and the context's depth as ``depth_kind``: ``(pipe, region, depth
+    module or None, seconds)``."""
     pipe = kh.load_pipeline("tiny")
     pipe.set_progress_bar_config(disable=True)
     with tempfile.TemporaryDirectory(prefix="region_heldout_") as out:
-        config = kh.TrainConfig.for_gpu("cpu", steps=steps, region_kind=kind, output_dir=out, checkpoint_every=0)
+        config = kh.TrainConfig.for_gpu("cpu", steps=steps, region_kind=kind, depth_kind=depth_kind, output_dir=out,
+                                        checkpoint_every=0)
         t0 = time.perf_counter()
         result = kh.train(pipe, train_set, config, progress=False)
-    return pipe, result.region, time.perf_counter() - t0
+    return pipe, result.region, result.depth, time.perf_counter() - t0
 
 
 def evaluate(pipe, region, kind: str, scenes: list[dict], keep_images: int) -> tuple[dict, dict]:
@@ -189,7 +193,7 @@ def heldout_figure(scenes: list[dict], images: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    global NUM_INFERENCE_STEPS
+    global NUM_INFERENCE_STEPS, DEPTH_MODULE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--steps", type=int, default=STEPS)
@@ -197,6 +201,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--held-out-scenes", type=int, default=HELD_OUT_SCENES)
     parser.add_argument("--inference-steps", type=int, default=NUM_INFERENCE_STEPS, help="denoising steps per edit")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--depth-kind", default=kh.DEFAULT_DEPTH_KIND, choices=[*kh.DEPTH_KINDS, "none"],
+                        help="how the twin scenes' (context) depth reaches the model while training and editing")
     parser.add_argument("--json", default=os.path.join("outputs", "region_heldout.json"))
     parser.add_argument("--figure", default=os.path.join("outputs", "region_heldout.png"))
     args = parser.parse_args(argv)
@@ -207,11 +213,11 @@ def main(argv=None) -> dict:
     scenes = [kh.render_twin_scene(HELD_OUT_SEED, i, resolution) for i in range(args.held_out_scenes)]
     report = {"command": "python scripts/region_heldout.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "steps": args.steps, "train_samples": len(train_set), "held_out_scenes": len(scenes),
-              "resolution": resolution, "num_inference_steps": NUM_INFERENCE_STEPS,
+              "resolution": resolution, "num_inference_steps": NUM_INFERENCE_STEPS, "depth_kind": args.depth_kind,
               "variants": {}, "train_seconds": {}}
     all_images = {}
     for kind in args.kinds:
-        pipe, region, seconds = train_kind(kind, train_set, args.steps)
+        pipe, region, DEPTH_MODULE, seconds = train_kind(kind, train_set, args.steps, args.depth_kind)
         report["train_seconds"][kind] = round(seconds, 1)
         summary, images = evaluate(pipe, region, kind, scenes, keep_images=2)
         report["variants"].update(summary)
