@@ -61,11 +61,13 @@ class TrainConfig:
     guidance: float = 1.0  # distilled guidance fed while training (SimpleTuner: 1.0; diffusers' Kontext script: 3.5)
     use_depth: bool = True  # use the depth maps at all (False: no depth, whatever depth_kind says)
     depth_kind: str = "tokens"  # how depth reaches the model (kh.DEPTH_KINDS): "tokens" (position-aware: each token's
-    #   16x16 depth patch through a zero-initialised linear layer, added to the target and context tokens),
-    #   "ip_adapter" (the original design's path: a CLIP embedding of the whole map through the IP-Adapter) or "none"
+    #   16x16 depth patch through a zero-initialised linear layer, added to the target and context tokens; the only
+    #   kind that placed anything on scripts/depth_heldout.py), "ip_adapter" (the original design's path: a CLIP
+    #   embedding of the whole map through the IP-Adapter) or "none"
     depth_source: str = "context"  # whose depth map: "context" (the context's, item["depth"]) or "target" (the
     #   desired result's, item["target_depth"], for geometry control; estimated with kh.estimate_depth when missing)
     depth_dropout: float = 0.1  # share of samples trained without depth, so the adapter also works without a map
+    #   (the "tokens" module only; the IP-Adapter kind always gets its embedding)
     depth_learning_rate: float = 1e-3  # the depth module: a fresh linear layer, like the region module
     region_kind: str = "marked"  # how the mask reaches the model (kh.REGION_KINDS): "marked" (a learned embedding on
     #   the masked target and context tokens; the best on scripts/region_heldout.py), "marked_context" (context only),

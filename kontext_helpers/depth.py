@@ -95,7 +95,7 @@ class DepthTokenEmbedding(nn.Module):
 
 
 DEPTH_KINDS = ("tokens", "ip_adapter")  # TrainConfig.depth_kind also accepts "none"
-DEFAULT_DEPTH_KIND = "tokens"  # provisional: the held-out depth measurement decides
+DEFAULT_DEPTH_KIND = "tokens"  # the only kind that placed anything on the held-out depth scenes (docs/design.md)
 
 
 def make_depth_module(kind: str, c_in: int) -> nn.Module | None:
