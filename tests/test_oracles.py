@@ -204,7 +204,8 @@ def test_training_loss_equals_a_raw_transformer_call(lora_pipe, two_pairs, cache
                                msg=lambda m: f"{what}: the outside term differs: {m}")
     assert parts["loss_out"] > 1e-6, f"{what}: with a non-zero lora_B the outside term must be > 0"
     for k, (a, b) in enumerate(zip(our_grads, their_grads)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7,
+        scale = float(b.abs().max())  # float32 sums in another order differ by ~1e-6 of the tensor's own scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale + 1e-9,
                                    msg=lambda m, k=k: f"{what}: gradient of trained tensor {k} differs: {m}")
 
 
