@@ -205,7 +205,7 @@ GPU_PRESETS: dict[str, dict] = {
     # shared 2-core machine (scripts/tiny_editor_report.py)
     "cpu": _Preset("cpu", label="CPU (tiny model)", mixed_precision="no", gradient_checkpointing=False,
                    optimizer="adamw", quantize_base=None, resolution=128, steps=800, learning_rate=3e-3,
-                   region_learning_rate=1e-2, depth_learning_rate=3e-2, rank=8, lora_targets="attn_ff",
+                   region_learning_rate=1e-2, rank=8, lora_targets="attn_ff",
                    max_sequence_length=32,
                    checkpoint_every=200, expected_peak_memory_gb=None,
                    peak_memory_source="not applicable: the tiny model needs well under 1 GB"),

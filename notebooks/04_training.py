@@ -24,7 +24,7 @@
 # - how checkpoints survive a crash or a Colab disconnect, and how a run resumes
 # - how the trained LoRA and region module are saved for notebook 05 (and for diffusers or ComfyUI)
 #
-# Runs in about a minute and a half on a laptop CPU with the tiny model (`make demo`: 73 s), or on a Colab GPU
+# Runs in about a minute and a half on a laptop CPU with the tiny model (`make demo`: 84 s), or on a Colab GPU
 # with FLUX.1 Kontext [dev].
 #
 # On a CPU the tiny model (pretrained in the package, `docs/tiny_model.md`) learns one pair's edit in about a
