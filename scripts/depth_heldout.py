@@ -55,9 +55,9 @@ SAMPLE_SEED = 0
 STEPS = 1500  # LoRA updates per LoRA
 TRAIN_SCENES, HELD_OUT_SCENES = 16, 8  # per family; placement and shape train on both variants of a scene
 DROPOUTS = (0.0, 0.1)  # none vs the default (TrainConfig.depth_dropout)
-DEPTH_LR = 3e-2  # the depth module's learning rate: the cpu preset's region rate of 1e-2 and the default 1e-3 left
-#   placement near chance in 1,500 updates on the tiny model; on pairs where depth adds nothing (notebook 04) a rate
-#   this fast costs quality, so it is this script's setting, not the preset's
+DEPTH_LR = 3e-2  # the depth module's learning rate: 1e-3 (the default) and 1e-2 followed the placement depth less
+#   often in 1,500 updates on the tiny model; on pairs where depth adds nothing (notebook 04) a rate this fast costs
+#   quality, so it is this script's setting, not the preset's
 NUM_INFERENCE_STEPS = 28  # sample_edit's default
 
 
