@@ -106,12 +106,12 @@ def _noise_and_context(pipe, image, sizes, dtype, device, generator):
     return latents, image_latents, torch.cat([latent_ids, image_ids], dim=0)  # ids: [N + N_c, 3]
 
 
-def _depth_offsets(depth_module, depth, cond, grid: tuple[int, int]):
-    """:func:`depth_inputs` of the depth map on the context's token grid: ``(target_offset [1, N_c, 4C],
-    context_offset [1, N_c, 4C] or None)`` as ``cond``'s dtype and device; ``(None, None)`` without a map."""
-    if depth_module is None or depth is None:
+def _depth_offsets(depth_module, features, cond):
+    """:func:`depth_inputs` of the depth features ``[1, N_c, 256]`` on the context's token grid: ``(target_offset
+    [1, N_c, 4C], context_offset [1, N_c, 4C] or None)`` as ``cond``'s dtype and device; ``(None, None)`` without
+    features."""
+    if depth_module is None or features is None:
         return None, None
-    features = depth_token_features(depth, *grid)  # [1, N_c, 256]
     offsets = depth_inputs(depth_module, features.to(next(depth_module.parameters()).device))
     return tuple(None if t is None else t.to(cond) for t in offsets)
 
@@ -121,6 +121,18 @@ def _add_context_offset(cond, offset, n_c: int):
     if offset is None:
         return cond
     return torch.cat([cond[:, :n_c] + offset, cond[:, n_c:]], dim=1)  # [B, N_c (+K), 4C]
+
+
+def _signals_on_context(region, mask, depth_module, features, cond, grid: tuple[int, int]):
+    """The region signal and the depth offsets on the context's ``grid``, as :func:`sample_edit` and
+    :class:`RegionHook` both apply them: the context part ``[1, N_c (+K), 4C]``, the ids of appended tokens
+    ``[K, 3]`` (or ``None``), the region's target offset and the depth's target offset (each ``[1, N_c, 4C]`` or
+    ``None``)."""
+    extra_ids = target_offset = None
+    if region is not None:
+        cond, extra_ids, target_offset = _region_context(region, mask, cond, grid)
+    depth_target, depth_context = _depth_offsets(depth_module, features, cond)
+    return _add_context_offset(cond, depth_context, grid[0] * grid[1]), extra_ids, target_offset, depth_target
 
 
 def _region_context(region, mask, cond, grid: tuple[int, int]):
@@ -330,19 +342,16 @@ def _context_signals(pipe, region, mask, depth_module, depth, cond, img_ids, siz
     the ids ``[N + N_c (+K), 3]`` and the offset of the noisy target tokens ``[1, N, 4C]`` (or ``None``)."""
     multiple = pipe.vae_scale_factor * 2
     grid = (sizes[0] // multiple, sizes[1] // multiple)
-    target_offset = extra_ids = None
-    if region is not None:
-        cond, extra_ids, target_offset = _region_context(region, mask, cond, grid)
-        if target_offset is not None and sizes[:2] != sizes[2:]:
-            raise ValueError(f"a {region.kind!r} region marks the target tokens on the context's grid, so the output "
-                             f"must have the context's size {sizes[0]}x{sizes[1]} (H x W), got {sizes[2]}x{sizes[3]}")
-        if extra_ids is not None:
-            img_ids = torch.cat([img_ids, extra_ids.to(img_ids)], dim=0)  # -> [N + N_c + K, 3]
-    depth_target, depth_context = _depth_offsets(depth_module, depth, cond, grid)
+    features = depth_token_features(depth, *grid) if depth_module is not None and depth is not None else None
+    cond, extra_ids, target_offset, depth_target = _signals_on_context(region, mask, depth_module, features, cond, grid)
+    if target_offset is not None and sizes[:2] != sizes[2:]:
+        raise ValueError(f"a {region.kind!r} region marks the target tokens on the context's grid, so the output "
+                         f"must have the context's size {sizes[0]}x{sizes[1]} (H x W), got {sizes[2]}x{sizes[3]}")
     if depth_target is not None and sizes[:2] != sizes[2:]:
         raise ValueError(f"the depth module adds the depth to the target tokens on the context's grid, so the output "
                          f"must have the context's size {sizes[0]}x{sizes[1]} (H x W), got {sizes[2]}x{sizes[3]}")
-    cond = _add_context_offset(cond, depth_context, grid[0] * grid[1])
+    if extra_ids is not None:
+        img_ids = torch.cat([img_ids, extra_ids.to(img_ids)], dim=0)  # -> [N + N_c + K, 3]
     return cond, img_ids, add_offsets(target_offset, depth_target)
 
 
@@ -378,6 +387,7 @@ class RegionHook:
         self.pipe, self.region, self.blend = pipe, region, blend
         self.mask = None if mask is None else mask_to_tensor(mask)
         self.depth, self.depth_module = depth, depth_module
+        self._features = {}  # the depth map's token features per context grid: every step of a run reuses them
         self._blend_parts = None  # (context latents, noise, mask tokens), captured at the first call of a run
         self._handle = pipe.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
 
@@ -396,13 +406,11 @@ class RegionHook:
         attn = kwargs.get("joint_attention_kwargs") or {}
         if has_ip_adapter(module) and "ip_adapter_image_embeds" not in attn and "ip_hidden_states" not in attn:
             kwargs["joint_attention_kwargs"] = {**attn, "ip_hidden_states": []}  # no depth image: adds zero
-        if self.region is None and (self.depth_module is None or self.depth is None):
+        features = self._depth_features((h_c, w_c))
+        if self.region is None and features is None:
             return args, kwargs
-        cond, extra_ids, target_offset = hidden[:, n: n + n_c], None, None
-        if self.region is not None:
-            cond, extra_ids, target_offset = _region_context(self.region, self.mask, cond, (h_c, w_c))
-        depth_target, depth_context = _depth_offsets(self.depth_module, self.depth, cond, (h_c, w_c))
-        cond = _add_context_offset(cond, depth_context, n_c)
+        cond, extra_ids, target_offset, depth_target = _signals_on_context(
+            self.region, self.mask, self.depth_module, features, hidden[:, n: n + n_c], (h_c, w_c))
         target_offset = add_offsets(target_offset, depth_target)
         noisy = hidden[:, :n]  # [B, N, 4C]
         if target_offset is not None:  # "marked" region or depth: the target tokens too, on the context's grid
@@ -414,6 +422,15 @@ class RegionHook:
         if extra_ids is not None:
             kwargs["img_ids"] = torch.cat([ids, extra_ids.to(ids)], dim=0)  # -> [N + N_c + K, 3]
         return args, kwargs
+
+    def _depth_features(self, grid: tuple[int, int]):
+        """:func:`depth_token_features` of the depth map on the context's ``grid`` ``[1, N_c, 256]``, once per grid;
+        ``None`` without a depth module or map."""
+        if self.depth_module is None or self.depth is None:
+            return None
+        if grid not in self._features:
+            self._features[grid] = depth_token_features(self.depth, *grid)
+        return self._features[grid]
 
     def callback(self, pipe, step: int, t, callback_kwargs: dict) -> dict:
         """``callback_on_step_end`` for ``pipe(...)``: the blend after each step (nothing without ``blend``)."""

@@ -66,6 +66,16 @@ def _img_in(model):
     return img_in
 
 
+def _img_in_for(model, c_in: int, what: str):
+    """The MODEL's ``img_in``, refusing a ``what`` file trained for tokens of another width."""
+    img_in = _img_in(model)
+    width = getattr(img_in, "in_features", None)
+    if width != c_in:
+        raise ValueError(f"the {what} file was trained for {c_in}-channel tokens but this model's img_in takes "
+                         f"{width}: it belongs to another model (FLUX.1 Kontext takes 64)")
+    return img_in
+
+
 class KontextRegionApply:
     """Apply a trained region file (mask guidance) to a FLUX.1 Kontext MODEL."""
 
@@ -86,11 +96,7 @@ class KontextRegionApply:
 
     def apply(self, model, mask, region_file):
         region = read_region(resolve_region_path(region_file))
-        img_in = _img_in(model)
-        width = getattr(img_in, "in_features", None)
-        if width != region.c_in:
-            raise ValueError(f"the region file was trained for {region.c_in}-channel tokens but this model's img_in "
-                             f"takes {width}: it belongs to another model (FLUX.1 Kontext takes 64)")
+        img_in = _img_in_for(model, region.c_in, "region")
         return (_with_post_input_patch(model, RegionPatch(region, mask, img_in)),)
 
 
@@ -126,11 +132,7 @@ class KontextDepthApply:
 
     def apply(self, model, depth, depth_file):
         weights = read_depth(resolve_region_path(depth_file, DEPTH_WEIGHT_FILE))
-        img_in = _img_in(model)
-        width = getattr(img_in, "in_features", None)
-        if width != weights.c_in:
-            raise ValueError(f"the depth file was trained for {weights.c_in}-channel tokens but this model's img_in "
-                             f"takes {width}: it belongs to another model (FLUX.1 Kontext takes 64)")
+        img_in = _img_in_for(model, weights.c_in, "depth")
         return (_with_post_input_patch(model, DepthPatch(weights, depth, img_in)),)
 
 

@@ -8,16 +8,15 @@ a ``post_input`` patch, where the tokens have already gone through ``img_in``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 try:  # a package inside ComfyUI's custom_nodes
-    from .region_math import batch_mask, find_context
+    from .region_math import batch_mask, find_context, read_module_file
 except ImportError:  # this file loaded on its own, beside region_math.py
-    from region_math import batch_mask, find_context
+    from region_math import batch_mask, find_context, read_module_file
 
 DEPTH_WEIGHT_FILE = "depth_module.safetensors"  # the file name kh.save_adapter writes into an adapter folder
 
@@ -36,16 +35,7 @@ class DepthWeights:
 
 def read_depth(path: str) -> DepthWeights:
     """Read ``depth_module.safetensors`` (or the adapter folder holding it) written by ``kh.save_adapter``."""
-    from safetensors import safe_open
-
-    if os.path.isdir(path):
-        path = os.path.join(path, DEPTH_WEIGHT_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: pass a {DEPTH_WEIGHT_FILE} file or an adapter folder written "
-                                "by kh.save_adapter with a 'tokens' depth module")
-    with safe_open(path, framework="pt") as fh:
-        meta = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k).float() for k in fh.keys()}
+    path, meta, tensors = read_module_file(path, DEPTH_WEIGHT_FILE, " with a 'tokens' depth module")
     if meta.get("kind") != "tokens" or "c_in" not in meta:
         raise ValueError(f"{path} holds no 'tokens' depth module written by kh.save_adapter (metadata {meta})")
     if set(tensors) != {"proj.weight", "proj.bias"}:

@@ -44,18 +44,25 @@ class RegionWeights:
         return self.kind == "marked"
 
 
-def read_region(path: str) -> RegionWeights:
-    """Read ``region_token.safetensors`` (or the adapter folder holding it) written by ``kh.save_adapter``."""
+def read_module_file(path: str, weight_file: str, hint: str = "") -> tuple[str, dict, dict]:
+    """``(file, metadata, float32 tensors)`` of a module file ``kh.save_adapter`` wrote: ``path`` is the file or the
+    adapter folder holding ``weight_file``; ``hint`` ends the message of a missing file."""
     from safetensors import safe_open
 
     if os.path.isdir(path):
-        path = os.path.join(path, REGION_WEIGHT_FILE)
+        path = os.path.join(path, weight_file)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: pass a {REGION_WEIGHT_FILE} file or an adapter folder "
-                                "written by kh.save_adapter")
+        raise FileNotFoundError(f"{path} does not exist: pass a {weight_file} file or an adapter folder written by "
+                                f"kh.save_adapter{hint}")
     with safe_open(path, framework="pt") as fh:
         meta = fh.metadata() or {}
         tensors = {k: fh.get_tensor(k).float() for k in fh.keys()}
+    return path, meta, tensors
+
+
+def read_region(path: str) -> RegionWeights:
+    """Read ``region_token.safetensors`` (or the adapter folder holding it) written by ``kh.save_adapter``."""
+    path, meta, tensors = read_module_file(path, REGION_WEIGHT_FILE)
     missing = [k for k in ("h_tok", "w_tok", "c_in") if k not in meta]
     if missing:
         raise ValueError(f"{path} lacks the metadata {missing}: it was not written by kh.save_adapter")
