@@ -10,6 +10,7 @@ the notebooks, and each imports only the modules above it:
     rehearsal     shared   FLUX.1 Kontext [dev] at real width, random weights, few layers: Hub folder, transformer
     pipeline      shared   load_pipeline (tiny, Hub id, local folder), environment print
     labels        01       your own photos: an edit mask from the difference, depth from a monocular model
+    pair_files    01       writing a pair folder from your lists or a Hugging Face table, every row checked first
     data          01       KontextPairs: the dataset folder, checked; your own pairs, a datasets.Dataset
     scenes        shared   fresh random scenes and edits drawn with the sample renderer (the tiny model's data)
     latents       02       VAE latents, 2x2 packing, position ids
