@@ -10,6 +10,7 @@ the notebooks, and each imports only the modules above it:
     rehearsal     shared   FLUX.1 Kontext [dev] at real width, random weights, few layers: Hub folder, transformer
     pipeline      shared   load_pipeline (tiny, Hub id, local folder), environment print
     labels        01       your own photos: an edit mask from the difference, depth from a monocular model
+    buckets       01       aspect-ratio buckets: Kontext's preferred resolutions at the training area
     pair_files    01       writing a pair folder from your lists or a Hugging Face table, every row checked first
     data          01       KontextPairs: the dataset folder, checked; your own pairs, a datasets.Dataset
     scenes        shared   fresh random scenes and edits drawn with the sample renderer (the tiny model's data)
@@ -63,6 +64,7 @@ from .adapters import (
     save_adapter,
     write_model_card,
 )
+from .buckets import bucket_crop_box, bucket_shapes, nearest_bucket
 from .cache import TrainCache, build_train_cache
 from .checkpoints import (
     RESUME_MUST_MATCH,
@@ -92,7 +94,7 @@ from .conditioning import (
     region_inputs,
 )
 from .config import GPU_PRESETS, TrainConfig, detect_gpu_preset, quick_config
-from .data import KontextPairs, write_pair_folder
+from .data import RESIZE_POLICIES, KontextPairs, write_pair_folder
 from .depth import (
     DEFAULT_DEPTH_KIND,
     DEPTH_KINDS,
@@ -225,7 +227,11 @@ __all__ = [
     "free_text_encoders",
     "load_pipeline",
     "nf4_quantization_config",
-    # data (01)
+    # buckets, data (01)
+    "bucket_crop_box",
+    "bucket_shapes",
+    "nearest_bucket",
+    "RESIZE_POLICIES",
     "KontextPairs",
     "estimate_depth",
     "mask_from_difference",

@@ -31,6 +31,7 @@ class CachedSample:
     mask_small: torch.Tensor  # [1, 1, H', W']
     ip_embeds: torch.Tensor | None  # [1, 1, E] for depth_kind "ip_adapter" (with an IP-Adapter), else None
     depth_feat: torch.Tensor | None = None  # [1, N, 256] depth patches per token for depth_kind "tokens", else None
+    grid: tuple[int, int] | None = None  # (H', W') of this sample's bucket; None: the cache's h_tok x w_tok
 
 
 @dataclass
@@ -39,12 +40,27 @@ class TrainCache:
 
     samples: list[CachedSample]
     txt_ids: torch.Tensor  # [T, 3]
-    h_tok: int
+    h_tok: int  # the first sample's token grid; with aspect-ratio buckets each sample has its own (grid_of)
     w_tok: int
 
+    def grid_of(self, index: int) -> tuple[int, int]:
+        """The token grid ``(H', W')`` of sample ``index`` (its bucket's)."""
+        return self.samples[index].grid or (self.h_tok, self.w_tok)
+
+    def groups(self) -> list[list[int]]:
+        """The sample indices of each token grid (bucket), in order of first appearance."""
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for i in range(len(self.samples)):
+            by_grid.setdefault(self.grid_of(i), []).append(i)
+        return list(by_grid.values())
+
     def batch(self, indices: list[int], device=None) -> dict[str, torch.Tensor | None]:
-        """Stack the cached tensors of ``indices`` into a batch (``[B, ...]``)."""
+        """Stack the cached tensors of ``indices`` into a batch (``[B, ...]``); they must share one token grid."""
         picked = [self.samples[i] for i in indices]
+        grids = sorted({self.grid_of(i) for i in indices})
+        if len(grids) > 1:
+            raise ValueError(f"samples {indices} have the token grids {grids}: a batch must come from one bucket "
+                             "(train() draws each batch from one)")
 
         def cat(attr):
             values = [getattr(s, attr) for s in picked]
@@ -97,8 +113,8 @@ def build_train_cache(pipe, dataset, *, max_sequence_length: int = 512, use_dept
                    for d in tqdm(maps, desc="caching depth", **show)]
     samples = [
         CachedSample(name=it.get("name", str(i)), prompt_embeds=text[0], pooled_prompt_embeds=text[1],
-                     ctx_tok=tok[:1], tgt_tok=tok[1:], mask_small=m, ip_embeds=ip, depth_feat=feat)
-        for i, (it, text, (tok, m, _), ip, feat) in enumerate(zip(items, texts, latents, ips, feats))
+                     ctx_tok=tok[:1], tgt_tok=tok[1:], mask_small=m, ip_embeds=ip, depth_feat=feat, grid=tuple(g))
+        for i, (it, text, (tok, m, g), ip, feat) in enumerate(zip(items, texts, latents, ips, feats))
     ]
     return TrainCache(samples=samples, txt_ids=texts[0][2], h_tok=grid[0], w_tok=grid[1])
 

@@ -16,7 +16,7 @@ import typing
 
 from .adapters import push_adapter, save_adapter
 from .config import GPU_PRESETS, TrainConfig
-from .data import KontextPairs
+from .data import RESIZE_POLICIES, KontextPairs
 from .memory import memory_plan
 from .pretrain import PretrainConfig, export_run_state, pretrain_tiny
 from .rehearsal import build_rehearsal_model
@@ -33,7 +33,10 @@ def _cli_parser():
     p.add_argument("--out", default=None, help="output folder (checkpoints/, previews/, adapter/)")
     p.add_argument("--model", default=None, help="'tiny' (the default), a Hub id or a local pipeline folder")
     p.add_argument("--preset", default=None, help="GPU preset: auto, " + ", ".join(sorted(GPU_PRESETS)))
-    p.add_argument("--resize", default=None, choices=["square", "crop"], help="dataset resize policy (square)")
+    p.add_argument("--resize", default=None, choices=list(RESIZE_POLICIES),
+                   help="how pairs become training images: bucket (the default: each at its own aspect ratio, "
+                   "Kontext's preferred resolutions at the resolution's area), square (stretch) or crop (centre "
+                   "square)")
     p.add_argument("--preview-data", dest="preview_data", default=None, metavar="FOLDER",
                    help="a dataset folder whose first pair the previews edit (one training never sees); "
                    "default: the training set's first pair")
@@ -60,7 +63,7 @@ def _cli_parser():
     return parser
 
 
-RUN_KEYS = {"data": None, "out": None, "model": "tiny", "preset": None, "resize": "square",
+RUN_KEYS = {"data": None, "out": None, "model": "tiny", "preset": None, "resize": "bucket",
             "preview_data": None, "push_to_hub": None}  # the run's own settings, not TrainConfig fields
 _FILE_ONLY = ("expected_peak_memory_gb", "peak_memory_source")  # set by presets, never by hand
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .buckets import bucket_crop_box, bucket_shapes, nearest_bucket
 from .images import (
     open_image,
     pil_to_binary_mask,
@@ -46,6 +47,9 @@ from .pair_files import (
     write_prompts,
 )
 
+RESIZE_POLICIES = ("bucket", "square", "crop")  # how a pair becomes a training image (KontextPairs' resize)
+
+
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 
 
@@ -53,7 +57,7 @@ _IGNORED_FILES = ("Thumbs.db", "desktop.ini")  # OS clutter; hidden files (".DS_
 
 
 _DATA_FIX_HINTS = {
-    "argument": "use resolution = a positive multiple of 16 (e.g. 512, 1024), resize='square' or 'crop', "
+    "argument": "use resolution = a positive multiple of 16 (e.g. 512, 1024), resize='bucket', 'square' or 'crop', "
     "depth_normalize='minmax' or 'none', 0 < mask_threshold <= 1.",
     "root": "pass the folder that holds context/, target/, masks/, depth/ and prompts.txt.",
     "missing folder": "create the folder with one image per pair, named by the pair's stem "
@@ -76,11 +80,13 @@ _DATA_FIX_HINTS = {
 }
 
 
-def _crop_box(size: tuple[int, int], resize: str) -> tuple[int, int, int, int]:
-    """The region of an image of ``size = (W, H)`` that becomes the square training image."""
+def _crop_box(size: tuple[int, int], resize: str, bucket: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The region of an image of ``size = (W, H)`` that becomes the training image of ``bucket = (W_b, H_b)``."""
     w, h = size
     if resize == "square":
         return (0, 0, w, h)
+    if resize == "bucket":
+        return bucket_crop_box(size, bucket)
     side = min(w, h)  # aspect-preserving: short side -> resolution, then the centre square
     left, top = (w - side) // 2, (h - side) // 2
     return (left, top, left + side, top + side)
@@ -130,9 +136,9 @@ def _argument_problems(resolution, resize, mask_threshold, depth_normalize) -> l
             near = f" (nearest: {resolution // 16 * 16} or {resolution // 16 * 16 + 16})"
         problems.append(("argument", f"resolution={resolution!r} is not a positive multiple of 16{near}: Flux "
                          "turns 16x16 pixels into one token (8x VAE downsampling, then 2x2 packing)"))
-    if resize not in ("square", "crop"):
-        problems.append(("argument", f"resize={resize!r}: use 'square' (plain resize, may stretch) or 'crop' "
-                         "(keep the aspect ratio, centre crop)"))
+    if resize not in RESIZE_POLICIES:
+        problems.append(("argument", f"resize={resize!r}: use 'bucket' (each pair at its own aspect ratio), 'square' "
+                         "(plain resize, may stretch) or 'crop' (keep the aspect ratio, centre square)"))
     if depth_normalize not in ("minmax", "none"):
         problems.append(("argument", f"depth_normalize={depth_normalize!r}: use 'minmax' or 'none'"))
     if not isinstance(mask_threshold, numbers.Real) or not 0.0 < mask_threshold <= 1.0:
@@ -198,8 +204,9 @@ def _missing_image_problems(files: dict, stems: list[str]) -> list[tuple[str, st
     return problems
 
 
-def _image_problems(files: dict, stems: list[str], complete: list[str], mask_threshold: float) -> list:
-    """Decode every image (in threads: PIL decodes without the GIL); unreadable files and frame mismatches."""
+def _image_problems(files: dict, stems: list[str], complete: list[str], mask_threshold: float) -> tuple[list, dict]:
+    """Decode every image (in threads: PIL decodes without the GIL): ``(problems, {(folder, stem): (W, H)})``,
+    the problems being unreadable files and frame mismatches."""
     jobs = [(folder, stem, found[stem]) for stem in stems for folder, found in files.items() if stem in found]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         checked = list(pool.map(lambda job: _check_image_file(job[0], job[2], mask_threshold), jobs))
@@ -214,7 +221,7 @@ def _image_problems(files: dict, stems: list[str], complete: list[str], mask_thr
             if ref and size and not _same_frame(ref, size):
                 problems.append(("size mismatch", f"{folder}/{files[folder][stem].name} is {size[0]}x{size[1]} but "
                                  f"context/{files['context'][stem].name} is {ref[0]}x{ref[1]} (another aspect ratio)"))
-    return problems
+    return problems, sizes
 
 
 def _read_prompts(root: Path, prompts_file: str, problems: list) -> list[str] | None:
@@ -255,20 +262,23 @@ def _prompt_count_problems(prompts_file: str, prompts, stems: list[str], complet
 
 def _scan_pair_folder(root: Path, resolution, resize, mask_threshold, depth_normalize, prompts_file):
     """Validate a dataset folder in named steps. Returns ``(pairs, problems)``: ``pairs`` is a list of
-    ``(stem, {folder: path}, prompt)`` in sorted stem order, ``problems`` a list of ``(kind, text)``."""
+    ``(stem, {folder: path}, prompt, (W, H) of the context)`` in sorted stem order, ``problems`` a list of
+    ``(kind, text)``."""
     problems = _argument_problems(resolution, resize, mask_threshold, depth_normalize)
     files = _pair_files(root, problems)
     stems = sorted(set().union(*(found.keys() for found in files.values())))
     complete = [s for s in stems if all(s in found for found in files.values())]
     problems += _missing_image_problems(files, stems)
-    problems += _image_problems(files, stems, complete, mask_threshold)
+    image_problems, sizes = _image_problems(files, stems, complete, mask_threshold)
+    problems += image_problems
     if files and not stems:
         problems.append(("empty dataset", f"no images found in {', '.join(f + '/' for f in files)} under {root}"))
     prompts = _read_prompts(root, prompts_file, problems) if root.is_dir() else None
     problems += _prompt_count_problems(prompts_file, prompts, stems, complete)
     if problems:
         return [], problems
-    return [(stem, {f: found[stem] for f, found in files.items()}, p) for stem, p in zip(complete, prompts)], []
+    return [(stem, {f: found[stem] for f, found in files.items()}, p, sizes["context", stem])
+            for stem, p in zip(complete, prompts)], []
 
 
 def _format_data_problems(root, problems) -> str:
@@ -300,23 +310,27 @@ class KontextPairs(torch.utils.data.Dataset):
           ``depth_normalize="minmax"`` maps each map to ``[0, 1]``, ``"none"`` divides by the full range.
           **Near = 1 (bright)**, as Depth Anything / MiDaS; pass ``depth_invert=True`` for far = bright.
         * sizes: a mask, target or depth of another size (same aspect ratio) is mapped onto the context's
-          frame. ``resize="square"`` (the original design's) resizes to ``resolution x resolution``;
-          ``"crop"`` keeps the aspect ratio and takes the centre square, the same box for all four images.
+          frame. ``resize="bucket"`` (the default) gives each pair the bucket nearest its aspect ratio
+          (:func:`kontext_helpers.buckets.bucket_shapes`: Kontext's preferred resolutions at the pixel area
+          ``resolution²``) and cuts only the sliver between the two aspect ratios, centred, so nothing is
+          stretched; ``"square"`` (the original design's) resizes to ``resolution x resolution`` (may stretch);
+          ``"crop"`` keeps the aspect ratio and takes the centre square. The same box serves all four images.
           Bicubic for images, nearest for masks, bilinear on float for depth.
 
     Args:
         root: the dataset folder.
-        resolution: output side in pixels, a multiple of 16 (16 px = one Flux token).
-        resize: ``"square"`` or ``"crop"`` (see above).
+        resolution: output side in pixels, a multiple of 16 (16 px = one Flux token); with buckets, the side
+            of the square with the buckets' pixel area.
+        resize: ``"bucket"``, ``"square"`` or ``"crop"`` (see above).
         mask_threshold: binarisation threshold in ``(0, 1]`` of the mask's full range.
         depth_normalize: ``"minmax"`` (per image) or ``"none"`` (divide by the type's maximum).
         depth_invert: ``True`` when the depth files store far = bright (metric depth).
         prompts_file: name of the prompt file inside ``root``.
 
-    Items (``dataset[i]``), with ``H = W = resolution``:
+    Items (``dataset[i]``), with ``(W, H) = dataset.bucket_of(i)`` (``H = W = resolution`` unless bucketed):
         ``context`` ``[3, H, W]`` float32 in ``[0, 1]``; ``target`` ``[3, H, W]`` float32 in ``[0, 1]``;
         ``mask`` ``[1, H, W]`` float32 in {0, 1}; ``depth`` ``[1, H, W]`` float32 in ``[0, 1]`` (near = 1);
-        ``prompt`` str; ``name`` str (the file stem). A ``DataLoader`` stacks them to ``[B, ...]``. With a
+        ``prompt`` str; ``name`` str (the file stem). A ``DataLoader`` stacks pairs of one bucket. With a
         ``target_depth/`` folder also ``target_depth`` ``[1, H, W]``: the target's depth, checked, read and
         resized like ``depth`` (each map normalised on its own), the geometry the edit should produce.
     """
@@ -326,7 +340,7 @@ class KontextPairs(torch.utils.data.Dataset):
         root: str | os.PathLike,
         resolution: int = 512,
         *,
-        resize: str = "square",
+        resize: str = "bucket",
         mask_threshold: float = 0.5,
         depth_normalize: str = "minmax",
         depth_invert: bool = False,
@@ -343,9 +357,12 @@ class KontextPairs(torch.utils.data.Dataset):
         )
         if problems:
             raise ValueError(_format_data_problems(self.root, problems))
-        self._names = [stem for stem, _, _ in pairs]
-        self._files = [files for _, files, _ in pairs]
-        self._prompts = [prompt for _, _, prompt in pairs]
+        self._names = [stem for stem, _, _, _ in pairs]
+        self._files = [files for _, files, _, _ in pairs]
+        self._prompts = [prompt for _, _, prompt, _ in pairs]
+        self._sizes = [size for _, _, _, size in pairs]  # (W, H) of each context file
+        shapes = bucket_shapes(resolution) if resize == "bucket" else [(resolution, resolution)]
+        self._buckets = [nearest_bucket(size, shapes) for size in self._sizes]
 
     @classmethod
     def from_hf_dataset(cls, ds, root: str | os.PathLike, *, context: str = "context", target: str = "target",
@@ -395,20 +412,36 @@ class KontextPairs(torch.utils.data.Dataset):
         ``"target_depth"`` when the folder has one)."""
         return dict(self._files[index])
 
+    def bucket_of(self, index: int) -> tuple[int, int]:
+        """The training size ``(width, height)`` of pair ``index`` (its bucket; ``resolution`` square unless
+        ``resize="bucket"``)."""
+        return self._buckets[index]
+
+    @property
+    def buckets(self) -> dict[tuple[int, int], int]:
+        """How many pairs each training size ``(width, height)`` holds, narrowest first."""
+        counts: dict[tuple[int, int], int] = {}
+        for shape in sorted(self._buckets, key=lambda s: (s[0] / s[1], s[0])):
+            counts[shape] = counts.get(shape, 0) + 1
+        return counts
+
     def __len__(self) -> int:
         return len(self._names)
 
     def __repr__(self) -> str:
+        shapes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in self.buckets.items())
         return (f"KontextPairs({len(self)} pairs, root={str(self.root)!r}, resolution={self.resolution}, "
-                f"resize={self.resize!r}, depth_normalize={self.depth_normalize!r})")
+                f"resize={self.resize!r}, depth_normalize={self.depth_normalize!r}, buckets (W x H: pairs) "
+                f"{{{shapes}}})")
 
     def __getitem__(self, index: int) -> dict:
         name, files, prompt = self._names[index], self._files[index], self._prompts[index]
         context = pil_to_rgb(open_image(files["context"]))
         target = pil_to_rgb(open_image(files["target"]))
         mask = pil_to_binary_mask(open_image(files["masks"]), self.mask_threshold)  # L, {0, 255}
-        box = _crop_box(context.size, self.resize)  # in context pixels; mapped onto each image's own size
-        rs, ref = Image.Resampling, context.size
+        bucket = self._buckets[index]
+        box = _crop_box(context.size, self.resize, bucket)  # in context pixels; mapped onto each image's own size
+        rs, ref = Image.Resampling, (context.size, bucket)
         context, target = (self._fit(img, box, ref, rs.BICUBIC) for img in (context, target))
         item = {
             "context": pil_to_rgb_tensor(context),  # [3, H, W] in [0, 1]
@@ -429,10 +462,11 @@ class KontextPairs(torch.utils.data.Dataset):
         depth = self._fit(depth, box, ref_size, Image.Resampling.BILINEAR)
         return torch.from_numpy(np.clip(np.array(depth, dtype=np.float32), 0.0, 1.0))[None]  # [H, W] -> [1, H, W]
 
-    def _fit(self, img, box, ref_size, resample):
-        """``img`` resized to ``resolution x resolution`` from the crop ``box`` (given in context pixels)."""
-        size = (self.resolution, self.resolution)
-        return img.resize(size, resample, box=_scale_box(box, ref_size, img.size))
+    def _fit(self, img, box, ref, resample):
+        """``img`` resized to the bucket from the crop ``box``; ``ref = (context size, bucket)``, both ``(W, H)``:
+        the box is given in context pixels and mapped onto ``img``'s own size."""
+        ref_size, bucket = ref
+        return img.resize(bucket, resample, box=_scale_box(box, ref_size, img.size))
 
 
 def write_pair_folder(root: str | os.PathLike, contexts, targets, masks, depths, prompts, *, names=None,

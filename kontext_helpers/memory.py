@@ -22,6 +22,7 @@ import json
 
 import torch
 
+from .buckets import largest_bucket_tokens
 from .conditioning import make_region_module
 from .config import BLOCK_CALIBRATION_FILE, TrainConfig
 from .depth import PATCH, make_depth_module
@@ -131,13 +132,15 @@ def depth_cache_bytes(config: TrainConfig, num_samples: int = 1, *, ip_embed_dim
                       ip_embed_bytes: int = 2) -> int:
     """Bytes of the depth signal :func:`kh.build_train_cache` keeps for ``num_samples`` samples of ``config``:
     ``"tokens"``: ``depth_feat [1, N, 256]`` float32 per sample (``kh.depth_token_features`` computes in float32
-    and the cache keeps it so), ``N = (resolution / 16)^2``; ``"ip_adapter"``: the CLIP embedding ``[1, 1, E]``
+    and the cache keeps it so), ``N`` the largest bucket's tokens (:func:`largest_bucket_tokens`, e.g. 4150 at
+    1024 px against the square's 4096: a bound for every resize policy); ``"ip_adapter"``: the CLIP embedding
+    ``[1, 1, E]``
     in the image encoder's dtype (16-bit on a GPU: ``ip_embed_bytes``), ``E`` the projection width (768);
     ``"none"`` or ``use_depth=False``: 0."""
     if not config.use_depth or config.depth_kind == "none":
         return 0
     if config.depth_kind == "tokens":
-        return num_samples * (config.resolution // PATCH) ** 2 * PATCH * PATCH * 4
+        return num_samples * largest_bucket_tokens(config.resolution) * PATCH * PATCH * 4
     dim = ip_embed_dim if ip_embed_dim is not None else real_model_config()["clip_vision"]["projection_dim"]
     return num_samples * dim * ip_embed_bytes
 
@@ -268,7 +271,8 @@ def estimate_peak(config: TrainConfig | None = None, *, layers: tuple[int, int] 
     linear, other, lora = _transformer_counts(n_double, n_single, config.rank, config.lora_targets)
     weights = linear * (NF4_BYTES if config.quantize_base == "nf4" else 2) + other * 2
     optimizer = 2 * (1 if config.optimizer == "adamw8bit" else 4)
-    tokens = 2 * (config.resolution // 16) ** 2 + 1 + config.max_sequence_length  # [target | context | region] + T
+    # [target | context | region] + T, at the bucket with the most tokens (the square's for "square" / "crop" is less)
+    tokens = 2 * largest_bucket_tokens(config.resolution) + 1 + config.max_sequence_length
     (held_d, peak_d), (held_s, peak_s) = (
         block_activations_mb(calibration, kind, config.gradient_checkpointing, tokens) for kind in ("double", "single"))
     running = max(peak_d - held_d if n_double else 0.0, peak_s - held_s if n_single else 0.0)  # the block in backward

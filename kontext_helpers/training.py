@@ -57,6 +57,28 @@ def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     return out
 
 
+def batch_indices(groups: list[list[int]], seed: int, number: int, size: int) -> list[int]:
+    """The sample indices of batch ``number`` of an endless stream of epochs; every batch from one group (bucket).
+
+    One group, or ``size == 1``: :func:`sample_indices` (each epoch a fresh permutation of all samples). Several
+    groups: each epoch permutes every group, cuts it into batches of ``size`` (the last filled up from the group's
+    start) and shuffles those batches, so each sample comes at least once per epoch.
+    """
+    n = sum(len(g) for g in groups)
+    if len(groups) == 1 or size == 1:
+        flat = [i for g in groups for i in g] if len(groups) == 1 else list(range(n))
+        return [flat[k] for k in sample_indices(n, seed, number * size, size)]
+    epoch_batches = sum(-(-len(g) // size) for g in groups)
+    epoch, pos = divmod(number, epoch_batches)
+    batches = []
+    for k, group in enumerate(groups):
+        order = [group[int(i)] for i in torch.randperm(len(group), generator=_step_generator(seed, 3, epoch, k))]
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            batches.append(chunk + (order * size)[: size - len(chunk)])
+    return batches[int(torch.randperm(len(batches), generator=_step_generator(seed, 4, epoch))[pos])]
+
+
 def sample_sigmas(batch: int, config: TrainConfig, generator: torch.Generator, num_train_timesteps: int = 1000):
     """``[B]`` training sigmas in ``(0, 1]``, never the terminal 0 (docs/design.md, correction 5).
 
@@ -140,12 +162,13 @@ def evaluation_loss(pipe, region_module, cache: TrainCache, *, index: int = 0,
     cfg = TrainConfig(guidance=guidance, l2_region_lambda=0.0, l2_lora_lambda=0.0)
     device = pipe.transformer.device
     batch = cache.batch([index], device=device)
+    h_tok, w_tok = cache.grid_of(index)
     g = torch.Generator().manual_seed(seed)
     totals = {"loss": 0.0, "err_in": 0.0, "err_out": 0.0}
     for s in sigmas:
         noise = torch.randn(batch["tgt_tok"].shape, generator=g).to(batch["tgt_tok"])
-        loss, parts = training_loss(pipe.transformer, region_module, batch, cache.txt_ids.to(device), cache.h_tok,
-                                    cache.w_tok, noise, torch.tensor([s], device=device), cfg,
+        loss, parts = training_loss(pipe.transformer, region_module, batch, cache.txt_ids.to(device), h_tok, w_tok,
+                                    noise, torch.tensor([s], device=device), cfg,
                                     depth_module=depth_module)
         totals["loss"] += float(loss) / len(sigmas)
         totals["err_in"] += parts["loss_in"] / len(sigmas)
@@ -275,13 +298,15 @@ def _attach_lora(transformer, config: TrainConfig) -> list[tuple[str, nn.Paramet
 
 
 def _new_region_module(cache: TrainCache, transformer, config: TrainConfig, device) -> nn.Module | None:
-    """The ``config.region_kind`` module for the cache's token grid (``None`` for ``"none"``: a LoRA alone, the mask
-    only weighting the loss); its random init depends on the seed only."""
+    """The ``config.region_kind`` module for the square token grid of ``config.resolution`` (every kind serves any
+    bucket's grid; ``None`` for ``"none"``: a LoRA alone, the mask only weighting the loss); its random init
+    depends on the seed only."""
     if config.region_kind == "none":
         return None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        region = make_region_module(config.region_kind, cache.h_tok, cache.w_tok, transformer.config.in_channels)
+        side = config.resolution // 16  # tokens per side of the square bucket
+        region = make_region_module(config.region_kind, side, side, transformer.config.in_channels)
     return region.to(device)
 
 
@@ -371,9 +396,10 @@ def _one_update(run: _Run, step: int) -> dict[str, float]:
     trained_modules = [m for m in (run.model, run.region, run.depth) if m is not None]
     trainable = [p for _, p in run.lora] + [p for m in trained_modules[1:] for p in m.parameters()]
     totals = {"loss": 0.0, "loss_in": 0.0, "loss_out": 0.0, "l2_lora": 0.0, "l2_region": 0.0}
+    groups = cache.groups()  # one per bucket
     for micro in range(accum):
-        first = ((step * accum + micro) * procs + acc.process_index) * b
-        idx = sample_indices(len(cache.samples), cfg.seed, first, b)
+        idx = batch_indices(groups, cfg.seed, (step * accum + micro) * procs + acc.process_index, b)
+        h_tok, w_tok = cache.grid_of(idx[0])
         g = _step_generator(cfg.seed, 2, step, micro, acc.process_index)
         batch = cache.batch(idx, device=device)
         noise = torch.randn(batch["tgt_tok"].shape, generator=g).to(device=device, dtype=batch["tgt_tok"].dtype)
@@ -381,8 +407,8 @@ def _one_update(run: _Run, step: int) -> dict[str, float]:
         if run.depth is not None and cfg.depth_dropout > 0:  # drawn last: noise and sigmas are as without depth
             batch["depth_keep"] = (torch.rand(b, generator=g) >= cfg.depth_dropout).float().to(device)  # [B]
         with acc.accumulate(*trained_modules), acc.autocast():
-            loss, parts = training_loss(run.model, run.region, batch, cache.txt_ids.to(device), cache.h_tok,
-                                        cache.w_tok, noise, sigma, cfg, lora_named_params=run.lora,
+            loss, parts = training_loss(run.model, run.region, batch, cache.txt_ids.to(device), h_tok, w_tok,
+                                        noise, sigma, cfg, lora_named_params=run.lora,
                                         depth_module=run.depth)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -602,8 +628,8 @@ def _training_preview(pipe, region, item: dict, config: TrainConfig, step: int, 
     try:
         image = sample_edit(
             pipe, image_to_pil_rgb(item["context"]), item["prompt"], mask=item["mask"] if region is not None else None,
-            depth=depth, region=region, depth_module=depth_module, height=config.resolution,
-            width=config.resolution, num_inference_steps=config.preview_steps, guidance_scale=2.5,
+            depth=depth, region=region, depth_module=depth_module, height=item["context"].shape[-2],
+            width=item["context"].shape[-1], num_inference_steps=config.preview_steps, guidance_scale=2.5,
             generator=torch.Generator().manual_seed(config.seed), max_sequence_length=config.max_sequence_length)
     finally:
         pipe.transformer.train(was_training)

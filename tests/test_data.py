@@ -420,7 +420,7 @@ def test_crop_applies_the_same_centre_box_to_all_four_images(make_pairs, tmp_pat
     assert float(depth_profile[:2].max()) == 0.0 and float(depth_profile[10:].max()) == 0.0, (
         "depth misaligned"
     )
-    square_mask = kh.KontextPairs(root, resolution=32)[0]["mask"].mean(dim=(0, 1))
+    square_mask = kh.KontextPairs(root, resolution=32, resize="square")[0]["mask"].mean(dim=(0, 1))
     assert square_mask[10:12].min() == 1.0 and square_mask.sum() == 2.0, "square resize: band at 10..11"
 
 

@@ -111,10 +111,12 @@ def test_the_cached_depth_features_are_counted_as_the_cache_stores_them(tiny_pip
     cache = kh.build_train_cache(tiny_pipe, one_pair(resolution=64, count=2), max_sequence_length=16,
                                  depth_kind="tokens", device="cpu", progress=False)
     stored = sum(s.depth_feat.numel() * s.depth_feat.element_size() for s in cache.samples)
-    assert kh.memory.depth_cache_bytes(cfg, num_samples=2) == stored == 2 * 16 * 256 * 4, (
-        f"2 samples x N x 256 float32: counted {kh.memory.depth_cache_bytes(cfg, 2)}, stored {stored}")
+    largest = max((w // 16) * (h // 16) for w, h in kh.bucket_shapes(cfg.resolution))  # 18 tokens at 48x96 px
+    assert stored == 2 * 16 * 256 * 4, f"2 square samples x N x 256 float32 stored: {stored}"
+    assert kh.memory.depth_cache_bytes(cfg, num_samples=2) == 2 * largest * 256 * 4 >= stored, (
+        f"counted at the largest bucket ({largest} tokens): {kh.memory.depth_cache_bytes(cfg, 2)}, stored {stored}")
     at_1024 = kh.memory_plan(dataclasses.replace(cfg, resolution=1024), num_samples=10, verbose=False)
-    assert at_1024["depth_cache_bytes"] == 10 * 64 * 64 * 256 * 4, f"10 samples at 1024 px: {at_1024}"
+    assert at_1024["depth_cache_bytes"] == 10 * 4150 * 256 * 4, f"10 samples, 42x98 tokens: {at_1024}"
     assert at_1024["gpu_gb"]["cached depth signal"] * 1e9 == at_1024["depth_cache_bytes"]
 
 

@@ -14,9 +14,9 @@ import kontext_helpers as kh
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "kontext_helpers")
 # The documented order (kontext_helpers/__init__.py): each module imports only modules before it.
-ORDER = ["images", "models", "figures", "tiny", "rehearsal", "pipeline", "labels", "pair_files", "data", "scenes",
-         "latents", "conditioning", "depth", "inference", "adapters", "config", "memory", "checkpoints", "cache",
-         "training", "pretrain", "cli", "colab"]
+ORDER = ["images", "models", "figures", "tiny", "rehearsal", "pipeline", "labels", "buckets", "pair_files", "data",
+         "scenes", "latents", "conditioning", "depth", "inference", "adapters", "config", "memory", "checkpoints",
+         "cache", "training", "pretrain", "cli", "colab"]
 
 
 def _tree(name):
