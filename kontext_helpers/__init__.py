@@ -22,6 +22,7 @@ the notebooks, and each imports only the modules above it:
     config        04       TrainConfig and GPU presets
     memory        04       what a training run keeps in memory (counted before any download), its peak (estimated)
     checkpoints   04       atomic checkpoints, resume checks
+    draws         04       what each update draws: a batch of one bucket, the sigmas (a function of seed and step)
     cache         04       constant work once per sample: the training cache
     training      04       the training loop: updates, checkpoints, previews, trackers
     pretrain               ``python -m kontext_helpers pretrain-tiny``: the tiny model's shipped weights
@@ -103,6 +104,7 @@ from .depth import (
     depth_token_features,
     make_depth_module,
 )
+from .draws import batch_indices, sample_indices, sample_sigmas, step_generator
 from .figures import (
     LiveLossPlot,
     denoising_figure,
@@ -158,10 +160,13 @@ from .pretrain import PretrainConfig, depth_embedding_spread, pretrain_tiny
 from .rehearsal import REHEARSAL_CONFIG, build_rehearsal_model, build_rehearsal_transformer, depth_model_for
 from .scenes import (
     DEPTH_FAMILIES,
+    PHOTO_ASPECTS,
+    AspectPairs,
     DepthPairs,
     DrawnPairs,
     TwinPairs,
     add_fog,
+    crop_to_aspect,
     depth_followed,
     object_changed,
     random_edit_spec,
@@ -176,8 +181,6 @@ from .training import (
     checkpoint_to_resume,
     evaluation_loss,
     load_for_training,
-    sample_indices,
-    sample_sigmas,
     train,
     training_loss,
 )
@@ -241,6 +244,9 @@ __all__ = [
     "render_training_pair",
     "TwinPairs",
     "DrawnPairs",
+    "AspectPairs",
+    "PHOTO_ASPECTS",
+    "crop_to_aspect",
     "object_changed",
     "render_twin_scene",
     "twin_edit_spec",
@@ -325,7 +331,9 @@ __all__ = [
     "checkpoint_to_resume",
     "evaluation_loss",
     "load_for_training",
+    "batch_indices",
     "sample_indices",
+    "step_generator",
     "sample_sigmas",
     "train",
     "training_loss",

@@ -486,3 +486,39 @@ class DepthPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.items[i]
+
+
+# --------------------------------------------------------------------------------------------------
+# photos of other shapes: drawn scenes cut to 4:3, 3:4 and 16:9, for aspect-ratio buckets
+# --------------------------------------------------------------------------------------------------
+
+PHOTO_ASPECTS = ((4, 3), (3, 4), (16, 9))  # (width, height): a phone photo, a portrait, a screenshot
+
+
+def crop_to_aspect(item: dict, aspect: tuple[int, int]) -> dict:
+    """``item``'s images (every ``[C, H, W]`` tensor of it) cut to the centred box of ``aspect = (w, h)``."""
+    _, h, w = item["context"].shape
+    aw, ah = aspect
+    cw, ch = (w, round(w * ah / aw)) if w * ah <= h * aw else (round(h * aw / ah), h)  # the box's width, height
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return {k: v[:, top:top + ch, left:left + cw] if isinstance(v, torch.Tensor) and v.dim() == 3 else v
+            for k, v in item.items()}
+
+
+class AspectPairs(torch.utils.data.Dataset):
+    """Drawn edit scenes (:class:`DrawnPairs`) rendered square at ``1.5 * resolution`` px and cut to the aspect
+    ratios in ``aspects`` in turn (4:3, 3:4, 16:9 by default; 192x144, 144x192, 192x108 at 128): photos at their
+    own shape, each with its ``aspect`` recorded, for training and evaluating with aspect-ratio buckets."""
+
+    def __init__(self, seed: int, count: int, resolution: int = 128, *, aspects=PHOTO_ASPECTS):
+        side = int(round(resolution * 1.5))
+        drawn = DrawnPairs(seed, count, side)
+        self.resolution, self.aspects = int(resolution), tuple(aspects)
+        self.items = [dict(crop_to_aspect(item, self.aspects[i % len(self.aspects)]),
+                           aspect=self.aspects[i % len(self.aspects)]) for i, item in enumerate(drawn)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]

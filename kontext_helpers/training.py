@@ -26,6 +26,7 @@ from .checkpoints import (
 from .conditioning import fm_masked_dual_loss_with_l2, kontext_forward, make_region_module, region_inputs
 from .config import TrainConfig
 from .depth import add_offsets, depth_inputs, make_depth_module
+from .draws import batch_indices, sample_sigmas, step_generator
 from .figures import preview_grid
 from .images import image_to_pil_rgb
 from .inference import sample_edit
@@ -40,59 +41,6 @@ from .models import (
     lora_state_dict,
 )
 from .pipeline import add_transformer, free_text_encoders, load_pipeline, nf4_quantization_config
-
-
-def _step_generator(seed: int, *keys: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + sum(k * 7919**i for i, k in enumerate(keys, 1))) % (2**63))
-    return g
-
-
-def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Sample indices ``start .. start+count-1`` of an endless stream of epochs, each a fresh permutation."""
-    out = []
-    for j in range(start, start + count):
-        epoch, pos = divmod(j, n)
-        out.append(int(torch.randperm(n, generator=_step_generator(seed, 1, epoch))[pos]))
-    return out
-
-
-def batch_indices(groups: list[list[int]], seed: int, number: int, size: int) -> list[int]:
-    """The sample indices of batch ``number`` of an endless stream of epochs; every batch from one group (bucket).
-
-    One group, or ``size == 1``: :func:`sample_indices` (each epoch a fresh permutation of all samples). Several
-    groups: each epoch permutes every group, cuts it into batches of ``size`` (the last filled up from the group's
-    start) and shuffles those batches, so each sample comes at least once per epoch.
-    """
-    n = sum(len(g) for g in groups)
-    if len(groups) == 1 or size == 1:
-        flat = [i for g in groups for i in g] if len(groups) == 1 else list(range(n))
-        return [flat[k] for k in sample_indices(n, seed, number * size, size)]
-    epoch_batches = sum(-(-len(g) // size) for g in groups)
-    epoch, pos = divmod(number, epoch_batches)
-    batches = []
-    for k, group in enumerate(groups):
-        order = [group[int(i)] for i in torch.randperm(len(group), generator=_step_generator(seed, 3, epoch, k))]
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
-            batches.append(chunk + (order * size)[: size - len(chunk)])
-    return batches[int(torch.randperm(len(batches), generator=_step_generator(seed, 4, epoch))[pos])]
-
-
-def sample_sigmas(batch: int, config: TrainConfig, generator: torch.Generator, num_train_timesteps: int = 1000):
-    """``[B]`` training sigmas in ``(0, 1]``, never the terminal 0 (docs/design.md, correction 5).
-
-    ``uniform``: one of the scheduler's ``num_train_timesteps`` training sigmas ``k / 1000``, ``k = 1..1000``,
-    uniformly (the original design's choice). ``logit_normal``: diffusers' ``compute_density_for_timestep_sampling``
-    mapped onto the same table, as diffusers' Kontext script does.
-    """
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    scheme = "logit_normal" if config.timestep_sampling == "logit_normal" else "uniform"
-    u = compute_density_for_timestep_sampling(scheme, batch, config.logit_mean, config.logit_std,
-                                              generator=generator)  # [B] in (0, 1)
-    k = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)  # [B] in 0..999
-    return (num_train_timesteps - k).float() / num_train_timesteps  # [B] in {0.001, ..., 1.0}
 
 
 def training_loss(transformer, region_module, batch: dict, txt_ids: torch.Tensor, h_tok: int, w_tok: int,
@@ -400,7 +348,7 @@ def _one_update(run: _Run, step: int) -> dict[str, float]:
     for micro in range(accum):
         idx = batch_indices(groups, cfg.seed, (step * accum + micro) * procs + acc.process_index, b)
         h_tok, w_tok = cache.grid_of(idx[0])
-        g = _step_generator(cfg.seed, 2, step, micro, acc.process_index)
+        g = step_generator(cfg.seed, 2, step, micro, acc.process_index)
         batch = cache.batch(idx, device=device)
         noise = torch.randn(batch["tgt_tok"].shape, generator=g).to(device=device, dtype=batch["tgt_tok"].dtype)
         sigma = sample_sigmas(b, cfg, g).to(device)

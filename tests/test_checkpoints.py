@@ -62,7 +62,8 @@ def test_killed_run_resumes_to_the_same_weights(run_worker, tmp_path):
     (s1, p1), (s2, p2) = kh.list_checkpoints(str(tmp_path / "straight"))[-1], kh.list_checkpoints(
         str(tmp_path / "killed"))[-1]
     assert s1 == s2 == 6, "both runs must end at step 6"
-    # the worker trains depth_kind="tokens" with depth dropout 0.3: its depth module resumes exactly too
+    # the worker trains at four aspect-ratio buckets, two samples of one bucket a batch, with depth_kind="tokens" and
+    # depth dropout 0.3: the bucketed batches and the depth module resume exactly too
     for a, b, what in zip(_lora_region_and_depth(p1), _lora_region_and_depth(p2), ("LoRA", "region", "depth")):
         assert a.keys() == b.keys(), f"{what} checkpoints hold different tensors"
         for k in a:

@@ -16,7 +16,7 @@ PACKAGE = os.path.join(REPO, "kontext_helpers")
 # The documented order (kontext_helpers/__init__.py): each module imports only modules before it.
 ORDER = ["images", "models", "figures", "tiny", "rehearsal", "pipeline", "labels", "buckets", "pair_files", "data",
          "scenes", "latents", "conditioning", "depth", "inference", "adapters", "config", "memory", "checkpoints",
-         "cache", "training", "pretrain", "cli", "colab"]
+         "draws", "cache", "training", "pretrain", "cli", "colab"]
 
 
 def _tree(name):

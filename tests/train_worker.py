@@ -1,7 +1,8 @@
 """A training run in its own process, for the resume tests: `python tests/train_worker.py OUT STEPS [KILL_AT]`.
 
 With KILL_AT, the process sends itself SIGKILL at the start of that step's callback, i.e. after the
-checkpoint of the previous step was written, as a Colab disconnect would.
+checkpoint of the previous step was written, as a Colab disconnect would. The pairs are the sample pairs cut
+to four aspect ratios (``OUT-data``), so the run trains at four buckets, two samples of one bucket per batch.
 """
 
 import os
@@ -22,6 +23,17 @@ def config(out: str, steps: int, resume: bool) -> kh.TrainConfig:
                           resume=resume, seed=7, depth_kind="tokens", depth_dropout=0.3)
 
 
+ASPECTS = ((4, 3), (3, 4), (16, 9), (1, 1))
+
+
+def mixed_shapes(pairs, root: str) -> kh.KontextPairs:
+    """The pairs cut to ``ASPECTS`` in turn, written as a folder and opened with buckets at 64 px."""
+    items = [kh.crop_to_aspect(pairs[i], ASPECTS[i % len(ASPECTS)]) for i in range(len(pairs))]
+    parts = [[it[k] for it in items] for k in ("context", "target", "mask", "depth", "prompt")]
+    return kh.write_pair_folder(root, *parts, names=[it["name"] for it in items], overwrite=True, resolution=64,
+                                resize="bucket")
+
+
 def main() -> None:
     out, steps = sys.argv[1], int(sys.argv[2])
     kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
@@ -31,7 +43,7 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     pipe = kh.load_pipeline("tiny", seed=0)
-    dataset = kh.KontextPairs(ROOT, resolution=64)
+    dataset = mixed_shapes(kh.KontextPairs(ROOT, resolution=128, resize="square"), out + "-data")
     kh.train(pipe, dataset, config(out, steps, resume=True), callback=callback, progress=False)
 
 
