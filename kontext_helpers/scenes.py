@@ -508,14 +508,22 @@ def crop_to_aspect(item: dict, aspect: tuple[int, int]) -> dict:
 class AspectPairs(torch.utils.data.Dataset):
     """Drawn edit scenes (:class:`DrawnPairs`) rendered square at ``1.5 * resolution`` px and cut to the aspect
     ratios in ``aspects`` in turn (4:3, 3:4, 16:9 by default; 192x144, 144x192, 192x108 at 128): photos at their
-    own shape, each with its ``aspect`` recorded, for training and evaluating with aspect-ratio buckets."""
+    own shape, each with its ``aspect`` recorded, for training and evaluating with aspect-ratio buckets. A scene
+    whose edit the cut leaves out (under 0.5 % of the pixels masked) is skipped."""
 
     def __init__(self, seed: int, count: int, resolution: int = 128, *, aspects=PHOTO_ASPECTS):
         side = int(round(resolution * 1.5))
-        drawn = DrawnPairs(seed, count, side)
-        self.resolution, self.aspects = int(resolution), tuple(aspects)
-        self.items = [dict(crop_to_aspect(item, self.aspects[i % len(self.aspects)]),
-                           aspect=self.aspects[i % len(self.aspects)]) for i, item in enumerate(drawn)]
+        self.resolution, self.aspects, self.items = int(resolution), tuple(aspects), []
+        drawn = DrawnPairs(seed, 2 * count, side)  # an edit outside the cut is skipped: more scenes than asked
+        for item in drawn:
+            aspect = self.aspects[len(self.items) % len(self.aspects)]
+            cut = crop_to_aspect(item, aspect)
+            if float(cut["mask"].mean()) >= 0.005:  # the edit is (mostly) inside the photo
+                self.items.append(dict(cut, aspect=aspect))
+            if len(self.items) == count:
+                break
+        if len(self.items) < count:
+            raise ValueError(f"only {len(self.items)} of {count} drawn scenes keep their edit inside the cut")
 
     def __len__(self):
         return len(self.items)
