@@ -15,7 +15,9 @@ Four parts, one JSON (``outputs/bench/bench.json``) and one printed table:
    dropout, ``kh.training_loss`` with the ``"marked"`` region, the ``"tokens"`` depth module and L2, clipping,
    AdamW over LoRA, region and depth, schedule); ``project_no_depth`` (the region alone), ``project_no_region``
    (the depth tokens alone), ``project_ip_adapter`` (depth kind ``"ip_adapter"``: the cached CLIP embedding
-   through the IP-Adapter instead of the depth tokens); ``original``, the original design's step as written
+   through the IP-Adapter instead of the depth tokens); ``project_bucket`` (the ``project`` step on the sample pairs
+   cut to 4:3 and read at their aspect-ratio bucket, 144x112 px at 128: 63 tokens against the square's 64, so about
+   1.0x ``project``); ``original``, the original design's step as written
    (docs/design.md, correction 2): reading and resizing the sample's files, encoding the prompt at 512 T5
    tokens, both images through the VAE and the depth map through CLIP vision, then the update with the
    IP-Adapter's depth. One thread by default: the tiny model's small matrices gain little from more, and
@@ -58,7 +60,8 @@ from real_width import reset_peak, rss_mb  # noqa: E402
 import kontext_helpers as kh  # noqa: E402
 
 DATA = os.path.join(REPO, "data_samples")
-VARIANTS = ("reference", "project", "project_no_depth", "project_no_region", "project_ip_adapter", "original")
+VARIANTS = ("reference", "project", "project_bucket", "project_no_depth", "project_no_region", "project_ip_adapter",
+            "original")
 DEPTH_COST_LIMIT = 1.10  # the step with the chosen depth kind, at most this many plain steps (issue: "Cost")
 # a subprocess where large tensors are their own mappings, returned on free: RSS follows the tensors
 MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}
@@ -150,6 +153,16 @@ def _cache(pipe, data, cfg, **depth):
     return kh.build_train_cache(pipe, data, max_sequence_length=cfg.max_sequence_length, progress=False, **depth)
 
 
+def landscape_pairs(data, resolution: int) -> kh.KontextPairs:
+    """``data``'s pairs cut to 4:3 and read with buckets: every pair at the 4:3 bucket nearest (144x112 at 128 px)."""
+    import tempfile
+
+    items = [kh.crop_to_aspect(data[i], (4, 3)) for i in range(len(data))]
+    parts = [[it[k] for it in items] for k in ("context", "target", "mask", "depth", "prompt")]
+    root = os.path.join(tempfile.mkdtemp(prefix="bench_bucket_"), "pairs")
+    return kh.write_pair_folder(root, *parts, resolution=resolution, resize="bucket")
+
+
 def _project_steps(pipe, data, cfg, variants) -> dict:
     """The project's variants (all but ``reference``) on one pipeline, one LoRA and one optimizer over the LoRA,
     the region module and the depth module, with ``kh.train``'s learning rates."""
@@ -163,9 +176,11 @@ def _project_steps(pipe, data, cfg, variants) -> dict:
                              {"params": list(depth.parameters()), "lr": cfg.depth_learning_rate}])
     project = _project_step(pipe, cache, region, depth, lora, opt, cfg)
     ip_cache = _cache(pipe, data, cfg, depth_kind="ip_adapter") if "project_ip_adapter" in variants else None
+    bucket_cache = _cache(pipe, landscape_pairs(data, cfg.resolution), cfg) if "project_bucket" in variants else None
     no_depth = _cache(pipe, data, cfg, use_depth=False) if "project_no_depth" in variants else None
     makers = {
         "project": lambda: project,
+        "project_bucket": lambda: _project_step(pipe, bucket_cache, region, depth, lora, opt, cfg),
         "project_no_depth": lambda: _project_step(pipe, no_depth, region, None, lora, opt, cfg),
         "project_no_region": lambda: _project_step(pipe, cache, None, depth, lora, opt, cfg),
         "project_ip_adapter": lambda: _project_step(pipe, ip_cache, region, None, lora, opt, cfg),
@@ -378,6 +393,16 @@ def refresh_presets() -> dict:
     return calibration["presets"]
 
 
+def bucket_cost(steps: dict, resolution: int) -> dict:
+    """The ``project_bucket`` step over the ``project`` step: median over median, and the median of the rounds'
+    ratios (both are paired with the reference in the same rounds, so their paired ratios divide)."""
+    bucket = kh.nearest_bucket((4, 3), kh.bucket_shapes(resolution))
+    a, b = steps["project_bucket"], steps["project"]
+    return {"bucket": list(bucket), "tokens": (bucket[0] // 16) * (bucket[1] // 16),
+            "square_tokens": (resolution // 16) ** 2, "median_ratio": a["median_ms"] / b["median_ms"],
+            "paired_ratio": a["paired_ratio"] / b["paired_ratio"]}
+
+
 def print_table(result: dict) -> None:
     """The bench's findings, side by side."""
     m = result["machine"]
@@ -393,6 +418,10 @@ def print_table(result: dict) -> None:
         rss_text = f"{rss['net_mb']:.0f}" if rss else "-"
         print(f"  {name:<20}{t['median_ratio']:>8.2f}x{t['paired_ratio']:>8.2f}x{t['min_ratio']:>8.2f}x"
               f"{t['median_ms']:>11.1f}{t['min_ms']:>9.1f}{rss_text:>13}")
+    bc = result["bucket_cost"]
+    print(f"  a non-square bucket ({bc['bucket'][0]}x{bc['bucket'][1]} px, {bc['tokens']} tokens against the square's "
+          f"{bc['square_tokens']}) over the square step: {bc['median_ratio']:.2f}x median, {bc['paired_ratio']:.2f}x "
+          "paired")
     print_depth_cost(result["depth_cost"])
     b = result["blocks"]
     width = "real width, D = 3072" if b["width"] == 3072 else f"D = {b['width']} (a code test, not a measurement)"
@@ -445,7 +474,8 @@ def run(quick: bool, out: str, threads: int = 1, block_threads: int = 2) -> dict
               "steps_setup": {"resolution": resolution, "max_sequence_length": seq_len, "repeats": repeats,
                               "reference": "reference"},
               "steps": steps, "rss": measured, "blocks": blocks, "presets": preset_peaks(calibration),
-              "depth_cost": depth_cost(steps, real_width_signal_cost(blocks, block_threads, repeats=2 if quick else 5))}
+              "depth_cost": depth_cost(steps, real_width_signal_cost(blocks, block_threads, repeats=2 if quick else 5)),
+              "bucket_cost": bucket_cost(steps, resolution)}
     if not quick:
         with open(kh.config.BLOCK_CALIBRATION_FILE, "w", encoding="utf-8") as fh:
             json.dump({**calibration, "presets": result["presets"]}, fh, indent=1)

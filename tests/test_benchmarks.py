@@ -48,7 +48,8 @@ def test_quick_bench_times_every_variant_as_a_ratio(quick_bench):
     for key in ("machine", "steps", "steps_setup", "rss", "blocks", "presets", "bench_seconds"):
         assert key in result, f"bench.json lacks {key!r}: {sorted(result)}"
     steps = result["steps"]
-    wanted = {"reference", "project", "project_no_depth", "project_no_region", "project_ip_adapter", "original"}
+    wanted = {"reference", "project", "project_bucket", "project_no_depth", "project_no_region", "project_ip_adapter",
+              "original"}
     assert set(steps) == wanted, f"every step variant is timed: {sorted(steps)}"
     assert steps["reference"]["median_ratio"] == 1.0, f"the plain step is the reference: {steps['reference']}"
     for name, row in steps.items():
@@ -56,6 +57,10 @@ def test_quick_bench_times_every_variant_as_a_ratio(quick_bench):
             f"{name} lacks ratios: {row}")
     assert result["rss"]["project"]["net_mb"] > 0, f"peak RSS above the import floor: {result['rss']}"
     assert "x" in printed and "reference" in printed, f"the table is printed: {printed[-2000:]}"
+    bucket = result["bucket_cost"]
+    assert bucket["median_ratio"] == steps["project_bucket"]["median_ms"] / steps["project"]["median_ms"], (
+        f"the non-square bucket's step over the square step: {bucket}")
+    assert bucket["bucket"][0] != bucket["bucket"][1] and "non-square bucket" in printed, f"reported: {bucket}"
 
 
 def test_quick_bench_reports_the_depth_steps_cost_against_the_plain_step(quick_bench):
