@@ -25,7 +25,8 @@
 #   geometry the edit should produce);
 # - how masks are binarised, how to derive one from a before / after pair, and how to check that it covers
 #   every changed pixel;
-# - the two resize policies (`"square"` and `"crop"`) and how to write your own pairs to disk.
+# - aspect-ratio buckets (photos at their own shape, the default), the original `"square"` and `"crop"`, and how
+#   to write your own pairs to disk.
 #
 # Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
 # This notebook does not need the model at all, except for the optional depth estimator at the end.
@@ -480,17 +481,62 @@ fig.suptitle(f"{pair['name']}: the derived mask is close to the committed one, b
 plt.show()
 
 # %% [markdown]
-# ## 6. Resize policies: `"square"` or `"crop"`
+# ## 6. Photos of other shapes: aspect-ratio buckets
 #
-# Training images are square. Your photos may not be. `KontextPairs(..., resize=...)` offers two policies,
-# applied identically to all four images of a pair (the same box, so masks and depth stay aligned):
+# Your photos are 4:3, 3:4 or 16:9, often mixed in one folder. FLUX.1 Kontext was trained at a set of
+# **preferred resolutions** of about one megapixel, from 672x1568 to 1568x672 (`PREFERRED_KONTEXT_RESOLUTIONS`
+# in diffusers' `pipeline_flux_kontext.py`; the pipeline picks the one nearest the input's aspect ratio when
+# `_auto_resize=True`). `kh.bucket_shapes(resolution)` scales that list to the training area `resolution²`,
+# each side a multiple of 16 (one token), and `kh.nearest_bucket` gives each pair the bucket nearest its
+# aspect ratio with diffusers' own `training_utils.find_nearest_bucket`.
 #
-# - `"square"` (the original design's behaviour, the default): resize the whole image to
-#   `resolution x resolution`. Nothing is cut off, but a non-square picture is **stretched**.
+# `KontextPairs(..., resize=...)` applies one of three policies, the same box to all four images of a pair, so
+# masks and depth stay aligned:
+#
+# - `"bucket"` (the default): the pair's bucket; only the sliver between the photo's and the bucket's aspect
+#   ratio is cut (`kh.bucket_crop_box`, centred), nothing is stretched. Each batch is drawn from one bucket.
+# - `"square"` (the original design's): resize the whole image to `resolution x resolution`. Nothing is cut
+#   off, but a non-square picture is **stretched**.
 # - `"crop"`: scale the short side to `resolution`, then take the **centre** square. Shapes stay true, the
-#   borders of the long side are lost (check that your edits are not there).
+#   borders of the long side are lost, and with them any edit there.
 #
-# We make a 512x384 (landscape) pair by cutting the top and bottom off a sample, in a temporary folder.
+# We cut the sample pairs to four aspect ratios, write them as a folder and open it with buckets.
+
+# %%
+ASPECTS = ((4, 3), (3, 4), (16, 9), (1, 1))  # (width, height) of the cut: landscape, portrait, wide, square
+cut = [kh.crop_to_aspect(data[i], ASPECTS[i % len(ASPECTS)]) for i in range(len(data))]
+mixed = kh.write_pair_folder(WORK / "mixed", *[[c[k] for c in cut] for k in ("context", "target", "mask", "depth",
+                             "prompt")], names=[c["name"] for c in cut], resolution=RESOLUTION)
+print(mixed)  # the repr lists the buckets it made: width x height, and how many pairs each holds
+shapes = kh.bucket_shapes(RESOLUTION)
+print(f"{len(shapes)} buckets at {RESOLUTION} px:", ", ".join(f"{w}x{h}" for w, h in shapes))
+for i in range(0, len(mixed), 3):
+    print(f"  {mixed.names[i]}: file {cut[i]['context'].shape[2]}x{cut[i]['context'].shape[1]} -> bucket "
+          f"{mixed.bucket_of(i)[0]}x{mixed.bucket_of(i)[1]}, item {tuple(mixed[i]['context'].shape)}")
+
+# %%
+from matplotlib.patches import Rectangle
+
+fig, ax = plt.subplots(figsize=(12, 4.2))
+x = 0
+for w, h in shapes:
+    held = mixed.buckets.get((w, h), 0)
+    ax.add_patch(Rectangle((x, 0), w, h, fill=held > 0, alpha=0.35 if held else 1, color="tab:blue",
+                           ec="tab:blue", lw=1.5))
+    ax.text(x + w / 2, h + 6, f"{w}x{h}\n{held} pair{'s' if held != 1 else ''}", ha="center", va="bottom",
+            fontsize=7, fontweight="bold" if held else "normal")
+    x += w + 12
+ax.set_xlim(-10, x)
+ax.set_ylim(0, max(h for _, h in shapes) + 45)
+ax.set_aspect("equal")
+ax.set_axis_off()
+filled = ", ".join(f"{w}x{h}: {n}" for (w, h), n in mixed.buckets.items())
+ax.set_title(f"The {len(shapes)} buckets at {RESOLUTION} px, drawn to scale (one area, other shapes): "
+             f"the mixed folder fills {len(mixed.buckets)} of them ({filled})")
+plt.show()
+
+# %% [markdown]
+# What each policy makes of one landscape photo: a 512x384 pair (the top and bottom of a sample cut off).
 
 # %%
 wide = WORK / "wide"
@@ -500,31 +546,33 @@ for folder in ("context", "target", "masks", "depth"):
     Image.open(data.files(PAIR)[folder]).crop(box).save(wide / folder / f"{name}.png")
 (wide / "prompts.txt").write_text(data.prompts[PAIR] + "\n", encoding="utf-8")
 print("on disk:", Image.open(wide / "context" / f"{name}.png").size, "(W, H)")
-variants = {policy: kh.KontextPairs(wide, resolution=RESOLUTION, resize=policy)[0] for policy in ("square", "crop")}
+variants = {policy: kh.KontextPairs(wide, resolution=RESOLUTION, resize=policy)[0] for policy in kh.RESIZE_POLICIES}
 for policy, one in variants.items():
     print(f"resize={policy!r}: context {tuple(one['context'].shape)}, mask {tuple(one['mask'].shape)}")
 
 # %%
-from matplotlib.patches import Rectangle
-
 original = np.asarray(Image.open(wide / "context" / f"{name}.png").convert("RGB"))
 original_mask = np.asarray(Image.open(wide / "masks" / f"{name}.png")) > 127
-fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), gridspec_kw={"width_ratios": [4 / 3, 1, 1]})
+fig, axes = plt.subplots(1, 4, figsize=(16, 4.4), gridspec_kw={"width_ratios": [4 / 3, 4 / 3, 1, 1]})
 axes[0].imshow(original)
 axes[0].contour(original_mask, levels=[0.5], colors="red", linewidths=1)
 side_crop = original.shape[0]  # 'crop' keeps the centre square: short side x short side
 left = (original.shape[1] - side_crop) // 2
 axes[0].add_patch(Rectangle((left, 0), side_crop, side_crop - 1, fill=False, color="cyan", lw=2, ls="--"))
 axes[0].set_title(f"the file: {original.shape[1]}x{original.shape[0]} (W x H)\ncyan: what 'crop' keeps")
+bucket_wh = (variants["bucket"]["context"].shape[2], variants["bucket"]["context"].shape[1])  # (W, H)
+x0, y0, x1, y1 = kh.bucket_crop_box((original.shape[1], original.shape[0]), bucket_wh)
+sliver = 1 - (x1 - x0) * (y1 - y0) / (original.shape[0] * original.shape[1])  # the share of the frame the bucket cuts
+verdicts = {"bucket": f"true shapes, {sliver:.0%} of the frame cut", "square": "whole frame, stretched taller",
+            "crop": "true shapes, left and right cut off"}
 for ax, (policy, one) in zip(axes[1:], variants.items()):
     ax.imshow(one["context"].permute(1, 2, 0).numpy())
     ax.contour(one["mask"][0].numpy(), levels=[0.5], colors="red", linewidths=1)
-    verdict = "whole frame, stretched taller" if policy == "square" else "true shapes, left and right cut off"
-    ax.set_title(f"resize={policy!r}: {RESOLUTION}x{RESOLUTION}\n{verdict}")
+    ax.set_title(f"resize={policy!r}: {one['context'].shape[2]}x{one['context'].shape[1]}\n{verdicts[policy]}")
 for ax in axes:
     ax.set_axis_off()
-fig.suptitle("Resize policies for a non-square pair: 'square' stretches, 'crop' keeps the centre; "
-             "the mask (red outline) stays aligned in both")
+fig.suptitle(f"Resize policies for a landscape pair: 'bucket' keeps its shape ({sliver:.0%} cut), 'square' stretches, "
+             "'crop' cuts the sides; the mask (red outline) stays aligned in all three")
 plt.show()
 
 # %% [markdown]
@@ -656,7 +704,8 @@ with tempfile.TemporaryDirectory() as folder:
 #   converting a 16-bit file straight to RGB clips it to a few levels.
 # - Masks are binarised at `mask_threshold`; a derived mask (`kh.mask_from_difference`) must cover every
 #   changed pixel: check it with a count, and use `threshold=0` for lossless pairs.
-# - `resize="square"` stretches non-square images, `resize="crop"` keeps the centre; `kh.write_pair_folder`
+# - `resize="bucket"` (the default) reads each pair at the Kontext resolution nearest its aspect ratio, scaled to
+#   `resolution²` pixels; `"square"` stretches non-square images, `"crop"` keeps the centre; `kh.write_pair_folder`
 #   writes your own pairs (and `kh.estimate_depth` supplies depth when you have none).
 #
 # ## Next
