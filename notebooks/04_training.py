@@ -81,6 +81,7 @@ RUN_DIR = os.path.join(OUTPUT_DIR, "run")  # this run's checkpoints/
 RESUME = False  # True after a disconnect: continue from the newest checkpoint in RUN_DIR instead of starting over
 RESUME_EXTRA_STEPS = 1 if QUICK else 30  # section 6 resumes the finished run for this many more steps
 HELD_OUT_PAIRS = 4  # drawn scenes no training sees (kh.DrawnPairs, stream 7): section 5's held-out yardstick
+BUCKET_STEPS = 12  # section 5b: updates of a short run on photos of four shapes (the tiny model, whatever MODEL is)
 # the experiment tracker (section 5): TensorBoard when installed (Colab has it), else none; "wandb" needs `pip install
 # wandb` and a login
 REPORT_TO = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
@@ -724,6 +725,67 @@ plt.show()
 # > mask can say which of two identical objects to edit (`scripts/region_heldout.py`, docs/design.md), the
 # > linear token edits the masked object alone in about half of the cases; the marked tokens and the
 # > cell tokens (`"cells"`, one token per 2x2 cell at that cell's own position) do it in all of them.
+
+# %% [markdown]
+# ### 5b. Photos of other shapes: one run, several buckets
+#
+# Your own folder will mix 4:3 photos, 3:4 portraits and 16:9 screenshots. `KontextPairs` reads each pair at its
+# aspect-ratio bucket (notebook 01, section 6), so the cache holds samples on different token grids
+# (`cache.grid_of(i)`), and `kh.train` draws every batch from one bucket (`kh.batch_indices`: each epoch permutes
+# every bucket, cuts it into batches and shuffles the batches), because a batch is one `[B, N, 4C]` tensor. The
+# region module is built on the square grid and serves every bucket (the `"marked"` mark is one vector per token,
+# the other kinds pool the mask onto their own grid), and so does the depth module (one 16x16 patch per token).
+#
+# A short run shows the mechanics: the sample pairs cut to four shapes, `BUCKET_STEPS` updates of two samples
+# each, on a fresh tiny pipeline (seconds, whatever `MODEL` is; the LoRA trained above stays as it is).
+
+# %%
+import tempfile
+
+ASPECTS = ((4, 3), (3, 4), (16, 9), (1, 1))  # (width, height) of each cut, in turn
+square_pairs = kh.KontextPairs(os.path.join(ROOT, "data_samples"), 128, resize="square")
+cut = [kh.crop_to_aspect(square_pairs[i], ASPECTS[i % len(ASPECTS)]) for i in range(len(square_pairs))]
+bucket_root = tempfile.mkdtemp(prefix="kontext_04_buckets_")
+mixed = kh.write_pair_folder(os.path.join(bucket_root, "pairs"), *[[c[k] for c in cut] for k in (
+    "context", "target", "mask", "depth", "prompt")], names=[c["name"] for c in cut], resolution=128)
+print(mixed)
+bucket_cfg = kh.TrainConfig.for_gpu("cpu", steps=BUCKET_STEPS, batch_size=2, seed=SEED, checkpoint_every=0,
+                                    output_dir=os.path.join(bucket_root, "run"))
+bucket_pipe = kh.load_pipeline("tiny", seed=SEED)
+bucket_cache = kh.build_train_cache(bucket_pipe, mixed, max_sequence_length=bucket_cfg.max_sequence_length,
+                                    progress=False)
+groups = bucket_cache.groups()  # the sample indices of each bucket
+drawn = [kh.batch_indices(groups, bucket_cfg.seed, step, bucket_cfg.batch_size) for step in range(BUCKET_STEPS)]
+bucket_result = kh.train(bucket_pipe, mixed, bucket_cfg, cache=bucket_cache, progress=False)
+for step, (idx, record) in enumerate(zip(drawn, bucket_result.history)):
+    h_tok, w_tok = bucket_cache.grid_of(idx[0])
+    print(f"update {step + 1:2d}: samples {idx} -> bucket {16 * w_tok}x{16 * h_tok} px ({h_tok}x{w_tok} tokens), "
+          f"loss {record['loss']:.3f}")
+
+# %%
+wide = next(i for i in range(len(mixed)) if mixed.bucket_of(i)[0] > 1.5 * mixed.bucket_of(i)[1])  # a 16:9 pair
+w_px, h_px = mixed.bucket_of(wide)
+item = mixed[wide]
+edited = kh.sample_edit(bucket_pipe, item["context"], item["prompt"], mask=item["mask"], region=bucket_result.region,
+                        depth=item["depth"], depth_module=bucket_result.depth, height=h_px, width=w_px,
+                        num_inference_steps=8, generator=torch.Generator().manual_seed(SEED))
+labels = [f"{mixed.bucket_of(idx[0])[0]}x{mixed.bucket_of(idx[0])[1]}" for idx in drawn]
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.6), gridspec_kw={"width_ratios": [1.6, 1, 1]})
+order = sorted(set(labels), key=lambda t: int(t.split("x")[0]) / int(t.split("x")[1]))
+axes[0].scatter(range(1, BUCKET_STEPS + 1), [order.index(t) for t in labels], c="tab:blue")
+axes[0].set_yticks(range(len(order)), order)
+axes[0].set_xlabel("update")
+axes[0].set_title("the bucket of each update's batch (W x H px)", fontsize=10)
+axes[1].imshow(item["context"].permute(1, 2, 0).numpy())  # [3, H, W] -> [H, W, 3]
+axes[1].contour(item["mask"][0].numpy(), levels=[0.5], colors="red", linewidths=1)
+axes[1].set_title(f"{mixed.names[wide]}: context at its bucket, {w_px}x{h_px}", fontsize=10)
+axes[2].imshow(edited)
+axes[2].set_title(f"edited at its own shape, {edited.size[0]}x{edited.size[1]} ({BUCKET_STEPS} updates)", fontsize=10)
+for ax in axes[1:]:
+    ax.set_axis_off()
+fig.suptitle(f"One run over {len(groups)} buckets: every batch comes from one of them, and the edit keeps the "
+             "photo's shape", fontsize=11)
+plt.show()
 
 # %% [markdown]
 # ## 6. Nothing lost: checkpoints and resume
