@@ -209,6 +209,39 @@ def test_training_loss_equals_a_raw_transformer_call(lora_pipe, two_pairs, cache
                                    msg=lambda m, k=k: f"{what}: gradient of trained tensor {k} differs: {m}")
 
 
+@pytest.fixture(scope="module")
+def wide_pairs(sample_data, tmp_path_factory):
+    """Two sample pairs cut to 16:9 and read at their aspect-ratio bucket: 80x48 px, a 3x5 token grid."""
+    square = kh.KontextPairs(sample_data, resolution=128, resize="square")
+    items = [kh.crop_to_aspect(square[i], (16, 9)) for i in (0, 3)]
+    parts = [[it[k] for it in items] for k in ("context", "target", "mask", "depth", "prompt")]
+    pairs = kh.write_pair_folder(tmp_path_factory.mktemp("wide") / "pairs", *parts, resolution=SIZE)
+    assert pairs.buckets == {(80, 48): 2}, f"both pairs in the 80x48 bucket: {pairs.buckets}"
+    return [pairs[0], pairs[1]]
+
+
+@pytest.mark.parametrize("kind", ["marked", "marked_context", "linear"])
+def test_training_loss_equals_a_raw_transformer_call_at_a_non_square_bucket(lora_pipe, wide_pairs, kind):
+    pipe, lora = lora_pipe
+    cache = kh.build_train_cache(pipe, wide_pairs, max_sequence_length=32, depth_kind="tokens", progress=False)
+    enc = _pipeline_encodings(pipe, wide_pairs)
+    h_tok, w_tok = cache.grid_of(0)
+    assert (h_tok, w_tok) == enc["grid"] == (3, 5), f"rows x columns of tokens: {cache.grid_of(0)}, {enc['grid']}"
+    c_in = pipe.transformer.config.in_channels
+    region, depth_module = _random_region(kind, 4, 4, c_in), _random_depth_module(c_in)  # built on the square grid
+    if kind == "linear":  # its projection pools any mask onto its own 4x4 grid; by hand: that grid's mask
+        region = _random_region(kind, h_tok, w_tok, c_in)
+    cfg = kh.TrainConfig(guidance=GUIDANCE, w_in=1.5, w_out=0.7, l2_region_lambda=0.1, l2_lora_lambda=0.2)
+    g = torch.Generator().manual_seed(6)
+    noise, sigma = torch.randn(enc["tgt"].shape, generator=g), torch.tensor(SIGMAS)
+    ours, _ = kh.training_loss(pipe.transformer, region, cache.batch([0, 1]), cache.txt_ids, h_tok, w_tok, noise,
+                               sigma, cfg, lora_named_params=lora, depth_module=depth_module)
+    with torch.no_grad():
+        theirs, _, _ = _loss_by_hand(pipe, region, kind, enc, noise, sigma, cfg, lora, depth_module)
+    torch.testing.assert_close(ours.detach(), theirs, rtol=1e-5, atol=1e-6,
+                               msg=lambda m: f"region kind {kind!r} at the 3x5 grid: loss differs: {m}")
+
+
 def test_depth_dropout_removes_the_whole_offset_of_a_dropped_sample(lora_pipe, two_pairs, caches):
     pipe, lora = lora_pipe
     cache, enc = caches["tokens"], _pipeline_encodings(pipe, two_pairs)
