@@ -143,6 +143,44 @@ def has_ip_adapter(transformer) -> bool:
     return getattr(transformer, "encoder_hid_proj", None) is not None
 
 
+def without_ip_image(module, kwargs: dict) -> dict:
+    """The keyword arguments of a transformer call, with ``ip_hidden_states=[]`` in ``joint_attention_kwargs`` when
+    an IP-Adapter is attached and the call brings no image (neither ``ip_adapter_image_embeds`` nor tokens).
+
+    diffusers' ``FluxIPAdapterAttnProcessor.__call__`` loops ``zip(ip_hidden_states, self.scale, ...)`` and adds
+    the sum to ``torch.zeros_like(hidden_states)``: ``None`` (no image) stops it with a ``TypeError``, ``[]`` adds
+    exactly zero, as if no IP-Adapter were loaded. A fresh dict: the caller's is left as it was.
+    """
+    attn = kwargs.get("joint_attention_kwargs") or {}
+    if has_ip_adapter(module) and "ip_adapter_image_embeds" not in attn and "ip_hidden_states" not in attn:
+        return {**kwargs, "joint_attention_kwargs": {**attn, "ip_hidden_states": []}}
+    return kwargs
+
+
+# joint_attention_kwargs is the 8th parameter of FluxTransformer2DModel.forward: a call that passes it by position
+# is left alone (diffusers' pipelines and this package pass every argument by keyword)
+_JOINT_ATTENTION_POSITION = 7
+
+
+def _no_ip_image_hook(module, args, kwargs):
+    """Forward pre-hook of :func:`accept_calls_without_ip_image`."""
+    if len(args) > _JOINT_ATTENTION_POSITION:
+        return None
+    return args, without_ip_image(module, kwargs)
+
+
+def accept_calls_without_ip_image(transformer) -> None:
+    """Let ``pipe(image=..., prompt=...)`` run without ``ip_adapter_image`` on a transformer with an IP-Adapter.
+
+    A forward pre-hook applies :func:`without_ip_image` to every call: the IP-Adapter then adds exactly zero, and
+    the result equals the pipeline with the adapter unloaded. Registered once per transformer (``load_pipeline``
+    and the tiny pipeline do it when they attach the adapter); after ``pipe.unload_ip_adapter()`` it does nothing.
+    """
+    if not getattr(transformer, "_accepts_calls_without_ip_image", False):
+        transformer.register_forward_pre_hook(_no_ip_image_hook, with_kwargs=True)
+        transformer._accepts_calls_without_ip_image = True
+
+
 def ip_adapter_processors(transformer) -> list:
     """The transformer's IP-Adapter attention processors (those with a per-adapter ``scale`` list)."""
     return [p for p in transformer.attn_processors.values() if isinstance(getattr(p, "scale", None), list)]
