@@ -8,6 +8,7 @@ Nothing here knows about the course's tensors; it wraps what diffusers and PEFT 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -25,6 +26,32 @@ def dtype_argument(library: str, dtype: torch.dtype) -> dict:
 
     new = Version(version(library)) >= Version(_DTYPE_ARGUMENT_SINCE[library])
     return {"dtype" if new else "torch_dtype": dtype}
+
+
+def read_safetensors(path: str, fix: str, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a whole safetensors file on the CPU: the package's one reader of weight files.
+
+    A damaged file (cut short by a failed copy, a full disk or a Drive sync; empty; or not a safetensors file at
+    all) raises a ``ValueError`` that names the file, its size, safetensors' own complaint, and ``fix``: what to
+    do about it. A missing file raises ``FileNotFoundError`` as it is. Nothing is read lazily, so a caller that
+    reads every file before it changes a model leaves the model as it was. ``tensors=False`` checks the file
+    without reading a tensor (safetensors checks, when it opens a file, that its header covers the file's length
+    exactly) and returns ``({}, metadata)``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError) as err:  # safetensors' header and length checks; a storage read failing
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        raise ValueError(f"{path} is damaged: it is not a complete safetensors file ({size} bytes; safetensors "
+                         f"says: {err}). A copy cut short, a full disk or an unfinished sync leaves such a file. "
+                         f"{fix}") from err
+    return state, meta
 
 
 def collect_lora_named_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
