@@ -18,7 +18,7 @@ from torch import nn
 
 from .conditioning import REGION_KINDS, make_region_module
 from .depth import DepthTokenEmbedding, check_depth_module
-from .models import has_ip_adapter, load_lora_state_dict, lora_state_dict
+from .models import has_ip_adapter, load_lora_state_dict, lora_state_dict, read_safetensors
 
 # Files of a saved adapter folder (save_adapter / load_adapter).
 # diffusers' default LoRA file name: pipe.load_lora_weights(folder) finds it.
@@ -26,6 +26,9 @@ LORA_WEIGHT_FILE = "pytorch_lora_weights.safetensors"
 REGION_WEIGHT_FILE = "region_token.safetensors"
 DEPTH_WEIGHT_FILE = "depth_module.safetensors"  # the "tokens" depth module (absent without one)
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+# What to do about a damaged file of an adapter folder (kontext_helpers.models.read_safetensors says what is wrong).
+_ADAPTER_FIX = ("Copy the adapter folder again from where it was saved (or download it again), or save it again "
+                "with kh.save_adapter from the training run.")
 
 
 def _jsonable(value):
@@ -188,13 +191,9 @@ def save_adapter(pipe, region: nn.Module | None, path: str, config=None, *, adap
 
 def _read_region(region_file: str, in_channels: int) -> nn.Module | None:
     """The region module of an adapter folder (``None`` without one), checked before the pipeline is touched."""
-    from safetensors import safe_open
-
     if not os.path.isfile(region_file):
         return None
-    with safe_open(region_file, framework="pt") as fh:
-        meta = fh.metadata() or {}
-        state = {k: fh.get_tensor(k) for k in fh.keys()}
+    state, meta = read_safetensors(region_file, _ADAPTER_FIX)
     missing = [k for k in ("h_tok", "w_tok", "c_in") if k not in meta]
     if missing:
         raise ValueError(f"{region_file} lacks the metadata {missing}: it was not written by save_adapter")
@@ -220,14 +219,10 @@ def load_depth_module(path: str, pipe=None, *, device=None) -> nn.Module | None:
     ``kh.sample_edit(..., depth=depth_map, depth_module=module)`` or ``kh.RegionHook``. :func:`load_adapter` loads
     the LoRA and the region module.
     """
-    from safetensors import safe_open
-
     depth_file = os.path.join(path, DEPTH_WEIGHT_FILE)
     if not os.path.isfile(depth_file):
         return None
-    with safe_open(depth_file, framework="pt") as fh:
-        meta = fh.metadata() or {}
-        state = {k: fh.get_tensor(k) for k in fh.keys()}
+    state, meta = read_safetensors(depth_file, _ADAPTER_FIX)
     if meta.get("kind") != DepthTokenEmbedding.kind or "c_in" not in meta:
         raise ValueError(f"{depth_file} holds no 'tokens' depth module written by save_adapter (metadata {meta}): "
                          "upgrade kontext_helpers, or save the adapter again")
@@ -240,12 +235,10 @@ def load_depth_module(path: str, pipe=None, *, device=None) -> nn.Module | None:
     return module.to(target).eval().requires_grad_(False)
 
 
-def _lora_as_saved(transformer, lora_file: str, adapter_name: str) -> None:
+def _lora_as_saved(transformer, saved: dict[str, torch.Tensor], lora_file: str, adapter_name: str) -> None:
     """Give the loaded LoRA the dtype and values of the file (fp32, as trained): ``load_lora_weights`` casts it
     to the base model's dtype (bf16 on a GPU), and a reloaded adapter would then differ from the trained one."""
-    from safetensors.torch import load_file
-
-    state = {k.removeprefix("transformer."): v for k, v in load_file(lora_file).items()}
+    state = {k.removeprefix("transformer."): v for k, v in saved.items()}
     for name, param in transformer.named_parameters():
         if ".lora_" in name and f".{adapter_name}." in name:
             param.data = param.data.to(next(iter(state.values())).dtype)
@@ -273,6 +266,10 @@ def load_adapter(pipe, path: str, *, adapter_name: str = "default", replace: boo
     Returns:
         the region module (its kind from the file) in eval mode, or ``None`` when the folder holds a LoRA alone.
         The depth module, when the folder has one, comes from :func:`load_depth_module`.
+
+    Raises:
+        ValueError: a damaged file in the folder (the message names it and what to do); every file is read
+            before the pipeline changes, so it is left as it was.
     """
 
     lora_file = os.path.join(path, LORA_WEIGHT_FILE)
@@ -280,7 +277,9 @@ def load_adapter(pipe, path: str, *, adapter_name: str = "default", replace: boo
         raise FileNotFoundError(f"{lora_file} does not exist: load_adapter expects a folder written by "
                                 f"save_adapter (with {LORA_WEIGHT_FILE} and, optionally, {REGION_WEIGHT_FILE})")
     transformer = pipe.transformer
+    saved, _ = read_safetensors(lora_file, _ADAPTER_FIX)  # every file is read before the pipeline changes
     region = _read_region(os.path.join(path, REGION_WEIGHT_FILE), transformer.config.in_channels)
+    load_depth_module(path)  # a damaged depth file fails here too, not after the LoRA went in
     existing = sorted(getattr(transformer, "peft_config", None) or {})
     if existing:
         if not replace:
@@ -290,7 +289,7 @@ def load_adapter(pipe, path: str, *, adapter_name: str = "default", replace: boo
                       f"loading {path} (adapters are replaced, not stacked)", stacklevel=2)
         pipe.unload_lora_weights()
     pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_FILE, adapter_name=adapter_name)
-    _lora_as_saved(transformer, lora_file, adapter_name)
+    _lora_as_saved(transformer, saved, lora_file, adapter_name)
     if region is None:
         return None
     return region.to(device if device is not None else transformer.device).eval().requires_grad_(False)
@@ -454,15 +453,12 @@ def export_comfyui(path: str, out_file: str, *, dtype: torch.dtype | None = None
     Returns:
         ``out_file``.
     """
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     src = path if os.path.isfile(path) else os.path.join(path, LORA_WEIGHT_FILE)
     if not os.path.isfile(src):
         raise FileNotFoundError(f"{src} does not exist: pass a folder written by save_adapter or a LoRA file")
-    with safe_open(src, framework="pt") as fh:
-        meta = fh.metadata() or {}
-        state = {k: fh.get_tensor(k) for k in fh.keys()}
+    state, meta = read_safetensors(src, _ADAPTER_FIX)
     scaling = _lora_scaling_from_metadata(meta, src)
     out: dict[str, torch.Tensor] = {}
     for name, parts in _comfyui_groups(src, _lora_modules(src, state)).items():

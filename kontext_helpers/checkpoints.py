@@ -17,6 +17,8 @@ import shutil
 import torch
 from torch import nn
 
+from .models import read_safetensors
+
 _CKPT_RE = re.compile(r"^step-(\d{6,})$")
 
 # Config fields that shape the saved tensors: a checkpoint cannot continue a run where any of them differs.
@@ -204,18 +206,50 @@ def load_checkpoint(path: str) -> dict:
     plus ``lora`` (the LoRA state dict), ``region["state_dict"]``, ``depth["state_dict"]`` (``depth`` is ``None``
     without a depth module, and in checkpoints written before depth modules), ``optimizer`` (a ``state_dict``) and
     ``path``.
-    """
-    from safetensors.torch import load_file
 
+    Raises:
+        ValueError: a damaged ``.safetensors`` part; the message names it and the previous checkpoint to resume from.
+    """
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     with open(os.path.join(path, "optimizer.json")) as f:
         opt_meta = json.load(f)
-    opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-    state.update(lora=load_file(os.path.join(path, "lora.safetensors")),
-                 region=None if state["region"] is None else dict(
-                     state["region"], state_dict=load_file(os.path.join(path, "region.safetensors"))),
-                 depth=None if state.get("depth") is None else dict(
-                     state["depth"], state_dict=load_file(os.path.join(path, "depth.safetensors"))),
-                 optimizer=optimizer_state_from_files(opt_tensors, opt_meta), path=path)
+    fix = _resume_advice(path)
+    parts = {part: read_safetensors(os.path.join(path, f"{part}.safetensors"), fix)[0] for part in _parts(state)}
+    state.update(lora=parts["lora"],
+                 region=None if state["region"] is None else dict(state["region"], state_dict=parts["region"]),
+                 depth=None if state.get("depth") is None else dict(state["depth"], state_dict=parts["depth"]),
+                 optimizer=optimizer_state_from_files(parts["optimizer"], opt_meta), path=path)
     return state
+
+
+def _parts(state: dict) -> list[str]:
+    """The ``<part>.safetensors`` files a checkpoint holds, from its ``state.json``."""
+    return ["lora", "optimizer"] + [part for part in ("region", "depth") if state.get(part) is not None]
+
+
+def check_checkpoint_files(path: str) -> None:
+    """Check every ``.safetensors`` part of the checkpoint ``path`` without reading a tensor: a damaged one raises
+    :func:`load_checkpoint`'s ``ValueError`` before a resumed run does any model work."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    fix = _resume_advice(path)
+    for part in _parts(state):
+        read_safetensors(os.path.join(path, f"{part}.safetensors"), fix, tensors=False)
+
+
+def _resume_advice(path: str) -> str:
+    """What to do when a file of the checkpoint ``path`` is damaged: resume from the one before it."""
+    folder = os.path.abspath(path)
+    output_dir = os.path.dirname(os.path.dirname(folder))
+    m = _CKPT_RE.match(os.path.basename(folder))
+    earlier = [(step, p) for step, p in list_checkpoints(output_dir)
+               if os.path.abspath(p) != folder and (m is None or step < int(m.group(1)))]
+    move = f"move the damaged folder {path} out of {_checkpoint_root(output_dir)}"
+    if not earlier:
+        return (f"Copy the checkpoint again if it came from elsewhere; otherwise {move}: kh.list_checkpoints("
+                f"{output_dir!r}) lists no other complete checkpoint, so a run with resume=True then starts from "
+                "step 0.")
+    step, previous = earlier[-1]
+    return (f"Resume from the previous checkpoint: {move}, and resume=True continues from step {step} ({previous}; "
+            f"kh.list_checkpoints({output_dir!r}) lists them all).")

@@ -39,6 +39,7 @@ from .pair_files import (
     IMAGE_PARTS,
     OPTIONAL_FOLDERS,
     PAIR_FOLDERS,
+    _same_frame,
     check_hf_columns,
     checked_hf_rows,
     pair_lists,
@@ -96,12 +97,6 @@ def _scale_box(box, ref_size: tuple[int, int], size: tuple[int, int]) -> tuple[f
     """``box`` given in pixels of an image of ``ref_size``, expressed in pixels of one of ``size``."""
     sx, sy = size[0] / ref_size[0], size[1] / ref_size[1]
     return (box[0] * sx, box[1] * sy, min(box[2] * sx, size[0]), min(box[3] * sy, size[1]))
-
-
-def _same_frame(ref_size: tuple[int, int], size: tuple[int, int]) -> bool:
-    """Same aspect ratio, up to 2 % or the rounding of a resize."""
-    (rw, rh), (w, h) = ref_size, size
-    return abs(w * rh - h * rw) <= max(0.02 * h * rw, w + h + rw + rh)
 
 
 def _check_image_file(folder: str, path, mask_threshold: float):
@@ -375,7 +370,8 @@ class KontextPairs(torch.utils.data.Dataset):
         column), ``[C, H, W]`` tensors or arrays; the prompt a one-line string; ``name`` optional file stems
         (default ``0000``, ``0001``, ...); ``target_depth`` optional target depth maps (to ``target_depth/``).
         ``mask=None``: no mask column, each mask is derived from its pair with :func:`mask_from_difference`.
-        Every missing column, empty or mistyped cell and repeated name is listed in **one** ``ValueError`` (row
+        Every missing column, empty or mistyped cell, repeated name, target of another size than its context,
+        and mask or depth map of another aspect ratio than its context is listed in **one** ``ValueError`` (row
         and column named) before anything is written; then each row is written as :func:`write_pair_folder`
         writes a pair, and the folder opens with its own checks.
         """

@@ -20,7 +20,7 @@ from .depth import add_offsets, check_depth_module, depth_inputs, depth_token_fe
 from .figures import edit_metrics, mask_at_size, resize_rgb, variants_figure
 from .images import depth_to_pil, image_to_pil_rgb, image_to_rgb_tensor, mask_to_pil, mask_to_tensor, pil_to_rgb
 from .latents import CONTEXT_ID, TARGET_ID, pack_like_pipeline
-from .models import has_ip_adapter, ip_adapter_processors, lora_layers, lora_off, modules_visiting
+from .models import has_ip_adapter, ip_adapter_processors, lora_layers, lora_off, modules_visiting, without_ip_image
 
 
 def image_for_pipeline(image, what: str = "image"):
@@ -403,9 +403,7 @@ class RegionHook:
             mask_tok = blend_mask_tokens(self.mask, 16 * h, 16 * w, hidden.shape[-1] // 4, device=hidden.device,
                                          dtype=hidden.dtype)  # [1, N, 4C]
             self._blend_parts = (hidden[:, n: n + n_c].clone(), hidden[:, :n].clone(), mask_tok)
-        attn = kwargs.get("joint_attention_kwargs") or {}
-        if has_ip_adapter(module) and "ip_adapter_image_embeds" not in attn and "ip_hidden_states" not in attn:
-            kwargs["joint_attention_kwargs"] = {**attn, "ip_hidden_states": []}  # no depth image: adds zero
+        kwargs = without_ip_image(module, kwargs)  # no depth image: an attached IP-Adapter adds zero
         features = self._depth_features((h_c, w_c))
         if self.region is None and features is None:
             return args, kwargs

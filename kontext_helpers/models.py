@@ -8,6 +8,7 @@ Nothing here knows about the course's tensors; it wraps what diffusers and PEFT 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -25,6 +26,32 @@ def dtype_argument(library: str, dtype: torch.dtype) -> dict:
 
     new = Version(version(library)) >= Version(_DTYPE_ARGUMENT_SINCE[library])
     return {"dtype" if new else "torch_dtype": dtype}
+
+
+def read_safetensors(path: str, fix: str, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a whole safetensors file on the CPU: the package's one reader of weight files.
+
+    A damaged file (cut short by a failed copy, a full disk or a Drive sync; empty; or not a safetensors file at
+    all) raises a ``ValueError`` that names the file, its size, safetensors' own complaint, and ``fix``: what to
+    do about it. A missing file raises ``FileNotFoundError`` as it is. Nothing is read lazily, so a caller that
+    reads every file before it changes a model leaves the model as it was. ``tensors=False`` checks the file
+    without reading a tensor (safetensors checks, when it opens a file, that its header covers the file's length
+    exactly) and returns ``({}, metadata)``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError) as err:  # safetensors' header and length checks; a storage read failing
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        raise ValueError(f"{path} is damaged: it is not a complete safetensors file ({size} bytes; safetensors "
+                         f"says: {err}). A copy cut short, a full disk or an unfinished sync leaves such a file. "
+                         f"{fix}") from err
+    return state, meta
 
 
 def collect_lora_named_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -141,6 +168,44 @@ def is_quantized(module) -> bool:
 def has_ip_adapter(transformer) -> bool:
     """True when an IP-Adapter is attached (diffusers' ``load_ip_adapter`` sets ``encoder_hid_proj``)."""
     return getattr(transformer, "encoder_hid_proj", None) is not None
+
+
+def without_ip_image(module, kwargs: dict) -> dict:
+    """The keyword arguments of a transformer call, with ``ip_hidden_states=[]`` in ``joint_attention_kwargs`` when
+    an IP-Adapter is attached and the call brings no image (neither ``ip_adapter_image_embeds`` nor tokens).
+
+    diffusers' ``FluxIPAdapterAttnProcessor.__call__`` loops ``zip(ip_hidden_states, self.scale, ...)`` and adds
+    the sum to ``torch.zeros_like(hidden_states)``: ``None`` (no image) stops it with a ``TypeError``, ``[]`` adds
+    exactly zero, as if no IP-Adapter were loaded. A fresh dict: the caller's is left as it was.
+    """
+    attn = kwargs.get("joint_attention_kwargs") or {}
+    if has_ip_adapter(module) and "ip_adapter_image_embeds" not in attn and "ip_hidden_states" not in attn:
+        return {**kwargs, "joint_attention_kwargs": {**attn, "ip_hidden_states": []}}
+    return kwargs
+
+
+# joint_attention_kwargs is the 8th parameter of FluxTransformer2DModel.forward: a call that passes it by position
+# is left alone (diffusers' pipelines and this package pass every argument by keyword)
+_JOINT_ATTENTION_POSITION = 7
+
+
+def _no_ip_image_hook(module, args, kwargs):
+    """Forward pre-hook of :func:`accept_calls_without_ip_image`."""
+    if len(args) > _JOINT_ATTENTION_POSITION:
+        return None
+    return args, without_ip_image(module, kwargs)
+
+
+def accept_calls_without_ip_image(transformer) -> None:
+    """Let ``pipe(image=..., prompt=...)`` run without ``ip_adapter_image`` on a transformer with an IP-Adapter.
+
+    A forward pre-hook applies :func:`without_ip_image` to every call: the IP-Adapter then adds exactly zero, and
+    the result equals the pipeline with the adapter unloaded. Registered once per transformer (``load_pipeline``
+    and the tiny pipeline do it when they attach the adapter); after ``pipe.unload_ip_adapter()`` it does nothing.
+    """
+    if not getattr(transformer, "_accepts_calls_without_ip_image", False):
+        transformer.register_forward_pre_hook(_no_ip_image_hook, with_kwargs=True)
+        transformer._accepts_calls_without_ip_image = True
 
 
 def ip_adapter_processors(transformer) -> list:

@@ -13,7 +13,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import image_to_rgb_tensor, mask_to_pil, pil_to_gray_array, rgb_tensor_to_pil, values_to_hw_array
+from .images import (
+    image_to_rgb_tensor,
+    mask_to_pil,
+    mask_to_tensor,
+    pil_to_gray_array,
+    pil_upright,
+    rgb_tensor_to_pil,
+    values_to_hw_array,
+)
 
 PAIR_FOLDERS = ("context", "target", "masks", "depth")
 OPTIONAL_FOLDERS = ("target_depth",)  # read when present; then every stem needs an image there too
@@ -36,6 +44,25 @@ def _cell_problem(part: str, value) -> str | None:
     if isinstance(value, Image.Image | torch.Tensor | np.ndarray):
         return None
     return f"expected an image (PIL, tensor or array), got {type(value).__name__}"
+
+
+def _same_frame(ref_size: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Same aspect ratio, up to 2 % or the rounding of a resize."""
+    (rw, rh), (w, h) = ref_size, size
+    return abs(w * rh - h * rw) <= max(0.02 * h * rw, w + h + rw + rh)
+
+
+def _cell_size(part: str, value) -> tuple[int, int]:
+    """``(W, H)`` of one image cell as :func:`write_pair` reads it (a PIL image upright by its EXIF orientation)."""
+    if isinstance(value, Image.Image):
+        return pil_upright(value).size
+    if part in ("context", "target"):
+        shape = image_to_rgb_tensor(value, part).shape  # [3, H, W]
+    elif part == "mask":
+        shape = mask_to_tensor(value, part).shape  # [1, 1, H, W]
+    else:
+        shape = values_to_hw_array(value, part).shape  # [H, W]
+    return shape[-1], shape[-2]
 
 
 def _repeated(names: list[str]) -> list[str]:
@@ -139,14 +166,32 @@ def check_hf_columns(ds, columns: dict[str, str]) -> None:
 
 
 def _row_problems(i: int, row: dict, columns: dict[str, str]) -> list[str]:
-    """Every bad cell of row ``i``; without a mask column, context and target must share one frame."""
+    """Every bad cell of row ``i``: empty or mistyped cells; then the sizes: the target exactly the context's, the
+    mask and the depth maps of the context's frame (its aspect ratio, as the folder reader checks)."""
     problems = [f"row {i}, column {col!r} ({part}): {why}" for part, col in columns.items()
                 if (why := _cell_problem(part, row[col]))]
-    if "mask" not in columns and not problems:
-        a, b = (image_to_rgb_tensor(row[columns[part]], part).shape for part in ("context", "target"))
-        if a != b:
-            problems.append(f"row {i}: context is {a[2]}x{a[1]} but target is {b[2]}x{b[1]} (W x H); mask=None "
-                            "derives the mask from their difference, which needs one frame")
+    if problems:
+        return problems
+    sizes = {}
+    for part in [p for p in IMAGE_PARTS.values() if p in columns]:
+        try:
+            sizes[part] = _cell_size(part, row[columns[part]])
+        except (TypeError, ValueError) as err:
+            problems.append(f"row {i}, column {columns[part]!r} ({part}): {err}")
+    ctx = sizes.get("context")
+    if ctx is None:
+        return problems
+    if sizes.get("target", ctx) != ctx:
+        w, h = sizes["target"]
+        derived = "" if "mask" in columns else "mask=None derives the mask from their difference; "
+        problems.append(f"row {i}, column {columns['target']!r} (target): {w}x{h} but the context is "
+                        f"{ctx[0]}x{ctx[1]} (W x H); {derived}an edit pair is one frame: give the target the "
+                        "context's size")
+    for part in ("mask", "depth", "target_depth"):
+        if part in sizes and not _same_frame(ctx, sizes[part]):
+            w, h = sizes[part]
+            problems.append(f"row {i}, column {columns[part]!r} ({part}): {w}x{h} has another aspect ratio than "
+                            f"the context's {ctx[0]}x{ctx[1]} (W x H); it must cover the context's frame")
     return problems
 
 

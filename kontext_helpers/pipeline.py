@@ -10,7 +10,14 @@ import os
 
 import torch
 
-from .models import default_device, default_dtype, dtype_argument, is_quantized, pipeline_modules
+from .models import (
+    accept_calls_without_ip_image,
+    default_device,
+    default_dtype,
+    dtype_argument,
+    is_quantized,
+    pipeline_modules,
+)
 from .rehearsal import _load_arguments, is_rehearsal_folder
 from .tiny import TINY_WEIGHTS_FILE, build_tiny_pipeline
 
@@ -132,6 +139,7 @@ def _load_ip_adapter(pipe, ip_adapter: str, weight_name: str) -> None:
         pipe.load_ip_adapter(ip_adapter, weight_name=weight_name, image_encoder_pretrained_model_name_or_path=None)
     except (OSError, ValueError) as err:
         raise _hub_help("the IP-Adapter", ip_adapter, err) from err
+    accept_calls_without_ip_image(pipe.transformer)  # pipe(...) without ip_adapter_image runs, the adapter adds zero
 
 
 def _resolve_sources(model: str, ip_adapter: str | None, image_encoder: str) -> tuple[str, str | None, str]:

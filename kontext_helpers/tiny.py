@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .models import pipeline_modules
+from .models import accept_calls_without_ip_image, pipeline_modules
 
 # The pretrained weights shipped with the package (written by ``python -m kontext_helpers pretrain-tiny``).
 TINY_WEIGHTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_weights", "tiny_kontext.safetensors")
@@ -155,6 +155,7 @@ def attach_ip_adapter(pipe, state_dict: dict[str, torch.Tensor], folder: str) ->
     path = os.path.join(folder, "ip_adapter.safetensors")
     save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
     pipe.load_ip_adapter(folder, weight_name="ip_adapter.safetensors", image_encoder_pretrained_model_name_or_path=None)
+    accept_calls_without_ip_image(pipe.transformer)  # pipe(...) without ip_adapter_image runs, the adapter adds zero
 
 
 def _tiny_text_encoders(tokenizer, tokenizer_2):

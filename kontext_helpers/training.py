@@ -17,6 +17,7 @@ from torch import nn
 
 from .cache import TrainCache, build_train_cache, depth_map_of
 from .checkpoints import (
+    check_checkpoint_files,
     list_checkpoints,
     load_checkpoint,
     read_checkpoint_config,
@@ -213,7 +214,7 @@ def checkpoint_to_resume(config: TrainConfig, *, verbose: bool = True) -> str | 
 
     Raises a ``ValueError`` naming every field that shapes the weights and differs (rank, alpha, LoRA
     targets, IP-Adapter LoRA, resolution, optimizer); other changes (steps, learning rates, checkpoint
-    spacing, ...) are accepted and printed. Reads only the checkpoint's ``state.json``.
+    spacing, ...) are accepted and printed. Reads ``state.json`` and checks the weight files (no tensor read).
     """
     found = list_checkpoints(config.output_dir) if config.resume else []
     if not found:
@@ -224,6 +225,7 @@ def checkpoint_to_resume(config: TrainConfig, *, verbose: bool = True) -> str | 
         raise ValueError(f"cannot resume from {path}: it was trained with other settings that shape the saved "
                          "weights:\n  - " + "\n  - ".join(blocking) + "\nUse the checkpoint's values, or start a "
                          "new run in another output_dir (or with resume=False).")
+    check_checkpoint_files(path)  # a damaged part fails here, naming the checkpoint before it
     if accepted and verbose:
         print(f"resuming from {path} with changed settings (used from now on): " + "; ".join(accepted))
     return path

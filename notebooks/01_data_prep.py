@@ -632,7 +632,8 @@ for folder in ("context", "target", "masks", "depth"):
 # Editing datasets on the Hub are tables: one row per pair, one column per part, with images that a
 # `datasets.Image()` column decodes to PIL. `kh.KontextPairs.from_hf_dataset(ds, root, context=..., target=...,
 # mask=..., depth=..., prompt=..., name=...)` names the columns, reads every row once and lists every missing
-# column, empty cell and repeated name in **one** error before anything is written; then it writes the folder
+# column, empty cell, repeated name, target of another size than its context, and mask or depth map of another
+# aspect ratio in **one** error before anything is written; then it writes the folder
 # above and opens it with the same checks. Below, the folder we just wrote becomes such a table (with a Hub
 # dataset's kind of column names) and comes back as a folder. A table without masks takes `mask=None`: each mask
 # is then derived with `kh.mask_from_difference`, as above. `datasets` is preinstalled in Colab and part of the

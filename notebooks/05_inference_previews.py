@@ -160,15 +160,23 @@ if trained_at != RESOLUTION:  # sample at the adapter's training size: its regio
 #
 # `kh.sample_edit` is `FluxKontextPipeline.__call__` step for step: the same prompt encoding, image
 # preprocessing, `prepare_latents`, timesteps and `mu` shift, guidance and Euler steps. It exists because the
-# pipeline cannot do two things we need:
+# pipeline has no input for what we add:
 #
 # 1. **The region signal.** The pipeline builds the sequence `[noisy target | context]` itself and has no input
 #    for the mask. `sample_edit` adds the region module's signal: by default a learned vector on every masked
 #    target and context token (notebook 03); the original design's `"linear"` kind appends one token with the id
 #    `(2, 0, 0)`. (Section 6 shows how to bring the same signal into `pipe(...)` with a hook.)
-# 2. **An IP-Adapter without a depth map.** With an IP-Adapter loaded, `pipe(...)` without `ip_adapter_image`
-#    crashes (shown below). `sample_edit(depth=None)` hands the adapter zero image tokens, so it adds exactly
-#    nothing, as if it were not loaded.
+# 2. **Depth on the tokens.** The depth module's offsets go onto the noisy target and the context tokens, where
+#    the pipeline has no input either (section 6's hook brings them into `pipe(...)` too).
+#
+# An IP-Adapter without a depth map needs care in both loops. diffusers' `FluxIPAdapterAttnProcessor.__call__`
+# loops `zip(ip_hidden_states, self.scale, ...)` over the image tokens it is given; a call without
+# `ip_adapter_image` leaves them at their default `None`, and diffusers alone stops there with a `TypeError`.
+# `sample_edit(depth=None)` hands it an empty list, so it adds exactly nothing, and `kh.load_pipeline` registers
+# the same on the transformer (a forward pre-hook), so the plain `pipe(image=..., prompt=...)` of every pipeline it
+# returns runs too. It gives, to the bit, what the same pipeline gives after `pipe.unload_ip_adapter()`
+# (`tests/test_inference.py` on the tiny model, with and without `kh.RegionHook`; `tests/test_pipeline.py` on a
+# local folder) and what the adapter gives at scale 0 (`tests/test_rehearsal.py`, real width).
 #
 # Before trusting our loop we compare it with the pipeline on a fresh pipeline without LoRA: same noise, same
 # settings, `output_type="latent"` (the packed latents `[1, N, 4C]` before decoding), `max_area=h * w` (else
@@ -192,22 +200,11 @@ def noise():
     return torch.Generator().manual_seed(SEED)  # the same starting noise for every call
 
 
-try:  # the plain call, as a diffusers user would write it, on a pipeline with an IP-Adapter and no depth map
-    pipe(image=context, prompt=prompt, max_area=h * w, generator=noise(), output_type="latent", _auto_resize=False,
-         **common)
-except TypeError as err:
-    print(f"pipe(...) without ip_adapter_image crashes: {type(err).__name__}: {err}")
-
-# %% [markdown]
-# The crash comes from the IP-Adapter's attention processor: it loops over the image embeddings it was
-# given, and without a depth map it was given `None`. For the comparison we give the pipeline what
-# `sample_edit` gives the adapter without depth: an empty list of image tokens (`ip_hidden_states=[]`). And a
-# second comparison with the depth map, where the pipeline's own IP-Adapter path runs.
-
-# %%
+# the plain call, as a diffusers user would write it, on a pipeline with an IP-Adapter and no depth map;
+# then a second comparison with the depth map, where the pipeline's own IP-Adapter path runs
 ours = kh.sample_edit(pipe, context, prompt, generator=noise(), output_type="latent", **common)
 theirs = pipe(image=context, prompt=prompt, max_area=h * w, generator=noise(), output_type="latent",
-              _auto_resize=False, joint_attention_kwargs={"ip_hidden_states": []}, **common).images
+              _auto_resize=False, **common).images
 print("no depth  : sample_edit", tuple(ours.shape), "vs pipe", tuple(theirs.shape), " # [1, N, 4C]",
       f" max |diff| = {(ours - theirs).abs().max().item():.3g}")
 
@@ -904,10 +901,11 @@ for g in (1.0, 2.5, 3.5):
 # %% [markdown]
 # ## Recap
 #
-# - `kh.sample_edit` is the Kontext sampling loop, equal to `pipe(...)` to the bit without region and with or
-#   without depth; it adds the region signal, the depth module's per-token depth (and blending on request), and
-#   handles an IP-Adapter without a depth map. `kh.RegionHook` brings the region and depth signals and the blend
-#   into `pipe(...)` itself.
+# - `kh.sample_edit` is the Kontext sampling loop: without mask, region and depth module it equals `pipe(...)` to
+#   the bit on the tiny model (with `depth`, `pipe(..., ip_adapter_image=depth)`; `tests/test_inference.py`); it
+#   adds the region signal, the depth module's per-token depth (and blending on request). A pipeline from
+#   `kh.load_pipeline` also runs `pipe(...)` without a depth map: its IP-Adapter then adds exactly zero.
+#   `kh.RegionHook` brings the region and depth signals and the blend into `pipe(...)` itself.
 # - `preview_grid` and `edit_metrics` answer one question: did it edit where asked (PSNR inside vs the target),
 #   and only there (PSNR outside vs the context)?
 # - A callback sees the latents after every step; unpack, un-normalise and decode them to watch the edit form.

@@ -219,6 +219,26 @@ def pair_folder(make_pairs, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# damaged files
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=("truncated", "garbage", "empty"))
+def damage_file(request):
+    """``damage_file(path)``: overwrite a file with what a failed copy or a full disk leaves of it; the test runs
+    once per kind: ``truncated`` (its first half), ``garbage`` (as many random bytes), ``empty`` (0 bytes)."""
+
+    def damage(path):
+        data = Path(path).read_bytes()
+        damaged = {"truncated": data[: len(data) // 2], "garbage": np.random.default_rng(0).bytes(len(data)),
+                   "empty": b""}[request.param]
+        Path(path).write_bytes(damaged)
+        return path
+
+    return damage
+
+
+# --------------------------------------------------------------------------------------------------
 # images, masks and depth maps for sampling
 # --------------------------------------------------------------------------------------------------
 

@@ -2,10 +2,11 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import kontext_helpers as kh
@@ -127,6 +128,72 @@ def test_load_adapter_rejects_missing_files_and_foreign_region(trained, attn_tar
     with pytest.raises(ValueError, match="c_in=32"):
         kh.load_adapter(fresh, foreign)
     assert not getattr(fresh.transformer, "peft_config", None), "a refused adapter must leave the pipeline untouched"
+
+
+# --------------------------------------------------------------------------------------------------
+# damaged files
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_adapter(trained, tmp_path_factory):
+    """``trained``'s adapter saved with a depth module too: a LoRA, a region and a depth file (read-only)."""
+    pipe, region, _ = trained
+    depth = kh.make_depth_module("tokens", 64)
+    torch.nn.init.normal_(depth.proj.weight, generator=torch.Generator().manual_seed(0))
+    return kh.save_adapter(pipe, region, str(tmp_path_factory.mktemp("full") / "edit"), depth_module=depth)
+
+
+@pytest.fixture(scope="module")
+def loaded_pipe(full_adapter):
+    """A tiny pipeline with ``full_adapter`` loaded: a failed load over it must leave it as it is."""
+    pipe = kh.load_pipeline("tiny")
+    kh.load_adapter(pipe, full_adapter)
+    return pipe
+
+
+def _damaged_copy(folder, name, tmp_path, damage_file):
+    """A copy of the adapter ``folder`` whose file ``name`` is damaged: ``(copy, damaged file)``."""
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    return str(copy), str(damage_file(copy / name))
+
+
+def _says_damaged_and_what_to_do(err, file):
+    msg = str(err.value)
+    assert f"{file} is damaged" in msg, f"the error must name the damaged file {file}: {msg}"
+    assert "Copy the adapter folder again" in msg and "kh.save_adapter" in msg, f"the error must say what to do: {msg}"
+    assert isinstance(err.value.__cause__, SafetensorError), "safetensors' own error stays attached as the cause"
+
+
+@pytest.mark.parametrize("name", [kh.LORA_WEIGHT_FILE, kh.REGION_WEIGHT_FILE, kh.DEPTH_WEIGHT_FILE])
+def test_a_damaged_adapter_file_is_named_and_the_pipeline_stays_as_it_was(full_adapter, loaded_pipe, damage_file,
+                                                                          tmp_path, name):
+    folder, file = _damaged_copy(full_adapter, name, tmp_path, damage_file)
+    transformer = loaded_pipe.transformer
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    adapters = {k: v.to_dict() for k, v in transformer.peft_config.items()}
+    with pytest.raises(ValueError) as err:
+        kh.load_adapter(loaded_pipe, folder)
+    _says_damaged_and_what_to_do(err, file)
+    assert {k: v.to_dict() for k, v in transformer.peft_config.items()} == adapters, "the LoRA adapters changed"
+    after = transformer.state_dict()
+    assert after.keys() == before.keys(), "a failed load must add or remove no weight"
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=f"a failed load changed {key}")
+    if name == kh.DEPTH_WEIGHT_FILE:
+        with pytest.raises(ValueError) as err:
+            kh.load_depth_module(folder, loaded_pipe)
+        _says_damaged_and_what_to_do(err, file)
+
+
+def test_export_comfyui_names_a_damaged_lora_and_writes_nothing(full_adapter, damage_file, tmp_path):
+    folder, file = _damaged_copy(full_adapter, kh.LORA_WEIGHT_FILE, tmp_path, damage_file)
+    out = tmp_path / "comfy.safetensors"
+    for source in (folder, file):  # the folder, or the LoRA file itself
+        with pytest.raises(ValueError) as err:
+            kh.export_comfyui(source, str(out))
+        _says_damaged_and_what_to_do(err, file)
+    assert not out.exists(), "nothing may be written from a damaged LoRA"
 
 
 # --------------------------------------------------------------------------------------------------

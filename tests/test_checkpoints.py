@@ -137,6 +137,67 @@ def test_checkpoint_lora_uses_the_adapter_key_format(checkpointed_run, fresh_pip
     assert not os.path.exists(os.path.join(path, "rng.safetensors")), "no RNG file: every draw derives from the seed"
 
 
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, one_pair, train_config):
+    """A 2-step run with checkpoints at steps 1 and 2 (LoRA, region, depth, optimizer): the damaged-file tests'."""
+    cfg = train_config(tmp_path_factory.mktemp("two"), steps=2, checkpoint_every=1)
+    kh.train(kh.load_pipeline("tiny", seed=0), one_pair(), cfg, progress=False)
+    return cfg
+
+
+@pytest.mark.parametrize("part", ["lora", "region", "depth", "optimizer"])
+def test_a_damaged_checkpoint_part_is_named_with_the_checkpoint_to_resume_from(two_checkpoints, damage_file, tmp_path,
+                                                                              part):
+    out = str(shutil.copytree(two_checkpoints.output_dir, tmp_path / "run"))
+    (_, first), (_, last) = kh.list_checkpoints(out)
+    file = damage_file(os.path.join(last, f"{part}.safetensors"))
+    with pytest.raises(ValueError) as err:
+        kh.load_checkpoint(last)
+    msg = str(err.value)
+    assert f"{file} is damaged" in msg, f"the error must name the damaged file: {msg}"
+    assert "Resume from the previous checkpoint" in msg and f"step 1 ({first}" in msg, f"name the one before: {msg}"
+    assert f"kh.list_checkpoints({out!r})" in msg, f"the error must say how to list the checkpoints: {msg}"
+    pipe = kh.load_pipeline("tiny", seed=0)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    cfg = dataclasses.replace(two_checkpoints, steps=3, resume=True, output_dir=out)
+    with pytest.raises(ValueError) as resumed:
+        kh.train(pipe, NoModelWork(cfg.resolution), cfg, progress=False)  # fails before the dataset is read
+    assert str(resumed.value) == msg, f"a resumed run must stop with the same message: {resumed.value}"
+    assert not getattr(pipe.transformer, "peft_config", None), "no LoRA may be attached before the check"
+    after = pipe.transformer.state_dict()
+    assert after.keys() == before.keys(), "the failed resume must add or remove no weight"
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=f"the failed resume changed {key}")
+
+
+def test_following_the_advice_resumes_from_the_previous_checkpoint(two_checkpoints, one_pair, tmp_path):
+    out = str(shutil.copytree(two_checkpoints.output_dir, tmp_path / "run"))
+    _, last = kh.list_checkpoints(out)[-1]
+    with open(os.path.join(last, "optimizer.safetensors"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=f"move the damaged folder {last} out of"):
+        kh.load_checkpoint(last)
+    shutil.move(last, tmp_path / "damaged")  # what the message says to do
+    cfg = dataclasses.replace(two_checkpoints, steps=2, resume=True, output_dir=out)
+    result = kh.train(kh.load_pipeline("tiny", seed=0), one_pair(), cfg, progress=False)
+    assert result.resumed_from == 1, f"with the damaged folder moved away the run resumes from step 1: {result}"
+    straight = _lora_region_and_depth(kh.list_checkpoints(two_checkpoints.output_dir)[-1][1])
+    for ours, theirs in zip(_lora_region_and_depth(kh.list_checkpoints(out)[-1][1]), straight):
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0,
+                                       msg=f"resumed from step 1, step 2 must equal the uninterrupted run: {key}")
+
+
+def test_a_damaged_first_checkpoint_says_a_resumed_run_starts_from_step_0(two_checkpoints, tmp_path):
+    out = str(shutil.copytree(two_checkpoints.output_dir, tmp_path / "run"))
+    _, first = kh.list_checkpoints(out)[0]
+    with open(os.path.join(first, "lora.safetensors"), "r+b") as f:
+        f.truncate(0)
+    with pytest.raises(ValueError, match="lists no other complete checkpoint, so a run with resume=True then "
+                                         "starts from step 0"):
+        kh.load_checkpoint(first)
+
+
 def test_save_and_load_checkpoint_round_trip(tmp_path):
     region = kh.MaskRegionToken(2, 2, 4)
     optimizer = torch.optim.AdamW(region.parameters(), lr=1e-3)

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 import kontext_helpers as kh
-from kontext_helpers.adapters import _save_depth, _save_region
+from kontext_helpers.adapters import _ADAPTER_FIX, _save_depth, _save_region
+from kontext_helpers.models import read_safetensors
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "comfyui" / "kontext_region"
 KINDS = ("marked", "marked_context", "linear", "cells")
@@ -210,6 +211,28 @@ def test_the_node_patches_a_clone_and_checks_the_file(node, tmp_path):
         node.KontextRegionApply().apply(flux2_like, torch.ones(1, 32, 32), str(folder))
     with pytest.raises(FileNotFoundError):
         node.KontextRegionApply().apply(model, torch.ones(1, 32, 32), str(tmp_path / "nothing_here.safetensors"))
+
+
+@pytest.mark.parametrize("which", ["region", "depth"])
+def test_both_nodes_name_a_damaged_file_as_the_package_does(node, damage_file, tmp_path, which):
+    """``read_module_file``, the nodes' one reader: a damaged file is the package's ``ValueError`` (same words:
+    the file, safetensors' complaint, what to do), and the input MODEL stays unpatched."""
+    if which == "region":
+        _, folder = _saved_region("marked", tmp_path / "adapter")
+        name, apply, picture = kh.REGION_WEIGHT_FILE, node.KontextRegionApply().apply, torch.ones(1, 32, 32)
+    else:
+        _, folder = _saved_depth(tmp_path / "adapter")
+        name, apply, picture = kh.DEPTH_WEIGHT_FILE, node.KontextDepthApply().apply, _depth_image(1, 32, 32, 0)
+    file = damage_file(folder / name)
+    with pytest.raises(ValueError) as package:
+        read_safetensors(str(file), _ADAPTER_FIX)
+    model = _FakePatcher(SimpleNamespace(img_in=torch.nn.Linear(64, 32)))
+    for source in (str(folder), str(file)):  # the adapter folder, or the file itself
+        with pytest.raises(ValueError) as err:
+            apply(model, picture, source)
+        assert str(err.value) == str(package.value), f"the node must say what the package says: {err.value}"
+        assert f"{file} is damaged" in str(err.value) and "kh.save_adapter" in str(err.value), f"{err.value}"
+    assert "patches" not in model.model_options["transformer_options"], "the input MODEL must stay unpatched"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -674,8 +674,40 @@ def test_from_hf_dataset_without_masks_derives_them_from_each_pair(sample_data, 
     assert 0 < float(derived[0]["mask"].mean()) < 0.5, "the derived mask marks the edit, not nothing or everything"
 
     rows = [dict(ds[0], edited=ds[0]["edited"].resize((32, 64)))]
-    with pytest.raises(ValueError, match=r"row 0: context is 512x512 but target is 32x64.*one frame"):
+    with pytest.raises(ValueError, match=r"row 0, column 'edited' \(target\): 32x64 but the context is 512x512 "
+                                         r"\(W x H\); mask=None derives.*one frame"):
         kh.KontextPairs.from_hf_dataset(rows, tmp_path / "z", **{**_HF_COLUMNS, "mask": None}, progress=False)
+
+
+def test_from_hf_dataset_lists_every_row_of_another_size_in_one_error(sample_data, tmp_path):
+    """The target has the context's size; the mask and the depth maps its frame (aspect ratio, as the folder reader
+    checks with the same function); every bad cell of every row in one error, before anything is written."""
+    ds, stems = _hf_pairs(sample_data, count=3)
+    rows = [dict(row, goal_depth=Image.open(sample_data / "target_depth" / f"{stem}.png"))
+            for row, stem in zip(list(ds) * 2, stems * 2)]
+    assert rows[0]["source"].size == (512, 512), "premise: the sample pairs are 512x512"
+    rows[0]["edited"] = rows[0]["edited"].resize((512, 384))  # another aspect ratio
+    rows[1]["edited"] = rows[1]["edited"].resize((256, 256))  # the same frame, but not the context's size
+    rows[2].update(edit_mask=rows[2]["edit_mask"].resize((512, 256)), depth_map=rows[2]["depth_map"].resize((256, 512)))
+    rows[3].update(edit_mask=rows[3]["edit_mask"].resize((256, 256)),  # same frame at another size: fine
+                   depth_map=np.asarray(rows[3]["depth_map"].resize((128, 128)), dtype=np.float32) / 65535.0)
+    rows[4].update(depth_map=torch.rand(1, 64, 32), goal_depth=rows[4]["goal_depth"].resize((512, 480)))
+    with pytest.raises(ValueError) as err:
+        kh.KontextPairs.from_hf_dataset(rows, tmp_path / "sizes", **_HF_COLUMNS, target_depth="goal_depth",
+                                        progress=False)
+    text = str(err.value)
+    for expected in ("row 0, column 'edited' (target): 512x384 but the context is 512x512 (W x H)",
+                     "row 1, column 'edited' (target): 256x256 but the context is 512x512 (W x H)",
+                     "row 2, column 'edit_mask' (mask): 512x256 has another aspect ratio than the context's 512x512",
+                     "row 2, column 'depth_map' (depth): 256x512 has another aspect ratio",
+                     "row 4, column 'depth_map' (depth): 32x64 has another aspect ratio",
+                     "row 4, column 'goal_depth' (target_depth): 512x480 has another aspect ratio"):
+        assert expected in text, f"missing {expected!r} in the one error: {text}"
+    assert text.count("\n  - ") == 6 and "row 3" not in text and "row 5" not in text, f"six problems only: {text}"
+    assert not (tmp_path / "sizes").exists(), "nothing is written when a row has the wrong size"
+    pairs = kh.KontextPairs.from_hf_dataset(rows[3:4] + rows[5:], tmp_path / "fine", **_HF_COLUMNS,
+                                            target_depth="goal_depth", resolution=64, progress=False)
+    assert len(pairs) == 2 and pairs[0]["mask"].shape == (1, 64, 64), "a mask or depth of the context's frame is fine"
 
 
 def test_from_hf_dataset_asks_for_rows_of_a_streamed_dataset(sample_data, tmp_path):

@@ -50,6 +50,10 @@ def test_real_loading_path_from_local_folders(tmp_path, pipe_call):
     img = Image.new("RGB", (64, 64), (10, 200, 10))
     out = pipe_call(pipe, img, ip_adapter_image=img)
     assert out.shape == (1, 16, 64) and torch.isfinite(out).all(), "the loaded pipeline must sample with depth"
+    plain = pipe_call(pipe, img)  # no ip_adapter_image: the attached adapter adds zero
+    pipe.unload_ip_adapter()
+    torch.testing.assert_close(plain, pipe_call(pipe, img), rtol=0, atol=0,
+                               msg="pipe(...) without ip_adapter_image must equal the pipeline, adapter unloaded")
 
 
 def test_loading_in_bf16_raises_no_dtype_deprecation_from_our_calls(tmp_path, capfd):

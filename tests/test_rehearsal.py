@@ -218,6 +218,29 @@ def test_ip_adapter_attaches_16_image_tokens_at_real_width(rehearsal_pipe, rando
     assert torch.isfinite(embeds[0]).all(), "the depth embedding must be finite"
 
 
+def test_plain_pipe_call_without_depth_equals_the_adapter_at_scale_zero(rehearsal_pipe, random_image, random_depth,
+                                                                        edit_prompt):
+    """``pipe(image=..., prompt=...)`` with the IP-Adapter attached and no ``ip_adapter_image`` runs at real width
+    and equals diffusers' own adapter path with an image at scale 0 (it adds ``0 * attention``)."""
+    def call(**extra):
+        return rehearsal_pipe(image=random_image(SIZE, SIZE, 4), prompt=edit_prompt, height=SIZE, width=SIZE,
+                              max_area=SIZE * SIZE, _auto_resize=False, num_inference_steps=2,
+                              max_sequence_length=MAX_TOKENS, generator=torch.Generator().manual_seed(0),
+                              output_type="latent", **extra).images
+
+    plain = call()
+    scales = [list(p.scale) for p in kh.ip_adapter_processors(rehearsal_pipe.transformer)]
+    rehearsal_pipe.set_ip_adapter_scale(0.0)
+    try:
+        zero = call(ip_adapter_image=random_depth(SIZE, SIZE))
+    finally:
+        for proc, scale in zip(kh.ip_adapter_processors(rehearsal_pipe.transformer), scales):
+            proc.scale = scale
+    assert plain.shape == (1, 16, 64) and torch.isfinite(plain).all(), f"packed latents [1, N, 4C]: {plain.shape}"
+    torch.testing.assert_close(plain, zero, rtol=0, atol=0,
+                               msg=lambda m: f"no ip_adapter_image must equal the adapter at scale 0: {m}")
+
+
 # --------------------------------------------------------------------------------------------------
 # training, resume, sampling, adapters and the ComfyUI export
 # --------------------------------------------------------------------------------------------------

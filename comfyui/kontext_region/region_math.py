@@ -46,17 +46,25 @@ class RegionWeights:
 
 def read_module_file(path: str, weight_file: str, hint: str = "") -> tuple[str, dict, dict]:
     """``(file, metadata, float32 tensors)`` of a module file ``kh.save_adapter`` wrote: ``path`` is the file or the
-    adapter folder holding ``weight_file``; ``hint`` ends the message of a missing file."""
-    from safetensors import safe_open
+    adapter folder holding ``weight_file``; ``hint`` ends the message of a missing file. The nodes' one reader: a
+    damaged file (cut short, empty, not safetensors) is a ``ValueError`` naming it and what to do, as the package's
+    ``read_safetensors`` says it (this folder does not import kontext_helpers)."""
+    from safetensors import SafetensorError, safe_open
 
     if os.path.isdir(path):
         path = os.path.join(path, weight_file)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: pass a {weight_file} file or an adapter folder written by "
                                 f"kh.save_adapter{hint}")
-    with safe_open(path, framework="pt") as fh:
-        meta = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k).float() for k in fh.keys()}
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k).float() for k in fh.keys()}
+    except (SafetensorError, OSError) as err:  # safetensors' header and length checks; a storage read failing
+        raise ValueError(f"{path} is damaged: it is not a complete safetensors file ({os.path.getsize(path)} bytes; "
+                         f"safetensors says: {err}). A copy cut short, a full disk or an unfinished sync leaves such a "
+                         "file. Copy the adapter folder again from where it was saved (or download it again), or "
+                         "save it again with kh.save_adapter from the training run.") from err
     return path, meta, tensors
 
 
