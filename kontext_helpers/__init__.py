@@ -25,6 +25,8 @@ the notebooks, and each imports only the modules above it:
     draws         04       what each update draws: a batch of one bucket, the sigmas (a function of seed and step)
     cache         04       constant work once per sample: the training cache
     training      04       the training loop: updates, checkpoints, previews, trackers
+    solutions     01-05    one solution per graded exercise (look only after trying)
+    exercises     01-05    ``kh.exercises.check_<name>(your_function)``: graded against diffusers and the package
     pretrain               ``python -m kontext_helpers pretrain-tiny``: the tiny model's shipped weights
     cli                    ``python -m kontext_helpers train`` (and ``pretrain-tiny``, ``memory-plan``)
     colab                  the notebooks' setup in Colab: Drive, Hub login, bitsandbytes when a preset needs it
@@ -53,6 +55,7 @@ The ``"tokens"`` depth kind adds a ``[B, N, 4C]`` offset to the target and the c
 The design and the corrections to the original design are in ``docs/design.md``.
 """
 
+from . import exercises as exercises  # kh.exercises.check_<name>(fn): the graded exercises
 from .adapters import (
     ADAPTER_CONFIG_FILE,
     DEPTH_WEIGHT_FILE,

@@ -664,34 +664,62 @@ shutil.rmtree(WORK)  # the temporary folders of sections 1, 5 and 6
 # %% [markdown]
 # ## Exercises
 #
-# Try each one first (write your answer down), then run its solution cell.
+# Each exercise asks for one function. Write it in its cell in place of the `raise NotImplementedError(...)` line
+# and run the cell: the check below your function calls it on inputs of its own, compares the result with the
+# package's own function, and names the first shape or value that differs (and where). Until you fill a cell in,
+# its check stops with a message, so "Run all" stops at the first exercise you have not done yet.
+# Stuck? `kh.exercises.show_solution("binarize_mask")` prints one solution (any exercise's name works).
 #
-# **Exercise 1 (predict).** `kh.mask_from_difference(context, target, threshold=0.0)` marks the pixels that
-# changed. What comes back for a "pair" whose target *is* its context?
+# ### Exercise 1.1: binarise a grey mask
 #
-# **Exercise 2 (experiment).** A 96 x 64 px picture whose left 16 px are red goes through
-# `KontextPairs(..., resize="crop")` at 64 px. How much of the red survives? And with `resize="square"`?
+# Mask files are often grey: anti-aliased edges, a soft brush, JPEG noise. `kh.KontextPairs(...,
+# mask_threshold=0.5)` makes them 0 or 1 (section 5). Write `binarize_mask(grey, threshold)`: a `[H, W]` float
+# tensor in `[0, 1]` -> a `[H, W]` float tensor of 0 and 1, where 1 (editable) means the value is at least the
+# threshold. The check compares it with the package's mask reading at three thresholds, on pixels that lie exactly
+# on them too.
 
 # %%
-# Solution 1: nothing changed, so nothing is editable: an all-zero mask [1, H, W]
-same = kh.mask_from_difference(data[PAIR]["context"], data[PAIR]["context"], threshold=0.0)
-print("mask of an unchanged pair:", tuple(same.shape), "sum", float(same.sum()))
-assert same.sum() == 0, "an unchanged pair has no editable pixel"
+def binarize_mask(grey, threshold):
+    # grey [H, W] in [0, 1] -> [H, W] float, 1 = editable
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_binarize_mask(binarize_mask)
+
+# %% [markdown]
+# ### Exercise 1.2: distances to a depth map with near = 1
+#
+# A metric depth estimator or a renderer gives distances: far = large. The model wants `[0, 1]` with **near = 1**
+# (section 4). Write `depth_near_one(distance)`: a `[H, W]` distance map -> `[H, W]`, min-max normalised so that the
+# nearest pixel is 1 and the farthest 0. What should a constant map (no depth information at all) give? The check
+# compares it with `kh.pil_to_depth_array(image, normalize="minmax", invert=True)`, what `KontextPairs(...,
+# depth_invert=True)` does with a far = bright file.
 
 # %%
-# Solution 2: "crop" keeps the centre 64 x 64, so the red band (x < 16) is cut away; "square" squeezes it to 11 px
-import tempfile
+def depth_near_one(distance):
+    # distance [H, W], far = large -> [H, W] in [0, 1], near = 1
+    raise NotImplementedError("your code here")
 
-wide = np.zeros((64, 96, 3), np.uint8)  # [H, W, 3]
-wide[:, :16] = (255, 0, 0)
-with tempfile.TemporaryDirectory() as folder:
-    kh.write_pair_folder(folder, [Image.fromarray(wide)], [Image.fromarray(wide)], [np.ones((64, 96), np.uint8)],
-                         [np.zeros((64, 96), np.uint8)], ["keep"], names=["wide"], overwrite=True)
-    for policy in ("crop", "square"):
-        ctx = kh.KontextPairs(folder, resolution=64, resize=policy)[0]["context"]  # [3, 64, 64]
-        red_columns = int(((ctx[0] > 0.5) & (ctx[1] < 0.5)).any(0).sum())
-        print(f"resize={policy!r}: {red_columns} of 64 columns are red")
-        assert (red_columns == 0) if policy == "crop" else (0 < red_columns < 16), policy
+
+kh.exercises.check_depth_near_one(depth_near_one)
+
+# %% [markdown]
+# ### Exercise 1.3: a mask from a before / after pair
+#
+# Write `mask_from_difference(context, target, threshold, dilate)` for two `[3, H, W]` images in `[0, 1]`: a pixel
+# is editable when the **largest** of its three channel differences exceeds `threshold`; then the mask grows by
+# `dilate` pixels in every direction (a square neighbourhood; `torch.nn.functional.max_pool2d` does it), so it covers
+# the edit with a margin. Return `[1, H, W]` floats, 0 or 1. The check compares it with `kh.mask_from_difference`
+# (section 5) on a pair with a change in the blue channel alone, one in a corner and one faint change. Why the
+# largest channel difference and not the mean of the three?
+
+# %%
+def mask_from_difference(context, target, threshold, dilate):
+    # context, target [3, H, W] in [0, 1] -> [1, H, W] float, 1 = editable
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_mask_from_difference(mask_from_difference)
 
 # %% [markdown]
 # ## Recap

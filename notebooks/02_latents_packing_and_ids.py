@@ -309,7 +309,7 @@ except ValueError as err:
 # top-left token's; RoPE only looks at *differences* of ids, and each of the three numbers turns its own slice of
 # every attention head's dimensions (16, 56 and 56 of 128 on FLUX.1). So only the 16 type dimensions tell the
 # region token from a top-left token: for attention it sits in the top-left corner "one image further on", and
-# nothing in its id says where the mask is. Exercise 2 below moves it.
+# nothing in its id says where the mask is. The experiment at the end moves it.
 #
 # `kh.img_ids_grid(h_tok, w_tok, mark)` builds the ids of one grid `[N, 3]`; `kh.kontext_img_ids(h_tok, w_tok)`
 # the whole image sequence with the original design's token, `[2N+1, 3]` (`with_region=False`: the `[2N, 3]` of
@@ -460,40 +460,21 @@ plt.show()
 # %% [markdown]
 # ## Exercises
 #
-# **Exercise 1 (write the code: packing).** Write `pack(lat)` for latents `[B, C, H_l, W_l]` with one `view`, one
-# `permute` and one `reshape`, giving `[B, N, 4C]` tokens in the pipeline's order, and check it against diffusers'
-# own `FluxKontextPipeline._pack_latents` on the latents of a 256 x 384 px image (H x W). Predict the shapes first:
-# the latents, the packed tokens, and the ids of the whole sequence `[target | context | region]`.
+# First an experiment to run and think about, then three exercises that each ask for one function. Write it in its
+# cell in place of the `raise NotImplementedError(...)` line and run the cell: the check below your function calls
+# it on inputs of its own, compares the result with diffusers' own function, and names the first shape or value
+# that differs (and where). Until you fill a cell in, its check stops with a message, so "Run all" stops at the
+# first exercise you have not done yet. Stuck? `kh.exercises.show_solution("pack")` prints one solution (any
+# exercise's name works).
 #
-# **Exercise 2 (experiment: where does RoPE put the region token?).** Compute the rotary embeddings of the ids
-# with diffusers' own `FluxPosEmbed` (FLUX.1's axes, 16/56/56) and compare the region token `(2, 0, 0)` with the
-# top-left target token `(0, 0, 0)`. Then move the region id to the mask's centroid: what changes?
+# ### Experiment: where does RoPE put the region token?
+#
+# Compute the rotary embeddings of the ids with diffusers' own `FluxPosEmbed` (FLUX.1's axes, 16/56/56) and compare
+# the region token `(2, 0, 0)` with the top-left target token `(0, 0, 0)`. Then move the region id to the mask's
+# centroid: what changes? Predict first, then run the cell.
 
 # %%
-# Solution 1: 256 / 8 = 32 and 384 / 8 = 48 latent cells; 2 x 2 packing gives 16 x 24 = 384 tokens of 4C
-from diffusers import FluxKontextPipeline
-
-
-def pack(lat):
-    b, c, h, w = lat.shape
-    x = lat.view(b, c, h // 2, 2, w // 2, 2)  # [B, C, H_l, W_l] -> [B, C, H', 2, W', 2]
-    x = x.permute(0, 2, 4, 1, 3, 5)  # -> [B, H', W', C, 2, 2]: each token's C x 2 x 2 values together
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)  # -> [B, N, 4C]
-
-
-C_LAT = vae.config.latent_channels
-lat_256x384 = torch.randn(1, C_LAT, 256 // 8, 384 // 8, generator=torch.Generator().manual_seed(0))  # [B, C, H/8, W/8]
-theirs_tok = FluxKontextPipeline._pack_latents(lat_256x384, 1, C_LAT, 256 // 8, 384 // 8)  # diffusers' own
-torch.testing.assert_close(pack(lat_256x384), theirs_tok, rtol=0, atol=0, msg="pack must equal _pack_latents")
-tok_256x384, grid_256x384 = kh.pack_like_pipeline(lat_256x384)  # [B, N, 4C], (H', W')
-ids_256x384 = kh.kontext_img_ids(*grid_256x384)  # [2N + 1, 3]
-print("latents", tuple(lat_256x384.shape), "-> tokens", tuple(tok_256x384.shape), "grid", grid_256x384,
-      "-> ids", tuple(ids_256x384.shape))
-assert tok_256x384.shape == (1, 384, 4 * C_LAT) and ids_256x384.shape == (2 * 384 + 1, 3)
-
-# %%
-# Solution 2: the 16 type dimensions are the only difference between the region token and the top-left token;
-# at the centroid, the 112 position dimensions turn to the centroid token's instead
+# RoPE of the ids: the region token against the top-left target token, then moved to the mask's centroid
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed  # the transformer's own (diffusers 0.35+)
 
 rope = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])  # FLUX.1's transformer: axes_dims_rope (16, 56, 56)
@@ -514,6 +495,53 @@ print(f"region at the centroid {centroid} vs the target token there:",
       differs(cos_moved[-1], cos_moved[centroid_token]), "dimensions differ; vs the top-left token:",
       differs(cos_moved[-1], cos_moved[0]))
 assert differs(cos_ex[-1][16:], cos_ex[0][16:]) == 0, "row and column dimensions equal the top-left token's"
+
+# %% [markdown]
+# ### Exercise 2.1: pack the latents
+#
+# Write `pack(latents)` for latents `[B, C, H_l, W_l]` with one `view`, one `permute` and one `reshape`, giving
+# `[B, N, 4C]` tokens in the pipeline's order (section 2): each 2x2 patch one token, the tokens row by row. The
+# check compares your tokens with diffusers' own `FluxKontextPipeline._pack_latents`, bit for bit, on latents that
+# are not square.
+
+# %%
+def pack(latents):
+    # latents [B, C, H_l, W_l] -> tokens [B, N, 4C]
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_pack(pack)
+
+# %% [markdown]
+# ### Exercise 2.2: unpack the tokens
+#
+# Decoding needs the way back (section 4). Write `unpack(tokens, h_tok, w_tok)`: `[B, N, 4C]` tokens on an
+# `h_tok x w_tok` grid -> latents `[B, C, 2 h_tok, 2 w_tok]`. The check compares it with diffusers'
+# `FluxKontextPipeline._unpack_latents`, bit for bit.
+
+# %%
+def unpack(tokens, h_tok, w_tok):
+    # tokens [B, N, 4C] -> latents [B, C, H_l, W_l]
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_unpack(unpack)
+
+# %% [markdown]
+# ### Exercise 2.3: the position ids of target and context
+#
+# Write `image_ids(h_tok, w_tok)`: the ids `[2N, 3]` of the sequence `[target | context]`, one row `(type, row,
+# col)` per token, in the tokens' row-major order (section 3): the target's `N` rows first, then the context's.
+# The check compares them with the ids `FluxKontextPipeline.prepare_latents` builds (`_prepare_latent_image_ids`
+# twice, the context's first column set to 1), on a grid that is not square.
+
+# %%
+def image_ids(h_tok, w_tok):
+    # -> ids [2N, 3]: (type, row, col) of every target token, then of every context token
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_image_ids(image_ids)
 
 # %% [markdown]
 # ## Recap

@@ -920,36 +920,60 @@ plt.show()
 # %% [markdown]
 # ## Exercises
 #
-# **Exercise 1 (predict).** What is the region token of an *empty* mask (no editable token)?
+# Each exercise asks for one function. Write it in its cell in place of the `raise NotImplementedError(...)` line
+# and run the cell: the check below your function calls it on inputs of its own, compares the result with
+# diffusers' or the package's own function, and names the first shape or value that differs (and where). Until you
+# fill a cell in, its check stops with a message, so "Run all" stops at the first exercise you have not done yet.
+# Stuck? `kh.exercises.show_solution("token_grid")` prints one solution (any exercise's name works).
 #
-# **Exercise 2 (write the code: the mask on the token grid).** Write `mask_to_grid(mask, h_tok, w_tok, mode)` for
-# a `[B, 1, H, W]` mask whose sides are multiples of the grid, with one `reshape` and one reduction, no pooling
-# function: `"max"` marks a token editable when *any* of its pixels is, `"area"` gives its editable fraction.
-# Check both against `kh.mask_to_token_grid` on this pair's mask. How many tokens does each count, and which one
-# does the loss use, and why?
+# ### Exercise 3.1: the mask on the token grid
+#
+# Write `token_grid(mask, h_tok, w_tok, mode)` for a `[B, 1, H, W]` mask whose sides are multiples of the grid, with
+# one `reshape` and one reduction, no pooling function (section 1): `mode="area"` gives each token its editable
+# fraction, `mode="max"` marks a token editable when any of its pixels is. The result is `[B, 1, H', W']`. The
+# check compares both modes with `kh.mask_to_token_grid` on a mask that does not line up with the tokens.
 
 # %%
-# Solution 1: an empty mask is a zero input to Linear(H'W' -> 4C): the token is the layer's bias alone
-empty = region(torch.zeros(1, 1, h_tok, w_tok, device=DEVICE))  # [1, 1, 4C]
-torch.testing.assert_close(empty[0, 0], region.proj.bias, msg="the empty mask's token is the bias")
-print("empty mask -> token == region.proj.bias:", tuple(empty.shape))
+def token_grid(mask, h_tok, w_tok, mode):
+    # mask [B, 1, H, W] -> [B, 1, H', W']
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_token_grid(token_grid)
+
+# %% [markdown]
+# ### Exercise 3.2: flow matching, `x_t` and the velocity
+#
+# Write `flow_matching(x0, noise, sigma)` for clean latents and noise `[B, N, 4C]` and one `sigma` per sample `[B]`:
+# return `x_t`, the point at `sigma` on the straight line from `x0` (`sigma = 0`) to the noise (`sigma = 1`), and
+# the velocity `v = d x_t / d sigma` the transformer learns to predict. The check compares `x_t` with diffusers'
+# forward process, `FlowMatchEulerDiscreteScheduler.scale_noise`, and `v` with its derivative.
 
 # %%
-# Solution 2: cut the mask into one tile per token, then reduce every tile: max or mean.
-# The loss uses max: a token with any edited pixel must be free to change (else the outside term fights the edit)
-def mask_to_grid(m, h_tok, w_tok, mode="max"):
-    b, _, h, w = m.shape
-    tiles = m.float().reshape(b, 1, h_tok, h // h_tok, w_tok, w // w_tok)  # [B, 1, H, W] -> [B, 1, H', 16, W', 16]
-    return tiles.amax(dim=(3, 5)) if mode == "max" else tiles.mean(dim=(3, 5))  # -> [B, 1, H', W']
+def flow_matching(x0, noise, sigma):
+    # x0, noise [B, N, 4C], sigma [B] -> (x_t [B, N, 4C], v [B, N, 4C])
+    raise NotImplementedError("your code here")
 
 
-for mode in ("max", "area"):
-    torch.testing.assert_close(mask_to_grid(mask, h_tok, w_tok, mode), kh.mask_to_token_grid(mask, h_tok, w_tok,
-                                                                                             mode=mode),
-                               msg=f"mode={mode!r} must equal kh.mask_to_token_grid")
-by_max, by_area = mask_to_grid(mask, h_tok, w_tok, "max"), mask_to_grid(mask, h_tok, w_tok, "area")
-print(f"both modes equal kh.mask_to_token_grid; editable tokens: max {int(by_max.sum())}, area "
-      f"{float(by_area.sum()):.1f} (of {h_tok * w_tok})")
+kh.exercises.check_flow_matching(flow_matching)
+
+# %% [markdown]
+# ### Exercise 3.3: the masked loss
+#
+# Write `masked_loss(pred_v, tgt, ctx, noise, mask_tok)` for the predicted velocity, the target's and the context's
+# tokens and the noise, all `[B, N, 4C]`, and the mask on the token grid `[B, 1, H', W']` (0 and 1, or area
+# fractions). Return `(loss_in, loss_out)` (section 8): inside, the squared error of `pred_v` to the target's
+# velocity; outside, to the context's velocity `noise - ctx`; each the mean over its tokens (weighted by the mask, or
+# by `1 - mask`) and all `4C` channels. The check compares them with the `loss_in` and `loss_out` of
+# `kh.fm_masked_dual_loss_with_l2`.
+
+# %%
+def masked_loss(pred_v, tgt, ctx, noise, mask_tok):
+    # pred_v, tgt, ctx, noise [B, N, 4C], mask_tok [B, 1, H', W'] -> (loss_in, loss_out)
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_masked_loss(masked_loss)
 
 # %% [markdown]
 # ## Recap

@@ -420,7 +420,7 @@ print("evaluation loss before training:", {k: round(v, 4) for k, v in before.ite
 # step (with and without the prompt), it takes the guidance value as an input, embedded with the timestep into
 # `temb`, which modulates every block (AdaLN). Trainers differ in what they feed while training: SimpleTuner
 # defaults to 1.0 (`flux_guidance_value`), diffusers' Kontext script to 3.5 (`--guidance_scale`); we feed 1.0
-# (`TrainConfig.guidance`). The pipeline samples at 2.5-3.5 (exercise 2 measures the difference).
+# (`TrainConfig.guidance`). The pipeline samples at 2.5-3.5 (the experiment at the end measures the difference).
 #
 # `kh.train` repeats one step thousands of times. Here it is written out once, from the cache to the optimizer,
 # with nothing hidden: a fresh LoRA (`kh.add_lora`, PEFT's gaussian initialisation as `kh.train` uses it, `B = 0`)
@@ -917,39 +917,75 @@ print("train_config (abridged):", {k: train_config[k] for k in ("resolution", "s
 # %% [markdown]
 # ## Exercises
 #
-# **Exercise 1 (predict).** `kh.add_lora` (and so `kh.train`) asks PEFT for its gaussian initialisation:
-# `lora_A` drawn with std `1/r`, `lora_B` at zero (`LoraLayer.reset_lora_parameters`). What is the mean square
-# of one fresh rank-`r` LoRA layer on a `Linear(d_in -> d_out)`? (That is what the L2 term sees at step 0.) And
-# what is the original design's *sum* of squares for one of FLUX.1's 3072-wide layers at rank 16?
+# First an experiment to run and think about, then three exercises that each ask for one function. Write it in its
+# cell in place of the `raise NotImplementedError(...)` line and run the cell: the check below your function calls
+# it on inputs of its own, compares the result with diffusers', PEFT's or the package's own function, and names the
+# first shape or value that differs (and where). Until you fill a cell in, its check stops with a message, so "Run
+# all" stops at the first exercise you have not done yet. Stuck? `kh.exercises.show_solution("training_sigmas")`
+# prints one solution (any exercise's name works).
 #
-# **Exercise 2 (experiment: guidance while training).** Training feeds Kontext's distilled guidance at 1.0
-# (`cfg.guidance`). Measure the trained model's evaluation loss with guidance 1.0 and 3.5. Which one does
-# the model fit, and why would you train at 1.0 but sample at 2.5-3.5?
+# ### Experiment: guidance while training
+#
+# Training feeds Kontext's distilled guidance at 1.0 (`cfg.guidance`). Measure the trained model's evaluation loss
+# with guidance 1.0 and 3.5. Which one does the model fit, and why would you train at 1.0 but sample at 2.5-3.5?
+# Predict first, then run the cell.
 
 # %%
-# Solution 1: A has r * d_in entries with E[a^2] = 1 / r^2, so its sum of squares is about d_in / r; B has
-# d_out * r zeros: mean = (d_in / r) / (r * d_in + r * d_out) = d_in / (r^2 (d_in + d_out)).
-# For d_in = d_out = 3072 and r = 16: mean 1 / 512; sum d_in / r = 192 per layer (and about 51,000 over the real
-# model's attention layers, docs/design.md note 9)
-from peft import LoraConfig, inject_adapter_in_model
-
-d_in = d_out = 3072  # FLUX.1's attention projections
-r = 16
-layer = inject_adapter_in_model(LoraConfig(r=r, target_modules=["proj"], init_lora_weights="gaussian"),
-                                torch.nn.ModuleDict({"proj": torch.nn.Linear(d_in, d_out)}))
-lora_ab = [p for n, p in layer.named_parameters() if "lora_" in n]
-measured, predicted = float(kh.mean_square(lora_ab)), d_in / (r**2 * (d_in + d_out))
-total = float(sum(p.pow(2).sum() for p in lora_ab))
-print(f"mean square {measured:.3e}, predicted {predicted:.3e}; the sum of squares: {total:.1f} for this one "
-      f"layer, predicted {d_in / r:.0f}")
-assert abs(measured / predicted - 1) < 0.05, "the prediction holds within sampling noise"
-
-# %%
-# Solution 2: training used guidance 1.0, so the LoRA fits that input best; the evaluation loss at 3.5 measures
-# the model off its training condition (the base model was distilled to follow the guidance value at sampling)
+# The evaluation loss of the trained model at the guidance it was trained with, and at the pipeline's 3.5
 for g in (1.0, 3.5):
     ev = kh.evaluation_loss(pipe, result.region, cache, guidance=g, depth_module=result.depth)
     print(f"guidance {g}: evaluation loss {ev['loss']:.4f} (in {ev['err_in']:.4f}, out {ev['err_out']:.4f})")
+
+# %% [markdown]
+# ### Exercise 4.1: training sigmas on the scheduler's table
+#
+# `kh.sample_sigmas` draws `u` in `[0, 1)` (uniformly, or logit-normal with `timestep_sampling="logit_normal"`) and
+# puts it on the scheduler's 1000 training sigmas `k / 1000`, `k = 1..1000` (section 3). Write
+# `training_sigmas(u)`: cut `[0, 1)` into 1000 bins of equal width; the first bin (`u = 0`) gets sigma 1.0, the last
+# 0.001. `u` is `[B]`, so is the result. The check feeds your function the very draws behind `kh.sample_sigmas`,
+# for both modes, and compares. Why must the result never be 0?
+
+# %%
+def training_sigmas(u):
+    # u [B] in [0, 1) -> sigma [B], each one of k / 1000, k = 1..1000
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_training_sigmas(training_sigmas)
+
+# %% [markdown]
+# ### Exercise 4.2: the clean estimate behind a velocity
+#
+# At `sigma` the transformer predicts a velocity `v` (`[B, N, 4C]`). One Euler step from `sigma` straight down to
+# 0 follows it to the clean latents the model aims at: its best guess of the edited image after a single call.
+# Write `clean_estimate(x_t, v, sigma)` with `sigma` of shape `[B]`. The check compares it with diffusers'
+# `FlowMatchEulerDiscreteScheduler.step` from each sample's sigma to 0. How far off is this guess when `v` is off
+# by `dv`, at `sigma = 0.9` and at `sigma = 0.1`?
+
+# %%
+def clean_estimate(x_t, v, sigma):
+    # x_t, v [B, N, 4C], sigma [B] -> the clean estimate [B, N, 4C]
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_clean_estimate(clean_estimate)
+
+# %% [markdown]
+# ### Exercise 4.3: a fresh LoRA's mean square, predicted
+#
+# `kh.add_lora` (and so `kh.train`) asks PEFT for its gaussian initialisation: `lora_A` `[r, d_in]` drawn with
+# std `1/r`, `lora_B` `[d_out, r]` at zero (`LoraLayer.reset_lora_parameters`). Write `lora_mean_square(d_in,
+# d_out, rank)`: the mean of `p**2` over every entry of both matrices (`kh.mean_square`) that this initialisation
+# gives on average, as a formula. The check measures it on three freshly initialised layers and accepts 5 %
+# (the sampling noise). Then try FLUX.1's 3072-wide attention layers at rank 16.
+
+# %%
+def lora_mean_square(d_in, d_out, rank):
+    # -> one float: the expected mean of p**2 over lora_A [rank, d_in] and lora_B [d_out, rank]
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_lora_mean_square(lora_mean_square)
 
 # %% [markdown]
 # ## Recap

@@ -854,49 +854,96 @@ if RUN_DEPTH:
 # %% [markdown]
 # ## Exercises
 #
-# **Exercise 1 (write the code: the Euler step).** Write `euler_step(x, v, sigma, sigma_next)`, one step of the
-# sampling loop from section 1, and check it against diffusers' own `FlowMatchEulerDiscreteScheduler.step` on
-# random latents and velocities at the first step of this notebook's schedule. Then predict: how many times does
-# `sample_edit` call the transformer for `NUM_STEPS` steps, and what is the last sigma?
+# First an experiment to run and think about, then four exercises that each ask for one function. Write it in its
+# cell in place of the `raise NotImplementedError(...)` line and run the cell: the check below your function calls
+# it on inputs of its own, compares the result with diffusers' or the package's own function, and names the first
+# shape or value that differs (and where). The checks take this notebook's `pipe.scheduler` as the reference. Until
+# you fill a cell in, its check stops with a message, so "Run all" stops at the first exercise you have not done
+# yet. Stuck? `kh.exercises.show_solution("euler_sample")` prints one solution (any exercise's name works).
 #
-# **Exercise 2 (experiment: the guidance value at sampling).** Sample the same edit at guidance 1.0, 2.5 and 3.5
-# from the same noise and compare the metrics. (FLUX.1 Kontext [dev] was *distilled* to take guidance as an
-# input. The tiny model was not distilled: it was pretrained with guidance values drawn from 1 to 4, so for it
-# guidance is just another input in the range it has seen, and 2.5 lies inside.)
+# ### Experiment: the guidance value at sampling
+#
+# Sample the same edit at guidance 1.0, 2.5 and 3.5 from the same noise and compare the metrics. (FLUX.1 Kontext
+# [dev] was *distilled* to take guidance as an input. The tiny model was not distilled: it was pretrained with
+# guidance values drawn from 1 to 4, so for it guidance is just another input in the range it has seen, and 2.5
+# lies inside.)
 
 # %%
-# Solution 1: x moves along the predicted velocity by the (negative) sigma step
-def euler_step(x, v, sigma, sigma_next):
-    return x + (sigma_next - sigma) * v  # [B, N, 4C]
-
-
-check = pipe.scheduler.__class__.from_config(pipe.scheduler.config)  # a copy: leave the pipeline's alone
-mu_here = calculate_shift((h // 16) * (w // 16), cfg_s.get("base_image_seq_len", 256),
-                          cfg_s.get("max_image_seq_len", 4096), cfg_s.get("base_shift", 0.5),
-                          cfg_s.get("max_shift", 1.15))  # this notebook's size, as in section 1
-check.set_timesteps(sigmas=np.linspace(1.0, 1 / NUM_STEPS, NUM_STEPS), mu=mu_here)
-g = torch.Generator().manual_seed(SEED)
-x_rand, v_rand = torch.randn(1, 16, 64, generator=g), torch.randn(1, 16, 64, generator=g)  # [B, N, 4C]
-theirs_step = check.step(v_rand, check.timesteps[0], x_rand, return_dict=False)[0]
-torch.testing.assert_close(euler_step(x_rand, v_rand, check.sigmas[0], check.sigmas[1]), theirs_step,
-                           msg="euler_step must equal FlowMatchEulerDiscreteScheduler.step")
-print("euler_step == FlowMatchEulerDiscreteScheduler.step")
-# and one transformer call per Euler step (Kontext's distilled guidance needs no second, unconditional call);
-# the schedule ends at sigma 0, the clean image
-calls = []
-kh.sample_edit(pipe, context, prompt, mask=item["mask"], region=region, generator=noise(), output_type="latent",
-               callback=lambda step, t, latents: calls.append(float(t)), **common)
-print(f"{len(calls)} transformer calls for {NUM_STEPS} steps; last sigma {float(pipe.scheduler.sigmas[-1])}")
-assert len(calls) == NUM_STEPS and float(pipe.scheduler.sigmas[-1]) == 0.0
-
-# %%
-# Solution 2: the same noise, three guidance values
+# The same noise, three guidance values
 for g in (1.0, 2.5, 3.5):
     out = kh.sample_edit(pipe, context, prompt, mask=item["mask"], depth=depth_image, region=region,
                          depth_module=depth_module, generator=noise(), **{**common, "guidance_scale": g})
     scores = kh.edit_metrics(out, item["context"], item["target"], item["mask"], lpips=False)
     print(f"guidance {g}: in-mask PSNR to the target {scores['psnr_in_vs_target']:.1f} dB, "
           f"outside PSNR to the context {scores['psnr_out_vs_context']:.1f} dB")
+
+# %% [markdown]
+# ### Exercise 5.1: the sampling schedule
+#
+# The pipeline samples at `linspace(1, 1/n, n)`, shifted towards the noise by `mu`, which grows with the image's
+# token count (section 1, `calculate_shift`). Write `shifted_sigmas(num_steps, image_seq_len, config)` with
+# `config = pipe.scheduler.config`: `mu` runs linearly from `config["base_shift"]` at
+# `config["base_image_seq_len"]` tokens to `config["max_shift"]` at `config["max_image_seq_len"]`; each sigma
+# becomes `exp(mu) / (exp(mu) + (1 / sigma - 1))`; the terminal 0 comes last, so `num_steps + 1` values. The check
+# compares them with the scheduler's own sigmas after `set_timesteps`, called as the pipeline calls it.
+
+# %%
+def shifted_sigmas(num_steps, image_seq_len, config):
+    # -> sigmas [num_steps + 1], from 1.0 down to the terminal 0
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_shifted_sigmas(shifted_sigmas, scheduler=pipe.scheduler)
+
+# %% [markdown]
+# ### Exercise 5.2: the sampling loop
+#
+# Write `euler_sample(velocity, x, sigmas)`: start from the noise `x` (`[B, N, 4C]`) at `sigmas[0]` and walk down
+# the schedule `sigmas` (`[n + 1]`, ending at 0): at each step call `velocity(x, sigma)` once (in the pipeline the
+# transformer sits here) and take one Euler step to the next sigma. Return `x` at sigma 0. The check runs it with a
+# stand-in velocity function and compares with diffusers' `FlowMatchEulerDiscreteScheduler.step` over the
+# pipeline's schedule; it also counts the calls.
+
+# %%
+def euler_sample(velocity, x, sigmas):
+    # velocity(x, sigma) -> v [B, N, 4C]; x [B, N, 4C] at sigmas[0]; sigmas [n + 1] -> x at sigma 0
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_euler_sample(euler_sample, scheduler=pipe.scheduler)
+
+# %% [markdown]
+# ### Exercise 5.3: blending the edit into the context
+#
+# `sample_edit(..., blend=True)` applies `FluxKontextInpaintPipeline`'s hard constraint after every Euler step:
+# inside the mask the latents stay as sampled, outside they are replaced by the context's latents noised to the
+# *next* sigma (the clean context after the last step). Write `blend(latents, context_latents, noise, mask_tok,
+# sigma_next)` for `[B, N, 4C]` tensors, `mask_tok` 1 inside the mask. The check compares it with `kh.blend_latents`
+# after every step of a schedule.
+
+# %%
+def blend(latents, context_latents, noise, mask_tok, sigma_next):
+    # latents, context_latents, noise, mask_tok [B, N, 4C]; sigma_next a number -> [B, N, 4C]
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_blend(blend, scheduler=pipe.scheduler)
+
+# %% [markdown]
+# ### Exercise 5.4: PSNR inside the mask
+#
+# Write `psnr_in_mask(pred, target, mask)` for images `[3, H, W]` in `[0, 1]` and a mask `[1, H, W]` (1 =
+# editable): the PSNR in dB, `10 log10(1 / mse)`, with the mean squared error taken over the mask's pixels only (all
+# three channels). Return one number. The check compares it with `kh.edit_metrics`'s `psnr_in_vs_target`, on an
+# edit that also changed pixels outside the mask.
+
+# %%
+def psnr_in_mask(pred, target, mask):
+    # pred, target [3, H, W] in [0, 1], mask [1, H, W] -> PSNR in dB
+    raise NotImplementedError("your code here")
+
+
+kh.exercises.check_psnr_in_mask(psnr_in_mask)
 
 # %% [markdown]
 # ## Recap

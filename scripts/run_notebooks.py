@@ -3,8 +3,10 @@
     .venv/bin/python scripts/run_notebooks.py [NOTEBOOK.py ...] [--out outputs/notebooks]
 
 Each `notebooks/NN_*.py` (jupytext percent, the reviewed source) is executed top to bottom in a fresh kernel
-with KONTEXT_MODEL=tiny and the Hub off. The executed notebooks (with their figures) are written to
-OUT/NN_*.ipynb and every figure to OUT/figures/NN_*-K.png, so you can look at what a learner sees.
+with KONTEXT_MODEL=tiny and the Hub off. The kernel gets KONTEXT_FILL_SOLUTIONS=1 (unless it is set): the graded
+exercises' checkers grade the solution in place of each empty stub, so every cell runs. The executed notebooks
+(with their figures) are written to OUT/NN_*.ipynb and every figure to OUT/figures/NN_*-K.png, so you can look at
+what a learner sees.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ def run_notebook(path: str, out_dir: str, *, timeout: int = 300) -> dict:
     t0 = time.perf_counter()
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": os.path.dirname(path)}})
+    env = dict(os.environ)
+    env.setdefault("KONTEXT_FILL_SOLUTIONS", "1")  # kontext_helpers.exercises: the solution fills each stub
     try:
-        client.execute()
+        client.execute(env=env)
     finally:
         os.makedirs(os.path.join(out_dir, "figures"), exist_ok=True)
         nbformat.write(nb, os.path.join(out_dir, f"{name}.ipynb"))

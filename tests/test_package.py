@@ -16,7 +16,7 @@ PACKAGE = os.path.join(REPO, "kontext_helpers")
 # The documented order (kontext_helpers/__init__.py): each module imports only modules before it.
 ORDER = ["images", "models", "figures", "tiny", "rehearsal", "pipeline", "labels", "buckets", "pair_files", "data",
          "scenes", "latents", "conditioning", "depth", "inference", "adapters", "config", "memory", "checkpoints",
-         "draws", "cache", "training", "pretrain", "cli", "colab"]
+         "draws", "cache", "training", "solutions", "exercises", "pretrain", "cli", "colab"]
 
 
 def _tree(name):
@@ -25,7 +25,11 @@ def _tree(name):
 
 
 def _relative_imports(name):
-    return {node.module for node in ast.walk(_tree(name)) if isinstance(node, ast.ImportFrom) and node.level == 1}
+    found = set()
+    for node in ast.walk(_tree(name)):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:  # `from .x import y`, or `from . import x`
+            found |= {node.module} if node.module else {alias.name for alias in node.names}
+    return found
 
 
 def test_the_documented_order_lists_every_module():
