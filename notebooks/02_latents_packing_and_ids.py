@@ -133,9 +133,10 @@ print(f"raw VAE output: mean {raw.mean():+.3f}, std {raw.std():.3f}   after shif
 
 # %% [markdown]
 # Leave the shift out (scale only, `vae.encode(x).latent_dist.mode() * scaling_factor`) and every latent value is
-# off by the same constant, `shift x scale`: the context tokens a LoRA is trained on are then not the ones the
-# pipeline feeds it when you edit, and decoding a prediction adds the shift back on top. Below: scale-only latents,
-# ours, and the pipeline's own encoder.
+# off by the same constant, `shift x scale`: the context tokens a LoRA (the small trained update this course adds
+# to the transformer; notebook 03 defines it) is trained on are then not the ones the pipeline feeds it when you
+# edit, and decoding a prediction adds the shift back on top. Below: scale-only latents, ours, and the pipeline's
+# own encoder.
 #
 # > The original design scaled only: [design note 1](../docs/design.md#1-latent-shift).
 

@@ -508,3 +508,33 @@ def test_cpu_preset_steps_quoted_in_the_readme():
                                                                   preset["resolution"])]
     check("README.md", "the `cpu` preset: {} updates at {} px)", sources)
     check("README.md", "before and after the cpu preset's {}-step run of the tiny model (notebook 04, {} px)", sources)
+
+
+def test_tiny_weights_file_size_quoted_in_the_readme():
+    path = os.path.join(REPO, "kontext_helpers", "tiny_weights", "tiny_kontext.safetensors")
+    check("README.md", "its weights ship with the package ({} MB, fp16)", [
+        ("the size of kontext_helpers/tiny_weights/tiny_kontext.safetensors in MB", os.path.getsize(path) / 1e6)])
+
+
+def test_tiny_model_recipe_quoted_in_its_document():
+    import inspect
+
+    import kontext_helpers as kh
+
+    cfg, doc, name = kh.PretrainConfig(), "docs/tiny_model.md", "kh.PretrainConfig()"
+    check(doc, "The {} pairs are rendered once at {} px", [(f"{name}.pairs", cfg.pairs),
+                                                           (f"{name}.resolution", cfg.resolution)])
+    check(doc, "L1 + MSE, {} updates on 64 px crops (batch {}), then {} on whole images (batch {})", [
+        (f"{name}.vae_crop_steps", cfg.vae_crop_steps), (f"{name}.vae_batch_size", cfg.vae_batch_size),
+        (f"{name}.vae_full_steps", cfg.vae_full_steps), (f"{name}.vae_full_batch_size", cfg.vae_full_batch_size)])
+    probe_batch = inspect.signature(kh.pretrain._probe_loss).parameters["batch"].default
+    check(doc, "**Depth probe: the image encoder alone** ({} updates, batch {},", [
+        (f"{name}.probe_steps", cfg.probe_steps), ("kh.pretrain._probe_loss(batch=...)", probe_batch)])
+    check(doc, "**Base transformer and IP-Adapter** ({} updates, batch {})", [
+        (f"{name}.base_steps", cfg.base_steps), (f"{name}.batch_size", cfg.batch_size)])
+    assert abs(cfg.long_text_fraction - 1 / 5) < 1e-9, f"{doc} says a fifth of the batches: {name}.long_text_fraction"
+    check(doc, "Besides the drawn \"keep\" pairs, {}% of the samples become copies", [
+        (f"{name}.keep_fraction (x 100)", 100 * cfg.keep_fraction)])
+    assert abs(cfg.depth_fraction - 1 / 2) < 1e-9, f"{doc} says half of the batches see depth: {name}.depth_fraction"
+    check(doc, "**VAE decoder** alone on whole images ({} updates, batch {})", [
+        (f"{name}.decoder_steps", cfg.decoder_steps), (f"{name}.vae_full_batch_size", cfg.vae_full_batch_size)])
