@@ -1,4 +1,4 @@
-"""kontext_helpers: LoRA training for FLUX.1 Kontext with a region token and depth on the tokens (or an IP-Adapter).
+"""kontext_helpers: LoRA training for FLUX.1 Kontext with a region signal and depth on the tokens (or an IP-Adapter).
 
 Every notebook imports it as ``kh``; each name below is also reachable as ``kh.<name>``. The modules follow
 the notebooks, and each imports only the modules above it:
@@ -15,7 +15,7 @@ the notebooks, and each imports only the modules above it:
     data          01       KontextPairs: the dataset folder, checked; your own pairs, a datasets.Dataset
     scenes        shared   fresh random scenes and edits drawn with the sample renderer (the tiny model's data)
     latents       02       VAE latents, 2x2 packing, position ids
-    conditioning  03       the region token, depth through the IP-Adapter, the forward call, the loss
+    conditioning  03       the region signal, depth through the IP-Adapter, the forward call, the loss
     depth         03       depth on the tokens: 16x16 depth patches per token, a zero-initialised offset module
     inference     05       sample_edit, compare_variants
     adapters      05       save / load an adapter, ComfyUI export
@@ -48,10 +48,11 @@ Dimension legend (used in every shape comment)
     256      depth values of one token's 16 x 16 pixel patch (``depth_token_features``: ``[B, N, 256]``)
 
 The visual sequence the transformer sees during training and sampling is
-``[noisy target tokens (N) | clean context tokens (N) | region token (1)]`` -> ``[B, 2N+1, 4C]`` with
-position ids ``[2N+1, 3]`` whose first column says which part a token belongs to
-(0 target, 1 context, 2 region), exactly as ``FluxKontextPipeline`` marks its context tokens with 1.
-The ``"tokens"`` depth kind adds a ``[B, N, 4C]`` offset to the target and the context tokens.
+``[noisy target tokens (N) | clean context tokens (N)]`` -> ``[B, 2N, 4C]`` with position ids ``[2N, 3]`` whose
+first column says which part a token belongs to (0 target, 1 context), exactly as ``FluxKontextPipeline`` marks
+its context tokens with 1. The default region signal (``"marked"``) and the ``"tokens"`` depth kind add
+``[B, N, 4C]`` offsets to the target and the context tokens; the ``"cells"`` and ``"linear"`` region kinds append
+``K`` tokens with the type 2 (``[B, 2N+K, 4C]``, ids ``[2N+K, 3]``; ``"linear"``: one token, id ``(2, 0, 0)``).
 The design and the corrections to the original design are in ``docs/design.md``.
 """
 

@@ -475,7 +475,8 @@ def export_comfyui(path: str, out_file: str, *, dtype: torch.dtype | None = None
     save_file({k: v.contiguous() for k, v in out.items()}, out_file, metadata={
         "format": "pt",
         "kontext_helpers.source": os.path.abspath(src),
-        "kontext_helpers.note": "Flux Kontext LoRA only; the region token of this adapter is not included",
+        "kontext_helpers.note": "Flux Kontext LoRA only; the region and depth modules of this adapter are not "
+                                "included (the custom nodes in comfyui/kontext_region/ apply them)",
     })
     return out_file
 

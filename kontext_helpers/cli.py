@@ -26,7 +26,8 @@ from .training import TrainResult, checkpoint_to_resume, load_for_training, trai
 def _cli_parser():
     parser = argparse.ArgumentParser(prog="python -m kontext_helpers", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a LoRA + region token on a dataset folder (works under accelerate launch)")
+    p = sub.add_parser("train", help="train a LoRA + region and depth modules on a dataset folder "
+                       "(works under accelerate launch)")
     p.add_argument("--config", default=None, help="a YAML file of settings: any TrainConfig field, and data, out, "
                    "model, preset, resize, preview_data, push_to_hub; the flags below override it")
     p.add_argument("--data", default=None, help="dataset folder: context/ target/ masks/ depth/ prompts.txt")

@@ -1,7 +1,9 @@
-"""Notebook 03: the region token, depth through the IP-Adapter, the transformer call and the loss.
+"""Notebook 03: the region signal, depth through the IP-Adapter, the transformer call and the loss.
 
-The visual sequence is ``[noisy target (N) | clean context (N) | region (1)]``; the loss asks for the
-target's velocity inside the mask and the context outside it (docs/design.md, correction 4).
+The region signal is one of :data:`REGION_KINDS`: the default ``"marked"`` adds one learned vector to every masked
+token of the noisy target and the context, so the visual sequence stays ``[noisy target (N) | clean context (N)]``;
+``"cells"`` and the original design's ``"linear"`` append tokens after the context (``[... | region (K)]``). The
+loss asks for the target's velocity inside the mask and the context outside it (docs/design.md, correction 4).
 """
 
 from __future__ import annotations
@@ -344,7 +346,8 @@ def kontext_forward(
     joint_attention_kwargs: dict | None = None,
     region_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One transformer call on ``[noisy target | clean context | region]``; returns the target velocity.
+    """One transformer call on ``[noisy target | clean context (| appended region tokens)]``; returns the target
+    velocity.
 
     The same call ``FluxKontextPipeline.__call__`` makes (``timestep = sigma = t / 1000``, ids ``[S, 3]``),
     plus the appended region tokens with their own id rows.

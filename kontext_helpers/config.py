@@ -35,7 +35,7 @@ class TrainConfig:
     max_sequence_length: int = 512  # T5 tokens; 512 is Kontext's default, shorter prompts are padded to it
     # --- optimisation
     learning_rate: float = 1e-4  # LoRA learning rate, the value diffusers' Kontext script uses
-    region_learning_rate: float = 1e-3  # region module: a fresh linear layer, it can move faster than the LoRA
+    region_learning_rate: float = 1e-3  # region module: a few fresh weights (default: one vector), faster than the LoRA
     optimizer: str = "adamw"  # "adamw" (torch) or "adamw8bit" (bitsandbytes, saves optimizer memory on GPUs)
     weight_decay: float = 0.0  # AdamW decay; the L2 terms below already regularise
     lr_scheduler: str = "constant"  # any diffusers.optimization.get_scheduler name ("cosine", "linear", ...)
@@ -68,7 +68,7 @@ class TrainConfig:
     #   desired result's, item["target_depth"], for geometry control; estimated with kh.estimate_depth when missing)
     depth_dropout: float = 0.1  # share of samples trained without depth, so the adapter also works without a map
     #   (the "tokens" module only; the IP-Adapter kind always gets its embedding)
-    depth_learning_rate: float = 1e-3  # the depth module: a fresh linear layer, like the region module
+    depth_learning_rate: float = 1e-3  # the depth module: a fresh linear layer that starts at zero
     region_kind: str = "marked"  # how the mask reaches the model (kh.REGION_KINDS): "marked" (a learned embedding on
     #   the masked target and context tokens; the best on scripts/region_heldout.py), "marked_context" (context only),
     #   "cells" (coarse-grid tokens at their own positions), "linear" (the original design's single token) or "none"

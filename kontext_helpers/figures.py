@@ -302,7 +302,7 @@ def preview_grid(context, mask, depth, target, prediction, *, prompt: str | None
     axes[1].set_title(f"mask: red may change\n({metrics['mask_fraction']:.0%} of the image)")
     if depth is not None:
         axes[2].imshow(image_to_hwc_array(depth_to_pil(depth)))
-        axes[2].set_title("depth (IP-Adapter)\nlight = near")
+        axes[2].set_title("depth map\nlight = near")
     else:
         axes[2].set_title("no depth")
     if tgt is not None:

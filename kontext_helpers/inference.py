@@ -1,7 +1,7 @@
-"""Notebook 05: sampling an edit with the region token and depth, and comparing variants.
+"""Notebook 05: sampling an edit with the region signal and depth, and comparing variants.
 
 :func:`sample_edit` is ``FluxKontextPipeline.__call__`` written out in named steps (prompt, context
-latents, region token, timesteps, depth, denoising, decoding) with the additions the pipeline cannot
+latents, region signal, timesteps, depth, denoising, decoding) with the additions the pipeline cannot
 make: the region signal in the sequence, depth offsets on the tokens (the ``"tokens"`` depth kind), and an
 IP-Adapter that may receive no image.
 """
@@ -517,7 +517,7 @@ def compare_variants(
 
     Variants (those whose parts exist): ``base`` (LoRA switched off), ``LoRA``, ``LoRA + region``,
     ``LoRA + region + depth``, and ``inpaint (base)``: diffusers' mask-aware ``FluxKontextInpaintPipeline``
-    with the LoRA off and no depth, the baseline a trained region token should beat.
+    with the LoRA off and no depth, the baseline a trained region signal should beat.
 
     Args:
         image, prompt, mask, region, depth, depth_module: as in :func:`sample_edit`; ``target``: the expected edit.

@@ -1,7 +1,8 @@
 """The tiny world: a complete ``FluxKontextPipeline`` built offline in about a second, for CPUs and tests.
 
 Flux's architecture at a small width (tokenizers, CLIP and T5 text encoders, VAE, transformer, CLIP image
-encoder and an XLabs-format IP-Adapter), randomly initialised from a seed.
+encoder and an XLabs-format IP-Adapter), randomly initialised from a seed, or with the pretrained weights shipped
+in ``tiny_weights/`` (what ``load_pipeline("tiny")`` loads).
 """
 
 from __future__ import annotations

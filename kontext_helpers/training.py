@@ -71,7 +71,7 @@ def training_loss(transformer, region_module, batch: dict, txt_ids: torch.Tensor
     pred = kontext_forward(transformer, noisy_in, ctx_in, region_tok, region_ids=region_ids, **kw)
     outside_ref = ctx
     if config.preservation == "prior":
-        # inverted_mask_prior: outside the mask, match the base model (LoRA off, no region token).
+        # inverted_mask_prior: outside the mask, match the base model (LoRA off, no region signal or depth offsets).
         # With ctx := e - v_prior the loss's outside term is exactly MSE(v_pred, v_prior).
         base = getattr(transformer, "module", transformer)
         with torch.no_grad(), lora_off(base):
@@ -469,7 +469,7 @@ def load_for_training(model: str, dataset, config: TrainConfig, *, device=None, 
 
 def train(pipe, dataset, config: TrainConfig, *, callback=None, accelerator=None, progress: bool = True,
           cache: TrainCache | None = None, preview_pair: dict | None = None) -> TrainResult:
-    """Train a LoRA on ``pipe.transformer`` and a region token module on ``dataset``.
+    """Train a LoRA on ``pipe.transformer``, a region module and a depth module on ``dataset``.
 
     Steps: validate the config (and, with ``config.resume``, the newest checkpoint's config); cache every
     sample once (:func:`build_train_cache`); attach the LoRA; restore the checkpoint; then ``config.steps``

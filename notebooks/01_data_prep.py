@@ -154,12 +154,12 @@ except ValueError as err:
 # One `ValueError`, raised when the folder is **opened** (not at training step 500), numbering every problem
 # with the file it concerns, and one fix hint per kind of problem. Nothing is loaded until the folder is clean.
 #
-# > **Why we differ from the original design**
-# > ([design note 8](../docs/design.md#8-pairs-by-stem-depth-keeps-its-bit-depth)). The original design's dataset listed
-# > each folder, sorted the four lists and paired them **by position**: item *i* was `context[i]`, `target[i]`,
-# > `masks[i]`, `depth[i]`, `prompts[i]`. With one mask missing, `masks[1]` is the mask of the *next* pair, and so is
-# > every later one: no error, just a dataset in which most edits are taught with the wrong region. Matching by stem
-# > makes the missing file an error instead. Below is what position matching does with the broken folder.
+# Matching **by position** instead (item *i* = the *i*-th file of each sorted folder) turns the missing mask into
+# silently wrong pairs: `masks[1]` becomes the *next* pair's mask, and so does every later one. The cell below pairs
+# the broken folder that way.
+#
+# > The original design paired by position:
+# > [design note 8](../docs/design.md#8-pairs-by-stem-depth-keeps-its-bit-depth).
 
 # %%
 import numpy as np
@@ -215,9 +215,12 @@ print("mask values:", item["mask"].unique().tolist())
 # %%
 from IPython.display import display
 
-fig = kh.show_pairs(data, indices=[0, 1, PAIR, 8])
-fig.suptitle("Four sample pairs: outside the red mask the target equals the context (difference 0.000); "
-             "depth is bright where the scene is near", fontsize="x-large")
+shown = [0, 1, PAIR, 8]
+fig = kh.show_pairs(data, indices=shown)
+outside_change = max(float((data[i]["target"] - data[i]["context"]).abs()[:, data[i]["mask"][0] < 0.5].mean())
+                     for i in shown)  # the panels' own measure: mean |target - context| outside the mask
+fig.suptitle(f"Four sample pairs: outside the red mask the target differs from the context by {outside_change:.3f} "
+             "at most (mean per pair); depth is bright where the scene is near", fontsize="x-large")
 display(fig)  # show_pairs returns a Figure object (works headless too)
 
 # %% [markdown]
@@ -288,23 +291,26 @@ print(f"brightest pixel: z = {z[scene].min():.2f} units (the nearest floor);  "
 size = v16.shape[0]
 window = (int(0.41 * size), int(0.17 * size), int(0.17 * size))  # (y0, x0, side): inside the sphere of pair 0
 fig = kh.depth_precision_figure(v16, v8, window)  # kontext_helpers/figures.py
-fig.suptitle("Depth precision: 8 bits turn the sphere's smooth surface into terraces (the slope shows the rings)",
-             fontsize="x-large")
+y0, x0, side = window
+levels = [len(np.unique(v[y0: y0 + side, x0: x0 + side])) for v in (v16, v8)]  # distinct values in the zoom
+fig.suptitle(f"Depth precision: the zoomed sphere holds {levels[0]} levels in 16 bits and {levels[1]} in 8 bits, "
+             "so 8 bits cut its smooth surface into terraces", fontsize="x-large")
 plt.show()
 
 # %% [markdown]
-# ### From the file to what the IP-Adapter sees
+# ### From the file to what the model sees
 #
 # `KontextPairs` reads depth at full precision as float, then **min-max normalises** each map to `[0, 1]`
-# (`depth_normalize="minmax"`, the default; `"none"` divides by the type's maximum instead). The IP-Adapter's
-# CLIP image processor, however, takes an ordinary 8-bit RGB picture, so the very last step is
-# `kh.depth_to_pil(depth)`: grey 8-bit RGB, R = G = B. Quantising *last* means the 256 levels span the
-# scene's actual range.
+# (`depth_normalize="minmax"`, the default; `"none"` divides by the type's maximum instead). The default depth
+# signal (notebook 03, section 7) takes these floats as they are. The other road is the **IP-Adapter** (an *image
+# prompt*: a small add-on that turns one picture into a CLIP embedding and lets the transformer's attention read
+# it; notebook 03, section 5): its CLIP image processor takes an ordinary 8-bit RGB picture, so there the very last
+# step is `kh.depth_to_pil(depth)`: grey 8-bit RGB, R = G = B. Quantising *last* means the 256 levels span the
+# scene's actual range. Converting a 16-bit PNG straight to RGB, as the first panel below does, **clips** every
+# value above 255 to white.
 #
-# > **Why we differ from the original design**
-# > ([design note 8](../docs/design.md#8-pairs-by-stem-depth-keeps-its-bit-depth), "depth keeps its bit depth"). The
-# > original design opened depth files and converted them straight to RGB PIL images. For a 16-bit PNG, Pillow's
-# > `convert("RGB")` **clips** every value above 255 to white: the map below keeps only a handful of levels.
+# > The original design converted depth files straight to RGB:
+# > [design note 8](../docs/design.md#8-pairs-by-stem-depth-keeps-its-bit-depth).
 
 # %%
 full_depth = kh.KontextPairs(DATA_ROOT, resolution=size)[DEPTH_PAIR]["depth"]  # [1, H, W] float32 at the file's size
@@ -330,8 +336,8 @@ for ax, (image, title) in zip(axes, routes):
     ax.set_title(title)
     ax.set_xticks([])  # keep the frame: the original design's image is mostly white
     ax.set_yticks([])
-fig.suptitle("The 8-bit image the CLIP processor receives: the original design's direct conversion clips the depth "
-             "away; quantising last keeps all 256 levels")
+fig.suptitle(f"The 8-bit image the CLIP processor receives: the direct conversion keeps "
+             f"{len(np.unique(seed_rgb))} levels; quantising last keeps {len(np.unique(np.asarray(ours)[..., 0]))}")
 plt.show()
 
 # %% [markdown]
@@ -446,12 +452,14 @@ for i in range(len(full)):
     totals += missed
     print(f"{pair['name']:26} {int(changed.sum()):10d} {missed[0]:18d} {missed[1]:16d} {missed[2]:15d}")
 print(f"{'total':26} {'':10} {totals[0]:18d} {totals[1]:16d} {totals[2]:15d}")
+print(f"changed pixels left outside the mask: committed masks {totals[0]}, derived at threshold {DIFF_THRESHOLD} "
+      f"{totals[1]}, derived at threshold 0 {totals[2]}")
 
 # %% [markdown]
-# The committed masks cover every changed pixel (0 outside). The derived mask with the default threshold 0.04
-# misses some: faint changes, such as the edge of a moved shadow, stay below 10/255. That threshold exists
-# for JPEG pairs, whose compression noise would otherwise mark the whole image; for lossless PNG pairs like
-# these, `threshold=0` is exact. The figure shows the example pair.
+# A mask that covers every changed pixel leaves 0 outside. A threshold above 0 misses the faint changes, such as
+# the edge of a moved shadow, that stay below it (0.04 is about 10/255). That threshold exists for JPEG pairs,
+# whose compression noise would otherwise mark the whole image; for lossless PNG pairs like these, `threshold=0`
+# marks every changed pixel. The figure shows the example pair.
 
 # %%
 pair = full[PAIR]
@@ -476,8 +484,9 @@ axes[3].set_title(f"red: {int((changed & ~derived).sum())} changed pixels outsid
                   "orange: committed only, blue: derived only", fontsize="medium")
 for ax in axes:
     ax.set_axis_off()
-fig.suptitle(f"{pair['name']}: the derived mask is close to the committed one, but faint shadow changes fall "
-             "below its threshold (red)", fontsize="x-large")
+overlap = float((committed & derived).sum() / (committed | derived).sum())  # intersection over union
+fig.suptitle(f"{pair['name']}: the derived mask overlaps the committed one by {overlap:.0%} (IoU); "
+             f"{int((changed & ~derived).sum())} changed pixels fall below its threshold (red)", fontsize="x-large")
 plt.show()
 
 # %% [markdown]
@@ -729,8 +738,9 @@ kh.exercises.check_mask_from_difference(mask_from_difference)
 #   silently gives most pairs the wrong mask after one missing file.
 # - `kh.KontextPairs` items: `context`, `target` `[3, H, W]` in `[0, 1]`, `mask` `[1, H, W]` in `{0, 1}`,
 #   `depth` `[1, H, W]` in `[0, 1]` with near = 1, plus `prompt` and `name`.
-# - Depth stays 16-bit and float until `kh.depth_to_pil` makes the 8-bit RGB image the CLIP processor wants;
-#   converting a 16-bit file straight to RGB clips it to a few levels.
+# - Depth stays 16-bit and float: the default per-token depth uses the floats, and only the IP-Adapter's road ends
+#   in `kh.depth_to_pil`'s 8-bit RGB image for the CLIP processor; converting a 16-bit file straight to RGB clips it
+#   to a few levels.
 # - Masks are binarised at `mask_threshold`; a derived mask (`kh.mask_from_difference`) must cover every
 #   changed pixel: check it with a count, and use `threshold=0` for lossless pairs.
 # - `resize="bucket"` (the default) reads each pair at the Kontext resolution nearest its aspect ratio, scaled to
@@ -741,4 +751,4 @@ kh.exercises.check_mask_from_difference(mask_from_difference)
 #
 # [02_latents_packing_and_ids.ipynb](02_latents_packing_and_ids.ipynb): the images of one pair become Flux
 # latents (the VAE, with its shift), are packed into 2x2-patch tokens, and get the position ids that tell the
-# transformer which token is target, context or region.
+# transformer which token belongs to the noisy target and which to the context, and where each one sits.

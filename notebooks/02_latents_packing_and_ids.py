@@ -116,12 +116,14 @@ with torch.no_grad():
 print("latents", tuple(lat.shape), lat.dtype)  # [B, C, H_l, W_l]
 
 # %% [markdown]
-# **Why a shift and a scale?** Flow matching mixes the clean latent with Gaussian noise, `x_t = (1 - s) x_0 +
-# s e`, and starts sampling from pure `e ~ N(0, 1)`. That only works well when the clean latents live on
-# the same scale as the noise: mean near 0, spread near 1. The raw VAE output does not (FLUX.1's VAE config
-# measures its mean as `shift_factor = 0.1159` and its spread as `1 / scaling_factor`, `scaling_factor =
-# 0.3611`), so `to_latents` subtracts the one and multiplies by the other. On the tiny model the VAE is small
-# and the two numbers are its own config's, so its statistics are only roughly normalised.
+# **Why a shift and a scale?** Flux is trained and samples by *flow matching* (notebook 03 teaches it): the clean
+# latent `x_0` is mixed with Gaussian noise `e` at a noise level `s` in `(0, 1]`, giving the noisy latent
+# `x_t = (1 - s) x_0 + s e`, and sampling starts from pure `e ~ N(0, 1)` at `s = 1`. That only works well when the
+# clean latents live on the same scale as the noise: mean near 0, spread near 1. The raw VAE output does not
+# (FLUX.1's VAE config gives its mean as `shift_factor = 0.1159` and its spread as `1 / scaling_factor`,
+# `scaling_factor = 0.3611`), so `to_latents` subtracts the one and multiplies by the other. The tiny model's VAE
+# has its own two numbers, set from its latents' mean and spread when it was trained (`docs/tiny_model.md`,
+# step 2). The next cell prints where they bring this image.
 
 # %%
 with torch.no_grad():
@@ -130,12 +132,13 @@ print(f"raw VAE output: mean {raw.mean():+.3f}, std {raw.std():.3f}   after shif
       f"{lat.float().mean():+.3f}, std {lat.float().std():.3f}   (noise: mean 0, std 1)")
 
 # %% [markdown]
-# > **Why we differ from the original design** ([design note 1](../docs/design.md#1-latent-shift)). The original
-# > design's `to_latents` only scaled: `vae.encode(x).latent_dist.mode() * scaling_factor`. Flux's VAE also has a
-# > `shift_factor` (0.1159) that must be subtracted first. Without it every latent value is off by the same constant,
-# > `shift x scale`, so the context tokens the LoRA is trained on are not the ones the pipeline feeds it when you edit,
-# > and decoding a prediction adds the shift back on top. Below: the original design's latents, ours, and the pipeline's
-# > own encoder.
+# Leave the shift out (scale only, `vae.encode(x).latent_dist.mode() * scaling_factor`) and every latent value is
+# off by the same constant, `shift x scale`: the context tokens a LoRA (the small trained update this course adds
+# to the transformer; notebook 03 defines it) is trained on are then not the ones the pipeline feeds it when you
+# edit, and decoding a prediction adds the shift back on top. Below: scale-only latents, ours, and the pipeline's
+# own encoder.
+#
+# > The original design scaled only: [design note 1](../docs/design.md#1-latent-shift).
 
 # %%
 with torch.no_grad():
@@ -174,8 +177,8 @@ plt.show()
 
 # %% [markdown]
 # The channels look like blurred, recoloured versions of the image (on the tiny model too: its small VAE was
-# trained on scenes like these; it reconstructs them at about 32 dB). The lesson is the shape `[B, C, H/8, W/8]` and
-# that our latents are the pipeline's, bit for bit.
+# trained on scenes like these; section 4 measures how well it gives the image back). The lesson is the shape
+# `[B, C, H/8, W/8]` and that our latents are the pipeline's, bit for bit.
 #
 # ## 2. Packing: 2x2 latent patches become tokens
 #
@@ -301,8 +304,9 @@ except ValueError as err:
 # depends on the *difference* of their ids. `row` and `col` are the token's place on the grid.
 # `type` is Kontext's trick for having two images in one sequence: the noisy target has type 0, the clean
 # context image type 1. Both share the same `(row, col)`, so a context token and the target token at the same
-# place are "aligned", while the type keeps them apart. That alignment is what the default region signal
-# (notebook 03) relies on: it marks the masked tokens in place, so they keep exactly these ids.
+# place are "aligned", while the type keeps them apart. That alignment is what the default region signal relies on:
+# it adds one learned vector to the *marked tokens*, the target and context tokens that the edit mask covers
+# (notebook 03, section 2), so they keep exactly these ids.
 #
 # The original design instead appends one **region token** with the id `(2, 0, 0)`: a third type (we keep it as
 # `region_kind="linear"`, and draw it below so you can see where it sits). Its row and column, `(0, 0)`, are the
@@ -365,7 +369,8 @@ plt.show()
 # token at all: `time_text_embed` adds it to the timestep (and guidance) embedding, one vector `temb [B, D]`
 # per sample, which scales and shifts every block's normalisations (AdaLN). Its id sequence is
 # `cat(txt_ids, img_ids)`: first the `T` text tokens, whose ids are all `(0, 0, 0)` (text has no position on
-# the image; the pipeline's `encode_prompt` returns `txt_ids = zeros(T, 3)`), then the `2N+1` image tokens.
+# the image; the pipeline's `encode_prompt` returns `txt_ids = zeros(T, 3)`), then the `2N` image tokens (here
+# `2N+1`: the figure keeps the original design's region token at the end).
 
 # %%
 txt_ids = torch.zeros(MAX_SEQUENCE_LENGTH, 3)  # [T, 3], what pipe.encode_prompt returns as text_ids
@@ -398,16 +403,18 @@ axes[0].annotate("region token (2, 0, 0)", xy=(region_pos, 2), xytext=(region_po
                  arrowprops=dict(arrowstyle="->", color="tab:red"), color="tab:red")
 axes[0].set_ylim(-0.2, 2.9)
 axes[-1].set_xlabel(f"position in the sequence (T = {t_len}, N = {n}, total {len(positions)})")
-fig.suptitle("The sequence the transformer attends over: [text | noisy target | context | region]; row and col "
-             "repeat for target and context, the type column separates them", fontsize="large")
+fig.suptitle("The sequence the transformer attends over: [text | noisy target | context], here with the original "
+             "design's region token appended; row and col repeat for target and context, the type column separates "
+             "them", fontsize="large")
 plt.show()
 
 # %% [markdown]
-# > **Why we differ from the original design** ([design note 6](../docs/design.md#6-two-dimensional-ids)). The original
-# > design built ids with a batch dimension, `[B, N, 3]`. diffusers deprecates that: given 3D `img_ids` or `txt_ids` the
-# > transformer logs *"Passing `img_ids` 3d torch.Tensor is deprecated. Please remove the batch dimension and pass it as
-# > a 2d torch Tensor"* and then uses only the first batch entry anyway, so per-sample ids were never possible.
-# > Positions are the same for every sample of a batch, so we build them once, 2D: `[2N+1, 3]` and `[T, 3]`.
+# Ids are 2D, without a batch dimension: given 3D `img_ids` or `txt_ids`, `FluxTransformer2DModel.forward` logs
+# *"Passing `img_ids` 3d torch.Tensor is deprecated. Please remove the batch dimension and pass it as a 2d torch
+# Tensor"* and then uses only the first batch entry, so per-sample ids are not possible. Positions are the same for
+# every sample of a batch, so they are built once: `[2N(+1), 3]` and `[T, 3]`.
+#
+# > The original design built `[B, N, 3]` ids: [design note 6](../docs/design.md#6-two-dimensional-ids).
 
 # %%
 batch = 4
@@ -453,8 +460,8 @@ for ax, (image, title) in zip(axes, [(x01, "original"), (ours_img, f"decode(our 
     ax.set_title(title)
     ax.set_axis_off()
 fig.suptitle((f"Round trip (tiny model, {RESOLUTION} px): " if TINY else "Round trip: ")
-             + "our latents decode back to the image; the original design's, decoded as the pipeline "
-             "does, are off by the forgotten shift (compare the PSNR)")
+             + f"our latents decode back at {psnr_ours:.1f} dB; scale-only latents, decoded as the pipeline does, "
+             f"at {psnr_design:.1f} dB ({psnr_design - psnr_ours:+.1f} dB: the forgotten shift)")
 plt.show()
 
 # %% [markdown]
@@ -562,5 +569,5 @@ kh.exercises.check_image_ids(image_ids)
 # ## Next
 #
 # [03_region_token_and_depth_ip_adapter.ipynb](03_region_token_and_depth_ip_adapter.ipynb): the edit mask
-# goes down to the token grid and becomes the learned **region signal**, and the depth map goes through the
-# CLIP image encoder and the **IP-Adapter** into the transformer.
+# goes down to the token grid and becomes the learned **region signal**, and the depth map reaches the tokens: a
+# depth patch per token (the default), or the CLIP image encoder and the **IP-Adapter**.

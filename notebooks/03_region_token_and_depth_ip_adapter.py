@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 03 · The region token, and depth through the IP-Adapter and per token
+# # 03 · The region signal, and depth through the IP-Adapter and per token
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/kontext-region-lora/blob/main/notebooks/03_region_token_and_depth_ip_adapter.ipynb)
 #
@@ -32,8 +32,9 @@
 #
 # Runs in seconds on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext [dev].
 #
-# **The code behind it:** [`kontext_helpers/conditioning.py`](../kontext_helpers/conditioning.py): the region token,
-# depth through the IP-Adapter, the transformer call and the loss.
+# **The code behind it:** [`kontext_helpers/conditioning.py`](../kontext_helpers/conditioning.py): the region signal,
+# depth through the IP-Adapter, the transformer call and the loss;
+# [`kontext_helpers/depth.py`](../kontext_helpers/depth.py): depth per token.
 
 # %%
 # Setup, in Colab and locally. In Colab: set REPO_URL once (or upload the project folder), then run it.
@@ -237,8 +238,9 @@ plt.show()
 # linear layer from the flattened token-grid mask to **one** token with the width of an image token:
 # `[B, 1, H', W'] -> [B, H'*W'] -> [B, 1, 4C]`, appended after the context with the id `(2, 0, 0)`. Its weights
 # are trained together with the LoRA (notebook 04); here it is freshly initialised. Where the mask lies is in the
-# learned weights only (one weight column per grid cell), not in any position the model sees: on the held-out
-# twin scenes it makes the mask decide in about half of the cases, the marked tokens in all of them.
+# learned weights only (one weight column per grid cell), not in any position the model sees. How often that lets
+# the mask decide the edit on held-out twin scenes, against the marked tokens, the cell reads from
+# `docs/region_heldout.json` (`scripts/region_heldout.py`, tiny model).
 
 # %%
 region = kh.MaskRegionToken(h_tok, w_tok, C_IN).to(DEVICE)
@@ -255,13 +257,20 @@ W, b = region.proj.weight, region.proj.bias  # [4C, H'*W'], [4C]
 by_hand = m_small.flatten(1) @ W.T + b  # [B, H'*W'] @ [H'*W', 4C] -> [B, 4C]
 print(f"max |region(m) - (m @ W.T + b)| = {(region_tok[:, 0] - by_hand).abs().max().item():.1e}")
 
+import json
+
+with open(os.path.join(ROOT, "docs", "region_heldout.json")) as f:
+    twins = json.load(f)["variants"]  # held-out twin scenes, tiny model (scripts/region_heldout.py)
+print(f"held-out twin scenes: the masked object alone changed in {twins['linear']['tight']['accuracy']:.0%} of the "
+      f"cases with this token (\"linear\"), {twins['marked']['tight']['accuracy']:.0%} with the marked tokens")
+
 # %% [markdown]
-# > **Why we differ from the original design: a region token at one resolution only
-# > ([design note 3](../docs/design.md#3-region-token-at-any-resolution)).**
-# > The original design builds `nn.Linear(H'*W' -> C)` for one grid. Its input size is fixed, so a mask from any other
-# > resolution (training at 512 px, sampling at 1024 px) cannot go in. We keep the original design's constructor, and
-# > `MaskRegionToken` area-pools a mask on any other grid to its own `(h_tok, w_tok)` first, so one module
-# > serves every resolution.
+# A plain `nn.Linear(H'*W' -> 4C)` built for one grid has a fixed input size, so a mask from any other resolution
+# (training at 512 px, sampling at 1024 px) cannot go in. `MaskRegionToken` area-pools a mask on any other grid to its
+# own `(h_tok, w_tok)` first, so one module serves every resolution.
+#
+# > The original design's module took one grid only:
+# > [design note 3](../docs/design.md#3-region-token-at-any-resolution).
 
 # %%
 from torch import nn
@@ -348,14 +357,14 @@ _ = kh.interactive_figure(plot_region_token, top=IntSlider(1, 0, h_tok - SQUARE_
 # ## 4. Where the signal goes: `[noisy target | context (| region)]`
 #
 # Kontext already puts two images in one sequence: the noisy target tokens (what is being denoised) and
-# the clean context tokens (the image to edit). We append the region token as a third part, so the
-# transformer sees `[B, 2N+1, 4C]`. Each token also has a position id `(type, row, col)`:
-# type 0 target, 1 context (as the pipeline marks it), 2 region. The region token's row is `(2, 0, 0)`: row 0
-# and column 0 are the top-left token's place, so under RoPE (16 type, 56 row and 56 column dimensions per
-# head, relative) only the type dimensions set it apart from that token (notebook 02, section 3).
-# `kh.kontext_img_ids` builds all `2N+1` rows.
+# the clean context tokens (the image to edit). The default marked tokens stay in that sequence, `[B, 2N, 4C]`;
+# the original design's token is appended as a third part, so the transformer sees `[B, 2N+1, 4C]`. Each token also
+# has a position id `(type, row, col)`: type 0 target, 1 context (as the pipeline marks it), 2 region. The region
+# token's id is `(2, 0, 0)`: row 0 and column 0 are the top-left token's place, so under RoPE (16 type, 56 row and
+# 56 column dimensions per head, relative) only the type dimensions set it apart from that token (notebook 02,
+# section 3). `kh.kontext_img_ids` builds all `2N+1` rows.
 #
-# First the pieces of one training sample, exactly as in the training step (tests/test_train_step.py):
+# First the pieces of one training sample, as the training step builds them (`kh.training_loss`, notebook 04):
 # latents of context and target, packed into tokens, the prompt embeddings, and a noisy target at time
 # `SIGMA`: `x_t = (1 - sigma) x_0 + sigma * noise`.
 
@@ -422,15 +431,17 @@ for ax, d, what in ((axes[0], d_token, "with vs without the region token"),
     ax.contour(np.arange(RESOLUTION), np.arange(RESOLUTION), mask[0, 0], levels=[0.5], colors="cyan",
                linewidths=1)
     fig.colorbar(im, ax=ax, shrink=0.8)
-fig.suptitle("One extra token changes the velocity of every target token (attention is global); "
-             "untrained, it is not yet focused on the mask (cyan)")
+in_mask = m_max[0, 0].bool().cpu()  # [H', W'] the max-pooled mask
+fig.suptitle(f"One extra token changes the velocity of {int((d_token > 0).sum())} of {h_tok * w_tok} target tokens "
+             f"(attention is global); untrained, by {d_token[in_mask].mean():.4f} inside the mask (cyan) and "
+             f"{d_token[~in_mask].mean():.4f} outside on average")
 plt.show()
 
 # %% [markdown]
-# The region token reaches every target token, because every token attends to every other one. Untrained,
-# the change is small (one token among `2N` image tokens and the text) and spread over the whole grid: nothing
-# in it says *where*. The marked tokens of section 2 act the other way round: the next cell gives the same call
-# the demo mark `m * e` on the target and context tokens instead of the token, and the change sits on the mask.
+# The region token reaches every target token, because every token attends to every other one; its id says
+# nothing about *where* the mask is, so untrained its change is spread over the grid (the title compares inside
+# and outside). The marked tokens of section 2 act at the place itself: the next cell gives the same call the demo
+# mark `m * e` on the target and context tokens instead of the token, and measures where the change lands.
 
 # %%
 with torch.no_grad():
@@ -444,7 +455,8 @@ im = show_grid(ax, d_marked, "|prediction difference| per token:\nmarked tokens 
                vmin=0, vmax=d_marked.max().item())
 ax.contour(np.arange(RESOLUTION), np.arange(RESOLUTION), mask[0, 0], levels=[0.5], colors="cyan", linewidths=1)
 fig.colorbar(im, ax=ax, shrink=0.8)
-ax.set_title("The mark changes the prediction where the mask is (cyan)", fontsize=9)
+ax.set_title(f"The mark changes the prediction by {d_marked[inside].mean():.3f} inside the mask (cyan),\n"
+             f"{d_marked[~inside].mean():.3f} outside (mean per token)", fontsize=9)
 plt.show()
 
 # %% [markdown]
@@ -517,13 +529,14 @@ for name, proc in pipe.transformer.attn_processors.items():
         print(f"  {name}: to_k_ip.0 {tuple(k.shape)}, to_v_ip.0 {tuple(v.shape)}, scale {proc.scale}")  # [D, D_t5]
 
 # %% [markdown]
-# > **Why we differ from the original design: frozen encoders ([design note 7](../docs/design.md#7-frozen-encoders)).**
-# > The original design computes the IP-Adapter embeddings (`prepare_ip_adapter_image_embeds`) inside every training
-# > step. From an image encoder that takes part in autograd (parameters requiring gradients, no
-# > `torch.no_grad()`) they carry a graph through the whole CLIP model: computing them every step then pays
-# > the encoder's activations and gradients, and caching them (the next box) breaks the second backward
-# > pass, because the first one freed that graph. `load_pipeline` freezes every encoder and
-# > `encode_depth_for_ip_adapter` runs under `torch.no_grad()`: the embeddings are plain tensors.
+# **Frozen encoders.** From an image encoder that takes part in autograd (parameters requiring gradients, no
+# `torch.no_grad()`), IP-Adapter embeddings carry a graph through the whole CLIP model: computing them every step
+# pays the encoder's activations and gradients, and caching them (below) breaks the second backward pass, because
+# the first one freed that graph. `load_pipeline` freezes every encoder and `encode_depth_for_ip_adapter` runs under
+# `torch.no_grad()`: the embeddings are plain tensors. The cell shows both.
+#
+# > The original design computed the embeddings inside every training step:
+# > [design note 7](../docs/design.md#7-frozen-encoders).
 
 # %%
 trainable = sum(p.requires_grad for p in pipe.image_encoder.parameters())
@@ -546,12 +559,12 @@ finally:
     pipe.image_encoder.zero_grad(set_to_none=True)
 
 # %% [markdown]
-# > **Why we differ from the original design: constant work every step
-# > ([design note 2](../docs/design.md#2-constant-work-every-step)).**
-# > The original design encoded the prompt (T5-XXL + CLIP) and the depth image (CLIP) at every training step. Both are
-# > constant per sample: training encodes them **once per sample** and caches them (`kh.build_train_cache`,
-# > used by `kh.train` in notebook 04), then the encoders can leave the GPU. How much that saves per step, on
-# > this machine:
+# **Constant work once.** The prompt (T5-XXL + CLIP) and the depth image (CLIP) are constant per sample: training
+# encodes them **once per sample** and caches them (`kh.build_train_cache`, used by `kh.train` in notebook 04), then
+# the encoders can leave the GPU. How much encoding them at every step would cost, on this machine:
+#
+# > The original design encoded them at every step:
+# > [design note 2](../docs/design.md#2-constant-work-every-step).
 
 # %%
 import time
@@ -646,11 +659,23 @@ plt.show()
 
 # %% [markdown]
 # `s = 0` gives bit for bit the result without depth: the adapter's output is multiplied by zero. How far the
-# result moves depends on how much the model learned to use depth, and on the tiny model that is very little:
-# `docs/tiny_model.md` measures depth on vs off at -0.04 to +0.01 dB inside the mask and +0.02 to +0.09 dB outside
-# (`python scripts/tiny_editor_report.py`), and from a blank context the depth map does not bring its scene back.
-# Section 5 says why (one position-free embedding that repeats what the context shows). Read this figure as the
-# size of the adapter's push, not as proof that depth steers the edit.
+# result moves depends on how much the model learned to use depth. `docs/tiny_model.md` measures it on the tiny
+# model (`python scripts/tiny_editor_report.py` writes `docs/tiny_model_figures.json`; the next cell reads it), and
+# section 5 says why an IP-Adapter can do little (one position-free embedding that repeats what the context shows).
+# Read the figure above as the size of the adapter's push, not as proof that depth steers the edit.
+
+# %%
+with open(os.path.join(ROOT, "docs", "tiny_model_figures.json")) as f:
+    tiny_figures = json.load(f)  # the tiny model's one-pair LoRAs, and its base from a blank context
+on_off = {key: [r["lora"][key] - r["lora_no_depth"][key] for r in tiny_figures["lora"]]
+          for key in ("psnr_in_vs_target", "psnr_out_vs_context")}
+blank = [r["depth_db"] - r["no_depth_db"] for r in tiny_figures["depth_alone"]]
+own_scene = sum(r["depth_nearest"] == r["pair"] for r in tiny_figures["depth_alone"])
+print(f"tiny model, depth on vs off: {min(on_off['psnr_in_vs_target']):+.2f} to "
+      f"{max(on_off['psnr_in_vs_target']):+.2f} dB inside the mask and {min(on_off['psnr_out_vs_context']):+.2f} to "
+      f"{max(on_off['psnr_out_vs_context']):+.2f} dB outside ({len(tiny_figures['lora'])} one-pair LoRAs); from a "
+      f"blank context {min(blank):+.2f} to {max(blank):+.2f} dB, and the output is nearest its own scene in "
+      f"{own_scene} of {len(blank)} with depth")
 
 # %% [markdown]
 # ## 7. Depth that knows where: one depth patch per token
@@ -687,10 +712,15 @@ with torch.no_grad():
                                          None, **fwd, joint_attention_kwargs=no_depth)
         for kind, pred in (("IP-Adapter", with_ip), ("depth tokens", with_tokens)):
             change[kind][name] = (pred - pred_plain).abs().float().mean(-1).reshape(h_tok, w_tok).cpu()  # [H', W']
+follows = {}
 for kind, maps in change.items():
-    shares = [float(m[box_tokens[n]].sum() / m.sum()) for n, m in maps.items()]
-    print(f"{kind:<13} share of the change on the box's tokens: left map {shares[0]:.0%}, right map "
-          f"{shares[1]:.0%} (the box covers {box_tokens['box left'].float().mean():.0%} of the tokens)")
+    names = list(maps)  # "box left", "box right"
+    own = [float(maps[n][box_tokens[n]].sum() / maps[n].sum()) for n in names]  # on the box this map holds
+    other = [float(maps[n][box_tokens[o]].sum() / maps[n].sum()) for n, o in zip(names, names[::-1])]  # the other
+    follows[kind] = all(a > b for a, b in zip(own, other))
+    print(f"{kind:<13} share of the change on the box's own tokens: left map {own[0]:.0%} (on the right box's "
+          f"{other[0]:.0%}), right map {own[1]:.0%} (on the left box's {other[1]:.0%}); each box covers "
+          f"{box_tokens['box left'].float().mean():.0%} of the tokens")
 
 # %%
 fig, axes = plt.subplots(2, 3, figsize=(11, 7), layout="constrained")
@@ -705,15 +735,17 @@ for row, (kind, maps) in enumerate(change.items()):
         axes[row, col].contour(np.arange(RESOLUTION), np.arange(RESOLUTION), depth_boxes[name][0] > 0.9,
                                levels=[0.5], colors="cyan", linewidths=1)
     fig.colorbar(im, ax=axes[row, 1:], shrink=0.8)
-fig.suptitle("Move the near box (cyan): through the IP-Adapter the change stays where it was; through depth tokens "
-             "it moves with the box")
+verdict = {kind: "moves with the box" if moved else "does not follow the box" for kind, moved in follows.items()}
+fig.suptitle(f"Move the near box (cyan): through the IP-Adapter the change {verdict['IP-Adapter']}; through depth "
+             f"tokens it {verdict['depth tokens']}")
 plt.show()
 
 # %% [markdown]
-# The IP-Adapter's change map barely moves when the box does: its few depth tokens are the same for every image
-# token (their keys carry no position, section 5), so the map follows the image, not the box. The depth tokens'
-# change sits on the box and moves with it. That is why a depth map through the IP-Adapter measured as doing nothing
-# on the tiny model, and why the project's default depth signal is the one below.
+# The printed shares say whether each change map follows the box. The IP-Adapter's few depth tokens are the same
+# for every image token (their keys carry no position, section 5), so whatever it changes, it can only follow the
+# image, not the box; the per-token signal puts each token's own depth on that token. The held-out depth scenes
+# (`scripts/depth_heldout.py`, notebook 05) measure the same difference after training, and chose the project's
+# default depth signal: the one below.
 #
 # **The depth signal from first principles.** One image token covers a 16x16 pixel patch (VAE 8x, 2x2 packing).
 # `kh.depth_token_features(depth, h_tok, w_tok)` resizes the map to `16 H' x 16 W'` pixels, maps `[0, 1]` to
@@ -786,7 +818,8 @@ plt.show()
 #   against the flow to the **context**: keep the rest of the image;
 # - plus small L2 terms on the region module and the LoRA weights.
 #
-# Here is one full training forward (region token and depth) and its loss, token by token.
+# Here is one full training forward (the original design's region token and the IP-Adapter's depth) and its loss,
+# token by token.
 
 # %%
 with torch.no_grad():
@@ -819,13 +852,13 @@ fig.suptitle("Every token is scored once: against the target inside the mask, ag
 plt.show()
 
 # %% [markdown]
-# > **Why we differ from the original design: what the outside term really is
-# > ([design note 4](../docs/design.md#4-outside-mask-term)).**
-# > The original design calls the outside term an "identity penalty on the reconstructed latent `x_pred = noise -
-# > pred`". `noise - pred` is not the model's clean estimate (that is `x_t - sigma * pred`, and the model never
-# > sees `noise` alone). Since `(noise - pred) - context = (noise - context) - pred`, the term is **exactly the
-# > velocity MSE against `noise - context`**: outside the mask the model is trained to flow to the context, the
-# > same kind of target as inside. We keep the original design's term and say what it is:
+# **What the outside term is.** It is written `((noise - pred) - context)^2`, but `noise - pred` is not the model's
+# clean estimate (that is `x_t - sigma * pred`, and the model never sees `noise` alone). Since `(noise - pred) -
+# context = (noise - context) - pred`, the term is **exactly the velocity MSE against `noise - context`**: outside
+# the mask the model is trained to flow to the context, the same kind of target as inside:
+#
+# > The original design called it an identity penalty on a reconstructed latent:
+# > [design note 4](../docs/design.md#4-outside-mask-term).
 
 # %%
 out = (~inside).to(pred.device)  # [N] True outside the mask
@@ -852,18 +885,23 @@ print(f"{n_in} tokens inside, {n_out} outside: one inside token weighs {(1 / n_i
 # %% [markdown]
 # **Equal in pixels, not quite in latents.** The pair's target equals its context outside the mask *in pixels*
 # (up to the few pixels that resizing to `RESOLUTION` blurs across the mask's edge).
-# The VAE's convolutions see a neighbourhood around every latent position, so a change inside the mask also
-# moves the latents of tokens just outside it: there the outside term asks for the context's latents while the
-# target's differ a little. The figure shows `|target tokens - context tokens|` per token, with the max-pooled
-# mask: the leak sits in the ring of tokens around the mask and fades with distance.
+# The VAE's encoder sees a neighbourhood around every latent position (its convolutions) and, through the
+# self-attention of its middle block (`AutoencoderKL`'s `mid_block_add_attention`, on for Flux's VAE and the tiny
+# one), the whole image. So a change inside the mask also moves the latents of tokens outside it: there the outside
+# term asks for the context's latents while the target's differ a little. The figure shows `|target tokens - context
+# tokens|` per token, with the mask; the cell prints the leak in the tokens next to the max-pooled mask and in those
+# farther out.
 
 # %%
 leak = (tgt_tok - ctx_tok).abs().float().mean(-1)[0].reshape(h_tok, w_tok).cpu()  # [B, N, 4C] -> [H', W']
 pixel_change = (item["target"] - item["context"]).abs().amax(0)  # [3, H, W] -> [H, W]
 outside_tokens = m_max[0, 0] == 0  # [H', W'] tokens the loss keeps like the context
-print(f"pixels changed outside the mask: {int((pixel_change[item['mask'][0] < 0.5] > 0).sum())}; mean |target - "
-      f"context| per token: inside {leak[~outside_tokens].mean():.4f}, outside {leak[outside_tokens].mean():.4f}, "
-      f"largest outside {leak[outside_tokens].max():.4f}")
+grown = torch.nn.functional.max_pool2d(m_max[0], 3, stride=1, padding=1)[0] > 0  # [1, H', W'] -> [H', W']: + 1 token
+ring, farther = outside_tokens & grown, outside_tokens & ~grown  # outside tokens next to the mask, and the rest
+pixels_out = int((pixel_change[item["mask"][0] < 0.5] > 0).sum())
+print(f"pixels changed outside the mask: {pixels_out}; mean |target - context| per token: inside "
+      f"{leak[~outside_tokens].mean():.4f}, outside next to the max-pooled mask {leak[ring].mean():.4f} "
+      f"({int(ring.sum())} tokens), farther out {leak[farther].mean():.4f} ({int(farther.sum())} tokens)")
 fig, axes = plt.subplots(1, 2, figsize=(9, 4), layout="constrained")
 show_grid(axes[0], pixel_change.float(), "|target - context| in pixels", cmap="magma", vmin=0, vmax=1)
 im = show_grid(axes[1], leak, "|target - context| per token (latents)", cmap="magma", vmin=0,
@@ -872,23 +910,26 @@ for ax in axes:
     ax.contour(np.arange(RESOLUTION), np.arange(RESOLUTION), mask[0, 0], levels=[0.5], colors="cyan",
                linewidths=1)
 fig.colorbar(im, ax=axes[1], shrink=0.8)
-fig.suptitle("The target equals the context outside the mask (cyan) in pixels; in latents the edit leaks into "
-             "the tokens around it")
+fig.suptitle(f"Outside the mask (cyan) the target differs from the context in {pixels_out} pixels; in latents "
+             f"the tokens next to the max-pooled mask differ by {leak[ring].mean():.3f}, farther ones by "
+             f"{leak[farther].mean():.3f}")
 plt.show()
 
 # %% [markdown]
-# That leak is why `mask_to_token_grid` uses max pooling (section 1: a token touching the edit is editable) and
-# why `preservation="prior"` exists (notebook 04's settings): the outside term then asks for the base model's own
-# prediction instead of the context's latents.
+# Max pooling (section 1) does not remove this leak: it makes a token editable when one of its *pixels* is, and the
+# leaking tokens hold no edited pixel, so they stay outside, where the outside term asks for the context's latents.
+# Compare the leak outside with the inside difference the printout gives: it is the size of target the outside term
+# gets wrong. `preservation="prior"` (notebook 04's settings) asks for the base model's own prediction outside the
+# mask instead of the context's latents.
 
 # %% [markdown]
-# > **Why we differ from the original design: the timestep ([design note 5](../docs/design.md#5-timesteps)).**
-# > The transformer takes `timestep = sigma` in `[0, 1]` with shape `[B]` (the pipeline passes `t / 1000`),
-# > not `t` in `[0, 1000]`. The original design samples its timestep from `scheduler.sigmas`; once `set_timesteps` has
-# > run (any sampling runs it), that table ends with the terminal `sigma = 0`. There `x_t` is the clean
-# > target and holds no trace of the noise, so the velocity `noise - x_0` cannot be predicted: such steps
-# > only add noise to the gradients. `kh.sample_sigmas` draws from the 1000 training sigmas `k / 1000`,
-# > `k = 1..1000`: never 0.
+# **Which timesteps to train on.** The transformer takes `timestep = sigma` in `[0, 1]` with shape `[B]` (the
+# pipeline passes `t / 1000`), not `t` in `[0, 1000]`. Once `set_timesteps` has run (any sampling runs it),
+# `scheduler.sigmas` ends with the terminal `sigma = 0`. There `x_t` is the clean target and holds no trace of the
+# noise, so the velocity `noise - x_0` cannot be predicted: such steps only add noise to the gradients.
+# `kh.sample_sigmas` draws from the 1000 training sigmas `k / 1000`, `k = 1..1000`: never 0.
+#
+# > The original design sampled from `scheduler.sigmas`: [design note 5](../docs/design.md#5-timesteps).
 
 # %%
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -913,8 +954,9 @@ for ax, (mode, values) in zip(axes, draws.items()):
     ax.set_xlabel("sigma (= the transformer's timestep)")
     ax.set_title(f'TrainConfig(timestep_sampling="{mode}")', fontsize=9)
 axes[0].set_ylabel(f"count of {SIGMA_DRAWS:,} draws")
-fig.suptitle("Training sigmas: uniform covers (0, 1] evenly, logit-normal favours the middle; "
-             "neither ever draws the terminal 0 (red)")
+zeros = sum(int((values == 0).sum()) for values in draws.values())
+fig.suptitle(f"Training sigmas: uniform covers (0, 1] evenly, logit-normal favours the middle; draws of the "
+             f"terminal 0 (red) in {2 * SIGMA_DRAWS:,}: {zeros}")
 plt.show()
 
 # %% [markdown]
@@ -988,9 +1030,10 @@ kh.exercises.check_masked_loss(masked_loss)
 # - Depth travels depth map -> CLIP image processor -> CLIP image encoder `[B, E]` -> `[[B, 1, E]]` ->
 #   image projection (a few text-width tokens) -> `to_k_ip` / `to_v_ip` in each double block, times a scale
 #   (`0` = no depth). Encoders stay frozen, and the embeddings are computed once per sample and cached.
-# - That embedding carries no position: moving a near box in the depth map does not move the change it makes. The
-#   default depth signal (`kh.DepthTokenEmbedding`) gives each token its own 16x16 depth patch
-#   (`kh.depth_token_features`, `[B, N, 256]`) through a projection that starts at zero; its change follows the box.
+# - That embedding carries no position: its depth tokens are the same for every image token. The default depth
+#   signal (`kh.DepthTokenEmbedding`) gives each token its own 16x16 depth patch (`kh.depth_token_features`,
+#   `[B, N, 256]`) through a projection that starts at zero, so what it changes can follow the box (section 7
+#   measures where each change lands).
 # - The loss scores inside-mask tokens against the target velocity and outside-mask tokens against the
 #   context; the outside term is a velocity MSE against `noise - context`, and training sigmas lie in `(0, 1]`.
 #

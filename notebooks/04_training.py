@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # 04 · Training the LoRA and the region token
+# # 04 · Training the LoRA, the region module and the depth module
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/kontext-region-lora/blob/main/notebooks/04_training.ipynb)
 #
@@ -24,8 +24,8 @@
 # - how checkpoints survive a crash or a Colab disconnect, and how a run resumes
 # - how the trained LoRA and region module are saved for notebook 05 (and for diffusers or ComfyUI)
 #
-# Runs in about a minute and a half on a laptop CPU with the tiny model (`make demo`: 84 s), or on a Colab GPU
-# with FLUX.1 Kontext [dev].
+# Runs in about a minute and a half on a laptop CPU with the tiny model, or on a Colab GPU with FLUX.1 Kontext
+# [dev].
 #
 # On a CPU the tiny model (pretrained in the package, `docs/tiny_model.md`) learns one pair's edit in about a
 # minute with the `cpu` preset; the same cells train a real editing LoRA on a GPU.
@@ -277,14 +277,12 @@ print("loaded:", ", ".join(name for name, module in pipe.components.items() if m
 # latents of context and target (VAE), the mask on the token grid and the depth features (each token's 16x16 depth
 # patch, notebook 03; or the CLIP embedding with `depth_kind="ip_adapter"`) are the same every time a sample comes
 # round. So `kh.build_train_cache` computes them once per
-# sample, and on a GPU each encoder leaves the GPU as soon as its stage is done (T5-XXL alone is about 9 GB).
+# sample, and on a GPU each encoder leaves the GPU as soon as its stage is done (T5-XXL alone is about 9.5 GB in
+# 16 bits, the memory plan's `t5` line). What that saves per step, `make bench` measures (the README's Performance
+# section).
 #
-# > **Why we differ from the original design ([design note 2](../docs/design.md#2-constant-work-every-step)).** The
-# > original design encoded the prompt with T5-XXL and the depth image with CLIP *at every step*. Both are constant per
-# > sample: here they are encoded once. On the tiny model the original design's step costs 1.57x a plain
-# > diffusers-style LoRA step and ours 1.04x (`make bench`: 128 px, T5 length 512, one thread; the README's
-# > Performance section); on the real model the saving is larger still, and T5-XXL's memory is free for the
-# > transformer.
+# > The original design encoded prompt and depth at every step:
+# > [design note 2](../docs/design.md#2-constant-work-every-step).
 
 # %%
 cache = kh.build_train_cache(pipe, dataset, max_sequence_length=cfg.max_sequence_length, device=DEVICE,
@@ -364,10 +362,11 @@ plt.show()
 # (`"logit_normal"`, the SD3 paper's choice, offered by
 # `diffusers.training_utils.compute_density_for_timestep_sampling`).
 #
-# > **Why we differ from the original design ([design note 5](../docs/design.md#5-timesteps)).** The original design
-# > sampled "from `scheduler.sigmas`". After `set_timesteps` that table ends with the terminal `sigma = 0`, where `x_t`
-# > *is* the clean image and there is nothing to learn. We never draw 0, and the transformer gets `timestep = sigma` in
-# > `[0, 1]`, shape `[B]` (the pipeline passes `t / 1000`), not a value in `[0, 1000]`.
+# After `set_timesteps` the scheduler's `sigmas` table ends with the terminal `sigma = 0`, where `x_t` *is* the
+# clean image and there is nothing to learn: `kh.sample_sigmas` never draws 0, and the transformer gets
+# `timestep = sigma` in `[0, 1]`, shape `[B]` (the pipeline passes `t / 1000`), not a value in `[0, 1000]`.
+#
+# > The original design sampled from `scheduler.sigmas`: [design note 5](../docs/design.md#5-timesteps).
 
 # %%
 scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)  # a copy: leave the pipeline's alone
@@ -548,8 +547,13 @@ if DEVICE.type == "cuda":  # how close did the preset's estimate come?
 
 # %%
 fig = plot.figure()
-fig.axes[0].set_title(f"Training loss ({MODEL_LABEL}), moving mean of 10 steps: the in-mask part (learning\n"
-                      "the edit) and the out-of-mask part (keeping the context) both fall; the total is their sum")
+tenth = max(1, len(result.history) // 10)  # compare the mean of the first and the last tenth of the run
+ends = {key: [sum(r[key] for r in part) / len(part) for part in (result.history[:tenth], result.history[-tenth:])]
+        for key in ("loss_in", "loss_out")}
+trend = {key: f"{'falls' if b < a else 'rises'} {a:.3f} -> {b:.3f}" for key, (a, b) in ends.items()}
+fig.axes[0].set_title(f"Training loss ({MODEL_LABEL}), moving mean of 10 steps. Mean of the first and last {tenth} "
+                      f"steps:\nin-mask (learning the edit) {trend['loss_in']}, out-of-mask (keeping the context) "
+                      f"{trend['loss_out']}", fontsize=10)
 plt.show()
 
 # %% [markdown]
@@ -557,14 +561,14 @@ plt.show()
 # so judge the moving mean. The in-mask curve should keep falling; the out-of-mask curve should fall early (the
 # model learns to copy the context) and then stay low. An out-of-mask curve that climbs while in-mask falls means
 # the LoRA is changing the whole image: lower the learning rate, raise `w_out`, or try `preservation="prior"`.
-# On the tiny model the out-of-mask part starts low (the base model already copies the context) and the
-# in-mask part carries the learning.
+# On the tiny model the base model already copies the context, so the out-of-mask part starts low; the title gives
+# each part's mean over the first and the last tenth of the run.
 
 # %% [markdown]
 # The last preview: the held-out pair edited by the LoRA and region as they were at that update. Its metrics are
 # the ones notebook 05 explains (PSNR of the edit against the target inside the mask, and of the rest against the
-# context outside it). In the tiny model's `make demo` run this edit misses: the masked box does not turn orange
-# and things outside the mask change. The held-out yardstick further down measures the same thing in numbers.
+# context outside it): they say whether the edit landed inside the mask and left the rest alone. The held-out
+# yardstick further down measures the same thing on four held-out pairs.
 
 # %%
 preview_dir = os.path.join(RUN_DIR, "previews")
@@ -636,51 +640,67 @@ ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
-# **Learned, or memorised?** The same yardstick on the held-out pairs. A LoRA that learned the edits lowers their
-# in-mask error too; one that memorised its ten pairs lowers only theirs (and may raise the held-out error).
+# **Learned, or memorised?** The same yardstick on all ten training pairs and on the held-out pairs. A LoRA that
+# learned the edits lowers the held-out in-mask error too; one that memorised its ten pairs lowers only theirs (and
+# may raise the held-out error). The training pairs' "before" is the start of training: the LoRA switched off
+# (`kh.lora_off`; its `B` was zero) and the untrained region and depth modules of section 3.
 
 # %%
 held_after = [kh.evaluation_loss(pipe, result.region, held_cache, index=i, depth_module=result.depth)
               for i in range(len(held_out))]
+with kh.lora_off(pipe.transformer):  # the model at step 0
+    trained_before = [kh.evaluation_loss(pipe, untrained_region, cache, index=i, depth_module=untrained_depth)
+                      for i in range(len(cache.samples))]
+trained_after = [kh.evaluation_loss(pipe, result.region, cache, index=i, depth_module=result.depth)
+                 for i in range(len(cache.samples))]
 for it, b0, b1 in zip(held_out, held_before, held_after):
     print(f"{it['name']:<26} err_in {b0['err_in']:.4f} -> {b1['err_in']:.4f}   err_out {b0['err_out']:.4f} -> "
           f"{b1['err_out']:.4f}")
-mean_in = [sum(r["err_in"] for r in rows) / len(rows) for rows in (held_before, held_after)]
-trained_change = after["err_in"] / before["err_in"] - 1
-print(f"held-out mean err_in {mean_in[0]:.4f} -> {mean_in[1]:.4f} ({mean_in[1] / mean_in[0] - 1:+.0%}); "
-      f"training pair 0: {before['err_in']:.4f} -> {after['err_in']:.4f} ({trained_change:+.0%})")
+change = {group: [b1["err_in"] / b0["err_in"] - 1 for b0, b1 in zip(*rows)]
+          for group, rows in (("trained", (trained_before, trained_after)), ("held out", (held_before, held_after)))}
+for group, values in change.items():
+    print(f"{group:<9}: err_in falls on {sum(v < 0 for v in values)} of {len(values)} pairs, mean change "
+          f"{sum(values) / len(values):+.0%}")
 
 fig, ax = plt.subplots(figsize=(8, 3.4))
-names = ["pair 0 (trained)"] + [it["name"].split("_", 3)[-1] + f" {i}" for i, it in enumerate(held_out)]
-befores = [before["err_in"]] + [r["err_in"] for r in held_before]
-afters = [after["err_in"]] + [r["err_in"] for r in held_after]
+names = [f"{len(cache.samples)} trained pairs\n(mean)"] + [it["name"].split("_", 3)[-1] + f" {i}"
+                                                           for i, it in enumerate(held_out)]
+befores = [sum(r["err_in"] for r in trained_before) / len(trained_before)] + [r["err_in"] for r in held_before]
+afters = [sum(r["err_in"] for r in trained_after) / len(trained_after)] + [r["err_in"] for r in held_after]
 ax.bar([i - 0.2 for i in range(len(names))], befores, width=0.4, color="lightgrey", label="before training")
 ax.bar([i + 0.2 for i in range(len(names))], afters, width=0.4, color="tab:green", label="after training")
 ax.set_xticks(range(len(names)), names, fontsize=8)
 ax.set_ylabel("err_in (velocity MSE in the mask)")
-ax.set_title(f"In-mask error on a trained pair and on {len(held_out)} held-out drawn pairs ({MODEL_LABEL}): "
+ax.set_title(f"In-mask error on the trained pairs and on {len(held_out)} held-out drawn pairs ({MODEL_LABEL}): "
              "what carries over to pairs the LoRA never saw", fontsize=9)
 ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
-# Read the two groups apart. When the trained pair's error falls and the held-out pairs' error rises (the tiny
-# model's `make demo` run shows exactly this), the LoRA memorised its ten pairs: it learned *these* edits of
-# *these* scenes, and pushes other scenes towards them. Ten pairs are a lesson in the mechanics, not a dataset; a
-# LoRA that generalises needs many varied pairs of its edit (notebook 05's twin scenes train on 48 and edit scenes
+# Read the two groups apart (the printout above says which way each went in this run). When the trained pairs'
+# error falls and the held-out pairs' rises, the LoRA memorised its ten pairs: it learned *these* edits of *these*
+# scenes, and pushes other scenes towards them. Ten pairs are a lesson in the mechanics, not a dataset; a LoRA that
+# generalises needs many varied pairs of its edit (notebook 05's twin scenes train on 48 samples and edit scenes
 # they never saw).
 
 # %% [markdown]
 # **What moved?** Only the LoRA, the region module and the depth module were trained; the 12B (here: tiny) base
 # stayed frozen. Every LoRA layer adds `B @ A` to a frozen weight, and `B` starts at zero, so the norm of `B` says
-# how far each layer moved away from the base model. Notice the text-stream layers (`add_q_proj`, `to_add_out`,
-# `ff_context`) barely move: the loss is measured on image tokens only, so they get gradient only indirectly.
+# how far each layer moved away from the base model. Compare the text-stream layers (`add_q_proj`, `add_k_proj`,
+# `add_v_proj`, `to_add_out`, `ff_context`) with the image-stream ones (the cell prints both means): the loss is
+# measured on image tokens only, so the text stream gets its gradient only through attention; but AdamW's step is
+# about the learning rate whatever the gradient's size (section 4), so a small gradient need not mean a small move.
 
 # %%
 lora = kh.collect_lora_named_params(pipe.transformer)
 b_norms = {n.removesuffix(".lora_B.default.weight"): float(p.detach().norm()) for n, p in lora if ".lora_B." in n}
 print(f"{len(lora)} LoRA tensors (A and B) in {len(b_norms)} layers, "
       f"{sum(p.numel() for _, p in lora) / 1e3:.0f} k trainable parameters")
+text_stream = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context")  # the double blocks' text side
+by_stream = {"text": [v for n, v in b_norms.items() if any(t in n for t in text_stream)],
+             "image": [v for n, v in b_norms.items() if not any(t in n for t in text_stream)]}
+print("mean ||lora_B||: " + ", ".join(f"{k} stream {sum(v) / len(v):.3f} ({len(v)} layers)"
+                                      for k, v in by_stream.items() if v))
 short = [n.replace("single_transformer_blocks.", "s").replace("transformer_blocks.", "d") for n in b_norms]
 colors = ["tab:blue" if n.startswith("d") else "tab:purple" if n.startswith("s") else "tab:grey" for n in short]
 
@@ -697,9 +717,11 @@ plt.show()
 # The default region module (`cfg.region_kind = "marked"`, notebook 03) is one learned vector `e` of `4C`
 # numbers, added to every masked token of the noisy target and of the context. It starts at zero, so at step 0
 # the model is exactly the base model plus the LoRA's zero update. Through the transformer's first linear layer
-# (`x_embedder`) `e` becomes a direction in the model's width that says "this place is in the mask": the same
-# vector at every place, which is why a mask anywhere works, also where no training mask lay. Below: the learned
-# `e` per channel, beside the typical size of a context token's channel.
+# (`x_embedder`) `e` becomes a direction in the model's width that says "this place is in the mask". It is the same
+# vector at every place, so a mask where no training mask lay gets the same mark (the original design's token has
+# one weight column per grid cell, learned only where training masks lay); whether the trained model then edits
+# there is what notebook 05's held-out twin scenes measure. Below: the learned `e` per channel, beside the typical
+# size of a context token's channel.
 
 # %%
 e = result.region.embedding.detach().float().cpu()  # [4C]
@@ -718,13 +740,9 @@ ax.set_title(f"The learned mark e after training ({MODEL_LABEL}): it started at 
 plt.show()
 
 # %% [markdown]
-# > **The original design's region token, and why it is not the default.** The original design projects the
-# > whole token-grid mask to *one* extra token with `Linear(H'*W' -> 4C)` (`region_kind="linear"`, notebook 03).
-# > One weight column per grid cell learns only from samples whose mask covers that cell, and the token's id is
-# > `(2, 0, 0)`, so *where* the mask lies lives only in those learned columns. On held-out scenes where only the
-# > mask can say which of two identical objects to edit (`scripts/region_heldout.py`, docs/design.md), the
-# > linear token edits the masked object alone in about half of the cases; the marked tokens and the
-# > cell tokens (`"cells"`, one token per 2x2 cell at that cell's own position) do it in all of them.
+# > The original design's single region token (`region_kind="linear"`, notebook 03) is not the default: how often
+# > each kind lets the mask decide on held-out twin scenes is in
+# > [docs/design.md](../docs/design.md#does-the-mask-decide-where-the-edit-happens).
 
 # %% [markdown]
 # ### 5b. Photos of other shapes: one run, several buckets
@@ -1008,5 +1026,5 @@ kh.exercises.check_lora_mean_square(lora_mean_square)
 # ## Next
 #
 # [05_inference_previews.ipynb](05_inference_previews.ipynb) loads this adapter, samples edits with the region
-# token and the depth map, compares the variants (base, LoRA, LoRA + region, + depth, inpainting) with metrics,
+# signal and the depth map, compares the variants (base, LoRA, LoRA + region, + depth, inpainting) with metrics,
 # and exports the LoRA for diffusers and ComfyUI.

@@ -27,13 +27,14 @@
 # - whether the depth map decides *what* the edit does: held-out depth scenes, and a widget that moves the box in
 #   the depth map
 #
-# Runs in about three minutes on a laptop CPU with the tiny model (`make demo`: 170 s, most of it training the
-# twin-scene and depth-scene LoRAs of sections 7 and 8), or on a Colab GPU with FLUX.1 Kontext [dev].
+# Runs in a few minutes on a laptop CPU with the tiny model (most of it training the twin-scene and depth-scene
+# LoRAs of sections 7 and 8), or on a Colab GPU with FLUX.1 Kontext [dev].
 #
 # **On the tiny model the pictures are real but small.** Its weights were pretrained in the package on drawn
-# scenes (`docs/tiny_model.md`): its VAE reconstructs the sample scenes at about 32 dB, and with an empty
-# prompt the base model gives the context back at 29 to 36 dB, within about 1 dB of the VAE: that caps every
-# figure here. The LoRA from notebook 04 does learn the edits; on a GPU the same cells show FLUX.1 Kontext.
+# scenes (`docs/tiny_model.md`): how well its VAE and its base model give a sample scene back caps every figure
+# here (the first cell below prints both, from `docs/tiny_model_figures.json`). The LoRA from notebook 04 learned
+# its ten pairs (notebook 04 measures how far, and whether it carries over); on a GPU the same cells show FLUX.1
+# Kontext.
 #
 # **The code behind it:** [`kontext_helpers/inference.py`](../kontext_helpers/inference.py) (`sample_edit` in named
 # steps, `compare_variants`) and [`kontext_helpers/adapters.py`](../kontext_helpers/adapters.py) (save, load, ComfyUI).
@@ -111,6 +112,16 @@ print(dataset)
 print(f"pair {PAIR}: {item['name']!r}, prompt {item['prompt']!r}")
 print("context", tuple(item["context"].shape), " mask", tuple(item["mask"].shape), " depth",
       tuple(item["depth"].shape), " # [3, H, W], [1, H, W], [1, H, W] in [0, 1]")
+if TINY:  # what caps every figure below (python scripts/tiny_editor_report.py measured it)
+    import json
+
+    with open(os.path.join(ROOT, "docs", "tiny_model_figures.json")) as f:
+        tiny_figures = json.load(f)
+    vae_db = tiny_figures["vae_db"]
+    base_db = [r["empty_prompt_db"] for r in tiny_figures["base_keep"]]
+    print(f"the tiny model on the ten sample contexts: its VAE gives them back at {sum(vae_db) / len(vae_db):.1f} dB "
+          f"on average ({min(vae_db):.1f} at worst); with an empty prompt the base model at {min(base_db):.1f} to "
+          f"{max(base_db):.1f} dB, {(sum(vae_db) - sum(base_db)) / len(vae_db):.2f} dB under the VAE on average")
 
 # %% [markdown]
 # ## The adapter from notebook 04
@@ -458,16 +469,18 @@ with_all, no_region = comparison.metrics["LoRA + region + depth"], comparison.me
 gain_in = with_all["psnr_in_vs_target"] - no_region["psnr_in_vs_target"]
 print(f"region signal and depth on vs off: in-mask {gain_in:+.2f}"
       f" dB, outside {with_all['psnr_out_vs_context'] - no_region['psnr_out_vs_context']:+.2f} dB")
+lora_cost = no_region["psnr_out_vs_context"] - comparison.metrics["base"]["psnr_out_vs_context"]
+print(f"the LoRA alone against the base model outside the mask: {lora_cost:+.2f} dB")
 
 # %% [markdown]
-# **Why the region signal and depth change little on these pairs.** The numbers above come from a LoRA trained on
-# a handful of pairs, and a LoRA *memorises* them: the prompt and the context already say which pair it is and
-# what to change, so the mask adds little the LoRA needs to reproduce its training pairs, and the context's depth
-# map repeats what the context already shows. Whether the mask or the depth can *decide* the edit shows only where
+# **Why the region signal and depth can change little on these pairs.** The numbers above come from a LoRA trained
+# on ten pairs, and pair 0 is one of them: the prompt and the context already say which pair it is and what to
+# change, so the mask adds little the LoRA needs to reproduce its training pairs, and the context's depth map
+# repeats what the context already shows. Whether the mask or the depth can *decide* the edit shows only where
 # nothing else can tell: section 7 trains on scenes with two identical objects and edits held-out ones with the
 # mask on each in turn; section 8 does the same for depth, with scenes whose new geometry only the depth map
-# holds. On the tiny model the LoRA also costs a little outside the mask (compare `psnr_out_vs_context` of `base`
-# and `LoRA`): changing more than the mask is a cheap way to lower the in-mask loss; `w_out`,
+# holds. What the LoRA costs outside the mask the cell prints (`psnr_out_vs_context` of `LoRA` against `base`): a
+# LoRA that changes more than the mask has found a cheap way to lower the in-mask loss; `w_out`,
 # `preservation="prior"`, more pairs or `blend=True` keep the outside.
 
 # %% [markdown]
@@ -647,7 +660,7 @@ print(f"pipe(...) with kh.RegionHook vs sample_edit with the region and depth: m
 # Nothing but the mask says which object to change. We train a LoRA with the default region signal on
 # `TWIN_TRAIN_SCENES` drawn scenes (each twice, the mask on either object), then edit a scene it never saw and
 # let you move the mask. `scripts/region_heldout.py` does this for every region kind, with box masks and
-# blending too, on 12 held-out scenes; its table and figure are in `docs/design.md`. On a GPU the section loads a
+# blending too, on more held-out scenes; its table and figure are in `docs/design.md`. On a GPU the section loads a
 # second pipeline, so it runs there only with `TWIN_ON_GPU = True` (an 80 GB card).
 
 # %%
@@ -960,11 +973,11 @@ kh.exercises.check_psnr_in_mask(psnr_in_mask)
 #   baseline, on the same noise, in one figure and one table.
 # - The LoRA travels: diffusers loads it as it is, `export_comfyui` writes ComfyUI's fused Flux layout, and the
 #   custom nodes in `comfyui/kontext_region/` apply the region and depth signals there.
-# - On twin scenes, where only the mask can say which of two identical objects to edit, the trained region signal
-#   makes the edit follow the mask on scenes it never saw.
-# - On depth scenes, where only the desired result's depth map says where the new box goes, the default depth
-#   signal (each token's depth patch) makes the edit follow the depth map it is given; a global IP-Adapter
-#   embedding cannot place anything (`scripts/depth_heldout.py`).
+# - On twin scenes, where only the mask can say which of two identical objects to edit, section 7 counts how often
+#   the trained region signal makes the edit follow the mask on scenes it never saw.
+# - On depth scenes, where only the desired result's depth map says where the new box goes, section 8 counts how
+#   often the default depth signal (each token's depth patch) makes the edit follow the depth map it is given; a
+#   global IP-Adapter embedding placed the box no better than chance (`scripts/depth_heldout.py`, docs/design.md).
 #
 # ## Next
 #
