@@ -1,6 +1,6 @@
 """Photos at their own shape: does training at aspect-ratio buckets beat stretching them square or cropping them?
 
-    python scripts/bucket_heldout.py                       # about 15 min on one thread
+    python scripts/bucket_heldout.py                       # about 15 min on one idle thread
     python scripts/bucket_heldout.py --json docs/bucket_heldout.json --figure docs/images/bucket_heldout.png
 
 Drawn edit scenes (``kh.AspectPairs``) cut to 4:3, 3:4 and 16:9 are written as a dataset folder at their own sizes
@@ -34,8 +34,8 @@ import kontext_helpers as kh  # noqa: E402
 POLICIES = ("bucket", "square", "crop")
 TRAIN_SEED, HELD_OUT_SEED = 0, 1  # drawn-scene streams: training scenes and held-out scenes never overlap
 SAMPLE_SEED = 0
-STEPS = 1000
-TRAIN_SCENES, HELD_OUT_SCENES = 36, 12
+STEPS = 1500
+TRAIN_SCENES, HELD_OUT_SCENES = 36, 36
 NUM_INFERENCE_STEPS = 28
 
 

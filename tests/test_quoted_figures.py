@@ -538,3 +538,55 @@ def test_tiny_model_recipe_quoted_in_its_document():
     assert abs(cfg.depth_fraction - 1 / 2) < 1e-9, f"{doc} says half of the batches see depth: {name}.depth_fraction"
     check(doc, "**VAE decoder** alone on whole images ({} updates, batch {})", [
         (f"{name}.decoder_steps", cfg.decoder_steps), (f"{name}.vae_full_batch_size", cfg.vae_full_batch_size)])
+
+
+# --------------------------------------------------------------------------------------------------
+# photos at their own shape: docs/bucket_heldout.json (and the smaller run, docs/bucket_heldout_small.json)
+# --------------------------------------------------------------------------------------------------
+
+
+def bucket(policy: str, *keys, source: str = "docs/bucket_heldout.json"):
+    return at(read_json(source), source, "policies", policy, *keys)
+
+
+def kept(policy: str):
+    name, value = bucket(policy, "mask_kept")
+    return name, 100 * value
+
+
+@pytest.mark.parametrize("policy, row", [
+    ("bucket", '| **`resize="bucket"` (the default)** | **{} dB** | **{} dB** | {}% |'),
+    ("square", '| `resize="square"` (stretched) | {} dB | {} dB | {}% |'),
+    ("crop", '| `resize="crop"` (centre square) | {} dB | {} dB | {}% |'),
+])
+def test_readme_bucket_table(policy, row):
+    check("README.md", row, [bucket(policy, "held_out", "all", "in_db"), bucket(policy, "held_out", "all", "out_db"),
+                             kept(policy)])
+
+
+def test_readme_bucket_text():
+    check("README.md", "({} dB outside with buckets against {} and {} dB)",
+          [bucket(p, "held_out", "16x9", "out_db") for p in ("bucket", "square", "crop")])
+    report = read_json("docs/bucket_heldout.json")
+    check("README.md", "({} updates) three times on {} drawn scenes",
+          [("steps", report["steps"]), ("train_scenes", report["train_scenes"])])
+    check("README.md", "and edits {} held-out scenes at each one's own shape",
+          [("held_out_scenes", report["held_out_scenes"])])
+
+
+@pytest.mark.parametrize("policy", ["bucket", "square", "crop"])
+def test_design_bucket_table(policy):
+    cells = [bucket(policy, "held_out", "all", "in_db"), bucket(policy, "held_out", "all", "out_db")]
+    for aspect in ("4x3", "3x4", "16x9"):
+        cells += [bucket(policy, "held_out", aspect, "in_db"), bucket(policy, "held_out", aspect, "out_db")]
+    check("docs/design.md", f'| `"{policy}"` | {{}} dB | {{}} dB | {{}} / {{}} | {{}} / {{}} | {{}} / {{}} | {{}}% |',
+          cells + [kept(policy)])
+
+
+def test_design_bucket_text():
+    small = "docs/bucket_heldout_small.json"
+    check("docs/design.md", "gave {} (bucket), {} (square) and {} dB (crop)",
+          [bucket(p, "held_out", "all", "in_db", source=small) for p in ("bucket", "square", "crop")])
+    check("docs/design.md", "**Crop** loses {}% of the training masks' pixels",
+          [("100 - crop mask_kept", 100 - kept("crop")[1])])
+    check("docs/design.md", "buckets lose {}%, the sliver", [("100 - bucket mask_kept", 100 - kept("bucket")[1])])
