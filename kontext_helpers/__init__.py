@@ -75,6 +75,7 @@ from .checkpoints import (
 from .colab import colab_session
 from .conditioning import (
     DEFAULT_REGION_KIND,
+    L2_FORMS,
     REGION_KINDS,
     MaskedContextEmbedding,
     MaskedTokenEmbedding,
@@ -176,6 +177,7 @@ from .training import (
     load_for_training,
     sample_indices,
     sample_sigmas,
+    step_generator,
     train,
     training_loss,
 )
@@ -254,6 +256,7 @@ __all__ = [
     "unpack_like_pipeline",
     # conditioning (03)
     "DEFAULT_REGION_KIND",
+    "L2_FORMS",
     "REGION_KINDS",
     "MaskRegionToken",
     "MaskedContextEmbedding",
@@ -321,6 +324,7 @@ __all__ = [
     "load_for_training",
     "sample_indices",
     "sample_sigmas",
+    "step_generator",
     "train",
     "training_loss",
     # pretrain

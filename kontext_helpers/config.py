@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .conditioning import REGION_KINDS
+from .conditioning import L2_FORMS, REGION_KINDS
 from .depth import DEPTH_KINDS
 from .models import LORA_TARGET_PRESETS
 
@@ -52,6 +52,9 @@ class TrainConfig:
     l2_region_lambda: float = 1e-4  # L2 (mean square) on the region module, the original design's stabiliser (not on
     #   the depth module: it starts at zero and depth_dropout regularises it)
     l2_lora_lambda: float = 1e-4  # L2 (mean square, not the design's sum) on the LoRA weights
+    l2_form: str = "mean_square"  # how both lambdas act (kh.L2_FORMS, docs/design.md note 9): "mean_square"
+    #   (lambda * mean(p^2) in the loss), "sum" (lambda * sum(p^2), the original design's) or "decoupled" (no loss
+    #   term: AdamW's weight decay of lambda on the LoRA's and the region module's parameter groups)
     preservation: str = "identity"  # outside the mask: "identity" (flow to the context, the original design) or "prior"
     #   ("prior" is ai-toolkit's inverted_mask_prior: match the base model's own prediction, LoRA off)
     # --- noise schedule and conditioning
@@ -113,6 +116,7 @@ class TrainConfig:
                               ("depth_kind", (*DEPTH_KINDS, "none")),
                               ("depth_source", ("context", "target")),
                               ("timestep_sampling", ("uniform", "logit_normal")),
+                              ("l2_form", L2_FORMS),
                               ("mixed_precision", ("no", "fp16", "bf16")),
                               ("optimizer", ("adamw", "adamw8bit")),
                               ("quantize_base", (None, "nf4")),
@@ -136,6 +140,14 @@ class TrainConfig:
                 problems.append("the dataset is empty")
         if problems:
             raise ValueError("invalid TrainConfig:\n  - " + "\n  - ".join(problems))
+
+    def weight_decays(self, region: bool = True, depth: bool = True) -> list[float]:
+        """AdamW's decoupled decay of each parameter group, in the optimizer's order (the LoRA, then the region and
+        the depth module when present): ``weight_decay``, plus the L2 lambdas with ``l2_form="decoupled"`` (the depth
+        module has no L2 term)."""
+        extra = self.l2_form == "decoupled"
+        return ([self.weight_decay + extra * self.l2_lora_lambda]
+                + [self.weight_decay + extra * self.l2_region_lambda] * region + [self.weight_decay] * depth)
 
     @classmethod
     def for_gpu(cls, name: str = "auto", **overrides) -> TrainConfig:
