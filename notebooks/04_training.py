@@ -506,6 +506,107 @@ pipe.transformer.delete_adapters("by_hand")
 del hand_lora, hand_region, hand_depth, trainable, optimizer, hand_grads
 
 # %% [markdown]
+# ### The whole loop by hand
+#
+# `kh.train` is that step repeated, plus bookkeeping (checkpoints, previews, trackers, several processes). Here is
+# the whole loop over the cache, written with the package's public pieces only, for `N_LOOP` updates. Every random
+# draw comes from where `kh.train` takes it:
+#
+# - **which sample**: `kh.sample_indices(n, seed, first, count)`, an endless stream of epochs, each a fresh
+#   permutation (the cache is read by sample index, section 2);
+# - **noise, then sigma, then depth dropout** of update `k`: one generator, `kh.step_generator(seed, 2, k,
+#   micro_batch, process)`, so that update `k` draws the same numbers whether or not the run was resumed;
+# - **the LoRA's random `A` and the region module's start**: each from `torch.manual_seed(seed)`.
+#
+# The loop writes out the notebook's settings (region `"marked"`, depth `"tokens"`, `preservation="identity"`, no
+# accumulation; `kh.training_loss` covers the others) in full precision with torch's AdamW. Then `kh.train` runs
+# the same config for the same updates, and the next cell compares the two.
+
+# %%
+from diffusers.optimization import get_scheduler
+
+N_LOOP = 3  # updates
+loop_cfg = dataclasses.replace(cfg, steps=N_LOOP, mixed_precision="no", optimizer="adamw", resume=False,
+                               checkpoint_every=0, preview_every=0, report_to="none",
+                               output_dir=os.path.join(OUTPUT_DIR, "hand_loop"))
+assert (loop_cfg.region_kind, loop_cfg.depth_kind, loop_cfg.preservation, loop_cfg.gradient_accumulation_steps) == (
+    "marked", "tokens", "identity", 1), "this loop writes out the default kinds; kh.training_loss covers the others"
+tf = pipe.transformer
+with torch.random.fork_rng(devices=[]):  # what train() builds first, each from the seed alone
+    torch.manual_seed(loop_cfg.seed)
+    loop_lora = kh.add_lora(tf, rank=loop_cfg.rank, alpha=loop_cfg.alpha, targets=loop_cfg.lora_targets,
+                            include_ip_adapter=loop_cfg.lora_ip_adapter)
+with torch.random.fork_rng(devices=[]):
+    torch.manual_seed(loop_cfg.seed)
+    loop_region = kh.make_region_module(loop_cfg.region_kind, cache.h_tok, cache.w_tok, c_in).to(DEVICE)
+loop_depth = kh.make_depth_module(loop_cfg.depth_kind, c_in).to(DEVICE)  # its projection starts at zero
+for _, p in loop_lora:
+    p.data = p.data.float()  # trainable weights in fp32 over a 16-bit base
+if loop_cfg.gradient_checkpointing:
+    tf.enable_gradient_checkpointing()  # memory only: the same numbers
+tf.train()
+groups = [[p for _, p in loop_lora], list(loop_region.parameters()), list(loop_depth.parameters())]
+lrs = [loop_cfg.learning_rate, loop_cfg.region_learning_rate, loop_cfg.depth_learning_rate]
+optimizer = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd}  # decay: section "The L2 term" below
+                               for ps, lr, wd in zip(groups, lrs, loop_cfg.weight_decays())])
+schedule = get_scheduler(loop_cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=loop_cfg.lr_warmup_steps,
+                         num_training_steps=N_LOOP)
+
+loop_losses, n, b = [], len(cache.samples), loop_cfg.batch_size
+for step in range(N_LOOP):
+    batch = cache.batch(kh.sample_indices(n, loop_cfg.seed, step * b, b), device=DEVICE)  # by sample index
+    g = kh.step_generator(loop_cfg.seed, 2, step, 0, 0)  # this update's draws (micro-batch 0, process 0)
+    noise = torch.randn(batch["tgt_tok"].shape, generator=g).to(DEVICE, batch["tgt_tok"].dtype)  # [B, N, 4C]
+    sigma = kh.sample_sigmas(b, loop_cfg, g).to(DEVICE)  # [B]
+    keep = (torch.rand(b, generator=g) >= loop_cfg.depth_dropout).float().to(DEVICE)  # [B]: 0 drops the depth
+    s = sigma[:, None, None]  # [B] -> [B, 1, 1]
+    x_t = (1 - s) * batch["tgt_tok"] + s * noise  # [B, N, 4C]
+    marked = kh.region_inputs(loop_region, batch["ctx_tok"], batch["mask_small"], cache.h_tok, cache.w_tok)
+    d_tgt, d_ctx = (o.to(batch["ctx_tok"]) for o in kh.depth_inputs(loop_depth, batch["depth_feat"], keep=keep))
+    pred_v = kh.kontext_forward(tf, x_t + (marked.target_offset + d_tgt), marked.context + d_ctx, None,
+                                sigma=sigma, prompt_embeds=batch["prompt_embeds"],
+                                pooled_prompt_embeds=batch["pooled_prompt_embeds"], txt_ids=cache.txt_ids.to(DEVICE),
+                                h_tok=cache.h_tok, w_tok=cache.w_tok, guidance=loop_cfg.guidance)  # [B, N, 4C]
+    loss = kh.fm_masked_dual_loss_with_l2(
+        pred_v, batch["tgt_tok"], batch["ctx_tok"], noise, batch["mask_small"], cache.h_tok, cache.w_tok,
+        w_in=loop_cfg.w_in, w_out=loop_cfg.w_out, l2_region_lambda=loop_cfg.l2_region_lambda,
+        l2_lora_lambda=loop_cfg.l2_lora_lambda, region_token_module=loop_region, lora_named_params=loop_lora,
+        l2_form=loop_cfg.l2_form)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for ps in groups for p in ps], loop_cfg.max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    loop_losses.append(float(loss.detach()))
+loop_after = {name: p.detach().clone() for name, p in loop_lora}
+tf.delete_adapters("default")  # kh.train attaches its own, from the same seed
+print("by hand:", [round(v, 6) for v in loop_losses])
+
+# %% [markdown]
+# Now `kh.train` with the same config. On the CPU both runs do the same operations in the same order in fp32
+# (`accelerate` with `mixed_precision="no"` and one process adds no autocast, loss scaling or reduction), so the
+# check demands equality bit for bit. On a GPU it allows a relative 1e-3 in the losses and 1e-5 in the weights:
+# some CUDA kernels (attention's backward among them) may add in a different order from one call to the next.
+# `tests/test_hand_loop.py` runs the same loop on the CPU, bit for bit.
+
+# %%
+loop_result = kh.train(pipe, dataset, loop_cfg, cache=cache, progress=False)
+train_losses = [r["loss"] for r in loop_result.history]
+train_after = dict(kh.collect_lora_named_params(pipe.transformer))
+tolerance = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=1e-3, atol=1e-5)
+print(f"{'update':>6} {'by hand':>12} {'kh.train':>12}")
+for k, (mine, theirs) in enumerate(zip(loop_losses, train_losses), 1):
+    print(f"{k:>6} {mine:>12.8f} {theirs:>12.8f}")
+torch.testing.assert_close(torch.tensor(loop_losses), torch.tensor(train_losses), **tolerance,
+                           msg="the hand loop's losses must equal kh.train's")
+for name, p in loop_after.items():
+    torch.testing.assert_close(p, train_after[name].detach(), **tolerance, msg=f"{name} after {N_LOOP} updates")
+largest = max(float((p - train_after[name].detach()).abs().max()) for name, p in loop_after.items())
+print(f"the {len(loop_after)} LoRA tensors after {N_LOOP} updates: largest difference {largest:.1e}")
+pipe.transformer.delete_adapters("default")  # section 5 trains its own LoRA
+del loop_lora, loop_region, loop_depth, groups, optimizer, schedule, loop_result, train_after
+
+# %% [markdown]
 # ## 5. Train
 #
 # `kh.train` attaches the LoRA (its `B` matrices start at zero, so at step 0 the LoRA adds nothing), builds
