@@ -256,8 +256,8 @@ def fm_masked_dual_loss_with_l2(
     * L2 (``l2_form``, :data:`L2_FORMS`): ``"mean_square"`` adds ``l2_region_lambda * mean(p^2)`` over the region
       module's weights and ``l2_lora_lambda * mean(p^2)`` over the LoRA's; ``"sum"`` (the original design) adds
       ``lambda * sum(p^2)``, whose gradient ``2 lambda p`` per weight does not shrink with the number of weights
-      ``n`` as the mean's ``2 lambda p / n`` does; ``"decoupled"`` adds nothing: the optimizer's weight decay
-      (``TrainConfig.weight_decays``) shrinks the weights instead.
+      ``n`` as the mean's ``2 lambda p / n`` does; ``"decoupled"`` (``TrainConfig``'s default) adds nothing: the
+      optimizer's weight decay (``TrainConfig.weight_decays``) shrinks the weights instead.
 
     Means are over the selected tokens and all channels; ``eps`` keeps an all-zero or all-one mask finite.
 

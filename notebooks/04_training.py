@@ -130,7 +130,7 @@ MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {cfg.resolution} p
 # | optimisation | `learning_rate` | `1e-4` | LoRA learning rate, the value diffusers' Kontext script uses |
 # |  | `region_learning_rate` | `1e-3` | region module: a few fresh weights, they can move faster than the LoRA |
 # |  | `optimizer` | `"adamw"` | "adamw" (torch) or "adamw8bit" (bitsandbytes, saves optimizer memory on GPUs) |
-# |  | `weight_decay` | `0.0` | AdamW decay; the L2 terms below already regularise |
+# |  | `weight_decay` | `0.0` | AdamW decay of every group; the L2 settings below add the LoRA's and the region's |
 # |  | `lr_scheduler` | `"constant"` | any diffusers.optimization.get_scheduler name ("cosine", "linear", ...) |
 # |  | `lr_warmup_steps` | `0` | warm-up updates for the scheduler |
 # |  | `max_grad_norm` | `1.0` | gradient clipping of LoRA + region parameters (0 disables) |
@@ -140,8 +140,9 @@ MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {cfg.resolution} p
 # |  | `lora_ip_adapter` | `False` | also adapt the IP-Adapter's to_k_ip / to_v_ip (lets the LoRA re-learn depth use) |
 # | loss | `w_in` | `1.0` | weight of the in-mask velocity term (learn the edit) |
 # |  | `w_out` | `1.0` | weight of the out-of-mask term (keep the rest of the image) |
-# |  | `l2_region_lambda` | `1e-4` | L2 (mean square) on the region module, the original design's stabiliser |
-# |  | `l2_lora_lambda` | `1e-4` | L2 (mean square, not the design's sum) on the LoRA weights |
+# |  | `l2_region_lambda` | `1e-4` | L2 on the region module, the original design's stabiliser |
+# |  | `l2_lora_lambda` | `1.0` | L2 on the LoRA weights (`"decoupled"`: each update shrinks them by `lr * lambda`) |
+# |  | `l2_form` | `"decoupled"` | AdamW's weight decay; `"sum"` (the design's) or `"mean_square"`: a loss term |
 # |  | `preservation` | `"identity"` | outside the mask: flow to the context; `"prior"`: the base model's output |
 # | noise, conditioning | `timestep_sampling` | `"uniform"` | the 1000 training sigmas (never 0); `"logit_normal"` |
 # |  | `logit_mean` | `0.0` | logit-normal location (SD3 / diffusers' default) |
@@ -468,17 +469,27 @@ m = sample["mask_small"].reshape(1, N_TOK, 1)  # [1, 1, H', W'] -> [1, N, 1], in
 c4 = pred_v.shape[-1]  # 4C
 loss_in = ((pred_v - (noise - sample["tgt_tok"])) ** 2 * m).sum() / (m.sum() * c4 + 1e-6)
 loss_out = (((noise - pred_v) - sample["ctx_tok"]) ** 2 * (1 - m)).sum() / ((1 - m).sum() * c4 + 1e-6)
-l2 = (cfg.l2_lora_lambda * kh.mean_square([p for _, p in hand_lora])
-      + cfg.l2_region_lambda * kh.mean_square(list(hand_region.parameters())))
+
+
+def l2_in_loss(params, lam):
+    """The L2 term cfg.l2_form puts in the loss; the default "decoupled" puts none (AdamW decays instead)."""
+    total = sum(p.float().pow(2).sum() for p in params)
+    return {"sum": lam * total, "mean_square": lam * total / sum(p.numel() for p in params),
+            "decoupled": 0.0}[cfg.l2_form]
+
+
+l2 = (l2_in_loss([p for _, p in hand_lora], cfg.l2_lora_lambda)
+      + l2_in_loss(list(hand_region.parameters()), cfg.l2_region_lambda))
 loss = cfg.w_in * loss_in + cfg.w_out * loss_out + l2
 # 7. backward: gradients for the LoRA, the region and the depth module only (everything else is frozen)
 loss.backward()
 hand_grads = [p.grad.clone() for p in trainable]
 print(f"by hand: loss {loss.item():.5f} = {cfg.w_in} x in {loss_in.item():.5f} + {cfg.w_out} x out "
-      f"{loss_out.item():.5f} + L2 {l2.item():.2e}")
+      f"{loss_out.item():.5f} + L2 {float(l2):.2e} (l2_form={cfg.l2_form!r})")
 grad_a = max(float(g.abs().max()) for (n, _), g in zip(hand_lora, hand_grads) if "lora_A" in n)
 grad_b = max(float(g.abs().max()) for (n, _), g in zip(hand_lora, hand_grads) if "lora_B" in n)
-print(f"largest gradient: lora_B {grad_b:.1e}, lora_A {grad_a:.1e} (A only feels the L2 term while B is 0)")
+print(f"largest gradient: lora_B {grad_b:.1e}, lora_A {grad_a:.1e} (while B is 0, only an L2 term in the loss "
+      "reaches A)")
 
 # %%
 for p in trainable:
@@ -605,6 +616,51 @@ largest = max(float((p - train_after[name].detach()).abs().max()) for name, p in
 print(f"the {len(loop_after)} LoRA tensors after {N_LOOP} updates: largest difference {largest:.1e}")
 pipe.transformer.delete_adapters("default")  # section 5 trains its own LoRA
 del loop_lora, loop_region, loop_depth, groups, optimizer, schedule, loop_result, train_after
+
+# %% [markdown]
+# ### The L2 term: which form acts
+#
+# The original design's loss ends with an L2 term on the LoRA and the region module, meant to keep them small.
+# How it is written decides whether it does anything (`cfg.l2_form`, `kh.L2_FORMS`). For one weight `p` of `n`:
+#
+# | `l2_form` | in the loss | what one update does to `p` |
+# |---|---|---|
+# | `"mean_square"` | `lambda * mean(p^2)` | a gradient `2 lambda p / n`: shrinks with the model's size |
+# | `"sum"` (the original design) | `lambda * sum(p^2)` | a gradient `2 lambda p`, whatever `n` |
+# | `"decoupled"` | nothing | AdamW's weight decay: `p <- p (1 - lr * lambda)` before its step |
+#
+# Adam divides each gradient by its running size plus `eps = 1e-8`, so a gradient far below `eps` moves nothing.
+# `scripts/l2_forms.py` trained the cpu preset's LoRA on this notebook's pairs with each form and measured what
+# it did to the LoRA's size and to held-out pairs (docs/design.md, note 9); the next cell reads its
+# `docs/l2_forms.json` and works out each form's gradient at FLUX.1 Kontext [dev]'s size.
+
+# %%
+import json
+
+with open(os.path.join(ROOT, "docs", "l2_forms.json")) as fh:
+    l2_report = json.load(fh)
+print(f"{l2_report['steps']} updates of the cpu preset ({l2_report['lora_params']:,} LoRA weights), seeds "
+      f"{l2_report['seeds']}, {l2_report['held_out_pairs']} held-out pairs; means over the seeds:")
+print(f"{'variant':<16} {'LoRA norm':>9} {'B A norm':>9} {'held-out eval loss':>19} {'PSNR in':>8} {'PSNR out':>9}")
+for name, row in l2_report["summary"].items():
+    print(f"{name:<16} {row['param_norm']:>9.1f} {row['delta_norm']:>9.1f} {row['held_out_eval_loss']:>19.4f} "
+          f"{row['held_out_psnr_in']:>8.2f} {row['held_out_psnr_out']:>9.2f}")
+best = l2_report["best"]
+print(f"lowest held-out evaluation loss: {best['variant']!r} -> the default l2_form={kh.TrainConfig().l2_form!r}, "
+      f"l2_lora_lambda={kh.TrainConfig().l2_lora_lambda:g}")
+
+real = kh.TrainConfig()  # FLUX.1 Kontext [dev]'s defaults: rank 16 on the attention layers, lr 1e-4, 1000 updates
+n_real = kh.memory_plan(real, verbose=False)["parameters"]["lora"]
+a0, lam = 1 / real.rank, 1e-4  # a fresh lora_A entry's size (PEFT's gaussian init: std 1/r); the design's lambda
+print(f"\nFLUX.1 Kontext [dev], rank {real.rank}: n = {n_real:,} LoRA weights. A lora_A entry of size 1/r = {a0:.4f} "
+      f"at lambda {lam:g} gets the gradient")
+print(f"  mean_square: 2 lambda p / n = {2 * lam * a0 / n_real:.1e}, far below Adam's eps of 1e-8: it moves nothing")
+print(f"  sum:         2 lambda p     = {2 * lam * a0:.1e}, whatever n")
+shrink = real.learning_rate * real.l2_lora_lambda
+print(f"  decoupled (the default, lambda {real.l2_lora_lambda:g}): no gradient; every update multiplies each of the "
+      f"{n_real:,} weights by 1 - lr * lambda = {1 - shrink:.4f},\n    so a weight the loss does not hold keeps "
+      f"{(1 - shrink) ** real.steps:.2f} of itself over {real.steps} updates (this notebook's cpu preset: "
+      f"{(1 - cfg.learning_rate * cfg.l2_lora_lambda) ** cfg.steps:.2f} over {cfg.steps})")
 
 # %% [markdown]
 # ## 5. Train
@@ -958,7 +1014,7 @@ print("train_config (abridged):", {k: train_config[k] for k in ("resolution", "s
 #
 # **Exercise 1 (predict).** `kh.add_lora` (and so `kh.train`) asks PEFT for its gaussian initialisation:
 # `lora_A` drawn with std `1/r`, `lora_B` at zero (`LoraLayer.reset_lora_parameters`). What is the mean square
-# of one fresh rank-`r` LoRA layer on a `Linear(d_in -> d_out)`? (That is what the L2 term sees at step 0.) And
+# of one fresh rank-`r` LoRA layer on a `Linear(d_in -> d_out)`? (What a `"mean_square"` L2 term sees at step 0.) And
 # what is the original design's *sum* of squares for one of FLUX.1's 3072-wide layers at rank 16?
 #
 # **Exercise 2 (experiment: guidance while training).** Training feeds Kontext's distilled guidance at 1.0

@@ -145,6 +145,20 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def markdown_rows(report: dict) -> list[str]:
+    """The table docs/design.md quotes (note 9), one row per variant, from a report this script wrote."""
+    lines = ["| variant | form | lambda (LoRA) | LoRA norm, start -> end | B A norm | training pairs' err_in | "
+             "held-out eval loss (seeds) | held-out edits: PSNR in / out (dB) |", "|---" * 8 + "|"]
+    start = statistics.fmean(r["trace"][0]["param_norm"] for r in report["runs"])
+    for name, s in report["summary"].items():
+        seeds = " / ".join(f"{v:.3f}" for v in s["held_out_eval_loss_per_seed"])
+        form = f"`{s['l2_form']}`" if s["l2_lora_lambda"] else "-"
+        lines.append(f"| `{name}` | {form} | {s['l2_lora_lambda']:g} | {start:.1f} -> {s['param_norm']:.1f} | "
+                     f"{s['delta_norm']:.1f} | {s['train_err_in']:.4f} | {s['held_out_eval_loss']:.4f} ({seeds}) | "
+                     f"{s['held_out_psnr_in']:.2f} / {s['held_out_psnr_out']:.2f} |")
+    return lines
+
+
 def figure(runs: list[dict], path: str) -> None:
     """The LoRA's parameter norm and delta norm along each run (seed 0 solid, others dashed)."""
     import matplotlib.pyplot as plt
@@ -222,7 +236,7 @@ def main(argv=None) -> dict:
         print(f"{n:<15} {s['param_norm']:7.3f} {s['a_norm']:7.3f} {s['b_norm']:7.3f} {s['delta_norm']:7.3f} "
               f"{s['train_err_in']:9.4f} {s['held_out_err_in']:8.4f} {s['held_out_err_out']:8.4f} "
               f"{s['held_out_psnr_in']:8.2f} {s['held_out_psnr_out']:8.2f}")
-    print(f"total {report['seconds']:.0f} s")
+    print(f"total {report['seconds']:.0f} s\n\n" + "\n".join(markdown_rows(report)))
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump(report, fh, indent=2)
