@@ -659,8 +659,8 @@ print(f"  sum:         2 lambda p     = {2 * lam * a0:.1e}, whatever n")
 shrink = real.learning_rate * real.l2_lora_lambda
 print(f"  decoupled (the default, lambda {real.l2_lora_lambda:g}): no gradient; every update multiplies each of the "
       f"{n_real:,} weights by 1 - lr * lambda = {1 - shrink:.4f},\n    so a weight the loss does not hold keeps "
-      f"{(1 - shrink) ** real.steps:.2f} of itself over {real.steps} updates (this notebook's cpu preset: "
-      f"{(1 - cfg.learning_rate * cfg.l2_lora_lambda) ** cfg.steps:.2f} over {cfg.steps})")
+      f"{(1 - shrink) ** real.steps:.2f} of itself over {real.steps} updates (this notebook's run, lr "
+      f"{cfg.learning_rate:g}: {(1 - cfg.learning_rate * cfg.l2_lora_lambda) ** cfg.steps:.2f} over {cfg.steps})")
 
 # %% [markdown]
 # ## 5. Train
