@@ -82,6 +82,7 @@ from .checkpoints import (
 from .colab import colab_session
 from .conditioning import (
     DEFAULT_REGION_KIND,
+    L2_FORMS,
     REGION_KINDS,
     MaskedContextEmbedding,
     MaskedTokenEmbedding,
@@ -270,6 +271,7 @@ __all__ = [
     "unpack_like_pipeline",
     # conditioning (03)
     "DEFAULT_REGION_KIND",
+    "L2_FORMS",
     "REGION_KINDS",
     "MaskRegionToken",
     "MaskedContextEmbedding",

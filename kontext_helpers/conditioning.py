@@ -214,6 +214,19 @@ def mean_square(params: list[torch.Tensor]) -> torch.Tensor:
     return sum(p.float().pow(2).sum() for p in params) / sum(p.numel() for p in params)
 
 
+# How an L2 lambda acts (TrainConfig.l2_form, docs/design.md note 9): "sum" adds lambda * sum(p^2) to the loss (the
+# original design; a gradient of 2 lambda p per weight), "mean_square" lambda * mean(p^2) (2 lambda p / n: below
+# AdamW's eps on a large model), "decoupled" nothing: AdamW's weight decay shrinks each weight by lr * lambda per step.
+L2_FORMS = ("mean_square", "sum", "decoupled")
+
+
+def _l2_term(params: list[torch.Tensor], lam: float, form: str) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """``(mean square of params, what the loss adds for them in l2_form form)``."""
+    total = sum(p.float().pow(2).sum() for p in params)
+    mean = total / sum(p.numel() for p in params)
+    return mean, {"mean_square": lam * mean, "sum": lam * total, "decoupled": 0.0}[form]
+
+
 def fm_masked_dual_loss_with_l2(
     pred_v: torch.Tensor,
     tgt_tok: torch.Tensor,
@@ -231,6 +244,7 @@ def fm_masked_dual_loss_with_l2(
     eps: float = 1e-6,
     *,
     return_parts: bool = False,
+    l2_form: str = "mean_square",
 ):
     """Flow-matching loss: target velocity inside the mask, context preserved outside, plus L2.
 
@@ -241,10 +255,11 @@ def fm_masked_dual_loss_with_l2(
       ``(e - v_pred) - x_ctx = (e - x_ctx) - v_pred`` it **is the velocity error against ``noise - ctx_tok``**
       (docs/design.md, correction 4): outside the mask the model learns to flow to the context. (``e - v_pred`` is
       not the model's clean estimate; that is ``x_t - s * v_pred``.)
-    * L2: ``l2_region_lambda * mean(p^2)`` over the region module's weights and ``l2_lora_lambda * mean(p^2)``
-      over the LoRA's. A mean, not the original design's sum: a sum grows with the number of LoRA weights (about
-      51,000 at rank 16 on the real model with the gaussian initialisation ``add_lora`` uses, ``lora_A`` std
-      ``1/r``: several times the flow-matching loss at ``1e-4``); the mean does not depend on the model's size.
+    * L2 (``l2_form``, :data:`L2_FORMS`): ``"mean_square"`` adds ``l2_region_lambda * mean(p^2)`` over the region
+      module's weights and ``l2_lora_lambda * mean(p^2)`` over the LoRA's; ``"sum"`` (the original design) adds
+      ``lambda * sum(p^2)``, whose gradient ``2 lambda p`` per weight does not shrink with the number of weights
+      ``n`` as the mean's ``2 lambda p / n`` does; ``"decoupled"`` (``TrainConfig``'s default) adds nothing: the
+      optimizer's weight decay (``TrainConfig.weight_decays``) shrinks the weights instead.
 
     Means are over the selected tokens and all channels; ``eps`` keeps an all-zero or all-one mask finite.
 
@@ -252,11 +267,14 @@ def fm_masked_dual_loss_with_l2(
         pred_v, tgt_tok, ctx_tok, noise: ``[B, N, 4C]`` (the target part of the model output).
         mask_small: ``[B, 1, H', W']`` in ``[0, 1]`` on the token grid.
         h_tok, w_tok: token grid size, ``N = h_tok * w_tok``.
-        return_parts: also return ``{"loss_in", "loss_out", "l2_region", "l2_lora"}`` (detached floats).
+        return_parts: also return ``{"loss_in", "loss_out", "l2_region", "l2_lora"}`` (detached floats; the L2
+            parts are the mean squares, before their lambdas, in every form).
     Returns:
         scalar loss ``[]`` (and the parts dict with ``return_parts=True``).
     """
     b, n, c = pred_v.shape
+    if l2_form not in L2_FORMS:
+        raise ValueError(f"l2_form={l2_form!r}: choose one of {L2_FORMS}")
     if n != h_tok * w_tok:
         raise ValueError(f"pred_v has {n} tokens but the grid {h_tok}x{w_tok} has {h_tok * w_tok}")
     if mask_small.shape[-2:] != (h_tok, w_tok):
@@ -272,14 +290,14 @@ def fm_masked_dual_loss_with_l2(
     loss = w_in * loss_in + w_out * loss_out
     l2_region = pred.new_zeros(())
     if region_token_module is not None and l2_region_lambda:
-        l2_region = mean_square(list(region_token_module.parameters()))
-        loss = loss + l2_region_lambda * l2_region
+        l2_region, term = _l2_term(list(region_token_module.parameters()), l2_region_lambda, l2_form)
+        loss = loss + term
     l2_lora = pred.new_zeros(())
     if lora_named_params is not None and l2_lora_lambda:
         params = [p for _, p in lora_named_params]
         if params:
-            l2_lora = mean_square(params)
-            loss = loss + l2_lora_lambda * l2_lora
+            l2_lora, term = _l2_term(params, l2_lora_lambda, l2_form)
+            loss = loss + term
     if not return_parts:
         return loss
     parts = {

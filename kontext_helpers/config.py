@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .conditioning import REGION_KINDS
+from .conditioning import L2_FORMS, REGION_KINDS
 from .depth import DEPTH_KINDS
 from .models import LORA_TARGET_PRESETS
 
@@ -37,7 +37,7 @@ class TrainConfig:
     learning_rate: float = 1e-4  # LoRA learning rate, the value diffusers' Kontext script uses
     region_learning_rate: float = 1e-3  # region module: a few fresh weights (default: one vector), faster than the LoRA
     optimizer: str = "adamw"  # "adamw" (torch) or "adamw8bit" (bitsandbytes, saves optimizer memory on GPUs)
-    weight_decay: float = 0.0  # AdamW decay; the L2 terms below already regularise
+    weight_decay: float = 0.0  # AdamW decay of every group; the L2 settings below add the LoRA's and the region's
     lr_scheduler: str = "constant"  # any diffusers.optimization.get_scheduler name ("cosine", "linear", ...)
     lr_warmup_steps: int = 0  # warm-up updates for the scheduler
     max_grad_norm: float = 1.0  # gradient clipping of LoRA + region parameters (0 disables)
@@ -49,9 +49,13 @@ class TrainConfig:
     # --- loss
     w_in: float = 1.0  # weight of the in-mask velocity term (learn the edit)
     w_out: float = 1.0  # weight of the out-of-mask term (keep the rest of the image)
-    l2_region_lambda: float = 1e-4  # L2 (mean square) on the region module, the original design's stabiliser (not on
-    #   the depth module: it starts at zero and depth_dropout regularises it)
-    l2_lora_lambda: float = 1e-4  # L2 (mean square, not the design's sum) on the LoRA weights
+    l2_region_lambda: float = 1e-4  # L2 on the region module, the original design's stabiliser (not on the depth
+    #   module: it starts at zero and depth_dropout regularises it); in the decoupled form lr * 1e-4 per update: little
+    l2_lora_lambda: float = 1.0  # L2 on the LoRA weights; decoupled: each update shrinks them by lr * lambda (1e-4 of
+    #   themselves at lr 1e-4), the setting with the lowest held-out evaluation loss on docs/l2_forms.json
+    l2_form: str = "decoupled"  # how both lambdas act (kh.L2_FORMS, docs/design.md note 9): "decoupled" (no loss
+    #   term: AdamW's weight decay of lambda on the LoRA's and the region module's parameter groups), "sum" (lambda *
+    #   sum(p^2) in the loss, the original design's) or "mean_square" (lambda * mean(p^2): below AdamW's eps at size)
     preservation: str = "identity"  # outside the mask: "identity" (flow to the context, the original design) or "prior"
     #   ("prior" is ai-toolkit's inverted_mask_prior: match the base model's own prediction, LoRA off)
     # --- noise schedule and conditioning
@@ -113,6 +117,7 @@ class TrainConfig:
                               ("depth_kind", (*DEPTH_KINDS, "none")),
                               ("depth_source", ("context", "target")),
                               ("timestep_sampling", ("uniform", "logit_normal")),
+                              ("l2_form", L2_FORMS),
                               ("mixed_precision", ("no", "fp16", "bf16")),
                               ("optimizer", ("adamw", "adamw8bit")),
                               ("quantize_base", (None, "nf4")),
@@ -136,6 +141,14 @@ class TrainConfig:
                 problems.append("the dataset is empty")
         if problems:
             raise ValueError("invalid TrainConfig:\n  - " + "\n  - ".join(problems))
+
+    def weight_decays(self, region: bool = True, depth: bool = True) -> list[float]:
+        """AdamW's decoupled decay of each parameter group, in the optimizer's order (the LoRA, then the region and
+        the depth module when present): ``weight_decay``, plus the L2 lambdas with ``l2_form="decoupled"`` (the depth
+        module has no L2 term)."""
+        extra = self.l2_form == "decoupled"
+        return ([self.weight_decay + extra * self.l2_lora_lambda]
+                + [self.weight_decay + extra * self.l2_region_lambda] * region + [self.weight_decay] * depth)
 
     @classmethod
     def for_gpu(cls, name: str = "auto", **overrides) -> TrainConfig:

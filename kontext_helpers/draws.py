@@ -12,8 +12,9 @@ from .config import TrainConfig
 
 
 def step_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator seeded by ``seed`` and ``keys`` (what is drawn, and for which update): :func:`kh.train` draws
-    update ``step``'s noise, sigmas and depth dropout from ``step_generator(seed, 2, step, micro, process)``."""
+    """The CPU generator of one draw of a run: keys ``(1, epoch)`` order the samples (:func:`sample_indices`),
+    ``(3, epoch, bucket)`` and ``(4, epoch)`` the bucketed batches (:func:`batch_indices`); ``(2, step, micro_batch,
+    process)`` draw an update's noise, then its sigmas, then its depth dropout."""
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + sum(k * 7919**i for i, k in enumerate(keys, 1))) % (2**63))
     return g

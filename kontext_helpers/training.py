@@ -79,7 +79,7 @@ def training_loss(transformer, region_module, batch: dict, txt_ids: torch.Tensor
         outside_ref = noise.float() - prior_v
     loss, parts = fm_masked_dual_loss_with_l2(
         pred, tgt, outside_ref, noise, batch["mask_small"], h_tok, w_tok, w_in=config.w_in, w_out=config.w_out,
-        l2_region_lambda=config.l2_region_lambda, l2_lora_lambda=config.l2_lora_lambda,
+        l2_region_lambda=config.l2_region_lambda, l2_lora_lambda=config.l2_lora_lambda, l2_form=config.l2_form,
         region_token_module=getattr(region_module, "module", region_module), lora_named_params=lora_named_params,
         return_parts=True)
     if depth_module is not None:
@@ -278,7 +278,9 @@ def _make_optimizer(config: TrainConfig, lora_params: list[nn.Parameter], region
     """AdamW (or bitsandbytes' 8-bit AdamW) with the LoRA, the region module and the depth module (each when
     present) as parameter groups of their own learning rates."""
     params = [lora_params] + [list(m.parameters()) for m in (region, depth) if m is not None]
-    groups = [{"params": p, "lr": lr} for p, lr in zip(params, _group_lrs(config, region, depth))]
+    decays = config.weight_decays(region is not None, depth is not None)  # with the L2 lambdas when "decoupled"
+    groups = [{"params": p, "lr": lr, "weight_decay": wd}
+              for p, lr, wd in zip(params, _group_lrs(config, region, depth), decays)]
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -301,7 +303,7 @@ def _make_lr_scheduler(config: TrainConfig, optimizer, num_processes: int):
 def _restore_checkpoint(path: str, transformer, region, optimizer, lr_scheduler, config: TrainConfig, depth=None):
     """Load a checkpoint into the fresh LoRA, region, depth, optimizer and schedule; returns ``(step, history)``.
 
-    The learning rates of ``config`` replace the saved ones, so a resumed run may change them.
+    The learning rates and weight decays of ``config`` replace the saved ones, so a resumed run may change them.
     """
     ckpt = load_checkpoint(path)
     load_lora_state_dict(transformer, ckpt["lora"], adapter_name=lora_adapter_name(transformer),
@@ -311,6 +313,8 @@ def _restore_checkpoint(path: str, transformer, region, optimizer, lr_scheduler,
     if depth is not None:
         depth.load_state_dict(ckpt["depth"]["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group, decay in zip(optimizer.param_groups, config.weight_decays(region is not None, depth is not None)):
+        group["weight_decay"] = decay  # a resumed run may change weight_decay, l2_form or the lambdas
     lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
     if hasattr(lr_scheduler, "lr_lambdas"):  # every diffusers schedule is a LambdaLR
         lr_scheduler.base_lrs = _group_lrs(config, region, depth)

@@ -131,7 +131,7 @@ MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {cfg.resolution} p
 # | optimisation | `learning_rate` | `1e-4` | LoRA learning rate, the value diffusers' Kontext script uses |
 # |  | `region_learning_rate` | `1e-3` | region module: a few fresh weights, they can move faster than the LoRA |
 # |  | `optimizer` | `"adamw"` | "adamw" (torch) or "adamw8bit" (bitsandbytes, saves optimizer memory on GPUs) |
-# |  | `weight_decay` | `0.0` | AdamW decay; the L2 terms below already regularise |
+# |  | `weight_decay` | `0.0` | AdamW decay of every group; the L2 settings below add the LoRA's and the region's |
 # |  | `lr_scheduler` | `"constant"` | any diffusers.optimization.get_scheduler name ("cosine", "linear", ...) |
 # |  | `lr_warmup_steps` | `0` | warm-up updates for the scheduler |
 # |  | `max_grad_norm` | `1.0` | gradient clipping of LoRA + region parameters (0 disables) |
@@ -141,8 +141,9 @@ MODEL_LABEL = f"{'tiny model' if TINY else 'FLUX.1 Kontext'}, {cfg.resolution} p
 # |  | `lora_ip_adapter` | `False` | also adapt the IP-Adapter's to_k_ip / to_v_ip (lets the LoRA re-learn depth use) |
 # | loss | `w_in` | `1.0` | weight of the in-mask velocity term (learn the edit) |
 # |  | `w_out` | `1.0` | weight of the out-of-mask term (keep the rest of the image) |
-# |  | `l2_region_lambda` | `1e-4` | L2 (mean square) on the region module, the original design's stabiliser |
-# |  | `l2_lora_lambda` | `1e-4` | L2 (mean square, not the design's sum) on the LoRA weights |
+# |  | `l2_region_lambda` | `1e-4` | L2 on the region module, the original design's stabiliser |
+# |  | `l2_lora_lambda` | `1.0` | L2 on the LoRA weights (`"decoupled"`: each update shrinks them by `lr * lambda`) |
+# |  | `l2_form` | `"decoupled"` | AdamW's weight decay; `"sum"` (the design's) or `"mean_square"`: a loss term |
 # |  | `preservation` | `"identity"` | outside the mask: flow to the context; `"prior"`: the base model's output |
 # | noise, conditioning | `timestep_sampling` | `"uniform"` | the 1000 training sigmas (never 0); `"logit_normal"` |
 # |  | `logit_mean` | `0.0` | logit-normal location (SD3 / diffusers' default) |
@@ -468,17 +469,27 @@ m = sample["mask_small"].reshape(1, N_TOK, 1)  # [1, 1, H', W'] -> [1, N, 1], in
 c4 = pred_v.shape[-1]  # 4C
 loss_in = ((pred_v - (noise - sample["tgt_tok"])) ** 2 * m).sum() / (m.sum() * c4 + 1e-6)
 loss_out = (((noise - pred_v) - sample["ctx_tok"]) ** 2 * (1 - m)).sum() / ((1 - m).sum() * c4 + 1e-6)
-l2 = (cfg.l2_lora_lambda * kh.mean_square([p for _, p in hand_lora])
-      + cfg.l2_region_lambda * kh.mean_square(list(hand_region.parameters())))
+
+
+def l2_in_loss(params, lam):
+    """The L2 term cfg.l2_form puts in the loss; the default "decoupled" puts none (AdamW decays instead)."""
+    total = sum(p.float().pow(2).sum() for p in params)
+    return {"sum": lam * total, "mean_square": lam * total / sum(p.numel() for p in params),
+            "decoupled": 0.0}[cfg.l2_form]
+
+
+l2 = (l2_in_loss([p for _, p in hand_lora], cfg.l2_lora_lambda)
+      + l2_in_loss(list(hand_region.parameters()), cfg.l2_region_lambda))
 loss = cfg.w_in * loss_in + cfg.w_out * loss_out + l2
 # 7. backward: gradients for the LoRA, the region and the depth module only (everything else is frozen)
 loss.backward()
 hand_grads = [p.grad.clone() for p in trainable]
 print(f"by hand: loss {loss.item():.5f} = {cfg.w_in} x in {loss_in.item():.5f} + {cfg.w_out} x out "
-      f"{loss_out.item():.5f} + L2 {l2.item():.2e}")
+      f"{loss_out.item():.5f} + L2 {float(l2):.2e} (l2_form={cfg.l2_form!r})")
 grad_a = max(float(g.abs().max()) for (n, _), g in zip(hand_lora, hand_grads) if "lora_A" in n)
 grad_b = max(float(g.abs().max()) for (n, _), g in zip(hand_lora, hand_grads) if "lora_B" in n)
-print(f"largest gradient: lora_B {grad_b:.1e}, lora_A {grad_a:.1e} (A only feels the L2 term while B is 0)")
+print(f"largest gradient: lora_B {grad_b:.1e}, lora_A {grad_a:.1e} (while B is 0, only an L2 term in the loss "
+      "reaches A)")
 
 # %%
 for p in trainable:
@@ -504,6 +515,152 @@ print(f"after one AdamW step the first lora_B moved by {float((b_after.detach() 
       "(from 0): Adam's first step is about the learning rate, whatever the gradient's size")
 pipe.transformer.delete_adapters("by_hand")
 del hand_lora, hand_region, hand_depth, trainable, optimizer, hand_grads
+
+# %% [markdown]
+# ### The whole loop by hand
+#
+# `kh.train` is that step repeated, plus bookkeeping (checkpoints, previews, trackers, several processes). Here is
+# the whole loop over the cache, written with the package's public pieces only, for `N_LOOP` updates. Every random
+# draw comes from where `kh.train` takes it:
+#
+# - **which sample**: `kh.sample_indices(n, seed, first, count)`, an endless stream of epochs, each a fresh
+#   permutation (the cache is read by sample index, section 2);
+# - **noise, then sigma, then depth dropout** of update `k`: one generator, `kh.step_generator(seed, 2, k,
+#   micro_batch, process)`, so that update `k` draws the same numbers whether or not the run was resumed;
+# - **the LoRA's random `A` and the region module's start**: each from `torch.manual_seed(seed)`.
+#
+# The loop writes out the notebook's settings (region `"marked"`, depth `"tokens"`, `preservation="identity"`, no
+# accumulation; `kh.training_loss` covers the others) in full precision with torch's AdamW. Then `kh.train` runs
+# the same config for the same updates, and the next cell compares the two.
+
+# %%
+from diffusers.optimization import get_scheduler
+
+N_LOOP = 3  # updates
+loop_cfg = dataclasses.replace(cfg, steps=N_LOOP, mixed_precision="no", optimizer="adamw", resume=False,
+                               checkpoint_every=0, preview_every=0, report_to="none",
+                               output_dir=os.path.join(OUTPUT_DIR, "hand_loop"))
+assert (loop_cfg.region_kind, loop_cfg.depth_kind, loop_cfg.preservation, loop_cfg.gradient_accumulation_steps) == (
+    "marked", "tokens", "identity", 1), "this loop writes out the default kinds; kh.training_loss covers the others"
+tf = pipe.transformer
+with torch.random.fork_rng(devices=[]):  # what train() builds first, each from the seed alone
+    torch.manual_seed(loop_cfg.seed)
+    loop_lora = kh.add_lora(tf, rank=loop_cfg.rank, alpha=loop_cfg.alpha, targets=loop_cfg.lora_targets,
+                            include_ip_adapter=loop_cfg.lora_ip_adapter)
+with torch.random.fork_rng(devices=[]):
+    torch.manual_seed(loop_cfg.seed)
+    loop_region = kh.make_region_module(loop_cfg.region_kind, cache.h_tok, cache.w_tok, c_in).to(DEVICE)
+loop_depth = kh.make_depth_module(loop_cfg.depth_kind, c_in).to(DEVICE)  # its projection starts at zero
+for _, p in loop_lora:
+    p.data = p.data.float()  # trainable weights in fp32 over a 16-bit base
+if loop_cfg.gradient_checkpointing:
+    tf.enable_gradient_checkpointing()  # memory only: the same numbers
+tf.train()
+groups = [[p for _, p in loop_lora], list(loop_region.parameters()), list(loop_depth.parameters())]
+lrs = [loop_cfg.learning_rate, loop_cfg.region_learning_rate, loop_cfg.depth_learning_rate]
+optimizer = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd}  # decay: section "The L2 term" below
+                               for ps, lr, wd in zip(groups, lrs, loop_cfg.weight_decays())])
+schedule = get_scheduler(loop_cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=loop_cfg.lr_warmup_steps,
+                         num_training_steps=N_LOOP)
+
+loop_losses, n, b = [], len(cache.samples), loop_cfg.batch_size
+for step in range(N_LOOP):
+    batch = cache.batch(kh.sample_indices(n, loop_cfg.seed, step * b, b), device=DEVICE)  # by sample index
+    g = kh.step_generator(loop_cfg.seed, 2, step, 0, 0)  # this update's draws (micro-batch 0, process 0)
+    noise = torch.randn(batch["tgt_tok"].shape, generator=g).to(DEVICE, batch["tgt_tok"].dtype)  # [B, N, 4C]
+    sigma = kh.sample_sigmas(b, loop_cfg, g).to(DEVICE)  # [B]
+    keep = (torch.rand(b, generator=g) >= loop_cfg.depth_dropout).float().to(DEVICE)  # [B]: 0 drops the depth
+    s = sigma[:, None, None]  # [B] -> [B, 1, 1]
+    x_t = (1 - s) * batch["tgt_tok"] + s * noise  # [B, N, 4C]
+    marked = kh.region_inputs(loop_region, batch["ctx_tok"], batch["mask_small"], cache.h_tok, cache.w_tok)
+    d_tgt, d_ctx = (o.to(batch["ctx_tok"]) for o in kh.depth_inputs(loop_depth, batch["depth_feat"], keep=keep))
+    pred_v = kh.kontext_forward(tf, x_t + (marked.target_offset + d_tgt), marked.context + d_ctx, None,
+                                sigma=sigma, prompt_embeds=batch["prompt_embeds"],
+                                pooled_prompt_embeds=batch["pooled_prompt_embeds"], txt_ids=cache.txt_ids.to(DEVICE),
+                                h_tok=cache.h_tok, w_tok=cache.w_tok, guidance=loop_cfg.guidance)  # [B, N, 4C]
+    loss = kh.fm_masked_dual_loss_with_l2(
+        pred_v, batch["tgt_tok"], batch["ctx_tok"], noise, batch["mask_small"], cache.h_tok, cache.w_tok,
+        w_in=loop_cfg.w_in, w_out=loop_cfg.w_out, l2_region_lambda=loop_cfg.l2_region_lambda,
+        l2_lora_lambda=loop_cfg.l2_lora_lambda, region_token_module=loop_region, lora_named_params=loop_lora,
+        l2_form=loop_cfg.l2_form)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for ps in groups for p in ps], loop_cfg.max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    loop_losses.append(float(loss.detach()))
+loop_after = {name: p.detach().clone() for name, p in loop_lora}
+tf.delete_adapters("default")  # kh.train attaches its own, from the same seed
+print("by hand:", [round(v, 6) for v in loop_losses])
+
+# %% [markdown]
+# Now `kh.train` with the same config. On the CPU both runs do the same operations in the same order in fp32
+# (`accelerate` with `mixed_precision="no"` and one process adds no autocast, loss scaling or reduction), so the
+# check demands equality bit for bit. On a GPU it allows a relative 1e-3 in the losses and 1e-5 in the weights:
+# some CUDA kernels (attention's backward among them) may add in a different order from one call to the next.
+# `tests/test_hand_loop.py` runs the same loop on the CPU, bit for bit.
+
+# %%
+loop_result = kh.train(pipe, dataset, loop_cfg, cache=cache, progress=False)
+train_losses = [r["loss"] for r in loop_result.history]
+train_after = dict(kh.collect_lora_named_params(pipe.transformer))
+tolerance = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=1e-3, atol=1e-5)
+print(f"{'update':>6} {'by hand':>12} {'kh.train':>12}")
+for k, (mine, theirs) in enumerate(zip(loop_losses, train_losses), 1):
+    print(f"{k:>6} {mine:>12.8f} {theirs:>12.8f}")
+torch.testing.assert_close(torch.tensor(loop_losses), torch.tensor(train_losses), **tolerance,
+                           msg="the hand loop's losses must equal kh.train's")
+for name, p in loop_after.items():
+    torch.testing.assert_close(p, train_after[name].detach(), **tolerance, msg=f"{name} after {N_LOOP} updates")
+largest = max(float((p - train_after[name].detach()).abs().max()) for name, p in loop_after.items())
+print(f"the {len(loop_after)} LoRA tensors after {N_LOOP} updates: largest difference {largest:.1e}")
+pipe.transformer.delete_adapters("default")  # section 5 trains its own LoRA
+del loop_lora, loop_region, loop_depth, groups, optimizer, schedule, loop_result, train_after
+
+# %% [markdown]
+# ### The L2 term: which form acts
+#
+# The original design's loss ends with an L2 term on the LoRA and the region module, meant to keep them small.
+# How it is written decides whether it does anything (`cfg.l2_form`, `kh.L2_FORMS`). For one weight `p` of `n`:
+#
+# | `l2_form` | in the loss | what one update does to `p` |
+# |---|---|---|
+# | `"mean_square"` | `lambda * mean(p^2)` | a gradient `2 lambda p / n`: shrinks with the model's size |
+# | `"sum"` (the original design) | `lambda * sum(p^2)` | a gradient `2 lambda p`, whatever `n` |
+# | `"decoupled"` | nothing | AdamW's weight decay: `p <- p (1 - lr * lambda)` before its step |
+#
+# Adam divides each gradient by its running size plus `eps = 1e-8`, so a gradient far below `eps` moves nothing.
+# `scripts/l2_forms.py` trained the cpu preset's LoRA on this notebook's pairs with each form and measured what
+# it did to the LoRA's size and to held-out pairs (docs/design.md, note 9); the next cell reads its
+# `docs/l2_forms.json` and works out each form's gradient at FLUX.1 Kontext [dev]'s size.
+
+# %%
+import json
+
+with open(os.path.join(ROOT, "docs", "l2_forms.json")) as fh:
+    l2_report = json.load(fh)
+print(f"{l2_report['steps']} updates of the cpu preset ({l2_report['lora_params']:,} LoRA weights), seeds "
+      f"{l2_report['seeds']}, {l2_report['held_out_pairs']} held-out pairs; means over the seeds:")
+print(f"{'variant':<16} {'LoRA norm':>9} {'B A norm':>9} {'held-out eval loss':>19} {'PSNR in':>8} {'PSNR out':>9}")
+for name, row in l2_report["summary"].items():
+    print(f"{name:<16} {row['param_norm']:>9.1f} {row['delta_norm']:>9.1f} {row['held_out_eval_loss']:>19.4f} "
+          f"{row['held_out_psnr_in']:>8.2f} {row['held_out_psnr_out']:>9.2f}")
+best = l2_report["best"]
+print(f"lowest held-out evaluation loss: {best['variant']!r} -> the default l2_form={kh.TrainConfig().l2_form!r}, "
+      f"l2_lora_lambda={kh.TrainConfig().l2_lora_lambda:g}")
+
+real = kh.TrainConfig()  # FLUX.1 Kontext [dev]'s defaults: rank 16 on the attention layers, lr 1e-4, 1000 updates
+n_real = kh.memory_plan(real, verbose=False)["parameters"]["lora"]
+a0, lam = 1 / real.rank, 1e-4  # a fresh lora_A entry's size (PEFT's gaussian init: std 1/r); the design's lambda
+print(f"\nFLUX.1 Kontext [dev], rank {real.rank}: n = {n_real:,} LoRA weights. A lora_A entry of size 1/r = {a0:.4f} "
+      f"at lambda {lam:g} gets the gradient")
+print(f"  mean_square: 2 lambda p / n = {2 * lam * a0 / n_real:.1e}, far below Adam's eps of 1e-8: it moves nothing")
+print(f"  sum:         2 lambda p     = {2 * lam * a0:.1e}, whatever n")
+shrink = real.learning_rate * real.l2_lora_lambda
+print(f"  decoupled (the default, lambda {real.l2_lora_lambda:g}): no gradient; every update multiplies each of the "
+      f"{n_real:,} weights by 1 - lr * lambda = {1 - shrink:.4f},\n    so a weight the loss does not hold keeps "
+      f"{(1 - shrink) ** real.steps:.2f} of itself over {real.steps} updates (this notebook's run, lr "
+      f"{cfg.learning_rate:g}: {(1 - cfg.learning_rate * cfg.l2_lora_lambda) ** cfg.steps:.2f} over {cfg.steps})")
 
 # %% [markdown]
 # ## 5. Train

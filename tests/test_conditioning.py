@@ -220,6 +220,39 @@ def test_l2_terms_are_mean_squares_times_lambda(loss_tensors, token_mask):
                                msg="d/dp lambda mean(p^2) = 2 lambda p / numel")
 
 
+@pytest.mark.parametrize("form", kh.L2_FORMS)
+def test_each_l2_form_gives_its_gradient(loss_tensors, token_mask, form):
+    """Per weight: 2 lambda p for the sum (the original design), 2 lambda p / n for the mean square, nothing in the
+    loss for "decoupled" (AdamW's weight decay acts instead: tests/test_training.py)."""
+    pred, tgt, ctx, noise = loss_tensors(seed=6)
+    pred.requires_grad_()  # the loss has a graph even when no L2 term enters it ("decoupled")
+    lora_a = nn.Parameter(torch.linspace(-0.3, 0.5, 6).reshape(2, 3))
+    lora_b = nn.Parameter(torch.linspace(0.1, 0.2, 4).reshape(2, 2))
+    region = nn.Linear(3, 2)
+    lam, lam_region, n = 0.01, 0.1, 10  # n: the LoRA's 6 + 4 weights
+    loss, parts = kh.fm_masked_dual_loss_with_l2(
+        pred, tgt, ctx, noise, token_mask, H_TOK, W_TOK, l2_region_lambda=lam_region, l2_lora_lambda=lam,
+        region_token_module=region, lora_named_params=[("lora_A", lora_a), ("lora_B", lora_b)], return_parts=True,
+        l2_form=form)
+    loss.backward()
+    grad = lambda p: torch.zeros_like(p) if p.grad is None else p.grad  # noqa: E731  (None: no term in the loss)
+    factor = {"mean_square": 2 * lam / n, "sum": 2 * lam, "decoupled": 0.0}[form]
+    for name, p in (("lora_A", lora_a), ("lora_B", lora_b)):
+        torch.testing.assert_close(grad(p), factor * p.detach(), msg=f"{form}: gradient of {name}")
+    region_factor = {"mean_square": 2 * lam_region / 8, "sum": 2 * lam_region, "decoupled": 0.0}[form]
+    torch.testing.assert_close(grad(region.weight), region_factor * region.weight.detach(),
+                               msg=f"{form}: gradient of the region module's weight (8 parameters)")
+    mean_sq = (lora_a.detach().pow(2).sum() + lora_b.detach().pow(2).sum()) / n
+    torch.testing.assert_close(torch.tensor(parts["l2_lora"]), mean_sq,
+                               msg=f"{form}: the logged l2_lora is the mean square in every form")
+
+
+def test_an_unknown_l2_form_is_refused(loss_tensors, token_mask):
+    pred, tgt, ctx, noise = loss_tensors(seed=7)
+    with pytest.raises(ValueError, match="l2_form='l1'.*mean_square"):
+        kh.fm_masked_dual_loss_with_l2(pred, tgt, ctx, noise, token_mask, H_TOK, W_TOK, l2_form="l1")
+
+
 def test_lora_l2_does_not_grow_with_the_number_of_lora_weights(loss_tensors, token_mask):
     """The design's sum grew with the model (about 51,000 at rank 16 on the real model); the mean must not."""
     pred, tgt, ctx, noise = loss_tensors(seed=5)

@@ -9,7 +9,7 @@ import kontext_helpers as kh
 def test_bad_configs_fail_before_model_work(one_pair, train_config, tmp_path):
     data = one_pair()
     cases = {"resolution": dict(resolution=100), "rank": dict(rank=0), "steps": dict(steps=-1),
-             "resolution 128": dict(resolution=128)}
+             "resolution 128": dict(resolution=128), "l2_form": dict(l2_form="l1")}
     for expected, kw in cases.items():
         with pytest.raises(ValueError, match=expected.split()[0]):
             kh.train(None, data, train_config(tmp_path, **kw), progress=False)  # pipe=None: no model work may happen

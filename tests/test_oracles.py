@@ -161,11 +161,14 @@ def _loss_by_hand(pipe, region, kind, enc, noise, sigma, cfg, lora, depth_module
     loss_in = ((pred - (noise - tgt)) ** 2 * m).sum() / (m.sum() * c)
     loss_out = ((pred - velocity_out) ** 2 * (1 - m)).sum() / ((1 - m).sum() * c)
     loss = cfg.w_in * loss_in + cfg.w_out * loss_out
+    def l2(params, lam):  # cfg.l2_form: lambda * mean(p^2), lambda * sum(p^2), or nothing (AdamW decays instead)
+        total = sum((p**2).sum() for p in params)
+        return {"mean_square": lam * total / sum(p.numel() for p in params), "sum": lam * total,
+                "decoupled": 0.0}[cfg.l2_form]
+
     if region is not None:
-        params = list(region.parameters())
-        loss = loss + cfg.l2_region_lambda * sum((p**2).sum() for p in params) / sum(p.numel() for p in params)
-    lora_params = [p for _, p in lora]
-    loss = loss + cfg.l2_lora_lambda * sum((p**2).sum() for p in lora_params) / sum(p.numel() for p in lora_params)
+        loss = loss + l2(list(region.parameters()), cfg.l2_region_lambda)
+    loss = loss + l2([p for _, p in lora], cfg.l2_lora_lambda)
     return loss, loss_in, loss_out
 
 
@@ -187,7 +190,7 @@ def test_training_loss_equals_a_raw_transformer_call(lora_pipe, two_pairs, cache
     region = None if kind == "none" else _random_region(kind, cache.h_tok, cache.w_tok, c_in)
     depth_module = _random_depth_module(c_in) if depth_kind == "tokens" else None
     cfg = kh.TrainConfig(guidance=GUIDANCE, preservation=preservation, w_in=1.5, w_out=0.7, l2_region_lambda=0.1,
-                         l2_lora_lambda=0.2, depth_kind=depth_kind)
+                         l2_lora_lambda=0.2, l2_form="mean_square", depth_kind=depth_kind)  # an L2 term in the loss
     g = torch.Generator().manual_seed(5)
     noise, sigma = torch.randn(enc["tgt"].shape, generator=g), torch.tensor(SIGMAS)
     trained = [p for _, p in lora] + [p for m in (region, depth_module) if m is not None for p in m.parameters()]
@@ -247,7 +250,8 @@ def test_depth_dropout_removes_the_whole_offset_of_a_dropped_sample(lora_pipe, t
     cache, enc = caches["tokens"], _pipeline_encodings(pipe, two_pairs)
     c_in = pipe.transformer.config.in_channels
     region, depth_module = _random_region("marked", cache.h_tok, cache.w_tok, c_in), _random_depth_module(c_in)
-    cfg = kh.TrainConfig(guidance=GUIDANCE, depth_kind="tokens", l2_region_lambda=0.1, l2_lora_lambda=0.2)
+    cfg = kh.TrainConfig(guidance=GUIDANCE, depth_kind="tokens", l2_region_lambda=0.1, l2_lora_lambda=0.2,
+                         l2_form="sum")  # the original design's L2 term in the loss
     g = torch.Generator().manual_seed(6)
     noise, sigma, keep = torch.randn(enc["tgt"].shape, generator=g), torch.tensor(SIGMAS), torch.tensor([0.0, 1.0])
     batch = dict(cache.batch([0, 1]), depth_keep=keep)

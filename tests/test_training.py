@@ -85,6 +85,35 @@ def test_prior_preservation_outside_term_is_zero_for_an_untrained_lora(fresh_pip
     assert parts["loss_out"] < 1e-10, f"prior target equals the prediction of an untrained LoRA: {parts}"
 
 
+def test_decoupled_l2_shrinks_each_lora_weight_by_lr_times_lambda_per_step(one_pair, train_config, tmp_path):
+    """AdamW's decoupled decay: p <- p (1 - lr * lambda) before the Adam step. At the first update B is 0, so the
+    loss gives A no gradient: A moves by the decay alone, and B (from 0) the same with and without it."""
+    data, lam, lr = one_pair(), 0.5, 1e-3
+    lora = {}
+    for form, lora_lambda in (("decoupled", lam), ("mean_square", 0.0)):
+        pipe = kh.load_pipeline("tiny", seed=0)
+        cfg = train_config(tmp_path / form, steps=1, learning_rate=lr, l2_form=form, l2_lora_lambda=lora_lambda)
+        kh.train(pipe, data, cfg, progress=False)
+        lora[form] = {n: p.detach().clone() for n, p in kh.collect_lora_named_params(pipe.transformer)}
+    assert cfg.weight_decays(True, True) == [0.0, 0.0, 0.0], "without the decoupled form nothing decays"
+    assert dataclasses.replace(cfg, l2_form="decoupled", l2_lora_lambda=lam).weight_decays(True, False)[0] == lam, (
+        "the decoupled form decays the LoRA group by its lambda")
+    for name, p in lora["mean_square"].items():
+        shrink = (1 - lr * lam) if ".lora_A." in name else 1.0
+        torch.testing.assert_close(lora["decoupled"][name], p * shrink, rtol=1e-6, atol=1e-9,
+                                   msg=f"{name}: one decoupled step scales it by 1 - lr * lambda (A) or not at all (B)")
+
+
+def test_a_resumed_run_takes_the_configs_weight_decay(fresh_pipe, one_pair, train_config, tmp_path):
+    cfg = train_config(tmp_path, steps=1, checkpoint_every=1)
+    kh.train(fresh_pipe, one_pair(), cfg, progress=False)
+    more = dataclasses.replace(cfg, steps=2, resume=True, l2_form="decoupled", l2_lora_lambda=0.3)
+    kh.train(kh.load_pipeline("tiny", seed=0), one_pair(), more, progress=False)
+    groups = kh.load_checkpoint(kh.list_checkpoints(cfg.output_dir)[-1][1])["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == more.weight_decays(True, True) == [0.3, cfg.l2_region_lambda, 0.0], (
+        f"the resumed optimizer must decay as the new config says, not as the checkpoint saved: {groups}")
+
+
 def test_sigmas_never_hit_zero_and_stay_in_range():
     for sampling in ("uniform", "logit_normal"):
         s = kh.sample_sigmas(10000, kh.TrainConfig(timestep_sampling=sampling), torch.Generator().manual_seed(0))
