@@ -152,7 +152,8 @@ def main(argv=None) -> dict:
     report = {"command": "python scripts/bucket_heldout.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "steps": args.steps, "train_scenes": len(train_pairs), "held_out_scenes": len(held_pairs),
               "resolution": resolution, "num_inference_steps": NUM_INFERENCE_STEPS,
-              "aspects": [f"{w}:{h}" for w, h in kh.PHOTO_ASPECTS], "policies": {}}
+              "aspects": [f"{w}:{h}" for w, h in kh.PHOTO_ASPECTS], "l2_form": kh.TrainConfig().l2_form,
+              "policies": {}}
     outputs = {}
     with tempfile.TemporaryDirectory(prefix="bucket_scenes_") as tmp:
         train_root, held_root = os.path.join(tmp, "train"), os.path.join(tmp, "held_out")
