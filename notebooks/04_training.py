@@ -523,8 +523,9 @@ del hand_lora, hand_region, hand_depth, trainable, optimizer, hand_grads
 # the whole loop over the cache, written with the package's public pieces only, for `N_LOOP` updates. Every random
 # draw comes from where `kh.train` takes it:
 #
-# - **which sample**: `kh.sample_indices(n, seed, first, count)`, an endless stream of epochs, each a fresh
-#   permutation (the cache is read by sample index, section 2);
+# - **which samples**: `kh.batch_indices(cache.groups(), seed, k, batch_size)`, batch `k` of an endless stream of
+#   epochs, each batch from one aspect-ratio bucket (with one bucket, as here: `kh.sample_indices`, each epoch a
+#   fresh permutation); the cache is read by sample index (section 2), at that bucket's token grid;
 # - **noise, then sigma, then depth dropout** of update `k`: one generator, `kh.step_generator(seed, 2, k,
 #   micro_batch, process)`, so that update `k` draws the same numbers whether or not the run was resumed;
 # - **the LoRA's random `A` and the region module's start**: each from `torch.manual_seed(seed)`.
@@ -549,7 +550,8 @@ with torch.random.fork_rng(devices=[]):  # what train() builds first, each from 
                             include_ip_adapter=loop_cfg.lora_ip_adapter)
 with torch.random.fork_rng(devices=[]):
     torch.manual_seed(loop_cfg.seed)
-    loop_region = kh.make_region_module(loop_cfg.region_kind, cache.h_tok, cache.w_tok, c_in).to(DEVICE)
+    side = loop_cfg.resolution // 16  # built on the square bucket's grid; it serves every bucket
+    loop_region = kh.make_region_module(loop_cfg.region_kind, side, side, c_in).to(DEVICE)
 loop_depth = kh.make_depth_module(loop_cfg.depth_kind, c_in).to(DEVICE)  # its projection starts at zero
 for _, p in loop_lora:
     p.data = p.data.float()  # trainable weights in fp32 over a 16-bit base
@@ -563,23 +565,24 @@ optimizer = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd}  # d
 schedule = get_scheduler(loop_cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=loop_cfg.lr_warmup_steps,
                          num_training_steps=N_LOOP)
 
-loop_losses, n, b = [], len(cache.samples), loop_cfg.batch_size
+loop_losses, b = [], loop_cfg.batch_size
 for step in range(N_LOOP):
-    batch = cache.batch(kh.sample_indices(n, loop_cfg.seed, step * b, b), device=DEVICE)  # by sample index
+    idx = kh.batch_indices(cache.groups(), loop_cfg.seed, step, b)  # one bucket's samples
+    batch, (h_tok, w_tok) = cache.batch(idx, device=DEVICE), cache.grid_of(idx[0])  # by sample index, its grid
     g = kh.step_generator(loop_cfg.seed, 2, step, 0, 0)  # this update's draws (micro-batch 0, process 0)
     noise = torch.randn(batch["tgt_tok"].shape, generator=g).to(DEVICE, batch["tgt_tok"].dtype)  # [B, N, 4C]
     sigma = kh.sample_sigmas(b, loop_cfg, g).to(DEVICE)  # [B]
     keep = (torch.rand(b, generator=g) >= loop_cfg.depth_dropout).float().to(DEVICE)  # [B]: 0 drops the depth
     s = sigma[:, None, None]  # [B] -> [B, 1, 1]
     x_t = (1 - s) * batch["tgt_tok"] + s * noise  # [B, N, 4C]
-    marked = kh.region_inputs(loop_region, batch["ctx_tok"], batch["mask_small"], cache.h_tok, cache.w_tok)
+    marked = kh.region_inputs(loop_region, batch["ctx_tok"], batch["mask_small"], h_tok, w_tok)
     d_tgt, d_ctx = (o.to(batch["ctx_tok"]) for o in kh.depth_inputs(loop_depth, batch["depth_feat"], keep=keep))
     pred_v = kh.kontext_forward(tf, x_t + (marked.target_offset + d_tgt), marked.context + d_ctx, None,
                                 sigma=sigma, prompt_embeds=batch["prompt_embeds"],
                                 pooled_prompt_embeds=batch["pooled_prompt_embeds"], txt_ids=cache.txt_ids.to(DEVICE),
-                                h_tok=cache.h_tok, w_tok=cache.w_tok, guidance=loop_cfg.guidance)  # [B, N, 4C]
+                                h_tok=h_tok, w_tok=w_tok, guidance=loop_cfg.guidance)  # [B, N, 4C]
     loss = kh.fm_masked_dual_loss_with_l2(
-        pred_v, batch["tgt_tok"], batch["ctx_tok"], noise, batch["mask_small"], cache.h_tok, cache.w_tok,
+        pred_v, batch["tgt_tok"], batch["ctx_tok"], noise, batch["mask_small"], h_tok, w_tok,
         w_in=loop_cfg.w_in, w_out=loop_cfg.w_out, l2_region_lambda=loop_cfg.l2_region_lambda,
         l2_lora_lambda=loop_cfg.l2_lora_lambda, region_token_module=loop_region, lora_named_params=loop_lora,
         l2_form=loop_cfg.l2_form)
