@@ -590,3 +590,30 @@ def test_design_bucket_text():
     check("docs/design.md", "**Crop** loses {}% of the training masks' pixels",
           [("100 - crop mask_kept", 100 - kept("crop")[1])])
     check("docs/design.md", "buckets lose {}%, the sliver", [("100 - bucket mask_kept", 100 - kept("bucket")[1])])
+
+
+# --------------------------------------------------------------------------------------------------
+# the step costs: docs/bench.json, one run of benchmarks/bench.py
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant, row", [
+    ("project", "| this project's default step (the `\"marked\"` region signal, depth per token, dual loss, L2) |"),
+    ("project_bucket", "| the same step at a non-square bucket of the same area (144x112 px: 63 tokens against 64) |"),
+    ("project_no_depth", "| this project's step without depth |"),
+    ("project_no_region", "| this project's step without the region signal (depth per token) |"),
+    ("project_ip_adapter", "| this project's step with the IP-Adapter depth kind instead |"),
+    ("original", "| the original design's step (reads the files, T5 at 512 tokens, VAE and CLIP depth every step) |"),
+])
+def test_readme_step_cost_table(variant, row):
+    steps = [at(read_json("docs/bench.json"), "docs/bench.json", "steps", variant, k)
+             for k in ("median_ratio", "paired_ratio", "min_ratio")]
+    check("README.md", row + " {}x | {}x | {}x |", steps)
+
+
+def test_readme_step_cost_text():
+    bench = read_json("docs/bench.json")
+    check("README.md", "costs what the square step costs ({}x of it here",
+          [at(bench, "docs/bench.json", "bucket_cost", "median_ratio")])
+    ms = [at(bench, "docs/bench.json", "depth_cost", "real_width", i, "signal_ms") for i in (0, 2)]
+    check("README.md", "the region and depth work ({} to {} ms at 256 to 1024 px)", ms)
