@@ -93,7 +93,30 @@ def pair_lists(contexts, targets, masks, depths, prompts, names, target_depths) 
     for i, prompt in enumerate(lists["prompts"]):
         if _cell_problem("prompt", prompt):
             raise ValueError(f"prompts[{i}]={prompt!r}: every prompt must be a non-empty single-line string")
+    problems = [problem for i in range(count) for problem in _frame_problems(i, lists)]
+    if problems:
+        raise ValueError(f"write_pair_folder found {len(problems)} problem(s), nothing was written:\n  - "
+                         + "\n  - ".join(problems))
     return lists, names
+
+
+def _frame_problems(i: int, lists: dict[str, list]) -> list[str]:
+    """Pair ``i`` of :func:`write_pair_folder`'s lists: every image readable and of the context's frame (its aspect
+    ratio, as the folder reader checks; a target, mask or depth of another size but the same frame is fine)."""
+    sizes, problems = {}, []
+    for key in [k for k in IMAGE_PARTS if k in lists]:
+        try:
+            if (why := _cell_problem(IMAGE_PARTS[key], lists[key][i])) is not None:
+                raise TypeError(why)
+            sizes[key] = _cell_size(IMAGE_PARTS[key], lists[key][i])
+        except (TypeError, ValueError) as err:
+            problems.append(f"{key}[{i}]: {err}")
+    ctx = sizes.get("contexts")
+    for key, size in sizes.items():
+        if ctx is not None and not _same_frame(ctx, size):
+            problems.append(f"{key}[{i}] is {size[0]}x{size[1]} but contexts[{i}] is {ctx[0]}x{ctx[1]} (W x H): "
+                            "another aspect ratio; crop them to the same frame")
+    return problems
 
 
 def prepare_pair_folder(root: Path, overwrite: bool, with_target_depth: bool = False) -> None:

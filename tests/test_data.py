@@ -808,3 +808,21 @@ def test_from_hf_dataset_reads_a_target_depth_column(sample_data, tmp_path):
                                         progress=False)
     with pytest.raises(ValueError, match=r"'depth_after' \(for target_depth\) is not in the dataset"):
         kh.KontextPairs.from_hf_dataset(ds, tmp_path / "gone", **_HF_COLUMNS, target_depth="depth_after")
+
+
+def test_write_pair_folder_lists_every_pair_of_another_frame_before_writing(tmp_path):
+    ctx = torch.rand(3, 48, 64)  # 4:3
+    good = dict(contexts=[ctx, ctx], targets=[ctx, torch.rand(3, 96, 128)],  # the same frame at twice the size: fine
+                masks=[torch.ones(1, 48, 64), torch.ones(1, 36, 64)],  # 16:9
+                depths=[torch.rand(48, 48), torch.rand(24, 32)], prompts=["a", "b"])  # 1:1, then 4:3 at half size
+    root = tmp_path / "pairs"
+    with pytest.raises(ValueError) as err:
+        kh.write_pair_folder(root, **good)
+    text = str(err.value)
+    assert "2 problem(s), nothing was written" in text, f"both bad images in one error: {text}"
+    assert "depths[0] is 48x48 but contexts[0] is 64x48" in text, f"the square depth of pair 0 is named: {text}"
+    assert "masks[1] is 64x36 but contexts[1] is 64x48" in text, f"the 16:9 mask of pair 1 is named: {text}"
+    assert "targets[1]" not in text, f"a target of the same frame at another size is fine: {text}"
+    assert not root.exists(), "nothing is written when a pair is of another frame"
+    with pytest.raises(ValueError, match=r"masks\[0\]: expected an image"):
+        kh.write_pair_folder(root, [ctx], [ctx], ["not an image"], [torch.rand(48, 64)], ["a"])
