@@ -100,7 +100,7 @@ from .conditioning import (
     region_inputs,
 )
 from .config import GPU_PRESETS, TrainConfig, detect_gpu_preset, quick_config
-from .data import RESIZE_POLICIES, KontextPairs, write_pair_folder
+from .data import RESIZE_POLICIES, KontextPairs, crop_box, write_pair_folder
 from .depth import (
     DEFAULT_DEPTH_KIND,
     DEPTH_KINDS,
@@ -240,6 +240,7 @@ __all__ = [
     "bucket_shapes",
     "nearest_bucket",
     "RESIZE_POLICIES",
+    "crop_box",
     "KontextPairs",
     "estimate_depth",
     "mask_from_difference",

@@ -81,8 +81,9 @@ _DATA_FIX_HINTS = {
 }
 
 
-def _crop_box(size: tuple[int, int], resize: str, bucket: tuple[int, int]) -> tuple[float, float, float, float]:
-    """The region of an image of ``size = (W, H)`` that becomes the training image of ``bucket = (W_b, H_b)``."""
+def crop_box(size: tuple[int, int], resize: str, bucket: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The region ``(left, top, right, bottom)`` of an image of ``size = (W, H)`` that ``resize`` (one of
+    :data:`RESIZE_POLICIES`) turns into the training image of ``bucket = (W_b, H_b)``."""
     w, h = size
     if resize == "square":
         return (0, 0, w, h)
@@ -355,9 +356,8 @@ class KontextPairs(torch.utils.data.Dataset):
         self._names = [stem for stem, _, _, _ in pairs]
         self._files = [files for _, files, _, _ in pairs]
         self._prompts = [prompt for _, _, prompt, _ in pairs]
-        self._sizes = [size for _, _, _, size in pairs]  # (W, H) of each context file
         shapes = bucket_shapes(resolution) if resize == "bucket" else [(resolution, resolution)]
-        self._buckets = [nearest_bucket(size, shapes) for size in self._sizes]
+        self._buckets = [nearest_bucket(size, shapes) for _, _, _, size in pairs]  # by each context's (W, H)
 
     @classmethod
     def from_hf_dataset(cls, ds, root: str | os.PathLike, *, context: str = "context", target: str = "target",
@@ -436,7 +436,7 @@ class KontextPairs(torch.utils.data.Dataset):
         target = pil_to_rgb(open_image(files["target"]))
         mask = pil_to_binary_mask(open_image(files["masks"]), self.mask_threshold)  # L, {0, 255}
         bucket = self._buckets[index]
-        box = _crop_box(context.size, self.resize, bucket)  # in context pixels; mapped onto each image's own size
+        box = crop_box(context.size, self.resize, bucket)  # in context pixels; mapped onto each image's own size
         rs, ref = Image.Resampling, (context.size, bucket)
         context, target = (self._fit(img, box, ref, rs.BICUBIC) for img in (context, target))
         item = {

@@ -38,7 +38,7 @@ def batch_indices(groups: list[list[int]], seed: int, number: int, size: int) ->
     """
     n = sum(len(g) for g in groups)
     if len(groups) == 1 or size == 1:
-        flat = [i for g in groups for i in g] if len(groups) == 1 else list(range(n))
+        flat = sorted(i for g in groups for i in g)  # the samples, in index order
         return [flat[k] for k in sample_indices(n, seed, number * size, size)]
     epoch_batches = sum(-(-len(g) // size) for g in groups)
     epoch, pos = divmod(number, epoch_batches)

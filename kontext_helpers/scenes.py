@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -266,21 +267,26 @@ class TwinPairs(torch.utils.data.Dataset):
                 "depth": scene["depth"], "prompt": scene["prompt"], "name": f"{scene['name']}_{'ab'[k]}"}
 
 
+def _drawn_items(seed: int, resolution: int):
+    """The drawn edit scenes of stream ``seed`` ("keep" scenes skipped), rendered one by one as they are asked for,
+    each with its mask from the pixel difference."""
+    for index in itertools.count():
+        kind, spec = random_edit_spec(seed, index)
+        if kind == "keep":
+            continue
+        pair = render_training_pair(spec, resolution)
+        mask = mask_from_difference(pair["context"], pair["target"], threshold=0.0, dilate=2)  # [1, H, W]
+        yield dict(pair, mask=mask, name=f"drawn_{seed}_{index}_{kind}")
+
+
 class DrawnPairs(torch.utils.data.Dataset):
     """Drawn edit scenes (:func:`random_edit_spec`, "keep" scenes skipped) as pairs in the item layout of
     :class:`~kontext_helpers.data.KontextPairs`, each with its mask from the pixel difference: pairs a LoRA trained
     on ``data_samples/`` never saw, for a held-out yardstick."""
 
     def __init__(self, seed: int, count: int, resolution: int = 128):
-        self.resolution, self.items, index = int(resolution), [], 0
-        while len(self.items) < count:
-            kind, spec = random_edit_spec(seed, index)
-            index += 1
-            if kind == "keep":
-                continue
-            pair = render_training_pair(spec, self.resolution)
-            mask = mask_from_difference(pair["context"], pair["target"], threshold=0.0, dilate=2)  # [1, H, W]
-            self.items.append(dict(pair, mask=mask, name=f"drawn_{seed}_{index - 1}_{kind}"))
+        self.resolution = int(resolution)
+        self.items = list(itertools.islice(_drawn_items(seed, self.resolution), count))
 
     def __len__(self):
         return len(self.items)
@@ -512,18 +518,14 @@ class AspectPairs(torch.utils.data.Dataset):
     whose edit the cut leaves out (under 0.5 % of the pixels masked) is skipped."""
 
     def __init__(self, seed: int, count: int, resolution: int = 128, *, aspects=PHOTO_ASPECTS):
-        side = int(round(resolution * 1.5))
         self.resolution, self.aspects, self.items = int(resolution), tuple(aspects), []
-        drawn = DrawnPairs(seed, 2 * count, side)  # an edit outside the cut is skipped: more scenes than asked
-        for item in drawn:
+        for item in _drawn_items(seed, int(round(resolution * 1.5))):  # rendered until `count` are kept
             aspect = self.aspects[len(self.items) % len(self.aspects)]
             cut = crop_to_aspect(item, aspect)
-            if float(cut["mask"].mean()) >= 0.005:  # the edit is (mostly) inside the photo
+            if float(cut["mask"].mean()) >= 0.005:  # the edit is (mostly) inside the photo: kept
                 self.items.append(dict(cut, aspect=aspect))
             if len(self.items) == count:
                 break
-        if len(self.items) < count:
-            raise ValueError(f"only {len(self.items)} of {count} drawn scenes keep their edit inside the cut")
 
     def __len__(self):
         return len(self.items)

@@ -247,7 +247,7 @@ def _attach_lora(transformer, config: TrainConfig) -> list[tuple[str, nn.Paramet
     return lora
 
 
-def _new_region_module(cache: TrainCache, transformer, config: TrainConfig, device) -> nn.Module | None:
+def _new_region_module(transformer, config: TrainConfig, device) -> nn.Module | None:
     """The ``config.region_kind`` module for the square token grid of ``config.resolution`` (every kind serves any
     bucket's grid; ``None`` for ``"none"``: a LoRA alone, the mask only weighting the loss); its random init
     depends on the seed only."""
@@ -426,7 +426,7 @@ def _prepare_run(pipe, dataset, config: TrainConfig, accelerator, cache, progres
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()  # no dropout in Flux; LoRA dropout is 0
-    region = _new_region_module(cache, transformer, config, device)
+    region = _new_region_module(transformer, config, device)
     depth = _new_depth_module(transformer, config, device)
     if depth is not None and cache.samples[0].depth_feat is None:
         raise ValueError("depth_kind='tokens' needs the cache's depth features: build it with use_depth=True and "

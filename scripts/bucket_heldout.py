@@ -54,13 +54,8 @@ def mask_kept(pairs, policy: str, resolution: int) -> float:
     for p in pairs:
         mask = p["mask"][0]  # [H, W]
         h, w = mask.shape
-        if policy == "square":
-            box = (0, 0, w, h)
-        elif policy == "crop":
-            side = min(w, h)
-            box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-        else:
-            box = [round(v) for v in kh.bucket_crop_box((w, h), kh.nearest_bucket((w, h), shapes))]
+        bucket = kh.nearest_bucket((w, h), shapes) if policy == "bucket" else (resolution, resolution)
+        box = [round(v) for v in kh.crop_box((w, h), policy, bucket)]  # as KontextPairs cuts it
         kept += float(mask[box[1]:box[3], box[0]:box[2]].sum())
         total += float(mask.sum())
     return kept / total
